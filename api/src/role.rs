@@ -1,0 +1,114 @@
+//! Roles and the table of who may call what.
+//!
+//! The role comes from the Organization of the client certificate. Every RPC is listed with the
+//! roles allowed to call it; an RPC missing from the table is admin-only, so a new RPC is never
+//! open by accident.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A caller's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Reboot, shutdown, services, and reads.
+    Operator,
+    /// Reads only, no secrets.
+    Reader,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 3] = [Role::Admin, Role::Operator, Role::Reader];
+
+    /// The certificate Organization for the role.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "os:admin",
+            Role::Operator => "os:operator",
+            Role::Reader => "os:reader",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A role name that is not one of `os:admin`, `os:operator`, `os:reader`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a role (expected os:admin, os:operator or os:reader)")]
+pub struct UnknownRole(pub String);
+
+impl FromStr for Role {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "os:admin" => Ok(Role::Admin),
+            "os:operator" => Ok(Role::Operator),
+            "os:reader" => Ok(Role::Reader),
+            other => Err(UnknownRole(other.into())),
+        }
+    }
+}
+
+const READS: &[Role] = &[Role::Admin, Role::Operator, Role::Reader];
+const ADMIN: &[Role] = &[Role::Admin];
+
+/// The gRPC path prefix of the Machine service.
+pub const SERVICE: &str = "/plinth.machine.v1.Machine/";
+
+/// The roles allowed to call `method` (the RPC name, e.g. `Version`).
+pub fn allowed_roles(method: &str) -> &'static [Role] {
+    match method {
+        "Version" | "Events" => READS,
+        // Anything not listed: admin only.
+        _ => ADMIN,
+    }
+}
+
+/// Whether `role` may call the RPC at gRPC `path` (`/plinth.machine.v1.Machine/Version`).
+pub fn may_call(role: Role, path: &str) -> bool {
+    match path.strip_prefix(SERVICE) {
+        Some(method) => allowed_roles(method).contains(&role),
+        // Other services (reflection, health) are not served; only admins get past this check
+        // to be told so by the router.
+        None => role == Role::Admin,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_round_trip_through_their_names() {
+        for r in Role::ALL {
+            assert_eq!(r.as_str().parse::<Role>(), Ok(r));
+        }
+        assert!("admin".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn every_role_may_read_and_unlisted_rpcs_are_admin_only() {
+        for r in Role::ALL {
+            assert!(may_call(r, "/plinth.machine.v1.Machine/Version"));
+            assert!(may_call(r, "/plinth.machine.v1.Machine/Events"));
+        }
+        assert!(may_call(
+            Role::Admin,
+            "/plinth.machine.v1.Machine/SomethingNew"
+        ));
+        assert!(!may_call(
+            Role::Operator,
+            "/plinth.machine.v1.Machine/SomethingNew"
+        ));
+        assert!(!may_call(
+            Role::Reader,
+            "/plinth.machine.v1.Machine/SomethingNew"
+        ));
+    }
+}

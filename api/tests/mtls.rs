@@ -1,0 +1,179 @@
+//! The API over real TLS on loopback: who gets in, who is refused, and how the refusal reads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::pki::{Ca, ClientSpec, Identity};
+use api::proto::{EventsRequest, VersionRequest, VersionResponse};
+use api::server::{serve, Node, ServerHandle};
+use api::{client, tls, Role};
+use sequencer::{EventBus, EventKind};
+
+struct FakeNode {
+    bus: Arc<EventBus>,
+}
+
+impl Node for FakeNode {
+    fn version(&self) -> VersionResponse {
+        VersionResponse {
+            version: "test".into(),
+            slot: "A".into(),
+            machined_pid: 1,
+            ..Default::default()
+        }
+    }
+    fn events(&self) -> &EventBus {
+        &self.bus
+    }
+}
+
+struct Fixture {
+    ca: Ca,
+    server: ServerHandle,
+    bus: Arc<EventBus>,
+}
+
+async fn start() -> Fixture {
+    let ca = Ca::generate("test").expect("ca");
+    let server_id = ca
+        .issue_server("node", &["127.0.0.1".into()])
+        .expect("server cert");
+    let cfg =
+        tls::server_config(ca.cert_pem(), &server_id.cert_pem, &server_id.key_pem).expect("tls");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let bus = EventBus::new(64);
+    let server = serve(listener, cfg, Arc::new(FakeNode { bus: bus.clone() })).expect("serve");
+    Fixture { ca, server, bus }
+}
+
+fn endpoint(f: &Fixture) -> String {
+    f.server.local_addr.to_string()
+}
+
+async fn version_with(
+    f: &Fixture,
+    ca_pem: &str,
+    id: Option<&Identity>,
+) -> Result<VersionResponse, String> {
+    let tls = tls::client_config(
+        ca_pem,
+        id.map(|i| (i.cert_pem.as_str(), i.key_pem.as_str())),
+    )
+    .map_err(|e| e.to_string())?;
+    let call = async {
+        let mut c = client::connect(&endpoint(f), tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.version(VersionRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| client::describe_status(&s))
+    };
+    tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .map_err(|_| "hung".to_string())?
+}
+
+#[tokio::test]
+async fn an_admin_client_gets_the_version() {
+    let f = start().await;
+    let admin =
+        f.ca.issue_client(&ClientSpec::new("admin", Role::Admin))
+            .expect("client");
+    let v = version_with(&f, f.ca.cert_pem(), Some(&admin))
+        .await
+        .expect("version");
+    assert_eq!((v.slot.as_str(), v.machined_pid), ("A", 1));
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused_with_a_clear_error_not_a_hang() {
+    let f = start().await;
+    let err = version_with(&f, f.ca.cert_pem(), None)
+        .await
+        .expect_err("refused");
+    assert!(err.contains("requires a client certificate"), "{err}");
+}
+
+#[tokio::test]
+async fn a_client_signed_by_another_ca_is_refused() {
+    let f = start().await;
+    let other = Ca::generate("other").expect("ca");
+    let id = other
+        .issue_client(&ClientSpec::new("mallory", Role::Admin))
+        .expect("client");
+    let err = version_with(&f, f.ca.cert_pem(), Some(&id))
+        .await
+        .expect_err("refused");
+    assert!(err.contains("not signed by the node's CA"), "{err}");
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_trust_the_node_refuses_to_talk() {
+    let f = start().await;
+    let other = Ca::generate("other").expect("ca");
+    let admin =
+        f.ca.issue_client(&ClientSpec::new("admin", Role::Admin))
+            .expect("client");
+    let err = version_with(&f, other.cert_pem(), Some(&admin))
+        .await
+        .expect_err("refused");
+    assert!(err.contains("node's certificate is not signed"), "{err}");
+}
+
+#[tokio::test]
+async fn a_certificate_without_a_role_is_refused_with_permission_denied() {
+    let f = start().await;
+    let mut spec = ClientSpec::new("nobody", Role::Admin);
+    spec.organization = Some("acme".into());
+    let id = f.ca.issue_client(&spec).expect("client");
+    let err = version_with(&f, f.ca.cert_pem(), Some(&id))
+        .await
+        .expect_err("refused");
+    assert!(
+        err.contains("PermissionDenied") && err.contains("acme"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn events_replay_the_tail_then_follow_live_events() {
+    let f = start().await;
+    for i in 0..5 {
+        f.bus.publish(
+            EventKind::SequenceStart {
+                sequence: format!("s{i}"),
+            },
+            None,
+        );
+    }
+    let reader =
+        f.ca.issue_client(&ClientSpec::new("r", Role::Reader))
+            .expect("client");
+    let tls = tls::client_config(f.ca.cert_pem(), Some((&reader.cert_pem, &reader.key_pem)))
+        .expect("tls");
+    let mut c = client::connect(&endpoint(&f), tls).await.expect("connect");
+    let mut stream = c
+        .events(EventsRequest {
+            tail: 2,
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .into_inner();
+    let mut ids = vec![];
+    for _ in 0..2 {
+        ids.push(stream.message().await.expect("msg").expect("event").id);
+    }
+    f.bus.publish(
+        EventKind::SequenceStart {
+            sequence: "live".into(),
+        },
+        None,
+    );
+    ids.push(stream.message().await.expect("msg").expect("event").id);
+    assert_eq!(ids, vec![4, 5, 6]);
+}

@@ -1,0 +1,350 @@
+//! The node config: YAML on the STATE partition (`/system/state/config.yaml`).
+//!
+//! ```yaml
+//! version: v1alpha1
+//! machine:
+//!   name: node-1
+//!   network:
+//!     interfaces:
+//!       - name: eth0
+//!         addresses: [10.0.2.15/24]
+//!         gateway: 10.0.2.2
+//!   api:
+//!     port: 50000
+//!     ca: |
+//!       -----BEGIN CERTIFICATE-----
+//!     cert: |
+//!       -----BEGIN CERTIFICATE-----
+//!     key: |
+//!       -----BEGIN PRIVATE KEY-----
+//! ```
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::{parse_yaml, ConfigError};
+
+/// The only config version this build understands.
+pub const VERSION: &str = "v1alpha1";
+
+/// The port the API listens on unless the config says otherwise.
+pub const DEFAULT_API_PORT: u16 = 50000;
+
+/// A node's whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Document version; must be [`VERSION`].
+    pub version: String,
+    /// The machine's settings.
+    pub machine: Machine,
+}
+
+/// The machine section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    /// Node name; also the hostname.
+    pub name: String,
+    /// Network settings.
+    #[serde(default)]
+    pub network: Network,
+    /// The API's identity.
+    pub api: ApiConfig,
+}
+
+/// Network settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Interfaces to configure statically.
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
+}
+
+/// One statically configured interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    /// Kernel interface name, e.g. `eth0`.
+    pub name: String,
+    /// Addresses with prefix length, e.g. `10.0.2.15/24`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Default gateway reached through this interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+}
+
+/// The API's identity: the CA that signs clients, and the server's certificate and key (PEM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// TCP port to listen on.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// CA certificate (PEM) that client certificates must chain to.
+    pub ca: String,
+    /// Server certificate (PEM), signed by the CA.
+    pub cert: String,
+    /// Server private key (PEM).
+    pub key: String,
+}
+
+fn default_port() -> u16 {
+    DEFAULT_API_PORT
+}
+
+impl NodeConfig {
+    /// Parses and validates a node config.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: NodeConfig = parse_yaml(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The config as YAML.
+    pub fn to_yaml(&self) -> String {
+        // Plain structs of strings and numbers always serialise.
+        serde_norway::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks what the schema cannot: values that parse but mean nothing.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.version != VERSION {
+            return Err(ConfigError::invalid(
+                "version",
+                format!(
+                    "unsupported version {:?} (this build reads {VERSION:?})",
+                    self.version
+                ),
+            ));
+        }
+        validate_hostname(&self.machine.name)?;
+        for (i, iface) in self.machine.network.interfaces.iter().enumerate() {
+            iface.validate(&format!("machine.network.interfaces[{i}]"))?;
+        }
+        let api = &self.machine.api;
+        if api.port == 0 {
+            return Err(ConfigError::invalid(
+                "machine.api.port",
+                "port 0 is not a port",
+            ));
+        }
+        require_pem(&api.ca, "machine.api.ca", "CERTIFICATE")?;
+        require_pem(&api.cert, "machine.api.cert", "CERTIFICATE")?;
+        require_pem(&api.key, "machine.api.key", "PRIVATE KEY")?;
+        Ok(())
+    }
+}
+
+impl Interface {
+    /// Addresses parsed (valid after [`NodeConfig::validate`]).
+    pub fn networks(&self) -> Vec<IpNet> {
+        self.addresses
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
+
+    /// Gateway parsed (valid after [`NodeConfig::validate`]).
+    pub fn gateway_ip(&self) -> Option<IpAddr> {
+        self.gateway.as_deref().and_then(|g| g.parse().ok())
+    }
+
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.name.is_empty() || self.name.len() > 15 || self.name.contains(['/', ' ']) {
+            return Err(ConfigError::invalid(
+                format!("{at}.name"),
+                format!("{:?} is not a valid interface name", self.name),
+            ));
+        }
+        for (j, a) in self.addresses.iter().enumerate() {
+            if a.parse::<IpNet>().is_err() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.addresses[{j}]"),
+                    format!("{a:?} is not an address with a prefix length, like 10.0.2.15/24"),
+                ));
+            }
+        }
+        if let Some(g) = &self.gateway {
+            let ip: IpAddr = g.parse().map_err(|_| {
+                ConfigError::invalid(
+                    format!("{at}.gateway"),
+                    format!("{g:?} is not an IP address"),
+                )
+            })?;
+            if !self.networks().iter().any(|n| n.contains(&ip)) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.gateway"),
+                    format!("{ip} is not in any of the interface's networks"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_hostname(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            "machine.name",
+            format!("{name:?} is not a valid host name (letters, digits and '-', at most 63)"),
+        ))
+    }
+}
+
+fn require_pem(text: &str, field: &str, what: &str) -> Result<(), ConfigError> {
+    if text.contains("-----BEGIN ") && text.contains(what) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("expected a PEM block holding a {what}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEM_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    const PEM_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n";
+
+    fn good() -> NodeConfig {
+        NodeConfig {
+            version: VERSION.into(),
+            machine: Machine {
+                name: "node-1".into(),
+                network: Network {
+                    interfaces: vec![Interface {
+                        name: "eth0".into(),
+                        addresses: vec!["10.0.2.15/24".into()],
+                        gateway: Some("10.0.2.2".into()),
+                    }],
+                },
+                api: ApiConfig {
+                    port: 50000,
+                    ca: PEM_CERT.into(),
+                    cert: PEM_CERT.into(),
+                    key: PEM_KEY.into(),
+                },
+            },
+        }
+    }
+
+    fn field_of(yaml: &str) -> String {
+        NodeConfig::from_yaml(yaml)
+            .expect_err("must be refused")
+            .field()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    #[test]
+    fn a_written_config_reads_back_identically() {
+        let c = good();
+        assert_eq!(NodeConfig::from_yaml(&c.to_yaml()).expect("parses"), c);
+    }
+
+    #[test]
+    fn a_missing_field_is_named_with_its_path() {
+        let yaml = good().to_yaml().replace("  name: node-1\n", "");
+        let err = NodeConfig::from_yaml(&yaml).expect_err("refused");
+        assert_eq!(err.field(), Some("machine"));
+        assert!(err.to_string().contains("missing field `name`"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_api_key_is_named() {
+        let mut c = good();
+        c.machine.api.key = String::new();
+        let yaml = c.to_yaml().replace("    key: ''\n", "");
+        let err = NodeConfig::from_yaml(&yaml).expect_err("refused");
+        assert!(
+            err.to_string().contains("machine.api") && err.to_string().contains("key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_yaml_is_an_error_not_a_panic() {
+        for text in [
+            "",
+            ":",
+            "machine: [",
+            "version: v1alpha1\nmachine: 7",
+            "\t- x",
+        ] {
+            assert!(NodeConfig::from_yaml(text).is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_and_named() {
+        let yaml = good()
+            .to_yaml()
+            .replace("machine:\n", "machine:\n  colour: red\n");
+        let err = NodeConfig::from_yaml(&yaml).expect_err("refused");
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_address_names_its_index() {
+        let yaml = good().to_yaml().replace("10.0.2.15/24", "10.0.2.300/24");
+        assert_eq!(
+            field_of(&yaml),
+            "machine.network.interfaces[0].addresses[0]"
+        );
+    }
+
+    #[test]
+    fn a_gateway_outside_the_interface_networks_is_refused() {
+        let yaml = good()
+            .to_yaml()
+            .replace("gateway: 10.0.2.2", "gateway: 192.168.1.1");
+        assert_eq!(field_of(&yaml), "machine.network.interfaces[0].gateway");
+    }
+
+    #[test]
+    fn a_bad_host_name_is_refused() {
+        let yaml = good().to_yaml().replace("name: node-1", "name: no_de");
+        assert_eq!(field_of(&yaml), "machine.name");
+    }
+
+    #[test]
+    fn an_unknown_version_is_refused() {
+        let yaml = good().to_yaml().replace("version: v1alpha1", "version: v9");
+        assert_eq!(field_of(&yaml), "version");
+    }
+
+    #[test]
+    fn a_certificate_that_is_not_pem_is_refused() {
+        let mut c = good();
+        c.machine.api.cert = "hello".into();
+        assert_eq!(field_of(&c.to_yaml()), "machine.api.cert");
+    }
+
+    #[test]
+    fn the_api_port_defaults_to_50000() {
+        let yaml = good().to_yaml().replace("    port: 50000\n", "");
+        assert_eq!(
+            NodeConfig::from_yaml(&yaml)
+                .expect("parses")
+                .machine
+                .api
+                .port,
+            50000
+        );
+    }
+}

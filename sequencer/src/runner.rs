@@ -1,0 +1,333 @@
+//! How a sequence runs: phases in order, a phase's tasks concurrently, every start and stop an
+//! event and a `tracing` span, and a failure that names where it happened.
+
+use std::time::Instant;
+
+use futures::future::join_all;
+use tracing::Instrument;
+
+use crate::event::{EventBus, EventKind};
+use crate::sequence::{Sequence, TaskError};
+
+/// A sequence failed: which phase and task, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("sequence {sequence:?} failed in phase {phase:?}, task {task:?}: {}", chain(source.as_ref()))]
+pub struct SequenceError {
+    /// Sequence name.
+    pub sequence: String,
+    /// Phase that failed.
+    pub phase: String,
+    /// First task (in table order) that failed.
+    pub task: String,
+    /// The task's error.
+    #[source]
+    pub source: TaskError,
+}
+
+/// An error and its sources as one line: "a: b: c".
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        let s = e.to_string();
+        // Wrappers often repeat their source's text; say it once.
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        next = e.source();
+    }
+    out
+}
+
+fn micros(since: Instant) -> u64 {
+    since.elapsed().as_micros().min(u64::MAX as u128) as u64
+}
+
+/// Runs `sequence` with `ctx`, publishing events on `bus` tagged with `actor`.
+///
+/// Phases run in table order; a conditional phase whose condition is false is skipped (and says
+/// so). All tasks of a phase run concurrently and the phase waits for every one of them, so no
+/// task is abandoned half-way; if any failed, the sequence stops there.
+pub async fn run<C: Clone + Send + 'static>(
+    sequence: &Sequence<C>,
+    ctx: C,
+    bus: &EventBus,
+    actor: Option<&str>,
+) -> Result<(), SequenceError> {
+    let seq_name = sequence.name();
+    let started = Instant::now();
+    bus.publish(
+        EventKind::SequenceStart {
+            sequence: seq_name.into(),
+        },
+        actor,
+    );
+    let result = run_phases(sequence, ctx, bus, actor)
+        .instrument(tracing::info_span!("sequence", name = seq_name))
+        .await;
+    bus.publish(
+        EventKind::SequenceStop {
+            sequence: seq_name.into(),
+            duration_us: micros(started),
+            error: result.as_ref().err().map(|e| e.to_string()),
+        },
+        actor,
+    );
+    result
+}
+
+async fn run_phases<C: Clone + Send + 'static>(
+    sequence: &Sequence<C>,
+    ctx: C,
+    bus: &EventBus,
+    actor: Option<&str>,
+) -> Result<(), SequenceError> {
+    let seq_name = sequence.name();
+    let total = sequence.phases().len();
+    for (i, phase) in sequence.phases().iter().enumerate() {
+        let phase_name = phase.name();
+        if !phase.applies(&ctx) {
+            bus.publish(
+                EventKind::PhaseSkip {
+                    sequence: seq_name.into(),
+                    phase: phase_name.into(),
+                },
+                actor,
+            );
+            continue;
+        }
+        let span = tracing::info_span!("phase", name = phase_name, index = i + 1, total);
+        let phase_started = Instant::now();
+        bus.publish(
+            EventKind::PhaseStart {
+                sequence: seq_name.into(),
+                phase: phase_name.into(),
+                index: i + 1,
+                total,
+            },
+            actor,
+        );
+        tracing::info!(parent: &span, "phase {}/{} {}", i + 1, total, phase_name);
+        let runs = phase.tasks.iter().map(|task| {
+            let ctx = ctx.clone();
+            let run = task.run.clone();
+            let task_name = task.name;
+            async move {
+                let task_started = Instant::now();
+                bus.publish(
+                    EventKind::TaskStart {
+                        sequence: seq_name.into(),
+                        phase: phase_name.into(),
+                        task: task_name.into(),
+                    },
+                    actor,
+                );
+                let result = run(ctx).await;
+                bus.publish(
+                    EventKind::TaskStop {
+                        sequence: seq_name.into(),
+                        phase: phase_name.into(),
+                        task: task_name.into(),
+                        duration_us: micros(task_started),
+                        error: result.as_ref().err().map(|e| chain(e.as_ref())),
+                    },
+                    actor,
+                );
+                if let Err(e) = &result {
+                    tracing::error!("task {task_name} failed: {}", chain(e.as_ref()));
+                }
+                (task_name, result)
+            }
+            .instrument(tracing::info_span!(parent: &span, "task", name = task_name))
+        });
+        let results = join_all(runs).instrument(span.clone()).await;
+        let failed = results
+            .into_iter()
+            .find_map(|(name, r)| r.err().map(|e| (name, e)));
+        bus.publish(
+            EventKind::PhaseStop {
+                sequence: seq_name.into(),
+                phase: phase_name.into(),
+                duration_us: micros(phase_started),
+                error: failed
+                    .as_ref()
+                    .map(|(t, e)| format!("task {t}: {}", chain(e.as_ref()))),
+            },
+            actor,
+        );
+        if let Some((task, source)) = failed {
+            return Err(SequenceError {
+                sequence: seq_name.into(),
+                phase: phase_name.into(),
+                task: task.into(),
+                source,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+    use crate::sequence::Task;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<&'static str>>>);
+
+    impl Log {
+        fn push(&self, s: &'static str) {
+            self.0.lock().expect("lock").push(s);
+        }
+        fn get(&self) -> Vec<&'static str> {
+            self.0.lock().expect("lock").clone()
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("disk on fire")]
+    struct Fire;
+
+    fn ok(name: &'static str) -> Task<Log> {
+        Task::new(name, move |log: Log| async move {
+            log.push(name);
+            Ok::<(), Fire>(())
+        })
+    }
+
+    fn kinds(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match &e.kind {
+                EventKind::SequenceStart { sequence } => format!("seq+ {sequence}"),
+                EventKind::SequenceStop {
+                    sequence, error, ..
+                } => {
+                    format!("seq- {sequence} {}", error.is_some())
+                }
+                EventKind::PhaseStart { phase, .. } => format!("phase+ {phase}"),
+                EventKind::PhaseStop { phase, error, .. } => {
+                    format!("phase- {phase} {}", error.is_some())
+                }
+                EventKind::PhaseSkip { phase, .. } => format!("skip {phase}"),
+                EventKind::TaskStart { task, .. } => format!("task+ {task}"),
+                EventKind::TaskStop { task, error, .. } => {
+                    format!("task- {task} {}", error.is_some())
+                }
+                other => other.name().to_string(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn phases_run_in_order_and_every_start_and_stop_is_an_event() {
+        let bus = EventBus::new(64);
+        let seq = Sequence::new("boot")
+            .phase("one", [ok("a")])
+            .phase("two", [ok("b")]);
+        let log = Log::default();
+        run(&seq, log.clone(), &bus, None).await.expect("runs");
+        assert_eq!(log.get(), vec!["a", "b"]);
+        assert_eq!(
+            kinds(&bus.snapshot()),
+            vec![
+                "seq+ boot",
+                "phase+ one",
+                "task+ a",
+                "task- a false",
+                "phase- one false",
+                "phase+ two",
+                "task+ b",
+                "task- b false",
+                "phase- two false",
+                "seq- boot false",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn tasks_of_a_phase_run_concurrently() {
+        // Each task waits for the other: only concurrent execution finishes.
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let task = |name| {
+            let b = barrier.clone();
+            Task::new(name, move |_: ()| {
+                let b = b.clone();
+                async move {
+                    b.wait().await;
+                    Ok::<(), Fire>(())
+                }
+            })
+        };
+        let seq = Sequence::new("s").phase("p", [task("x"), task("y")]);
+        let bus = EventBus::new(64);
+        tokio::time::timeout(Duration::from_secs(5), run(&seq, (), &bus, None))
+            .await
+            .expect("tasks did not run concurrently")
+            .expect("runs");
+    }
+
+    #[tokio::test]
+    async fn a_failing_task_fails_its_phase_and_sequence_and_names_all_three() {
+        let bus = EventBus::new(64);
+        let fail = Task::new("burn", |_: Log| async { Err::<(), _>(Fire) });
+        let seq = Sequence::new("boot")
+            .phase("mount", [ok("a"), fail])
+            .phase("never", [ok("b")]);
+        let log = Log::default();
+        let err = run(&seq, log.clone(), &bus, None).await.expect_err("fails");
+        assert_eq!(
+            (err.sequence.as_str(), err.phase.as_str(), err.task.as_str()),
+            ("boot", "mount", "burn")
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("\"boot\"")
+                && msg.contains("\"mount\"")
+                && msg.contains("\"burn\"")
+                && msg.contains("disk on fire"),
+            "{msg}"
+        );
+        // The sibling task still ran to completion; the next phase never started.
+        assert_eq!(log.get(), vec!["a"]);
+        let k = kinds(&bus.snapshot());
+        assert!(k.contains(&"task- burn true".to_string()));
+        assert!(k.contains(&"phase- mount true".to_string()));
+        assert_eq!(k.last().map(String::as_str), Some("seq- boot true"));
+        assert!(!k.iter().any(|s| s.contains("never")));
+    }
+
+    #[tokio::test]
+    async fn a_conditional_phase_whose_condition_is_false_is_skipped_and_says_so() {
+        let bus = EventBus::new(64);
+        let seq = Sequence::new("boot")
+            .phase_when("install", |_: &Log| false, [ok("x")])
+            .phase("run", [ok("y")]);
+        let log = Log::default();
+        run(&seq, log.clone(), &bus, None).await.expect("runs");
+        assert_eq!(log.get(), vec!["y"]);
+        assert!(kinds(&bus.snapshot()).contains(&"skip install".to_string()));
+    }
+
+    #[tokio::test]
+    async fn stop_events_carry_durations_and_the_actor() {
+        let bus = EventBus::new(64);
+        let slow = Task::new("slow", |_: ()| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<(), Fire>(())
+        });
+        let seq = Sequence::new("s").phase("p", [slow]);
+        run(&seq, (), &bus, Some("actor-1")).await.expect("runs");
+        let events = bus.snapshot();
+        assert!(events.iter().all(|e| e.actor.as_deref() == Some("actor-1")));
+        let task_us = events.iter().find_map(|e| match e.kind {
+            EventKind::TaskStop { duration_us, .. } => Some(duration_us),
+            _ => None,
+        });
+        assert!(task_us.is_some_and(|us| us >= 20_000), "{task_us:?}");
+    }
+}
