@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod gen;
 pub mod pki;
 pub mod role;
 pub mod server;

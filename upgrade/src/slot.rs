@@ -4,7 +4,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// One of the two A/B slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Slot {
     /// Slot A: `ROOT-A`, `\EFI\plinth\A.efi`.
     A,

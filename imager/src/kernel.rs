@@ -1,0 +1,216 @@
+//! The Debian kernel: download (cached), unpack, and the modules a node needs in load order.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::tools::run;
+use crate::ImageError;
+
+/// Modules every node loads, by name. Their dependencies are added from `modules.dep`.
+///
+/// The crypto ones come first on purpose: ext4, crc-t10dif and t10-pi ask the crypto API for
+/// crc32c / crct10dif / crc64-rocksoft, which would make the kernel call modprobe; the node has
+/// none, so the generic implementations are loaded up front.
+pub const NODE_MODULES: &[&str] = &[
+    "crc32c_generic",
+    "crct10dif_generic",
+    "crc64_rocksoft_generic",
+    // Buses and disks.
+    "virtio_pci",
+    "virtio_blk",
+    "nvme",
+    // File systems.
+    "efivarfs",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "squashfs",
+    "ext4",
+    "loop",
+    // Network and watchdog.
+    "virtio_net",
+    "i6300esb",
+];
+
+/// An unpacked kernel package.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// Release string (`6.1.0-NN-amd64`).
+    pub release: String,
+    /// Where the package is unpacked.
+    pub root: PathBuf,
+    /// The kernel image.
+    pub vmlinuz: PathBuf,
+}
+
+impl Kernel {
+    /// `lib/modules/<release>` under the unpacked package.
+    pub fn modules_dir(&self) -> PathBuf {
+        self.root.join("lib/modules").join(&self.release)
+    }
+}
+
+/// The kernel package `linux-image-amd64` points at.
+fn default_package() -> Result<String, ImageError> {
+    let out = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .find(|p| p.starts_with("linux-image-") && !p.contains('<'))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            ImageError::Invalid(
+                "cannot tell which kernel linux-image-amd64 depends on (run apt-get update)".into(),
+            )
+        })
+}
+
+/// Downloads (once) and unpacks the kernel package.
+pub fn fetch(cache: &Path, package: Option<&str>) -> Result<Kernel, ImageError> {
+    let package = match package {
+        Some(p) => p.to_string(),
+        None => default_package()?,
+    };
+    let release = package
+        .strip_prefix("linux-image-")
+        .map(|r| r.trim_end_matches("-unsigned").to_string())
+        .ok_or_else(|| ImageError::Invalid(format!("{package:?} is not a linux-image package")))?;
+    let dir = cache.join("kernel");
+    std::fs::create_dir_all(&dir).map_err(ImageError::io("creating", &dir))?;
+    let find_deb = || -> Option<PathBuf> {
+        std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+            })
+    };
+    let deb = match find_deb() {
+        Some(d) => d,
+        None => {
+            tracing::info!("downloading {package}");
+            run(Command::new("apt-get")
+                .arg("download")
+                .arg(&package)
+                .current_dir(&dir))?;
+            find_deb().ok_or_else(|| {
+                ImageError::Invalid(format!(
+                    "apt-get download {package} left no .deb in {}",
+                    dir.display()
+                ))
+            })?
+        }
+    };
+    let root = dir.join(&package);
+    let kernel = Kernel {
+        vmlinuz: root.join("boot").join(format!("vmlinuz-{release}")),
+        release,
+        root,
+    };
+    if !kernel.modules_dir().join("modules.dep").is_file() {
+        run(Command::new("dpkg").arg("-x").arg(&deb).arg(&kernel.root))?;
+        run(Command::new("depmod")
+            .arg("-b")
+            .arg(&kernel.root)
+            .arg(&kernel.release))?;
+    }
+    if !kernel.vmlinuz.is_file() {
+        return Err(ImageError::Invalid(format!(
+            "{} has no {}",
+            deb.display(),
+            kernel.vmlinuz.display()
+        )));
+    }
+    Ok(kernel)
+}
+
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    stem.replace('-', "_")
+}
+
+/// The load order for `wanted` from a `modules.dep` text: each module after its dependencies,
+/// which are loaded in the reverse of the order `modules.dep` lists them (as modprobe does).
+pub fn order_from_dep(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>, ImageError> {
+    let mut deps: HashMap<String, (String, Vec<String>)> = HashMap::new();
+    for line in modules_dep.lines() {
+        let Some((path, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let list = rest.split_whitespace().map(str::to_owned).collect();
+        deps.insert(module_name(path), (path.to_string(), list));
+    }
+    let mut order: Vec<String> = Vec::new();
+    for name in wanted {
+        let key = name.replace('-', "_");
+        let (path, needs) = deps.get(&key).ok_or_else(|| {
+            ImageError::Invalid(format!(
+                "kernel module {name} is not in modules.dep (is it built in, or misspelled?)"
+            ))
+        })?;
+        for dep in needs.iter().rev().chain(std::iter::once(path)) {
+            if !order.contains(dep) {
+                order.push(dep.clone());
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// The load order of the node's modules for this kernel.
+pub fn module_order(kernel: &Kernel, wanted: &[&str]) -> Result<Vec<String>, ImageError> {
+    let p = kernel.modules_dir().join("modules.dep");
+    let text = std::fs::read_to_string(&p).map_err(ImageError::io("reading", &p))?;
+    order_from_dep(&text, wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEP: &str = "\
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko
+";
+
+    #[test]
+    fn dependencies_load_first_in_reverse_listed_order_and_once() {
+        let order = order_from_dep(DEP, &["virtio_pci", "virtio_net"]).expect("order");
+        assert_eq!(
+            order,
+            [
+                "kernel/drivers/virtio/virtio_ring.ko",
+                "kernel/drivers/virtio/virtio.ko",
+                "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+                "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+                "kernel/drivers/virtio/virtio_pci.ko",
+                "kernel/net/core/failover.ko",
+                "kernel/drivers/net/net_failover.ko",
+                "kernel/drivers/net/virtio_net.ko",
+            ]
+        );
+    }
+
+    #[test]
+    fn module_names_match_with_dashes_or_underscores() {
+        let order = order_from_dep(DEP, &["crc64-rocksoft"]).expect("order");
+        assert_eq!(
+            order.last().map(String::as_str),
+            Some("kernel/lib/crc64-rocksoft.ko")
+        );
+    }
+
+    #[test]
+    fn an_unknown_module_is_named_in_the_error() {
+        let err = order_from_dep(DEP, &["nvme"]).expect_err("unknown");
+        assert!(err.to_string().contains("nvme"), "{err}");
+    }
+}

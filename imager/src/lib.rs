@@ -1,0 +1,207 @@
+//! Builds Plinth images on a Debian host.
+//!
+//! [`build`] makes the parts of a release: the Debian kernel and the modules the node needs
+//! (with their load order worked out here, so the node needs no modprobe), an initramfs holding
+//! `machined` as `/init`, a SquashFS root holding `machined`, and one UKI per slot whose command
+//! line pins the root image's size and blake3 digest. [`disk::assemble`] lays them out on a raw
+//! GPT disk with the layout of [`upgrade::layout`].
+//!
+//! The host tools are Debian's (apt, dpkg, kmod, squashfs-tools, binutils, systemd-boot-efi,
+//! dosfstools, mtools, e2fsprogs); a missing one is named with its package.
+#![warn(missing_docs)]
+
+pub mod disk;
+pub mod initramfs;
+pub mod kernel;
+pub mod rootfs;
+pub mod tools;
+pub mod uki;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use upgrade::Slot;
+
+/// Building an image failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A host tool is missing.
+    #[error("{tool} is not installed (apt-get install {package})")]
+    MissingTool {
+        /// The command.
+        tool: String,
+        /// The Debian package that has it.
+        package: String,
+    },
+    /// A host tool failed.
+    #[error("{command} failed ({status}): {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Exit status.
+        status: String,
+        /// What it printed on stderr (tail).
+        stderr: String,
+    },
+    /// A file operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which file.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An input is unusable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The disk layout could not be made.
+    #[error(transparent)]
+    Layout(#[from] upgrade::LayoutError),
+}
+
+impl ImageError {
+    pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImageError {
+        let path = path.display().to_string();
+        move |source| ImageError::Io { what, path, source }
+    }
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Where the artifacts go.
+    pub out_dir: PathBuf,
+    /// Where downloads are kept between builds.
+    pub cache_dir: PathBuf,
+    /// The static `machined` binary.
+    pub machined: PathBuf,
+    /// The image's version string.
+    pub version: String,
+    /// The Debian kernel package; by default the one `linux-image-amd64` depends on.
+    pub kernel_package: Option<String>,
+    /// Extra kernel command-line arguments (tests use this to make broken images).
+    pub extra_cmdline: Vec<String>,
+}
+
+/// What a build made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifacts {
+    /// The image's version string.
+    pub version: String,
+    /// The kernel release (`6.1.0-NN-amd64`).
+    pub kernel_release: String,
+    /// The SquashFS root image.
+    pub rootfs: PathBuf,
+    /// Its size in bytes.
+    pub rootfs_size: u64,
+    /// Its blake3 digest (hex).
+    pub rootfs_blake3: String,
+    /// The UKI for slot A.
+    pub uki_a: PathBuf,
+    /// The UKI for slot B.
+    pub uki_b: PathBuf,
+}
+
+impl Artifacts {
+    /// The UKI built for `slot`.
+    pub fn uki(&self, slot: Slot) -> &Path {
+        match slot {
+            Slot::A => &self.uki_a,
+            Slot::B => &self.uki_b,
+        }
+    }
+
+    /// The manifest file describing a build in `out_dir`.
+    pub fn manifest_path(out_dir: &Path) -> PathBuf {
+        out_dir.join("artifacts.json")
+    }
+
+    /// Reads the manifest of an earlier build.
+    pub fn load(out_dir: &Path) -> Result<Artifacts, ImageError> {
+        let p = Self::manifest_path(out_dir);
+        let data = std::fs::read(&p).map_err(ImageError::io("reading", &p))?;
+        serde_json::from_slice(&data)
+            .map_err(|e| ImageError::Invalid(format!("{}: {e}", p.display())))
+    }
+}
+
+/// Builds the release parts into `opts.out_dir`.
+pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
+    tools::require(&[
+        ("apt-get", "apt"),
+        ("dpkg", "dpkg"),
+        ("depmod", "kmod"),
+        ("mksquashfs", "squashfs-tools"),
+        ("objcopy", "binutils"),
+    ])?;
+    uki::require_stub()?;
+    if !opts.machined.is_file() {
+        return Err(ImageError::Invalid(format!(
+            "machined binary {} does not exist: build it first (RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p machined --target x86_64-unknown-linux-gnu)",
+            opts.machined.display()
+        )));
+    }
+    std::fs::create_dir_all(&opts.out_dir).map_err(ImageError::io("creating", &opts.out_dir))?;
+    let kernel = kernel::fetch(&opts.cache_dir, opts.kernel_package.as_deref())?;
+    let modules = kernel::module_order(&kernel, kernel::NODE_MODULES)?;
+    tracing::info!(
+        "kernel {}: {} modules to load",
+        kernel.release,
+        modules.len()
+    );
+
+    let initrd = opts.out_dir.join("initramfs.cpio");
+    initramfs::write(&initrd, &opts.machined, &kernel, &modules)?;
+
+    let rootfs = opts.out_dir.join("rootfs.squashfs");
+    rootfs::build(
+        &rootfs,
+        &opts.machined,
+        &opts.version,
+        &opts.out_dir.join("rootfs"),
+    )?;
+    let (rootfs_size, rootfs_blake3) = rootfs::digest(&rootfs)?;
+
+    let mut ukis = Vec::new();
+    for slot in Slot::ALL {
+        let mut cmdline = vec![
+            "console=ttyS0".to_string(),
+            "panic=1".into(),
+            "quiet".into(),
+            format!("plinth.slot={slot}"),
+            format!("plinth.root.size={rootfs_size}"),
+            format!("plinth.root.blake3={rootfs_blake3}"),
+        ];
+        cmdline.extend(opts.extra_cmdline.iter().cloned());
+        let path = opts.out_dir.join(format!("plinth-{slot}.efi"));
+        uki::build(&uki::UkiParts {
+            kernel: &kernel.vmlinuz,
+            initrd: &initrd,
+            cmdline: &cmdline.join(" "),
+            os_release: &rootfs::os_release(&opts.version),
+            work_dir: &opts.out_dir,
+            out: &path,
+        })?;
+        ukis.push(path);
+    }
+    let [uki_a, uki_b]: [PathBuf; 2] = ukis
+        .try_into()
+        .map_err(|_| ImageError::Invalid("expected two UKIs".into()))?;
+    let artifacts = Artifacts {
+        version: opts.version.clone(),
+        kernel_release: kernel.release.clone(),
+        rootfs,
+        rootfs_size,
+        rootfs_blake3,
+        uki_a,
+        uki_b,
+    };
+    let manifest = Artifacts::manifest_path(&opts.out_dir);
+    let json =
+        serde_json::to_vec_pretty(&artifacts).map_err(|e| ImageError::Invalid(e.to_string()))?;
+    std::fs::write(&manifest, json).map_err(ImageError::io("writing", &manifest))?;
+    Ok(artifacts)
+}

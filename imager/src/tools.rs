@@ -1,0 +1,57 @@
+//! Running host tools with errors that say what failed.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::ImageError;
+
+/// Whether `tool` is on PATH (or in the sbin directories Debian keeps it in).
+pub fn which(tool: &str) -> bool {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .any(|dir| Path::new(dir).join(tool).is_file());
+    found
+}
+
+/// Fails naming the first missing tool and its package.
+pub fn require(tools: &[(&str, &str)]) -> Result<(), ImageError> {
+    for (tool, package) in tools {
+        if !which(tool) {
+            return Err(ImageError::MissingTool {
+                tool: tool.to_string(),
+                package: package.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs a command; on failure, the error carries the command line and the tail of stderr.
+pub fn run(cmd: &mut Command) -> Result<String, ImageError> {
+    let line = format!("{cmd:?}").replace('"', "");
+    // sbin tools (mkfs, depmod) are not on a normal user's PATH.
+    let path = format!(
+        "{}:/usr/sbin:/sbin",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = cmd
+        .env("PATH", path)
+        .output()
+        .map_err(|source| ImageError::Io {
+            what: "running",
+            path: line.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(10).collect();
+        return Err(ImageError::Command {
+            command: line,
+            status: out.status.to_string(),
+            stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -1,0 +1,75 @@
+//! machined: Plinth's PID 1.
+//!
+//! One static binary, two roles:
+//! - in the initramfs (`/init`, with `/etc/initrd-release` present) it runs the initramfs
+//!   sequence and execs `/sbin/machined` on the slot's root;
+//! - on the slot's root it is the node: boot sequence, API, and it never exits.
+//!
+//! Anything that goes wrong ends in [`fatal`]: say why on the console, wait, reboot. PID 1 must
+//! not exit (the kernel would panic) and must not panic.
+
+mod console;
+mod initramfs;
+mod node;
+
+use std::path::Path;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Command-line arguments (the kernel passes none to init; these are for development).
+#[derive(Parser, Debug)]
+#[command(name = "machined", version, about = "Plinth's PID 1")]
+struct Args {
+    /// Which role to run; by default, the initramfs role when `/etc/initrd-release` exists and
+    /// the node role otherwise.
+    #[arg(long, value_enum)]
+    role: Option<Role>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Initramfs,
+    Node,
+}
+
+fn main() {
+    console::init();
+    // The kernel passes init arguments it did not understand; never refuse to start over them.
+    let args = Args::try_parse().unwrap_or(Args { role: None });
+    let role = args
+        .role
+        .unwrap_or(if Path::new("/etc/initrd-release").exists() {
+            Role::Initramfs
+        } else {
+            Role::Node
+        });
+    if std::process::id() != 1 {
+        // Off PID 1 the node role would mount and reconfigure the host it runs on.
+        console::line(&format!(
+            "machined must run as PID 1 (this is PID {}); refusing to touch this machine",
+            std::process::id()
+        ));
+        std::process::exit(2);
+    }
+    let outcome = match role {
+        Role::Initramfs => initramfs::run(),
+        Role::Node => node::run(),
+    };
+    // Only failures come back.
+    fatal(&format!("{outcome:#}"));
+}
+
+/// The single fatal path: report, give the operator time to read it, reboot. Never returns.
+pub fn fatal(reason: &str) -> ! {
+    const DELAY: Duration = Duration::from_secs(10);
+    console::line(&format!("machined: fatal: {reason}"));
+    console::line(&format!("machined: rebooting in {}s", DELAY.as_secs()));
+    std::thread::sleep(DELAY);
+    nix::unistd::sync();
+    loop {
+        let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+        console::line(&format!("machined: reboot failed: {e}"));
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,15 @@
+//! Plinth's lifecycle sequences and the platform they run on.
+//!
+//! Each sequence is a phase table in its own file ([`initramfs`], [`boot`]), readable as a
+//! checklist; the tasks live in [`tasks`], grouped by subsystem; every effect on the machine goes
+//! through the [`platform::Platform`] trait, so the same sequences can later run against a
+//! simulated machine.
+#![warn(missing_docs)]
+
+pub mod boot;
+pub mod initramfs;
+pub mod platform;
+pub mod runtime;
+pub mod tasks;
+
+pub use runtime::{ApiLauncher, BootInfo, Runtime};

@@ -1,0 +1,331 @@
+//! The real machine: system calls, sysfs, netlink.
+
+use std::ffi::CString;
+use std::net::IpAddr;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bootloader::efivarfs::VarStore;
+use futures::TryStreamExt;
+use nix::mount::MsFlags;
+
+use super::{Disk, ModuleLoad, MountSpec, Platform, PlatformError};
+
+/// Where efivarfs is mounted.
+pub const EFIVARS: &str = "/sys/firmware/efi/efivars";
+
+/// How long to wait for a network interface to appear after its driver loaded.
+const LINK_WAIT: Duration = Duration::from_secs(10);
+
+/// The real Linux machine.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Linux;
+
+fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> PlatformError {
+    let what = what.into();
+    move |errno| PlatformError::Sys { what, errno }
+}
+
+/// Disks that can hold a system: not loop, RAM, optical or device-mapper devices.
+fn is_candidate_disk(name: &str) -> bool {
+    !["loop", "ram", "zram", "sr", "dm-", "md", "nbd"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// Partition number → device node, from `/sys/block/<disk>/<part>/partition`.
+fn partition_nodes(disk: &str) -> Vec<(u32, PathBuf)> {
+    let dir = Path::new("/sys/block").join(disk);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = std::fs::read_to_string(e.path().join("partition")).ok()?;
+            Some((n.trim().parse().ok()?, Path::new("/dev").join(name)))
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Platform for Linux {
+    fn name(&self) -> &'static str {
+        "linux"
+    }
+
+    fn cmdline(&self) -> Result<String, PlatformError> {
+        let p = Path::new("/proc/cmdline");
+        std::fs::read_to_string(p).map_err(|e| PlatformError::io("reading", p, e))
+    }
+
+    fn read(&self, path: &Path) -> Result<Vec<u8>, PlatformError> {
+        std::fs::read(path).map_err(|e| PlatformError::io("reading", path, e))
+    }
+
+    fn write(&self, path: &Path, data: &[u8]) -> Result<(), PlatformError> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| PlatformError::io("creating", path, e))?;
+        f.write_all(data)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| PlatformError::io("writing", path, e))
+    }
+
+    fn mkdir_all(&self, path: &Path) -> Result<(), PlatformError> {
+        std::fs::create_dir_all(path).map_err(|e| PlatformError::io("creating directory", path, e))
+    }
+
+    fn mount(&self, spec: &MountSpec) -> Result<(), PlatformError> {
+        self.mkdir_all(&spec.target)?;
+        let mut flags = MsFlags::empty();
+        if spec.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        if spec.restricted {
+            flags |= MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        }
+        nix::mount::mount(
+            Some(spec.source.as_str()),
+            &spec.target,
+            Some(spec.fstype.as_str()),
+            flags,
+            spec.data.as_deref(),
+        )
+        .map_err(|errno| PlatformError::Mount {
+            source_name: spec.source.clone(),
+            target: spec.target.display().to_string(),
+            fstype: spec.fstype.clone(),
+            errno,
+        })
+    }
+
+    fn move_mount(&self, from: &Path, to: &Path) -> Result<(), PlatformError> {
+        self.mkdir_all(to)?;
+        nix::mount::mount(Some(from), to, None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(
+            |errno| PlatformError::MoveMount {
+                from: from.display().to_string(),
+                to: to.display().to_string(),
+                errno,
+            },
+        )
+    }
+
+    fn load_module(&self, path: &Path) -> Result<ModuleLoad, PlatformError> {
+        let file = std::fs::File::open(path).map_err(|e| PlatformError::io("opening", path, e))?;
+        let no_params = CString::default();
+        match nix::kmod::finit_module(&file, &no_params, nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) => Ok(ModuleLoad::Loaded),
+            Err(nix::Error::EEXIST) => Ok(ModuleLoad::AlreadyLoaded),
+            Err(errno) => Err(PlatformError::Module {
+                path: path.display().to_string(),
+                errno,
+            }),
+        }
+    }
+
+    fn efivars(&self) -> VarStore {
+        VarStore::new(EFIVARS)
+    }
+
+    fn disks(&self) -> Result<Vec<Disk>, PlatformError> {
+        let dir = Path::new("/sys/block");
+        let entries = std::fs::read_dir(dir).map_err(|e| PlatformError::io("listing", dir, e))?;
+        let mut disks = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !is_candidate_disk(&name) {
+                continue;
+            }
+            let device = Path::new("/dev").join(&name);
+            // A disk without a readable GPT is not ours (or not yet): skip it.
+            let Ok(mut f) = std::fs::File::open(&device) else {
+                continue;
+            };
+            let Ok(table) = upgrade::layout::read_table(&mut f) else {
+                continue;
+            };
+            let nodes = partition_nodes(&name);
+            let partitions = table
+                .into_iter()
+                .filter_map(|p| {
+                    let node = nodes.iter().find(|(n, _)| *n == p.number)?.1.clone();
+                    Some((p, node))
+                })
+                .collect();
+            disks.push(Disk { device, partitions });
+        }
+        disks.sort_by(|a, b| a.device.cmp(&b.device));
+        Ok(disks)
+    }
+
+    fn open_read(&self, path: &Path) -> Result<std::fs::File, PlatformError> {
+        std::fs::File::open(path).map_err(|e| PlatformError::io("opening", path, e))
+    }
+
+    fn set_hostname(&self, name: &str) -> Result<(), PlatformError> {
+        nix::unistd::sethostname(name).map_err(sys(format!("setting the host name to {name:?}")))
+    }
+
+    async fn configure_network(
+        &self,
+        interfaces: &[config::Interface],
+    ) -> Result<(), PlatformError> {
+        let net_err = |interface: &str| {
+            let interface = interface.to_string();
+            move |e: rtnetlink::Error| PlatformError::Network {
+                interface,
+                reason: e.to_string(),
+            }
+        };
+        let (connection, handle, _) =
+            rtnetlink::new_connection().map_err(|e| PlatformError::Network {
+                interface: "netlink".into(),
+                reason: e.to_string(),
+            })?;
+        let conn = tokio::spawn(connection);
+        let result = async {
+            link_up(&handle, "lo").await.map_err(net_err("lo"))?;
+            for iface in interfaces {
+                let index = wait_for_link(&handle, &iface.name).await?;
+                handle
+                    .link()
+                    .set(rtnetlink::LinkUnspec::new_with_index(index).up().build())
+                    .execute()
+                    .await
+                    .map_err(net_err(&iface.name))?;
+                for net in iface.networks() {
+                    handle
+                        .address()
+                        .add(index, net.addr(), net.prefix_len())
+                        .execute()
+                        .await
+                        .map_err(net_err(&iface.name))?;
+                }
+                match iface.gateway_ip() {
+                    Some(IpAddr::V4(gw)) => {
+                        let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                            .output_interface(index)
+                            .gateway(gw)
+                            .build();
+                        handle
+                            .route()
+                            .add(route)
+                            .execute()
+                            .await
+                            .map_err(net_err(&iface.name))?;
+                    }
+                    Some(IpAddr::V6(gw)) => {
+                        let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                            .output_interface(index)
+                            .gateway(gw)
+                            .build();
+                        handle
+                            .route()
+                            .add(route)
+                            .execute()
+                            .await
+                            .map_err(net_err(&iface.name))?;
+                    }
+                    None => {}
+                }
+            }
+            Ok(())
+        }
+        .await;
+        conn.abort();
+        result
+    }
+
+    fn switch_root(&self, new_root: &Path) -> Result<(), PlatformError> {
+        for d in ["/dev", "/proc", "/sys", "/run"] {
+            self.move_mount(Path::new(d), &new_root.join(d.trim_start_matches('/')))?;
+        }
+        nix::unistd::chdir(new_root).map_err(sys(format!("entering {}", new_root.display())))?;
+        free_initramfs(new_root);
+        nix::mount::mount(
+            Some(new_root),
+            "/",
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(sys(format!("moving {} to /", new_root.display())))?;
+        nix::unistd::chroot(".").map_err(sys("chroot into the new root"))?;
+        nix::unistd::chdir("/").map_err(sys("entering /"))
+    }
+}
+
+/// Deletes the initramfs's files (they are RAM that would otherwise stay pinned). Only files on
+/// the initramfs itself are touched: anything on another device (the new root) is skipped.
+/// Failures are logged, not fatal: the worst case is some RAM kept.
+fn free_initramfs(keep: &Path) {
+    let Ok(root_dev) = std::fs::metadata("/").map(|m| m.dev()) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir("/") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path == keep {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.dev() != root_dev {
+            continue;
+        }
+        let result = if meta.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if let Err(e) = result {
+            tracing::debug!("freeing {}: {e}", path.display());
+        }
+    }
+}
+
+async fn link_up(handle: &rtnetlink::Handle, name: &str) -> Result<(), rtnetlink::Error> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    if let Some(link) = links.try_next().await? {
+        handle
+            .link()
+            .set(
+                rtnetlink::LinkUnspec::new_with_index(link.header.index)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await?;
+    }
+    Ok(())
+}
+
+/// The interface's index, waiting for its driver to register it.
+async fn wait_for_link(handle: &rtnetlink::Handle, name: &str) -> Result<u32, PlatformError> {
+    let started = Instant::now();
+    loop {
+        let mut links = handle.link().get().match_name(name.to_string()).execute();
+        if let Ok(Some(link)) = links.try_next().await {
+            return Ok(link.header.index);
+        }
+        if started.elapsed() > LINK_WAIT {
+            return Err(PlatformError::Network {
+                interface: name.into(),
+                reason: format!("no such interface after {}s", LINK_WAIT.as_secs()),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,211 @@
+//! The one trait through which sequences touch the machine.
+//!
+//! [`linux::Linux`] is the real machine, used by machined as PID 1 and as the initramfs `/init`.
+
+pub mod linux;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bootloader::efivarfs::VarStore;
+use upgrade::DiskPartition;
+
+/// A file system to mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    /// What to mount (device path or pseudo-fs name).
+    pub source: String,
+    /// Where.
+    pub target: PathBuf,
+    /// File system type.
+    pub fstype: String,
+    /// Mount read-only.
+    pub read_only: bool,
+    /// `nosuid,nodev,noexec`: for pseudo and data file systems.
+    pub restricted: bool,
+    /// File-system-specific options (`mode=0755`).
+    pub data: Option<String>,
+}
+
+impl MountSpec {
+    /// A mount with no options.
+    pub fn new(source: &str, target: impl Into<PathBuf>, fstype: &str) -> Self {
+        MountSpec {
+            source: source.into(),
+            target: target.into(),
+            fstype: fstype.into(),
+            read_only: false,
+            restricted: false,
+            data: None,
+        }
+    }
+
+    /// Read-only.
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+
+    /// `nosuid,nodev,noexec`.
+    pub fn restricted(mut self) -> Self {
+        self.restricted = true;
+        self
+    }
+
+    /// With file-system options.
+    pub fn data(mut self, data: &str) -> Self {
+        self.data = Some(data.into());
+        self
+    }
+}
+
+/// A whole disk and its GPT partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// Device node, e.g. `/dev/nvme0n1`.
+    pub device: PathBuf,
+    /// Partitions with their device nodes.
+    pub partitions: Vec<(DiskPartition, PathBuf)>,
+}
+
+impl Disk {
+    /// The partition with GPT name `label`.
+    pub fn by_label(&self, label: &str) -> Option<&(DiskPartition, PathBuf)> {
+        self.partitions.iter().find(|(p, _)| p.label == label)
+    }
+}
+
+/// What loading a kernel module did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleLoad {
+    /// Inserted now.
+    Loaded,
+    /// It was already there (built in or loaded before).
+    AlreadyLoaded,
+}
+
+/// A platform operation failed; every variant says what it was doing to what.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    /// mount(2) failed.
+    #[error("mounting {source_name} ({fstype}) on {target}: {errno}")]
+    Mount {
+        /// Source.
+        source_name: String,
+        /// Target.
+        target: String,
+        /// Type.
+        fstype: String,
+        /// The error.
+        errno: nix::Error,
+    },
+    /// A move mount failed.
+    #[error("moving mount {from} to {to}: {errno}")]
+    MoveMount {
+        /// From.
+        from: String,
+        /// To.
+        to: String,
+        /// The error.
+        errno: nix::Error,
+    },
+    /// finit_module(2) failed.
+    #[error("loading kernel module {path}: {errno}")]
+    Module {
+        /// Module file.
+        path: String,
+        /// The error.
+        errno: nix::Error,
+    },
+    /// A file operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A system call failed.
+    #[error("{what}: {errno}")]
+    Sys {
+        /// What was being done.
+        what: String,
+        /// The error.
+        errno: nix::Error,
+    },
+    /// Network configuration failed.
+    #[error("configuring interface {interface}: {reason}")]
+    Network {
+        /// Interface.
+        interface: String,
+        /// Why.
+        reason: String,
+    },
+    /// This platform cannot do that.
+    #[error("{0} is not supported on this platform")]
+    Unsupported(&'static str),
+}
+
+impl PlatformError {
+    /// An I/O error with context.
+    pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
+        PlatformError::Io {
+            what,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// Every effect a sequence has on the machine.
+#[async_trait]
+pub trait Platform: Send + Sync + 'static {
+    /// Short name: `linux`.
+    fn name(&self) -> &'static str;
+
+    /// The kernel command line.
+    fn cmdline(&self) -> Result<String, PlatformError>;
+
+    /// Reads a whole file.
+    fn read(&self, path: &Path) -> Result<Vec<u8>, PlatformError>;
+
+    /// Writes a whole file (created with mode 0600).
+    fn write(&self, path: &Path, data: &[u8]) -> Result<(), PlatformError>;
+
+    /// Creates a directory and its parents.
+    fn mkdir_all(&self, path: &Path) -> Result<(), PlatformError>;
+
+    /// Mounts a file system (creating the target directory if needed).
+    fn mount(&self, spec: &MountSpec) -> Result<(), PlatformError>;
+
+    /// Moves a mount (and its submounts) to another place.
+    fn move_mount(&self, from: &Path, to: &Path) -> Result<(), PlatformError>;
+
+    /// Loads a kernel module from a file.
+    fn load_module(&self, path: &Path) -> Result<ModuleLoad, PlatformError>;
+
+    /// The UEFI variable store.
+    fn efivars(&self) -> VarStore;
+
+    /// Whole disks with a readable GPT.
+    fn disks(&self) -> Result<Vec<Disk>, PlatformError>;
+
+    /// Opens a block device (or image) for reading.
+    fn open_read(&self, path: &Path) -> Result<std::fs::File, PlatformError>;
+
+    /// Sets the host name.
+    fn set_hostname(&self, name: &str) -> Result<(), PlatformError>;
+
+    /// Brings up loopback and configures the interfaces statically.
+    async fn configure_network(
+        &self,
+        interfaces: &[config::Interface],
+    ) -> Result<(), PlatformError>;
+
+    /// Makes `new_root` the root: moves /proc, /sys, /dev, /run into it, frees the initramfs,
+    /// and chroots. The caller then execs the new init.
+    fn switch_root(&self, new_root: &Path) -> Result<(), PlatformError>;
+}

@@ -1,0 +1,125 @@
+//! What the tasks of a running node share: the platform, the event bus, the lifecycle machine,
+//! and what earlier phases found out (the boot disk, the config).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use config::NodeConfig;
+use sequencer::{EventBus, Lifecycle, TaskError};
+use serde::{Deserialize, Serialize};
+use upgrade::Slot;
+
+use crate::platform::Platform;
+
+/// Where things live on a node.
+pub mod paths {
+    /// The initramfs hands its findings to machined here (on `/run`, which survives switch_root).
+    pub const BOOT_INFO: &str = "/run/plinth/boot.json";
+    /// The initramfs's events, replayed by machined so `Events` shows the whole boot.
+    pub const INITRAMFS_EVENTS: &str = "/run/plinth/initramfs-events.json";
+    /// Where the slot's root image is mounted before switch_root.
+    pub const NEW_ROOT: &str = "/sysroot";
+    /// The STATE partition's mount point.
+    pub const STATE: &str = "/system/state";
+    /// The node config on STATE.
+    pub const CONFIG: &str = "/system/state/config.yaml";
+    /// The EPHEMERAL partition's mount point.
+    pub const EPHEMERAL: &str = "/var";
+    /// The list of kernel modules to load, in order, relative to `/lib/modules/<release>/`.
+    pub const MODULE_ORDER: &str = "/lib/modules/plinth.order";
+    /// machined on the slot.
+    pub const MACHINED: &str = "/sbin/machined";
+    /// Facts about the image (version), written by the image builder.
+    pub const RELEASE: &str = "/etc/plinth-release";
+}
+
+/// What the initramfs found: the slot it booted and where its disk is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootInfo {
+    /// The slot the firmware booted.
+    pub slot: Slot,
+    /// The system disk (the one holding the ESP the firmware booted from).
+    pub disk: PathBuf,
+    /// The ESP's unique partition GUID (`LoaderDevicePartUUID`).
+    pub esp_guid: uuid::Uuid,
+    /// The slot's root partition.
+    pub root_device: PathBuf,
+}
+
+impl BootInfo {
+    /// Reads the hand-over file.
+    pub fn load(platform: &dyn Platform, path: &Path) -> Result<BootInfo, TaskError> {
+        let data = platform.read(path)?;
+        serde_json::from_slice(&data)
+            .map_err(|e| format!("{} is not a boot info document: {e}", path.display()).into())
+    }
+}
+
+/// Starts the API once the config is known. Implemented by machined (which owns the API crate),
+/// so phases need not depend on it.
+#[async_trait]
+pub trait ApiLauncher: Send + Sync + 'static {
+    /// Starts serving; returns the endpoint it listens on.
+    async fn start(&self, runtime: Arc<Runtime>, config: &NodeConfig) -> Result<String, TaskError>;
+}
+
+#[derive(Default)]
+struct Found {
+    boot: Option<BootInfo>,
+    config: Option<NodeConfig>,
+}
+
+/// The node as its tasks see it.
+pub struct Runtime {
+    /// The machine.
+    pub platform: Arc<dyn Platform>,
+    /// Events.
+    pub bus: Arc<EventBus>,
+    /// The lifecycle machine.
+    pub lifecycle: Lifecycle,
+    /// Starts the API.
+    pub api: Arc<dyn ApiLauncher>,
+    found: Mutex<Found>,
+}
+
+impl Runtime {
+    /// A runtime for a node that has just started.
+    pub fn new(
+        platform: Arc<dyn Platform>,
+        bus: Arc<EventBus>,
+        api: Arc<dyn ApiLauncher>,
+    ) -> Arc<Self> {
+        Arc::new(Runtime {
+            platform,
+            lifecycle: Lifecycle::new(bus.clone()),
+            bus,
+            api,
+            found: Mutex::new(Found::default()),
+        })
+    }
+
+    fn found(&self) -> MutexGuard<'_, Found> {
+        self.found.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The boot info, once the boot sequence has read it.
+    pub fn boot(&self) -> Option<BootInfo> {
+        self.found().boot.clone()
+    }
+
+    /// Records the boot info.
+    pub fn set_boot(&self, boot: BootInfo) {
+        self.found().boot = Some(boot);
+    }
+
+    /// The node config, once loaded.
+    pub fn config(&self) -> Option<NodeConfig> {
+        self.found().config.clone()
+    }
+
+    /// Records the node config.
+    pub fn set_config(&self, config: NodeConfig) {
+        self.found().config = Some(config);
+    }
+}

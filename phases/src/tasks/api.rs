@@ -1,0 +1,15 @@
+//! Starting the API.
+
+use std::sync::Arc;
+
+use sequencer::{EventKind, TaskError};
+
+use crate::runtime::Runtime;
+
+/// Starts the API with the config's identity and says where it listens.
+pub async fn start_api(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let cfg = ctx.config().ok_or("the node config is not loaded")?;
+    let endpoint = ctx.api.start(ctx.clone(), &cfg).await?;
+    ctx.bus.publish(EventKind::ApiReady { endpoint }, None);
+    Ok(())
+}

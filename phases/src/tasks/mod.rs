@@ -1,0 +1,8 @@
+//! The tasks of every sequence, grouped by subsystem. A task is a plain async function taking
+//! its sequence's context; its name lives in the phase table.
+
+pub mod api;
+pub mod initramfs;
+pub mod network;
+pub mod state;
+pub mod system;

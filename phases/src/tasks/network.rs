@@ -1,0 +1,27 @@
+//! Network tasks: host name and static addresses from the node config.
+
+use std::sync::Arc;
+
+use sequencer::TaskError;
+
+use crate::runtime::Runtime;
+
+fn config(ctx: &Runtime) -> Result<config::NodeConfig, TaskError> {
+    ctx.config()
+        .ok_or_else(|| "the node config is not loaded".into())
+}
+
+/// Sets the host name to the node name.
+pub async fn set_hostname(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let cfg = config(&ctx)?;
+    Ok(ctx.platform.set_hostname(&cfg.machine.name)?)
+}
+
+/// Brings up loopback and the configured interfaces.
+pub async fn configure_network(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let cfg = config(&ctx)?;
+    Ok(ctx
+        .platform
+        .configure_network(&cfg.machine.network.interfaces)
+        .await?)
+}

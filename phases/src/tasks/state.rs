@@ -1,0 +1,96 @@
+//! Tasks for the node's writable partitions (STATE, EPHEMERAL) and its config.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use config::NodeConfig;
+use sequencer::TaskError;
+use upgrade::layout::{LABEL_EPHEMERAL, LABEL_STATE};
+
+use crate::platform::MountSpec;
+use crate::runtime::{paths, Runtime};
+
+/// A partition of the boot disk could not be found or the config could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The boot sequence has not read the boot info yet.
+    #[error("the boot disk is not known yet")]
+    NoBootInfo,
+    /// The boot disk is gone or has no GPT.
+    #[error("boot disk {0} is not among the disks with a partition table")]
+    DiskGone(String),
+    /// The partition is missing.
+    #[error("boot disk {disk} has no {label} partition")]
+    NoPartition {
+        /// The disk.
+        disk: String,
+        /// Label looked for.
+        label: &'static str,
+    },
+    /// No config on STATE.
+    #[error("no node config at {0}")]
+    NoConfig(String),
+    /// The config is invalid.
+    #[error("node config {path}: {source}")]
+    BadConfig {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        #[source]
+        source: config::ConfigError,
+    },
+}
+
+/// The device node of the boot disk's partition named `label`.
+fn partition(ctx: &Runtime, label: &'static str) -> Result<String, TaskError> {
+    let boot = ctx.boot().ok_or(StateError::NoBootInfo)?;
+    let disks = ctx.platform.disks()?;
+    let disk = disks
+        .iter()
+        .find(|d| d.device == boot.disk)
+        .ok_or_else(|| StateError::DiskGone(boot.disk.display().to_string()))?;
+    let (_, node) = disk
+        .by_label(label)
+        .ok_or_else(|| StateError::NoPartition {
+            disk: boot.disk.display().to_string(),
+            label,
+        })?;
+    Ok(node.display().to_string())
+}
+
+/// Mounts STATE (ext4: config, PKI) on `/system/state`.
+pub async fn mount_state(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let dev = partition(&ctx, LABEL_STATE)?;
+    Ok(ctx
+        .platform
+        .mount(&MountSpec::new(&dev, paths::STATE, "ext4").restricted())?)
+}
+
+/// Mounts EPHEMERAL (ext4) on `/var`.
+pub async fn mount_ephemeral(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let dev = partition(&ctx, LABEL_EPHEMERAL)?;
+    let spec = MountSpec::new(&dev, paths::EPHEMERAL, "ext4");
+    Ok(ctx.platform.mount(&spec)?)
+}
+
+/// Reads and validates the node config from STATE.
+pub async fn load_config(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let path = Path::new(paths::CONFIG);
+    let text = match ctx.platform.read(path) {
+        Ok(t) => t,
+        Err(crate::platform::PlatformError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Err(StateError::NoConfig(paths::CONFIG.into()).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let config = NodeConfig::from_yaml(&String::from_utf8_lossy(&text)).map_err(|source| {
+        StateError::BadConfig {
+            path: paths::CONFIG.into(),
+            source,
+        }
+    })?;
+    ctx.set_config(config);
+    Ok(())
+}

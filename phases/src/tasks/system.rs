@@ -1,0 +1,76 @@
+//! Tasks and facts about the running system itself.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use sequencer::TaskError;
+
+use crate::platform::MountSpec;
+use crate::runtime::{paths, BootInfo, Runtime};
+
+/// Reads what the initramfs found (slot, disk) from `/run`.
+pub async fn read_boot_info(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let info = BootInfo::load(ctx.platform.as_ref(), Path::new(paths::BOOT_INFO))?;
+    ctx.set_boot(info);
+    Ok(())
+}
+
+/// Mounts a tmpfs on `/tmp` (the root image is read-only).
+pub async fn mount_tmp(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let spec = MountSpec::new("tmpfs", "/tmp", "tmpfs").data("mode=1777");
+    Ok(ctx.platform.mount(&MountSpec {
+        restricted: true,
+        ..spec
+    })?)
+}
+
+/// The type and source of the file system mounted on `/`, from a `mountinfo` text.
+pub fn root_mount(mountinfo: &str) -> Option<(String, String)> {
+    // Fields: id parent maj:min root mountpoint options [optional...] - fstype source superopts.
+    // The last entry for "/" is the one on top.
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mountpoint = left.split_whitespace().nth(4)?;
+            let mut r = right.split_whitespace();
+            let fstype = r.next()?;
+            let source = r.next()?;
+            (mountpoint == "/").then(|| (fstype.to_string(), source.to_string()))
+        })
+        .last()
+}
+
+/// The image's version, from `/etc/plinth-release` (`VERSION=...`).
+pub fn release_version(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION="))
+        .map(|v| v.trim().trim_matches('"').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_mount_is_the_last_entry_for_slash() {
+        let info = "\
+1 1 0:2 / / rw - rootfs rootfs rw
+22 1 259:3 / / ro,relatime shared:1 - squashfs /dev/nvme0n1p3 ro,errors=continue
+23 22 0:5 / /dev rw - devtmpfs devtmpfs rw
+";
+        assert_eq!(
+            root_mount(info),
+            Some(("squashfs".into(), "/dev/nvme0n1p3".into()))
+        );
+    }
+
+    #[test]
+    fn the_release_file_gives_the_version() {
+        assert_eq!(
+            release_version("NAME=Plinth\nVERSION=\"0.1.0-b2\"\n").as_deref(),
+            Some("0.1.0-b2")
+        );
+        assert_eq!(release_version("NAME=Plinth\n"), None);
+    }
+}

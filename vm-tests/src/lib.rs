@@ -1,0 +1,72 @@
+//! Booting Plinth nodes in QEMU with real UEFI firmware (OVMF), and reading what they did.
+//!
+//! - [`qemu`]: launch a VM (per-VM copy of the firmware variable store, NVMe system disk, user
+//!   networking with the API forwarded to a free 127.0.0.1 port, the i6300esb watchdog, serial
+//!   console to a file); it is torn down when dropped unless detached.
+//! - [`serial`]: the console log with the host time each line arrived.
+//! - [`timeline`]: the boot timeline (firmware → kernel → initramfs phases → machined phases →
+//!   API ready) from the serial log's trace lines.
+//! - [`node`]: a whole node: disk, PKI and client config, ready to boot ([`node::NodeSpec`]).
+//!
+//! Every VM runs under TCG: KVM is not usable on the machines this runs on.
+#![warn(missing_docs)]
+
+pub mod node;
+pub mod qemu;
+pub mod serial;
+pub mod timeline;
+
+/// A harness operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// A host prerequisite is missing.
+    #[error("{what} is missing ({hint})")]
+    Missing {
+        /// What.
+        what: String,
+        /// How to get it.
+        hint: String,
+    },
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Waiting timed out.
+    #[error("timed out after {secs}s waiting for {what}; last console lines:\n{tail}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        secs: u64,
+        /// The end of the serial log.
+        tail: String,
+    },
+    /// The VM exited while something was awaited.
+    #[error("the VM exited ({status}) while waiting for {what}; last console lines:\n{tail}")]
+    Exited {
+        /// What was awaited.
+        what: String,
+        /// QEMU's exit status.
+        status: String,
+        /// The end of the serial log.
+        tail: String,
+    },
+    /// Building the image failed.
+    #[error(transparent)]
+    Image(#[from] imager::ImageError),
+    /// Other failures with a message.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl HarnessError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HarnessError {
+        let what = what.into();
+        move |source| HarnessError::Io { what, source }
+    }
+}

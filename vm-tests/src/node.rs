@@ -1,0 +1,187 @@
+//! A whole node in a VM: its PKI and configs, its system disk, the VM, and an API client.
+//!
+//! Used by `plinth cluster create` and by the VM tests, so both boot nodes the same way.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use api::gen::{generate, GenOptions};
+use api::proto::{VersionRequest, VersionResponse};
+use config::{ClientConfig, Context};
+use imager::disk::{DiskOptions, DEFAULT_DISK_BYTES, DEFAULT_SLOT_BYTES};
+use imager::Artifacts;
+
+use crate::qemu::{free_port, Vm, VmSpec};
+use crate::HarnessError;
+
+/// QEMU user networking: the guest's address and gateway.
+pub const GUEST_ADDRESS: &str = "10.0.2.15/24";
+/// QEMU user networking's gateway.
+pub const GUEST_GATEWAY: &str = "10.0.2.2";
+
+/// A node to prepare.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Node name (also the client context's name).
+    pub name: String,
+    /// The node's directory: secrets, configs, disk, VM files.
+    pub dir: PathBuf,
+    /// Where the built image is (`artifacts.json`).
+    pub image_dir: PathBuf,
+    /// Memory in MiB.
+    pub memory_mb: u32,
+}
+
+/// A node ready to boot.
+#[derive(Debug, Clone)]
+pub struct PreparedNode {
+    /// What was asked.
+    pub spec: NodeSpec,
+    /// Host port forwarded to the API.
+    pub api_port: u16,
+    /// The admin client config for it.
+    pub client: ClientConfig,
+    /// Its system disk.
+    pub disk: PathBuf,
+}
+
+impl PreparedNode {
+    /// The endpoint clients use (`127.0.0.1:PORT`).
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.api_port)
+    }
+
+    /// The admin context.
+    pub fn context(&self) -> Result<&Context, HarnessError> {
+        self.client
+            .context(None)
+            .map(|(_, c)| c)
+            .map_err(|e| HarnessError::Other(e.to_string()))
+    }
+
+    /// The VM for this node (not started).
+    pub fn vm_spec(&self) -> VmSpec {
+        VmSpec {
+            name: self.spec.name.clone(),
+            dir: self.spec.dir.join("vm"),
+            disk: self.disk.clone(),
+            api_port: self.api_port,
+            memory_mb: self.spec.memory_mb,
+        }
+    }
+
+    /// Starts the VM.
+    pub fn boot(&self) -> Result<Vm, HarnessError> {
+        Vm::launch(self.vm_spec())
+    }
+}
+
+/// Generates the node's PKI and configs and writes its system disk from the built image.
+pub fn prepare(spec: &NodeSpec, artifacts: &Artifacts) -> Result<PreparedNode, HarnessError> {
+    std::fs::create_dir_all(&spec.dir)
+        .map_err(HarnessError::io(format!("creating {}", spec.dir.display())))?;
+    let api_port = free_port()?;
+    let generated = generate(&GenOptions {
+        name: spec.name.clone(),
+        endpoint: format!("127.0.0.1:{api_port}"),
+        interface: "eth0".into(),
+        address: Some(GUEST_ADDRESS.into()),
+        gateway: Some(GUEST_GATEWAY.into()),
+    })
+    .map_err(|e| HarnessError::Other(format!("generating configs: {e}")))?;
+    let write = |name: &str, data: &str| -> Result<(), HarnessError> {
+        let p = spec.dir.join(name);
+        config::client::write_private(&p, data.as_bytes())
+            .map_err(HarnessError::io(format!("writing {}", p.display())))
+    };
+    write("ca.crt", generated.ca.cert_pem())?;
+    write("ca.key", &generated.ca.0.key_pem)?;
+    let node_yaml = generated.node.to_yaml();
+    write("node.yaml", &node_yaml)?;
+    generated
+        .client
+        .save(&spec.dir.join("plinthconfig"))
+        .map_err(|e| HarnessError::Other(e.to_string()))?;
+    let disk = spec.dir.join("disk.raw");
+    imager::disk::assemble(
+        artifacts,
+        &DiskOptions {
+            out: disk.clone(),
+            disk_bytes: DEFAULT_DISK_BYTES,
+            slot_bytes: DEFAULT_SLOT_BYTES,
+            config_yaml: Some(node_yaml),
+            work_dir: spec.dir.join("work"),
+        },
+    )?;
+    Ok(PreparedNode {
+        spec: spec.clone(),
+        api_port,
+        client: generated.client,
+        disk,
+    })
+}
+
+/// Calls `Version` until it answers (the node is booting) or `timeout` passes; returns the reply
+/// and when it came, relative to the VM's start. Fails at once if the VM exits.
+pub async fn wait_for_version(
+    vm: &mut Vm,
+    endpoint: &str,
+    ctx: &Context,
+    timeout: Duration,
+) -> Result<(VersionResponse, Duration), HarnessError> {
+    let deadline = Instant::now() + timeout;
+    let mut last: String;
+    loop {
+        if let Some(status) = vm.exited() {
+            return Err(HarnessError::Exited {
+                what: format!("Version from {endpoint}"),
+                status: status.to_string(),
+                tail: vm.serial.tail(40),
+            });
+        }
+        let attempt = async {
+            let mut c = api::client::connect_context(endpoint, ctx)
+                .await
+                .map_err(|e| e.to_string())?;
+            c.version(VersionRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| api::client::describe_status(&s))
+        };
+        match tokio::time::timeout(Duration::from_secs(15), attempt).await {
+            Ok(Ok(v)) => return Ok((v, vm.started.elapsed())),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "call timed out".into(),
+        }
+        if Instant::now() > deadline {
+            return Err(HarnessError::Timeout {
+                what: format!("Version from {endpoint} (last error: {last})"),
+                secs: timeout.as_secs(),
+                tail: vm.serial.tail(40),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The built image in `image_dir`, building it with `machined` if there is none yet.
+pub fn ensure_artifacts(
+    image_dir: &Path,
+    machined: &Path,
+    version: &str,
+) -> Result<Artifacts, HarnessError> {
+    if let Ok(a) = Artifacts::load(image_dir) {
+        if a.uki_a.is_file() && a.uki_b.is_file() && a.rootfs.is_file() {
+            return Ok(a);
+        }
+    }
+    let cache_dir = image_dir.join("cache");
+    Ok(imager::build(&imager::BuildOptions {
+        out_dir: image_dir.to_path_buf(),
+        cache_dir,
+        machined: machined.to_path_buf(),
+        version: version.into(),
+        kernel_package: None,
+        extra_cmdline: Vec::new(),
+    })?)
+}

@@ -1,0 +1,113 @@
+//! A node boots through real UEFI firmware into machined and answers over mutual TLS.
+
+mod common;
+
+use std::time::Duration;
+
+use api::pki::{Ca, ClientSpec};
+use api::proto::VersionRequest;
+use api::Role;
+use common::{node, BOOT_TIMEOUT};
+use vm_tests::node::wait_for_version;
+use vm_tests::timeline::Timeline;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls() {
+    // Prepare a node: PKI, node config on STATE, slot A installed.
+    let node = node("boot");
+    let ctx = node.context().expect("admin context").clone();
+
+    // Boot it through OVMF.
+    let mut vm = node.boot().expect("launch QEMU");
+
+    // The firmware starts our UKI from the NVMe disk.
+    vm.wait_for_line("BdsDxe: starting", 0, BOOT_TIMEOUT)
+        .expect("firmware starts a boot entry");
+
+    // The API answers Version over mTLS: slot A, machined is PID 1, root is SquashFS on ROOT-A.
+    let (version, ready) = wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(version.slot, "A");
+    assert_eq!(version.machined_pid, 1);
+    assert_eq!(version.root_fstype, "squashfs");
+    assert!(
+        version.root_source.starts_with("/dev/nvme0n1p"),
+        "{}",
+        version.root_source
+    );
+    assert_eq!(
+        version.root_source, "/dev/nvme0n1p3",
+        "ROOT-A is partition 3"
+    );
+    assert_eq!(version.node_name, "boot");
+
+    // A client without a certificate is refused with an error that says so, without hanging.
+    let no_cert = api::tls::client_config(&ctx.ca, None).expect("tls");
+    let err = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut c = api::client::connect(&node.endpoint(), no_cert)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.version(VersionRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|s| api::client::describe_status(&s))
+    })
+    .await
+    .expect("refusal must not hang")
+    .expect_err("no certificate must be refused");
+    assert!(err.contains("requires a client certificate"), "{err}");
+
+    // A client signed by another CA is refused.
+    let other = Ca::generate("other").expect("ca");
+    let foreign = other
+        .issue_client(&ClientSpec::new("mallory", Role::Admin))
+        .expect("cert");
+    let foreign_tls =
+        api::tls::client_config(&ctx.ca, Some((&foreign.cert_pem, &foreign.key_pem))).expect("tls");
+    let err = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut c = api::client::connect(&node.endpoint(), foreign_tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.version(VersionRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|s| api::client::describe_status(&s))
+    })
+    .await
+    .expect("refusal must not hang")
+    .expect_err("a foreign CA must be refused");
+    assert!(err.contains("not signed by the node's CA"), "{err}");
+
+    // The boot trace shows the phases in order, initramfs first, then machined's boot.
+    let timeline = Timeline::from_lines(&vm.serial.lines(), Some(ready));
+    println!("{}", timeline.render());
+    let order = timeline.phase_order();
+    assert_eq!(
+        order,
+        [
+            "initramfs/mountPseudoFilesystems",
+            "initramfs/loadModules",
+            "initramfs/mountEfivarfs",
+            "initramfs/findBootDisk",
+            "initramfs/verifyRoot",
+            "initramfs/mountRoot",
+            "initramfs/switchRoot",
+            "boot/initialize",
+            "boot/mountPartitions",
+            "boot/loadConfig",
+            "boot/network",
+            "boot/startApi",
+        ]
+    );
+    assert!(timeline
+        .phases()
+        .iter()
+        .all(|p| p.duration.is_some() && p.error.is_none()));
+    let fw = timeline
+        .firmware_start_entry
+        .as_ref()
+        .map(|(_, l)| l.clone())
+        .unwrap_or_default();
+    assert!(fw.contains("NVMe"), "firmware started {fw:?}");
+}
