@@ -123,7 +123,7 @@ impl VarStore {
         let Some(var) = self.get(&name)? else {
             return Ok(Vec::new());
         };
-        if var.data.len() % 2 != 0 {
+        if !var.data.len().is_multiple_of(2) {
             return Err(BootVarError::BadLength {
                 name,
                 len: var.data.len(),

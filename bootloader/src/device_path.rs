@@ -416,7 +416,7 @@ impl DevicePathNode {
                 hid: r.u32()?,
                 uid: r.u32()?,
             },
-            (TYPE_ACPI, ACPI_ADR, n) if n >= 4 && n % 4 == 0 => {
+            (TYPE_ACPI, ACPI_ADR, n) if n >= 4 && n.is_multiple_of(4) => {
                 let mut adrs = Vec::with_capacity(n / 4);
                 while let Some(adr) = r.u32() {
                     adrs.push(adr);
@@ -674,7 +674,7 @@ fn decode_file_path(data: &[u8]) -> Option<String> {
 
 /// UTF-16LE code units, or `None` for an odd number of bytes.
 pub(crate) fn utf16le_units(bytes: &[u8]) -> Option<Vec<u16>> {
-    if bytes.len() % 2 != 0 {
+    if !bytes.len().is_multiple_of(2) {
         return None;
     }
     Some(

@@ -177,7 +177,7 @@ pub fn min_disk_bytes(slot_bytes: u64) -> u64 {
 
 /// Plans where each partition goes on a disk of `disk_bytes`.
 pub fn plan(disk_bytes: u64, slot_bytes: u64) -> Result<Vec<DiskPartition>, LayoutError> {
-    if slot_bytes == 0 || slot_bytes % MIB != 0 {
+    if slot_bytes == 0 || !slot_bytes.is_multiple_of(MIB) {
         return Err(LayoutError::BadSlotSize(slot_bytes));
     }
     let needed = min_disk_bytes(slot_bytes);

@@ -30,6 +30,7 @@ pub fn root_mount(mountinfo: &str) -> Option<(String, String)> {
     // The last entry for "/" is the one on top.
     mountinfo
         .lines()
+        .rev()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
             let mountpoint = left.split_whitespace().nth(4)?;
@@ -38,7 +39,7 @@ pub fn root_mount(mountinfo: &str) -> Option<(String, String)> {
             let source = r.next()?;
             (mountpoint == "/").then(|| (fstype.to_string(), source.to_string()))
         })
-        .last()
+        .next()
 }
 
 /// The image's version, from `/etc/plinth-release` (`VERSION=...`).

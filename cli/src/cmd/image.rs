@@ -1,0 +1,144 @@
+//! `plinth image build` and `plinth image disk`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use imager::disk::{DiskOptions, DEFAULT_DISK_BYTES, DEFAULT_SLOT_BYTES};
+use imager::{Artifacts, BuildOptions};
+
+/// Where a static machined lands when built from this workspace.
+pub const MACHINED_BUILD: &str = "target/x86_64-unknown-linux-gnu/release/machined";
+
+#[derive(Subcommand, Debug)]
+pub enum Image {
+    /// Build the kernel, initramfs, UKIs and SquashFS root of a release.
+    Build {
+        /// Output directory.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// The static machined binary (default: built from this workspace).
+        #[arg(long)]
+        machined: Option<PathBuf>,
+        /// The image's version string.
+        #[arg(long = "version", default_value = env!("CARGO_PKG_VERSION"))]
+        image_version: String,
+        /// Debian kernel package (default: what linux-image-amd64 depends on).
+        #[arg(long)]
+        kernel_package: Option<String>,
+        /// Extra kernel command-line argument (repeatable).
+        #[arg(long = "cmdline-extra")]
+        cmdline_extra: Vec<String>,
+        /// Download cache (default: OUT/cache).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+    /// Write a system disk (GPT, slot A installed) from a build, with a node config on STATE.
+    Disk {
+        /// The build's output directory.
+        #[arg(long, default_value = "out")]
+        image_dir: PathBuf,
+        /// Node config to put on STATE (without one the node has no config).
+        #[arg(long)]
+        node_config: Option<PathBuf>,
+        /// The disk image to write.
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+        /// Disk size in MiB.
+        #[arg(long, default_value_t = DEFAULT_DISK_BYTES / (1024 * 1024))]
+        size_mib: u64,
+        /// Slot size in MiB.
+        #[arg(long, default_value_t = DEFAULT_SLOT_BYTES / (1024 * 1024))]
+        slot_mib: u64,
+    },
+}
+
+/// The machined binary to put in images: the given path, or this workspace's static build
+/// (built now if missing).
+pub fn machined(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        if !p.is_file() {
+            bail!("machined binary {} does not exist", p.display());
+        }
+        return Ok(p);
+    }
+    let p = PathBuf::from(MACHINED_BUILD);
+    if p.is_file() {
+        return Ok(p);
+    }
+    if !Path::new("machined/Cargo.toml").is_file() {
+        bail!("no machined binary: pass --machined PATH, or run from the Plinth source tree to build it");
+    }
+    eprintln!("building a static machined (cargo build --release -p machined)...");
+    let status = Command::new("cargo")
+        .args(["build", "--release", "-p", "machined", "--target", "x86_64-unknown-linux-gnu"])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("building machined failed ({status})");
+    }
+    Ok(p)
+}
+
+pub fn run(i: Image) -> anyhow::Result<()> {
+    match i {
+        Image::Build {
+            out,
+            machined: m,
+            image_version,
+            kernel_package,
+            cmdline_extra,
+            cache,
+        } => {
+            let machined = machined(m)?;
+            let a = imager::build(&BuildOptions {
+                cache_dir: cache.unwrap_or_else(|| out.join("cache")),
+                out_dir: out,
+                machined,
+                version: image_version,
+                kernel_package,
+                extra_cmdline: cmdline_extra,
+            })?;
+            println!("Plinth {} (kernel {})", a.version, a.kernel_release);
+            println!("  root image  {} ({} bytes, blake3 {})", a.rootfs.display(), a.rootfs_size, a.rootfs_blake3);
+            println!("  UKI slot A  {}", a.uki_a.display());
+            println!("  UKI slot B  {}", a.uki_b.display());
+            Ok(())
+        }
+        Image::Disk {
+            image_dir,
+            node_config,
+            out,
+            size_mib,
+            slot_mib,
+        } => {
+            let a = Artifacts::load(&image_dir).context("run `plinth image build` first")?;
+            let config_yaml = match node_config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+                    config::NodeConfig::from_yaml(&text).with_context(|| format!("node config {}", p.display()))?;
+                    Some(text)
+                }
+                None => None,
+            };
+            let parts = imager::disk::assemble(
+                &a,
+                &DiskOptions {
+                    work_dir: out.with_extension("work"),
+                    out: out.clone(),
+                    disk_bytes: size_mib * 1024 * 1024,
+                    slot_bytes: slot_mib * 1024 * 1024,
+                    config_yaml,
+                },
+            )?;
+            let _ = std::fs::remove_dir_all(out.with_extension("work"));
+            println!("wrote {}", out.display());
+            for p in parts {
+                println!("  {} {:<10} {:>6} MiB", p.number, p.label, p.len / (1024 * 1024));
+            }
+            Ok(())
+        }
+    }
+}

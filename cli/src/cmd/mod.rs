@@ -1,0 +1,7 @@
+//! One module per subcommand.
+
+pub mod cluster;
+pub mod events;
+pub mod gen;
+pub mod image;
+pub mod version;

@@ -1,0 +1,66 @@
+//! `plinth version`.
+
+use api::proto::VersionRequest;
+
+use crate::connect::{status_error, Target};
+use crate::output::Format;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    output: Format,
+    /// Only the client's version; do not contact a node.
+    #[arg(long)]
+    client: bool,
+}
+
+pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
+    let client_version = env!("CARGO_PKG_VERSION");
+    if args.client {
+        match args.output {
+            Format::Json => println!("{}", serde_json::json!({ "client": { "version": client_version } })),
+            Format::Text => println!("Client: plinth {client_version}"),
+        }
+        return Ok(());
+    }
+    let (endpoint, mut c) = target.connect().await?;
+    let v = c
+        .version(VersionRequest {})
+        .await
+        .map_err(|s| status_error(&endpoint, s))?
+        .into_inner();
+    match args.output {
+        Format::Json => {
+            let doc = serde_json::json!({
+                "client": { "version": client_version },
+                "node": {
+                    "endpoint": endpoint,
+                    "name": v.node_name,
+                    "version": v.version,
+                    "slot": v.slot,
+                    "machined_pid": v.machined_pid,
+                    "root_fstype": v.root_fstype,
+                    "root_source": v.root_source,
+                    "boot_id": v.boot_id,
+                    "arch": v.arch,
+                    "kernel": v.kernel,
+                    "state": v.state,
+                }
+            });
+            println!("{doc}");
+        }
+        Format::Text => {
+            println!("Client:   plinth {client_version}");
+            println!("Node:     {} ({endpoint})", v.node_name);
+            println!("Version:  Plinth {}", v.version);
+            println!("Slot:     {}", v.slot);
+            println!("machined: PID {}", v.machined_pid);
+            println!("Root:     {} on {}", v.root_fstype, v.root_source);
+            println!("Kernel:   {} ({})", v.kernel, v.arch);
+            println!("State:    {}", v.state);
+            println!("Boot ID:  {}", v.boot_id);
+        }
+    }
+    Ok(())
+}

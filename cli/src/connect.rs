@@ -1,0 +1,47 @@
+//! Which node to talk to and how: the client config, its context, endpoint overrides.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context as _};
+use api::proto::machine_client::MachineClient;
+use config::ClientConfig;
+use tonic::transport::Channel;
+
+/// Where the global flags point.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--context`.
+    pub context: Option<String>,
+    /// `-e/--endpoints`.
+    pub endpoints: Vec<String>,
+}
+
+impl Target {
+    /// The client config file in use.
+    pub fn config_path(&self) -> PathBuf {
+        self.config.clone().unwrap_or_else(ClientConfig::default_path)
+    }
+
+    /// Connects to the first endpoint of the selected context.
+    pub async fn connect(&self) -> anyhow::Result<(String, MachineClient<Channel>)> {
+        let path = self.config_path();
+        let cfg = ClientConfig::load_or_default(&path)?;
+        let (name, ctx) = cfg
+            .context(self.context.as_deref())
+            .with_context(|| format!("client config {}", path.display()))?;
+        let endpoints = if self.endpoints.is_empty() { &ctx.endpoints } else { &self.endpoints };
+        let endpoint = endpoints
+            .first()
+            .ok_or_else(|| anyhow!("context {name:?} has no endpoints: pass -e/--endpoints"))?
+            .clone();
+        let client = api::client::connect_context(&endpoint, ctx).await?;
+        Ok((endpoint, client))
+    }
+}
+
+/// A failed call as an error with the status in words.
+pub fn status_error(endpoint: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow!("{endpoint}: {}", api::client::describe_status(&status))
+}

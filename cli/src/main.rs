@@ -1,0 +1,83 @@
+//! `plinth`: the operator's CLI. Thin: parse, call the library, print.
+
+mod cmd;
+mod connect;
+mod output;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Talk to Plinth nodes, build images, run local clusters.
+#[derive(Parser, Debug)]
+#[command(name = "plinth", version, about)]
+pub struct Cli {
+    /// Client config file (default: $PLINTHCONFIG, else ~/.plinth/config).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Context to use instead of the current one.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// Endpoints to use instead of the context's (host[:port], comma-separated).
+    #[arg(short = 'e', long, global = true, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Generate configs and secrets.
+    #[command(subcommand)]
+    Gen(cmd::gen::Gen),
+    /// Show the node's version, slot and root.
+    Version(cmd::version::Args),
+    /// Show (and follow) the node's events.
+    Events(cmd::events::Args),
+    /// Build images.
+    #[command(subcommand)]
+    Image(cmd::image::Image),
+    /// Run local nodes in QEMU.
+    #[command(subcommand)]
+    Cluster(cmd::cluster::Cluster),
+}
+
+fn main() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PLINTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .without_time()
+        .try_init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = rt.block_on(run(cli));
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let target = connect::Target {
+        config: cli.config.clone(),
+        context: cli.context.clone(),
+        endpoints: cli.endpoints.clone(),
+    };
+    match cli.cmd {
+        Cmd::Gen(g) => cmd::gen::run(g),
+        Cmd::Version(a) => cmd::version::run(&target, a).await,
+        Cmd::Events(a) => cmd::events::run(&target, a).await,
+        Cmd::Image(i) => cmd::image::run(i),
+        Cmd::Cluster(c) => cmd::cluster::run(&target, c).await,
+    }
+}
