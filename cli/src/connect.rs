@@ -21,7 +21,9 @@ pub struct Target {
 impl Target {
     /// The client config file in use.
     pub fn config_path(&self) -> PathBuf {
-        self.config.clone().unwrap_or_else(ClientConfig::default_path)
+        self.config
+            .clone()
+            .unwrap_or_else(ClientConfig::default_path)
     }
 
     /// Connects to the first endpoint of the selected context.
@@ -31,7 +33,11 @@ impl Target {
         let (name, ctx) = cfg
             .context(self.context.as_deref())
             .with_context(|| format!("client config {}", path.display()))?;
-        let endpoints = if self.endpoints.is_empty() { &ctx.endpoints } else { &self.endpoints };
+        let endpoints = if self.endpoints.is_empty() {
+            &ctx.endpoints
+        } else {
+            &self.endpoints
+        };
         let endpoint = endpoints
             .first()
             .ok_or_else(|| anyhow!("context {name:?} has no endpoints: pass -e/--endpoints"))?

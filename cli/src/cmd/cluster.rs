@@ -76,7 +76,8 @@ pub async fn run(target: &Target, c: Cluster) -> anyhow::Result<()> {
                 bail!("cluster {name:?} is already running (QEMU pid {}): run `plinth cluster destroy --name {name}` first", s.pid);
             }
             if dir.exists() {
-                std::fs::remove_dir_all(&dir).with_context(|| format!("removing stale {}", dir.display()))?;
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing stale {}", dir.display()))?;
             }
             let artifacts = match imager::Artifacts::load(&image_dir) {
                 Ok(a) => a,
@@ -97,16 +98,25 @@ pub async fn run(target: &Target, c: Cluster) -> anyhow::Result<()> {
             )?;
             let mut vm = node.boot()?;
             let console = vm.serial.path().to_path_buf();
-            eprintln!("booting node {name} in QEMU (OVMF, TCG): API on {}, console in {}", node.endpoint(), console.display());
+            eprintln!(
+                "booting node {name} in QEMU (OVMF, TCG): API on {}, console in {}",
+                node.endpoint(),
+                console.display()
+            );
 
             let path = target.config_path();
             let mut client = ClientConfig::load_or_default(&path)?;
             client.merge(node.client.clone());
             client.save(&path)?;
-            eprintln!("merged context {name:?} into {} and made it current", path.display());
+            eprintln!(
+                "merged context {name:?} into {} and made it current",
+                path.display()
+            );
 
             let ctx = node.context()?.clone();
-            let (version, after) = wait_for_version(&mut vm, &node.endpoint(), &ctx, Duration::from_secs(wait)).await?;
+            let (version, after) =
+                wait_for_version(&mut vm, &node.endpoint(), &ctx, Duration::from_secs(wait))
+                    .await?;
             let pid = vm.detach().unwrap_or_default();
             let state = State {
                 pid,

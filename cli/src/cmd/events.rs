@@ -30,33 +30,81 @@ fn dur(us: u64) -> String {
 }
 
 fn err(e: &Option<String>) -> String {
-    e.as_ref().map(|e| format!(" FAILED: {e}")).unwrap_or_default()
+    e.as_ref()
+        .map(|e| format!(" FAILED: {e}"))
+        .unwrap_or_default()
 }
 
 /// One event as a line of text.
 pub fn describe(e: &Event) -> String {
     let what = match &e.kind {
         EventKind::SequenceStart { sequence } => format!("sequence {sequence} started"),
-        EventKind::SequenceStop { sequence, duration_us, error } => {
-            format!("sequence {sequence} stopped after {}{}", dur(*duration_us), err(error))
+        EventKind::SequenceStop {
+            sequence,
+            duration_us,
+            error,
+        } => {
+            format!(
+                "sequence {sequence} stopped after {}{}",
+                dur(*duration_us),
+                err(error)
+            )
         }
-        EventKind::PhaseStart { sequence, phase, index, total } => {
+        EventKind::PhaseStart {
+            sequence,
+            phase,
+            index,
+            total,
+        } => {
             format!("phase {index}/{total} {sequence}/{phase} started")
         }
-        EventKind::PhaseStop { sequence, phase, duration_us, error } => {
-            format!("phase {sequence}/{phase} stopped after {}{}", dur(*duration_us), err(error))
+        EventKind::PhaseStop {
+            sequence,
+            phase,
+            duration_us,
+            error,
+        } => {
+            format!(
+                "phase {sequence}/{phase} stopped after {}{}",
+                dur(*duration_us),
+                err(error)
+            )
         }
         EventKind::PhaseSkip { sequence, phase } => format!("phase {sequence}/{phase} skipped"),
-        EventKind::TaskStart { sequence, phase, task } => format!("task {sequence}/{phase}/{task} started"),
-        EventKind::TaskStop { sequence, phase, task, duration_us, error } => {
-            format!("task {sequence}/{phase}/{task} stopped after {}{}", dur(*duration_us), err(error))
+        EventKind::TaskStart {
+            sequence,
+            phase,
+            task,
+        } => format!("task {sequence}/{phase}/{task} started"),
+        EventKind::TaskStop {
+            sequence,
+            phase,
+            task,
+            duration_us,
+            error,
+        } => {
+            format!(
+                "task {sequence}/{phase}/{task} stopped after {}{}",
+                dur(*duration_us),
+                err(error)
+            )
         }
         EventKind::StateChange { from, to } => format!("state {from} → {to}"),
-        EventKind::RequestDenied { request, reason } => format!("request {request} denied: {reason}"),
+        EventKind::RequestDenied { request, reason } => {
+            format!("request {request} denied: {reason}")
+        }
         EventKind::ApiReady { endpoint } => format!("API listening on {endpoint}"),
     };
-    let actor = e.actor.as_ref().map(|a| format!(" [actor {a}]")).unwrap_or_default();
-    format!("{:>6} {:>10.3}s  {what}{actor}", e.id, e.boot_us as f64 / 1e6)
+    let actor = e
+        .actor
+        .as_ref()
+        .map(|a| format!(" [actor {a}]"))
+        .unwrap_or_default();
+    format!(
+        "{:>6} {:>10.3}s  {what}{actor}",
+        e.id,
+        e.boot_us as f64 / 1e6
+    )
 }
 
 pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
@@ -71,7 +119,11 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
         .await
         .map_err(|s| status_error(&endpoint, s))?
         .into_inner();
-    while let Some(msg) = stream.message().await.map_err(|s| status_error(&endpoint, s))? {
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|s| status_error(&endpoint, s))?
+    {
         let Some(event) = api::convert::from_proto(&msg) else {
             continue;
         };

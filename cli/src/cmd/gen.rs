@@ -37,7 +37,8 @@ fn write(path: &Path, data: &str, force: bool) -> anyhow::Result<()> {
     if path.exists() && !force {
         bail!("{} exists: pass --force to overwrite it", path.display());
     }
-    config::client::write_private(path, data.as_bytes()).with_context(|| format!("writing {}", path.display()))
+    config::client::write_private(path, data.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn run(g: Gen) -> anyhow::Result<()> {
@@ -65,15 +66,35 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
             })?;
             std::fs::create_dir_all(output_dir.join("secrets"))
                 .with_context(|| format!("creating {}", output_dir.display()))?;
-            write(&output_dir.join("secrets/ca.crt"), generated.ca.cert_pem(), force)?;
-            write(&output_dir.join("secrets/ca.key"), &generated.ca.0.key_pem, force)?;
-            write(&output_dir.join("node.yaml"), &generated.node.to_yaml(), force)?;
+            write(
+                &output_dir.join("secrets/ca.crt"),
+                generated.ca.cert_pem(),
+                force,
+            )?;
+            write(
+                &output_dir.join("secrets/ca.key"),
+                &generated.ca.0.key_pem,
+                force,
+            )?;
+            write(
+                &output_dir.join("node.yaml"),
+                &generated.node.to_yaml(),
+                force,
+            )?;
             let client_path = output_dir.join("plinthconfig");
             if client_path.exists() && !force {
-                bail!("{} exists: pass --force to overwrite it", client_path.display());
+                bail!(
+                    "{} exists: pass --force to overwrite it",
+                    client_path.display()
+                );
             }
             generated.client.save(&client_path)?;
-            for f in ["secrets/ca.crt", "secrets/ca.key", "node.yaml", "plinthconfig"] {
+            for f in [
+                "secrets/ca.crt",
+                "secrets/ca.key",
+                "node.yaml",
+                "plinthconfig",
+            ] {
                 println!("wrote {}", output_dir.join(f).display());
             }
             Ok(())

@@ -72,7 +72,14 @@ pub fn machined(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
     eprintln!("building a static machined (cargo build --release -p machined)...");
     let status = Command::new("cargo")
-        .args(["build", "--release", "-p", "machined", "--target", "x86_64-unknown-linux-gnu"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "machined",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .status()
         .context("running cargo")?;
@@ -102,7 +109,12 @@ pub fn run(i: Image) -> anyhow::Result<()> {
                 extra_cmdline: cmdline_extra,
             })?;
             println!("Plinth {} (kernel {})", a.version, a.kernel_release);
-            println!("  root image  {} ({} bytes, blake3 {})", a.rootfs.display(), a.rootfs_size, a.rootfs_blake3);
+            println!(
+                "  root image  {} ({} bytes, blake3 {})",
+                a.rootfs.display(),
+                a.rootfs_size,
+                a.rootfs_blake3
+            );
             println!("  UKI slot A  {}", a.uki_a.display());
             println!("  UKI slot B  {}", a.uki_b.display());
             Ok(())
@@ -117,8 +129,10 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             let a = Artifacts::load(&image_dir).context("run `plinth image build` first")?;
             let config_yaml = match node_config {
                 Some(p) => {
-                    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-                    config::NodeConfig::from_yaml(&text).with_context(|| format!("node config {}", p.display()))?;
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    config::NodeConfig::from_yaml(&text)
+                        .with_context(|| format!("node config {}", p.display()))?;
                     Some(text)
                 }
                 None => None,
@@ -136,7 +150,12 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             let _ = std::fs::remove_dir_all(out.with_extension("work"));
             println!("wrote {}", out.display());
             for p in parts {
-                println!("  {} {:<10} {:>6} MiB", p.number, p.label, p.len / (1024 * 1024));
+                println!(
+                    "  {} {:<10} {:>6} MiB",
+                    p.number,
+                    p.label,
+                    p.len / (1024 * 1024)
+                );
             }
             Ok(())
         }

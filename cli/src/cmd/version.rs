@@ -19,7 +19,10 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
     let client_version = env!("CARGO_PKG_VERSION");
     if args.client {
         match args.output {
-            Format::Json => println!("{}", serde_json::json!({ "client": { "version": client_version } })),
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({ "client": { "version": client_version } })
+            ),
             Format::Text => println!("Client: plinth {client_version}"),
         }
         return Ok(());
