@@ -56,6 +56,7 @@ impl FromStr for Role {
 }
 
 const READS: &[Role] = &[Role::Admin, Role::Operator, Role::Reader];
+const OPERATE: &[Role] = &[Role::Admin, Role::Operator];
 const ADMIN: &[Role] = &[Role::Admin];
 
 /// The gRPC path prefix of the Machine service.
@@ -64,7 +65,8 @@ pub const SERVICE: &str = "/plinth.machine.v1.Machine/";
 /// The roles allowed to call `method` (the RPC name, e.g. `Version`).
 pub fn allowed_roles(method: &str) -> &'static [Role] {
     match method {
-        "Version" | "Events" => READS,
+        "Version" | "Events" | "Status" => READS,
+        "Reboot" | "Shutdown" => OPERATE,
         // Anything not listed: admin only.
         _ => ADMIN,
     }
@@ -90,6 +92,16 @@ mod tests {
             assert_eq!(r.as_str().parse::<Role>(), Ok(r));
         }
         assert!("admin".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn operators_may_reboot_and_shut_down_readers_may_not() {
+        for m in ["Reboot", "Shutdown"] {
+            let path = format!("{SERVICE}{m}");
+            assert!(may_call(Role::Admin, &path));
+            assert!(may_call(Role::Operator, &path));
+            assert!(!may_call(Role::Reader, &path));
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
-use sequencer::{EventBus, Replay, SubscribeError};
+use sequencer::{Controller, Denied, EventBus, Replay, SubscribeError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -21,7 +21,10 @@ use tonic::{Request, Response, Status};
 
 use crate::convert::to_proto;
 use crate::proto::machine_server::{Machine, MachineServer};
-use crate::proto::{self, EventsRequest, VersionRequest, VersionResponse};
+use crate::proto::{
+    self, EventsRequest, LifecycleResponse, RebootRequest, ShutdownRequest, StatusRequest,
+    StatusResponse, VersionRequest, VersionResponse,
+};
 use crate::role::{may_call, Role, SERVICE};
 
 /// What the API needs from the node it serves.
@@ -30,6 +33,23 @@ pub trait Node: Send + Sync + 'static {
     fn version(&self) -> VersionResponse;
     /// The node's event bus.
     fn events(&self) -> &EventBus;
+    /// The Status reply.
+    fn status(&self) -> StatusResponse;
+    /// Starts the reboot sequence for `actor`, or says why not.
+    fn reboot(&self, actor: String) -> Result<(), Denied>;
+    /// Starts the shutdown sequence for `actor`, or says why not.
+    fn shutdown(&self, actor: String, force: bool) -> Result<(), Denied>;
+}
+
+/// A lifecycle refusal as the RPC's reply: another sequence in the way is `ABORTED`, a request
+/// the state forbids is `FAILED_PRECONDITION`. The message names the running sequence and the
+/// request's actor id (its refusal event carries the same id).
+pub fn denied_status(denied: &Denied, actor: &str) -> Status {
+    let msg = format!("{denied} (actor id {actor})");
+    match denied {
+        Denied::Busy { .. } => Status::aborted(msg),
+        Denied::NotAllowed { .. } => Status::failed_precondition(msg),
+    }
 }
 
 /// Who is on the other end of a connection.
@@ -123,6 +143,32 @@ impl<N: Node> Machine for MachineService<N> {
         _: Request<VersionRequest>,
     ) -> Result<Response<VersionResponse>, Status> {
         Ok(Response::new(self.node.version()))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.node.status()))
+    }
+
+    async fn reboot(
+        &self,
+        _: Request<RebootRequest>,
+    ) -> Result<Response<LifecycleResponse>, Status> {
+        let actor = Controller::new_actor();
+        self.node
+            .reboot(actor.clone())
+            .map_err(|d| denied_status(&d, &actor))?;
+        Ok(Response::new(LifecycleResponse { actor_id: actor }))
+    }
+
+    async fn shutdown(
+        &self,
+        r: Request<ShutdownRequest>,
+    ) -> Result<Response<LifecycleResponse>, Status> {
+        let actor = Controller::new_actor();
+        self.node
+            .shutdown(actor.clone(), r.into_inner().force)
+            .map_err(|d| denied_status(&d, &actor))?;
+        Ok(Response::new(LifecycleResponse { actor_id: actor }))
     }
 
     type EventsStream = EventStream;

@@ -25,6 +25,15 @@ impl Node for FakeNode {
     fn events(&self) -> &EventBus {
         &self.bus
     }
+    fn status(&self) -> api::proto::StatusResponse {
+        api::proto::StatusResponse::default()
+    }
+    fn reboot(&self, _: String) -> Result<(), sequencer::Denied> {
+        Ok(())
+    }
+    fn shutdown(&self, _: String, _: bool) -> Result<(), sequencer::Denied> {
+        Ok(())
+    }
 }
 
 struct Fixture {

@@ -34,6 +34,12 @@ enum Cmd {
     Version(cmd::version::Args),
     /// Show (and follow) the node's events.
     Events(cmd::events::Args),
+    /// Show the node's lifecycle state and running sequence.
+    Status(cmd::status::Args),
+    /// Reboot the node (orderly: stop, unmount, sync, restart).
+    Reboot(cmd::power::RebootArgs),
+    /// Power the node off (orderly).
+    Shutdown(cmd::power::ShutdownArgs),
     /// Build images.
     #[command(subcommand)]
     Image(cmd::image::Image),
@@ -80,6 +86,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Gen(g) => cmd::gen::run(g),
         Cmd::Version(a) => cmd::version::run(&target, a).await,
         Cmd::Events(a) => cmd::events::run(&target, a).await,
+        Cmd::Status(a) => cmd::status::run(&target, a).await,
+        Cmd::Reboot(a) => cmd::power::reboot(&target, a).await,
+        Cmd::Shutdown(a) => cmd::power::shutdown(&target, a).await,
         Cmd::Image(i) => cmd::image::run(i),
         Cmd::Cluster(c) => cmd::cluster::run(&target, c).await,
     }

@@ -28,8 +28,9 @@ pub const NODE_MODULES: &[&str] = &[
     "squashfs",
     "ext4",
     "loop",
-    // Network and watchdog.
+    // Network, entropy (without it getrandom, and so TLS, waits for the CRNG) and watchdog.
     "virtio_net",
+    "virtio-rng",
     "i6300esb",
 ];
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use api::proto::VersionResponse;
+use api::proto::{StatusResponse, VersionResponse};
 use api::server::ServerHandle;
 use async_trait::async_trait;
 use config::NodeConfig;
@@ -12,7 +12,7 @@ use phases::platform::linux::Linux;
 use phases::runtime::paths;
 use phases::tasks::system::{release_version, root_mount};
 use phases::{ApiLauncher, Runtime};
-use sequencer::{Event, EventBus, Request, TaskError};
+use sequencer::{Denied, Event, EventBus, SequenceKind, TaskError};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Runs the node; returns only on failure.
@@ -45,22 +45,52 @@ async fn serve() -> anyhow::Error {
     }
     spawn_signal_handlers(runtime.clone());
 
-    let boot = sequencer::run(
-        &phases::boot::sequence(),
-        runtime.clone(),
-        &runtime.bus,
-        None,
-    )
-    .await;
-    if let Err(e) = boot {
-        let _ = runtime.lifecycle.request(Request::BootFailed, None);
-        return anyhow::Error::new(e);
-    }
-    if let Err(e) = runtime.lifecycle.request(Request::BootSucceeded, None) {
-        tracing::warn!("{e}");
+    let chain = [
+        (SequenceKind::Initialize, phases::boot::initialize()),
+        (SequenceKind::Boot, phases::boot::boot()),
+    ];
+    for (kind, sequence) in chain {
+        let started = match runtime
+            .controller
+            .start(kind, sequence, runtime.clone(), None, false)
+        {
+            Ok(s) => s,
+            // Something took over the boot already (a reboot asked for by a signal).
+            Err(denied) => {
+                tracing::info!("{kind} not started: {denied}");
+                return std::future::pending().await;
+            }
+        };
+        match started.handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_cancelled() => {
+                tracing::info!("{e}");
+                return std::future::pending().await;
+            }
+            Ok(Err(e)) => return boot_failed(&runtime, anyhow::Error::new(e)).await,
+            Err(e) => return boot_failed(&runtime, anyhow::anyhow!("{kind} panicked: {e}")).await,
+        }
     }
     tracing::info!("node is running");
     std::future::pending::<anyhow::Error>().await
+}
+
+/// The boot failed: say why, give the operator time to read it, then reboot through the reboot
+/// sequence (so file systems are unmounted cleanly). Only if even that is refused does the error
+/// go back to the single fatal path.
+async fn boot_failed(runtime: &Arc<Runtime>, error: anyhow::Error) -> anyhow::Error {
+    crate::console::line(&format!("machined: boot failed: {error:#}"));
+    crate::console::line("machined: rebooting in 10s");
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    match phases::power::request(
+        runtime,
+        SequenceKind::Reboot,
+        Some("boot-failure".into()),
+        false,
+    ) {
+        Ok(_) => std::future::pending().await,
+        Err(denied) => error.context(format!("rebooting after the failed boot: {denied}")),
+    }
 }
 
 /// Reaps every child that exits: orphans are re-parented to PID 1, and a zombie nobody waits
@@ -88,17 +118,29 @@ fn spawn_signal_handlers(runtime: Arc<Runtime>) {
     if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
         tracing::warn!("disabling Ctrl-Alt-Del: {e}");
     }
-    for (kind, request) in [
-        (SignalKind::interrupt(), Request::Reboot),
-        (SignalKind::terminate(), Request::Shutdown),
+    // The ACPI power button reaches PID 1 as SIGTERM only with a daemon listening for it;
+    // without one the kernel's own handler powers off. SIGTERM here is `kill -TERM 1`.
+    for (kind, sequence, name) in [
+        (
+            SignalKind::interrupt(),
+            SequenceKind::Reboot,
+            "signal:SIGINT",
+        ),
+        (
+            SignalKind::terminate(),
+            SequenceKind::Shutdown,
+            "signal:SIGTERM",
+        ),
     ] {
         let runtime = runtime.clone();
         match signal(kind) {
             Ok(mut sig) => {
                 tokio::spawn(async move {
                     while sig.recv().await.is_some() {
-                        if runtime.lifecycle.request(request, Some("signal")).is_ok() {
-                            terminate(request);
+                        if let Err(denied) =
+                            phases::power::request(&runtime, sequence, Some(name.into()), false)
+                        {
+                            tracing::warn!("{name}: {denied}");
                         }
                     }
                 });
@@ -106,22 +148,6 @@ fn spawn_signal_handlers(runtime: Arc<Runtime>) {
             Err(e) => tracing::warn!("listening for {kind:?}: {e}"),
         }
     }
-}
-
-/// Flushes and unmounts the writable file systems, then restarts or powers off.
-fn terminate(request: Request) {
-    for target in [paths::EPHEMERAL, paths::STATE] {
-        if let Err(e) = nix::mount::umount(target) {
-            tracing::warn!("unmounting {target}: {e}");
-        }
-    }
-    nix::unistd::sync();
-    let mode = match request {
-        Request::Shutdown => nix::sys::reboot::RebootMode::RB_POWER_OFF,
-        _ => nix::sys::reboot::RebootMode::RB_AUTOBOOT,
-    };
-    let Err(e) = nix::sys::reboot::reboot(mode);
-    tracing::error!("reboot(2): {e}");
 }
 
 /// Starts the API server for the boot sequence's `startApi` task.
@@ -187,12 +213,39 @@ impl NodeApi {
 impl api::server::Node for NodeApi {
     fn version(&self) -> VersionResponse {
         VersionResponse {
-            state: self.runtime.lifecycle.state().to_string(),
+            state: self.runtime.controller.state().to_string(),
             ..self.fixed.clone()
         }
     }
 
     fn events(&self) -> &EventBus {
         &self.runtime.bus
+    }
+
+    fn status(&self) -> StatusResponse {
+        let state = self.runtime.controller.state();
+        let (running_sequence, running_actor_id) = self
+            .runtime
+            .controller
+            .running()
+            .map(|(k, a)| (k.to_string(), a))
+            .unwrap_or_default();
+        StatusResponse {
+            state: state.to_string(),
+            superstate: state.superstate().into(),
+            running_sequence,
+            running_actor_id,
+            slot: self.fixed.slot.clone(),
+            boot_id: self.fixed.boot_id.clone(),
+        }
+    }
+
+    fn reboot(&self, actor: String) -> Result<(), Denied> {
+        phases::power::request(&self.runtime, SequenceKind::Reboot, Some(actor), false).map(|_| ())
+    }
+
+    fn shutdown(&self, actor: String, force: bool) -> Result<(), Denied> {
+        phases::power::request(&self.runtime, SequenceKind::Shutdown, Some(actor), force)
+            .map(|_| ())
     }
 }

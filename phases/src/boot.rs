@@ -1,5 +1,5 @@
-//! The boot sequence: machined as PID 1 on the slot's root, from the hand-over to serving the
-//! API.
+//! The boot sequences of PID 1 on the slot's root: `initialize` (hand-over, writable
+//! partitions, config) and `boot` (network, API).
 
 use std::sync::Arc;
 
@@ -8,11 +8,11 @@ use sequencer::{Sequence, Task};
 use crate::runtime::Runtime;
 use crate::tasks::{api, network, state, system};
 
-/// The phase table.
-pub fn sequence() -> Sequence<Arc<Runtime>> {
-    Sequence::new("boot")
+/// The initialize phase table.
+pub fn initialize() -> Sequence<Arc<Runtime>> {
+    Sequence::new("initialize")
         .phase(
-            "initialize",
+            "handover",
             [
                 Task::new("readBootInfo", system::read_boot_info),
                 Task::new("mountTmp", system::mount_tmp),
@@ -26,6 +26,11 @@ pub fn sequence() -> Sequence<Arc<Runtime>> {
             ],
         )
         .phase("loadConfig", [Task::new("loadConfig", state::load_config)])
+}
+
+/// The boot phase table.
+pub fn boot() -> Sequence<Arc<Runtime>> {
+    Sequence::new("boot")
         .phase(
             "network",
             [
@@ -39,16 +44,15 @@ pub fn sequence() -> Sequence<Arc<Runtime>> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn the_boot_phases_are_in_order() {
+    fn the_initialize_phases_are_in_order() {
         assert_eq!(
-            super::sequence().phase_names(),
-            [
-                "initialize",
-                "mountPartitions",
-                "loadConfig",
-                "network",
-                "startApi"
-            ]
+            super::initialize().phase_names(),
+            ["handover", "mountPartitions", "loadConfig"]
         );
+    }
+
+    #[test]
+    fn the_boot_phases_are_in_order() {
+        assert_eq!(super::boot().phase_names(), ["network", "startApi"]);
     }
 }

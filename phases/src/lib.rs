@@ -1,6 +1,6 @@
 //! Plinth's lifecycle sequences and the platform they run on.
 //!
-//! Each sequence is a phase table in its own file ([`initramfs`], [`boot`]), readable as a
+//! Each sequence is a phase table in its own file ([`initramfs`], [`boot`], [`shutdown`]), readable as a
 //! checklist; the tasks live in [`tasks`], grouped by subsystem; every effect on the machine goes
 //! through the [`platform::Platform`] trait, so the same sequences can later run against a
 //! simulated machine.
@@ -9,7 +9,9 @@
 pub mod boot;
 pub mod initramfs;
 pub mod platform;
+pub mod power;
 pub mod runtime;
+pub mod shutdown;
 pub mod tasks;
 
 pub use runtime::{ApiLauncher, BootInfo, Runtime};

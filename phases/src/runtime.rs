@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use config::NodeConfig;
-use sequencer::{EventBus, Lifecycle, TaskError};
+use sequencer::{Controller, EventBus, TaskError};
 use serde::{Deserialize, Serialize};
 use upgrade::Slot;
 
@@ -76,8 +76,8 @@ pub struct Runtime {
     pub platform: Arc<dyn Platform>,
     /// Events.
     pub bus: Arc<EventBus>,
-    /// The lifecycle machine.
-    pub lifecycle: Lifecycle,
+    /// The lifecycle machine and the sequence lock.
+    pub controller: Arc<Controller>,
     /// Starts the API.
     pub api: Arc<dyn ApiLauncher>,
     found: Mutex<Found>,
@@ -92,7 +92,7 @@ impl Runtime {
     ) -> Arc<Self> {
         Arc::new(Runtime {
             platform,
-            lifecycle: Lifecycle::new(bus.clone()),
+            controller: Controller::new(bus.clone()),
             bus,
             api,
             found: Mutex::new(Found::default()),

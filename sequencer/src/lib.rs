@@ -8,13 +8,15 @@
 #![warn(missing_docs)]
 
 pub mod clock;
+pub mod controller;
 pub mod event;
 pub mod lifecycle;
 pub mod runner;
 pub mod sequence;
 pub mod trace;
 
+pub use controller::{Controller, Started};
 pub use event::{Event, EventBus, EventKind, Replay, SubscribeError};
-pub use lifecycle::{Denied, Lifecycle, NodeState, Request};
-pub use runner::{run, SequenceError};
+pub use lifecycle::{Denied, Lifecycle, Moved, NodeState, Outcome, Request, SequenceKind};
+pub use runner::{run, run_with, Cancel, SequenceError};
 pub use sequence::{Phase, Sequence, Task, TaskError};

@@ -1,27 +1,98 @@
 //! How a sequence runs: phases in order, a phase's tasks concurrently, every start and stop an
 //! event and a `tracing` span, and a failure that names where it happened.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::future::join_all;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::event::{EventBus, EventKind};
 use crate::sequence::{Sequence, TaskError};
 
-/// A sequence failed: which phase and task, and why.
+/// A sequence did not complete.
 #[derive(Debug, thiserror::Error)]
-#[error("sequence {sequence:?} failed in phase {phase:?}, task {task:?}: {}", chain(source.as_ref()))]
-pub struct SequenceError {
-    /// Sequence name.
-    pub sequence: String,
-    /// Phase that failed.
-    pub phase: String,
-    /// First task (in table order) that failed.
-    pub task: String,
-    /// The task's error.
-    #[source]
-    pub source: TaskError,
+pub enum SequenceError {
+    /// A task failed: which phase and task, and why.
+    #[error("sequence {sequence:?} failed in phase {phase:?}, task {task:?}: {}", chain(source.as_ref()))]
+    Failed {
+        /// Sequence name.
+        sequence: String,
+        /// Phase that failed.
+        phase: String,
+        /// First task (in table order) that failed.
+        task: String,
+        /// The task's error.
+        #[source]
+        source: TaskError,
+    },
+    /// Another sequence took over.
+    #[error("sequence {sequence:?} was cancelled by {by} at phase {phase:?}")]
+    Cancelled {
+        /// Sequence name.
+        sequence: String,
+        /// The phase it stopped before (or, when aborted, in).
+        phase: String,
+        /// What cancelled it.
+        by: String,
+    },
+}
+
+impl SequenceError {
+    /// Whether the sequence was cancelled rather than failed.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, SequenceError::Cancelled { .. })
+    }
+}
+
+/// How a running sequence is stopped by another.
+///
+/// `cancel` stops it at the next phase boundary, so the phase in progress (an upgrade's slot
+/// write) always completes; `abort` (a forced shutdown) also drops the phase in progress.
+#[derive(Clone, Default)]
+pub struct Cancel {
+    soft: CancellationToken,
+    hard: CancellationToken,
+    by: Arc<Mutex<Option<String>>>,
+}
+
+impl Cancel {
+    /// A token nobody has cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn set_by(&self, by: &str) {
+        let mut b = self.by.lock().unwrap_or_else(|p| p.into_inner());
+        b.get_or_insert_with(|| by.to_string());
+    }
+
+    fn by(&self) -> String {
+        self.by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "request".into())
+    }
+
+    /// Stop at the next phase boundary.
+    pub fn cancel(&self, by: &str) {
+        self.set_by(by);
+        self.soft.cancel();
+    }
+
+    /// Stop now, dropping the phase in progress.
+    pub fn abort(&self, by: &str) {
+        self.set_by(by);
+        self.soft.cancel();
+        self.hard.cancel();
+    }
+
+    /// Whether a cancel or abort was asked for.
+    pub fn is_cancelled(&self) -> bool {
+        self.soft.is_cancelled()
+    }
 }
 
 /// An error and its sources as one line: "a: b: c".
@@ -55,6 +126,17 @@ pub async fn run<C: Clone + Send + 'static>(
     bus: &EventBus,
     actor: Option<&str>,
 ) -> Result<(), SequenceError> {
+    run_with(sequence, ctx, bus, actor, &Cancel::new()).await
+}
+
+/// Like [`run`], stoppable through `cancel`.
+pub async fn run_with<C: Clone + Send + 'static>(
+    sequence: &Sequence<C>,
+    ctx: C,
+    bus: &EventBus,
+    actor: Option<&str>,
+    cancel: &Cancel,
+) -> Result<(), SequenceError> {
     let seq_name = sequence.name();
     let started = Instant::now();
     bus.publish(
@@ -63,7 +145,7 @@ pub async fn run<C: Clone + Send + 'static>(
         },
         actor,
     );
-    let result = run_phases(sequence, ctx, bus, actor)
+    let result = run_phases(sequence, ctx, bus, actor, cancel)
         .instrument(tracing::info_span!("sequence", name = seq_name))
         .await;
     bus.publish(
@@ -82,11 +164,20 @@ async fn run_phases<C: Clone + Send + 'static>(
     ctx: C,
     bus: &EventBus,
     actor: Option<&str>,
+    cancel: &Cancel,
 ) -> Result<(), SequenceError> {
     let seq_name = sequence.name();
     let total = sequence.phases().len();
     for (i, phase) in sequence.phases().iter().enumerate() {
         let phase_name = phase.name();
+        // The phase boundary: the only place a (non-forced) cancel takes effect.
+        if cancel.is_cancelled() {
+            return Err(SequenceError::Cancelled {
+                sequence: seq_name.into(),
+                phase: phase_name.into(),
+                by: cancel.by(),
+            });
+        }
         if !phase.applies(&ctx) {
             bus.publish(
                 EventKind::PhaseSkip {
@@ -141,7 +232,26 @@ async fn run_phases<C: Clone + Send + 'static>(
             }
             .instrument(tracing::info_span!(parent: &span, "task", name = task_name))
         });
-        let results = join_all(runs).instrument(span.clone()).await;
+        let results = tokio::select! {
+            results = join_all(runs).instrument(span.clone()) => results,
+            _ = cancel.hard.cancelled() => {
+                let by = cancel.by();
+                bus.publish(
+                    EventKind::PhaseStop {
+                        sequence: seq_name.into(),
+                        phase: phase_name.into(),
+                        duration_us: micros(phase_started),
+                        error: Some(format!("aborted by {by}")),
+                    },
+                    actor,
+                );
+                return Err(SequenceError::Cancelled {
+                    sequence: seq_name.into(),
+                    phase: phase_name.into(),
+                    by,
+                });
+            }
+        };
         let failed = results
             .into_iter()
             .find_map(|(name, r)| r.err().map(|e| (name, e)));
@@ -157,7 +267,7 @@ async fn run_phases<C: Clone + Send + 'static>(
             actor,
         );
         if let Some((task, source)) = failed {
-            return Err(SequenceError {
+            return Err(SequenceError::Failed {
                 sequence: seq_name.into(),
                 phase: phase_name.into(),
                 task: task.into(),
@@ -280,8 +390,17 @@ mod tests {
             .phase("never", [ok("b")]);
         let log = Log::default();
         let err = run(&seq, log.clone(), &bus, None).await.expect_err("fails");
+        let SequenceError::Failed {
+            sequence,
+            phase,
+            task,
+            ..
+        } = &err
+        else {
+            panic!("not a failure: {err}");
+        };
         assert_eq!(
-            (err.sequence.as_str(), err.phase.as_str(), err.task.as_str()),
+            (sequence.as_str(), phase.as_str(), task.as_str()),
             ("boot", "mount", "burn")
         );
         let msg = err.to_string();
@@ -311,6 +430,63 @@ mod tests {
         run(&seq, log.clone(), &bus, None).await.expect("runs");
         assert_eq!(log.get(), vec!["y"]);
         assert!(kinds(&bus.snapshot()).contains(&"skip install".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_cancel_stops_the_sequence_at_the_next_phase_boundary_not_mid_phase() {
+        let bus = EventBus::new(64);
+        let cancel = Cancel::new();
+        let c = cancel.clone();
+        // The first phase asks for the cancel while it runs, then finishes its work anyway.
+        let first = Task::new("write", move |log: Log| {
+            let c = c.clone();
+            async move {
+                c.cancel("shutdown");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                log.push("write done");
+                Ok::<(), Fire>(())
+            }
+        });
+        let seq = Sequence::new("upgrade")
+            .phase("writeSlot", [first])
+            .phase("commit", [ok("commit")]);
+        let log = Log::default();
+        let err = run_with(&seq, log.clone(), &bus, None, &cancel)
+            .await
+            .expect_err("cancelled");
+        assert_eq!(log.get(), vec!["write done"]);
+        assert!(err.is_cancelled());
+        assert_eq!(
+            err.to_string(),
+            "sequence \"upgrade\" was cancelled by shutdown at phase \"commit\""
+        );
+    }
+
+    #[tokio::test]
+    async fn an_abort_drops_the_phase_in_progress() {
+        let bus = EventBus::new(64);
+        let cancel = Cancel::new();
+        let c = cancel.clone();
+        let slow = Task::new("write", move |log: Log| {
+            let c = c.clone();
+            async move {
+                c.abort("forced shutdown");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                log.push("never");
+                Ok::<(), Fire>(())
+            }
+        });
+        let seq = Sequence::new("upgrade").phase("writeSlot", [slow]);
+        let log = Log::default();
+        let err = tokio::time::timeout(
+            Duration::from_secs(5),
+            run_with(&seq, log.clone(), &bus, None, &cancel),
+        )
+        .await
+        .expect("abort is immediate")
+        .expect_err("aborted");
+        assert!(err.is_cancelled());
+        assert!(log.get().is_empty());
     }
 
     #[tokio::test]

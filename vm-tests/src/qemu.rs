@@ -77,6 +77,10 @@ impl VmSpec {
             ),
             s("-device"),
             s("virtio-net-pci,netdev=n0"),
+            // Entropy for the guest: its CRNG is ready at once instead of after seconds of
+            // jitter collection (TCG has no RDRAND by default).
+            s("-device"),
+            s("virtio-rng-pci"),
             s("-device"),
             s("i6300esb"),
             s("-action"),

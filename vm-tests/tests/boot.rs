@@ -93,9 +93,9 @@ async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls()
             "initramfs/verifyRoot",
             "initramfs/mountRoot",
             "initramfs/switchRoot",
-            "boot/initialize",
-            "boot/mountPartitions",
-            "boot/loadConfig",
+            "initialize/handover",
+            "initialize/mountPartitions",
+            "initialize/loadConfig",
             "boot/network",
             "boot/startApi",
         ]

@@ -4,4 +4,6 @@ pub mod cluster;
 pub mod events;
 pub mod gen;
 pub mod image;
+pub mod power;
+pub mod status;
 pub mod version;

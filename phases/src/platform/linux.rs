@@ -11,7 +11,7 @@ use bootloader::efivarfs::VarStore;
 use futures::TryStreamExt;
 use nix::mount::MsFlags;
 
-use super::{Disk, ModuleLoad, MountSpec, Platform, PlatformError};
+use super::{Disk, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction};
 
 /// Where efivarfs is mounted.
 pub const EFIVARS: &str = "/sys/firmware/efi/efivars";
@@ -262,6 +262,108 @@ impl Platform for Linux {
         nix::unistd::chroot(".").map_err(sys("chroot into the new root"))?;
         nix::unistd::chdir("/").map_err(sys("entering /"))
     }
+
+    fn mounts(&self) -> Result<Vec<MountEntry>, PlatformError> {
+        let p = Path::new("/proc/self/mountinfo");
+        let text = std::fs::read_to_string(p).map_err(|e| PlatformError::io("reading", p, e))?;
+        Ok(parse_mountinfo(&text))
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), PlatformError> {
+        nix::mount::umount(target).map_err(sys(format!("unmounting {}", target.display())))
+    }
+
+    fn remount_read_only(&self, target: &Path) -> Result<(), PlatformError> {
+        nix::mount::mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(sys(format!("remounting {} read-only", target.display())))
+    }
+
+    fn sync(&self) {
+        nix::unistd::sync();
+    }
+
+    fn processes(&self) -> Result<Vec<i32>, PlatformError> {
+        let me = std::process::id() as i32;
+        let dir = Path::new("/proc");
+        let entries = std::fs::read_dir(dir).map_err(|e| PlatformError::io("listing", dir, e))?;
+        Ok(entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| pid != me && pid != 1)
+            // Kernel threads have an empty command line.
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+            })
+            .collect())
+    }
+
+    fn kill(&self, pid: i32, signal: nix::sys::signal::Signal) -> Result<(), PlatformError> {
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+            Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
+            Err(errno) => Err(PlatformError::Sys {
+                what: format!("sending {signal} to {pid}"),
+                errno,
+            }),
+        }
+    }
+
+    fn power(&self, action: PowerAction) -> PlatformError {
+        nix::unistd::sync();
+        let mode = match action {
+            PowerAction::Reboot => nix::sys::reboot::RebootMode::RB_AUTOBOOT,
+            PowerAction::PowerOff => nix::sys::reboot::RebootMode::RB_POWER_OFF,
+        };
+        let Err(errno) = nix::sys::reboot::reboot(mode);
+        PlatformError::Sys {
+            what: format!("reboot(2) for {action:?}"),
+            errno,
+        }
+    }
+}
+
+/// Mount entries from a `mountinfo` text, in mount order.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    // Fields: id parent maj:min root mountpoint options [optional...] - fstype source superopts.
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let target = left.split_whitespace().nth(4)?;
+            let mut r = right.split_whitespace();
+            Some(MountEntry {
+                target: PathBuf::from(unescape_octal(target)),
+                fstype: r.next()?.to_string(),
+                source: unescape_octal(r.next()?),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = (b[i] == b'\\' && i + 3 < b.len())
+            .then(|| &b[i + 1..i + 4])
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u16, |acc, c| acc * 8 + u16::from(c - b'0')))
+            .and_then(|v| u8::try_from(v).ok());
+        if let Some(byte) = octal {
+            out.push(byte);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Deletes the initramfs's files (they are RAM that would otherwise stay pinned). Only files on

@@ -75,6 +75,26 @@ impl Disk {
     }
 }
 
+/// A mounted file system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Mount point.
+    pub target: PathBuf,
+    /// File system type.
+    pub fstype: String,
+    /// Source (device or pseudo-fs name).
+    pub source: String,
+}
+
+/// What to do with the power once a terminating sequence is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerAction {
+    /// Restart (through the firmware).
+    Reboot,
+    /// Power off.
+    PowerOff,
+}
+
 /// What loading a kernel module did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModuleLoad {
@@ -208,4 +228,25 @@ pub trait Platform: Send + Sync + 'static {
     /// Makes `new_root` the root: moves /proc, /sys, /dev, /run into it, frees the initramfs,
     /// and chroots. The caller then execs the new init.
     fn switch_root(&self, new_root: &Path) -> Result<(), PlatformError>;
+
+    /// The mounted file systems, in mount order.
+    fn mounts(&self) -> Result<Vec<MountEntry>, PlatformError>;
+
+    /// Unmounts a file system.
+    fn unmount(&self, target: &Path) -> Result<(), PlatformError>;
+
+    /// Remounts a file system read-only (when it will not unmount, so it is still clean).
+    fn remount_read_only(&self, target: &Path) -> Result<(), PlatformError>;
+
+    /// Flushes every file system's dirty data to disk.
+    fn sync(&self);
+
+    /// PIDs of every user-space process but this one (kernel threads excluded).
+    fn processes(&self) -> Result<Vec<i32>, PlatformError>;
+
+    /// Sends a signal to a process; a process that is already gone is not an error.
+    fn kill(&self, pid: i32, signal: nix::sys::signal::Signal) -> Result<(), PlatformError>;
+
+    /// Restarts or powers off the machine. Returns only if that failed.
+    fn power(&self, action: PowerAction) -> PlatformError;
 }

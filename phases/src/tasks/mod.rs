@@ -6,3 +6,4 @@ pub mod initramfs;
 pub mod network;
 pub mod state;
 pub mod system;
+pub mod teardown;

@@ -24,22 +24,14 @@ pub async fn mount_tmp(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     })?)
 }
 
-/// The type and source of the file system mounted on `/`, from a `mountinfo` text.
+/// The type and source of the file system mounted on `/`, from a `mountinfo` text (the last
+/// entry for `/` is the one on top).
 pub fn root_mount(mountinfo: &str) -> Option<(String, String)> {
-    // Fields: id parent maj:min root mountpoint options [optional...] - fstype source superopts.
-    // The last entry for "/" is the one on top.
-    mountinfo
-        .lines()
+    crate::platform::linux::parse_mountinfo(mountinfo)
+        .into_iter()
         .rev()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mountpoint = left.split_whitespace().nth(4)?;
-            let mut r = right.split_whitespace();
-            let fstype = r.next()?;
-            let source = r.next()?;
-            (mountpoint == "/").then(|| (fstype.to_string(), source.to_string()))
-        })
-        .next()
+        .find(|m| m.target == Path::new("/"))
+        .map(|m| (m.fstype, m.source))
 }
 
 /// The image's version, from `/etc/plinth-release` (`VERSION=...`).

@@ -37,3 +37,46 @@ pub fn node(name: &str) -> PreparedNode {
 
 /// How long a boot through OVMF under TCG may take before a test gives up.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// The `plinth` CLI built from this workspace (by `./x test`, or `cargo build -p cli`).
+pub fn plinth_cli() -> PathBuf {
+    let p = workspace().join("target/debug/plinth");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build -p cli` (./x test does)",
+        p.display()
+    );
+    p
+}
+
+/// Runs the CLI against `node` (its own client config) and returns stdout+stderr; panics with
+/// the output if it fails.
+pub fn plinth(node: &PreparedNode, args: &[&str]) -> String {
+    let out = std::process::Command::new(plinth_cli())
+        .args(args)
+        .env("PLINTHCONFIG", node.spec.dir.join("plinthconfig"))
+        .output()
+        .expect("running plinth");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "plinth {args:?} failed:\n{text}");
+    text
+}
+
+/// Reads a partition (by GPT label) out of a node's raw disk into a file of its own.
+pub fn extract_partition(node: &PreparedNode, label: &str, out: &std::path::Path) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut disk = std::fs::File::open(&node.disk).expect("open disk");
+    let parts = upgrade::layout::read_table(&mut disk).expect("GPT");
+    let p = parts
+        .iter()
+        .find(|p| p.label == label)
+        .unwrap_or_else(|| panic!("no {label}"));
+    disk.seek(SeekFrom::Start(p.offset)).expect("seek");
+    let mut data = vec![0u8; p.len as usize];
+    disk.read_exact(&mut data).expect("read");
+    std::fs::write(out, data).expect("write");
+}

@@ -1,0 +1,131 @@
+//! Tearing the node down before a power action: processes, then file systems.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use sequencer::TaskError;
+
+use crate::platform::MountEntry;
+use crate::runtime::Runtime;
+
+/// How long processes get between SIGTERM and SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// File systems that stay: the root image and the kernel's pseudo file systems.
+const KEEP: &[&str] = &["/", "/proc", "/sys", "/dev", "/run"];
+
+/// Mounts could not be unmounted (each was remounted read-only instead, if possible).
+#[derive(Debug, thiserror::Error)]
+#[error("would not unmount (remounted read-only instead): {}", .0.join(", "))]
+pub struct StillMounted(pub Vec<String>);
+
+/// SIGTERM to every remaining process, SIGKILL to those alive after [`KILL_GRACE`].
+pub async fn kill_processes(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let p = ctx.platform.clone();
+    let pids = p.processes()?;
+    if pids.is_empty() {
+        return Ok(());
+    }
+    for &pid in &pids {
+        p.kill(pid, Signal::SIGTERM)?;
+    }
+    let deadline = Instant::now() + KILL_GRACE;
+    while Instant::now() < deadline {
+        if p.processes()?.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = p.processes()?;
+    tracing::warn!(
+        "killing {} processes that ignored SIGTERM: {left:?}",
+        left.len()
+    );
+    for pid in left {
+        p.kill(pid, Signal::SIGKILL)?;
+    }
+    Ok(())
+}
+
+fn kept(target: &Path) -> bool {
+    KEEP.iter().any(|k| {
+        let k = Path::new(k);
+        target == k || (k != Path::new("/") && target.starts_with(k))
+    })
+}
+
+/// The mounts to take down, deepest first (a mount is always taken down before the one it
+/// sits on).
+pub fn unmount_order(mounts: &[MountEntry]) -> Vec<PathBuf> {
+    let mut order: Vec<(usize, usize, PathBuf)> = mounts
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| !kept(&m.target))
+        .map(|(i, m)| (m.target.components().count(), i, m.target.clone()))
+        .collect();
+    // Deeper first; among equals, the later mount first (it may cover the earlier one).
+    order.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+    order.into_iter().map(|(_, _, t)| t).collect()
+}
+
+/// Unmounts every writable file system, deepest first; what will not unmount is remounted
+/// read-only and reported.
+pub async fn unmount_filesystems(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let p = &ctx.platform;
+    let mut stuck = Vec::new();
+    for target in unmount_order(&p.mounts()?) {
+        if let Err(e) = p.unmount(&target) {
+            tracing::warn!("{e}");
+            let ro = match p.remount_read_only(&target) {
+                Ok(()) => "read-only",
+                Err(_) => "still writable",
+            };
+            stuck.push(format!("{} ({ro})", target.display()));
+        }
+    }
+    if stuck.is_empty() {
+        Ok(())
+    } else {
+        Err(StillMounted(stuck).into())
+    }
+}
+
+/// Flushes everything to disk.
+pub async fn sync_disks(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    ctx.platform.sync();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(target: &str) -> MountEntry {
+        MountEntry {
+            target: target.into(),
+            fstype: "x".into(),
+            source: "y".into(),
+        }
+    }
+
+    #[test]
+    fn mounts_come_down_deepest_first_and_pseudo_file_systems_stay() {
+        let mounts = [
+            m("/"),
+            m("/proc"),
+            m("/sys/firmware/efi/efivars"),
+            m("/run"),
+            m("/system/state"),
+            m("/var"),
+            m("/var/lib/data"),
+            m("/tmp"),
+        ];
+        let order: Vec<String> = unmount_order(&mounts)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        assert_eq!(order, ["/var/lib/data", "/system/state", "/tmp", "/var"]);
+    }
+}

@@ -1,0 +1,137 @@
+//! An orderly end: reboot comes back with a new boot id after tearing down, shutdown powers the
+//! VM off with its file systems clean.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{extract_partition, node, plinth, BOOT_TIMEOUT};
+use sequencer::trace;
+use vm_tests::node::wait_for_version;
+
+const TEARDOWN: [&str; 3] = ["killProcesses", "unmountFilesystems", "syncDisks"];
+
+/// Phase names of `sequence` that started, in console order, from console line `from`.
+fn phases_on_console(
+    lines: &[vm_tests::serial::Line],
+    sequence: &str,
+) -> Vec<(usize, String, Option<String>)> {
+    lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let e = trace::parse_line(&l.text)?;
+            match e.kind {
+                sequencer::EventKind::PhaseStop {
+                    sequence: s,
+                    phase,
+                    error,
+                    ..
+                } if s == sequence => Some((i, phase, error)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plinth_reboot_wait_brings_the_node_back_with_a_new_boot_id_after_an_orderly_teardown() {
+    // A running node.
+    let node = node("reboot");
+    let ctx = node.context().expect("context").clone();
+    let mut vm = node.boot().expect("launch");
+    let (before, _) = wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("first boot");
+
+    // `plinth reboot --wait` returns once the node answers with a new boot id.
+    let endpoint = node.endpoint();
+    let node2 = node.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        plinth(
+            &node2,
+            &["-e", &endpoint, "reboot", "--wait", "--timeout", "300"],
+        )
+    })
+    .await
+    .expect("cli");
+    assert!(out.contains("node is back"), "{out}");
+    let (after, _) = wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("second boot");
+    assert_ne!(after.boot_id, before.boot_id);
+    assert_eq!(after.slot, "A");
+
+    // The console shows the teardown phases, in order and without errors, before the firmware
+    // starts the next boot.
+    let lines = vm.serial.lines();
+    let teardown = phases_on_console(&lines, "reboot");
+    let names: Vec<&str> = teardown.iter().map(|(_, p, _)| p.as_str()).collect();
+    assert_eq!(names, TEARDOWN);
+    assert!(teardown.iter().all(|(_, _, e)| e.is_none()), "{teardown:?}");
+    let firmware_starts: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.text.contains("BdsDxe: starting"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        firmware_starts.len(),
+        2,
+        "one boot before, one after the reboot"
+    );
+    assert!(teardown.iter().all(|(i, _, _)| *i < firmware_starts[1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plinth_shutdown_powers_the_vm_off_with_state_and_ephemeral_unmounted_cleanly() {
+    // A running node.
+    let node = node("shutdown");
+    let ctx = node.context().expect("context").clone();
+    let mut vm = node.boot().expect("launch");
+    wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("boot");
+
+    // `plinth shutdown`, then QEMU exits on its own.
+    let endpoint = node.endpoint();
+    let node2 = node.clone();
+    let out = tokio::task::spawn_blocking(move || plinth(&node2, &["-e", &endpoint, "shutdown"]))
+        .await
+        .expect("cli");
+    assert!(out.contains("shutdown started"), "{out}");
+    let status = vm
+        .wait_exit(Duration::from_secs(120))
+        .expect("QEMU exits by itself");
+    assert!(status.success(), "QEMU exit status {status}");
+
+    // The teardown ran without errors.
+    let teardown = phases_on_console(&vm.serial.lines(), "shutdown");
+    let names: Vec<&str> = teardown.iter().map(|(_, p, _)| p.as_str()).collect();
+    assert_eq!(names, TEARDOWN);
+    assert!(teardown.iter().all(|(_, _, e)| e.is_none()), "{teardown:?}");
+
+    // STATE and EPHEMERAL are clean ext4: nothing for the journal to recover on the next mount.
+    for label in ["STATE", "EPHEMERAL"] {
+        let img = node.spec.dir.join(format!("{label}.img"));
+        extract_partition(&node, label, &img);
+        let out = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(&img)
+            .output()
+            .expect("dumpe2fs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let state = text
+            .lines()
+            .find(|l| l.starts_with("Filesystem state:"))
+            .unwrap_or("");
+        assert!(state.ends_with("clean"), "{label}: {state}");
+        let features = text
+            .lines()
+            .find(|l| l.starts_with("Filesystem features:"))
+            .unwrap_or("");
+        assert!(!features.contains("needs_recovery"), "{label}: {features}");
+        let _ = std::fs::remove_file(&img);
+    }
+}
