@@ -101,6 +101,15 @@ pub fn to_proto(e: &Event) -> proto::Event {
         EventKind::ApiReady { endpoint } => Payload::ApiReady(proto::ApiReady {
             endpoint: endpoint.clone(),
         }),
+        EventKind::Service {
+            service,
+            state,
+            message,
+        } => Payload::Service(proto::ServiceEvent {
+            service: service.clone(),
+            state: state.clone(),
+            message: message.clone(),
+        }),
     };
     proto::Event {
         id: e.id,
@@ -170,6 +179,11 @@ pub fn from_proto(e: &proto::Event) -> Option<Event> {
         Payload::ApiReady(a) => EventKind::ApiReady {
             endpoint: a.endpoint.clone(),
         },
+        Payload::Service(s) => EventKind::Service {
+            service: s.service.clone(),
+            state: s.state.clone(),
+            message: s.message.clone(),
+        },
     };
     Some(Event {
         id: e.id,
@@ -233,6 +247,11 @@ mod tests {
             },
             EventKind::ApiReady {
                 endpoint: "0.0.0.0:50000".into(),
+            },
+            EventKind::Service {
+                service: "web".into(),
+                state: "running".into(),
+                message: "pid 7".into(),
             },
         ];
         for (i, kind) in kinds.into_iter().enumerate() {

@@ -82,6 +82,7 @@ pub fn generate(opts: &GenOptions) -> Result<Generated, GenError> {
                 cert: server.cert_pem,
                 key: server.key_pem,
             },
+            services: Vec::new(),
         },
     };
     node.validate()?;

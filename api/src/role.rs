@@ -65,7 +65,7 @@ pub const SERVICE: &str = "/plinth.machine.v1.Machine/";
 /// The roles allowed to call `method` (the RPC name, e.g. `Version`).
 pub fn allowed_roles(method: &str) -> &'static [Role] {
     match method {
-        "Version" | "Events" | "Status" => READS,
+        "Version" | "Events" | "Status" | "ServiceList" => READS,
         "Reboot" | "Shutdown" => OPERATE,
         // Anything not listed: admin only.
         _ => ADMIN,

@@ -39,6 +39,8 @@ pub trait Node: Send + Sync + 'static {
     fn reboot(&self, actor: String) -> Result<(), Denied>;
     /// Starts the shutdown sequence for `actor`, or says why not.
     fn shutdown(&self, actor: String, force: bool) -> Result<(), Denied>;
+    /// The supervised services.
+    fn services(&self) -> Vec<proto::ServiceInfo>;
 }
 
 /// A lifecycle refusal as the RPC's reply: another sequence in the way is `ABORTED`, a request
@@ -169,6 +171,15 @@ impl<N: Node> Machine for MachineService<N> {
             .shutdown(actor.clone(), r.into_inner().force)
             .map_err(|d| denied_status(&d, &actor))?;
         Ok(Response::new(LifecycleResponse { actor_id: actor }))
+    }
+
+    async fn service_list(
+        &self,
+        _: Request<proto::ServiceListRequest>,
+    ) -> Result<Response<proto::ServiceListResponse>, Status> {
+        Ok(Response::new(proto::ServiceListResponse {
+            services: self.node.services(),
+        }))
     }
 
     type EventsStream = EventStream;

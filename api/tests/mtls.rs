@@ -34,6 +34,9 @@ impl Node for FakeNode {
     fn shutdown(&self, _: String, _: bool) -> Result<(), sequencer::Denied> {
         Ok(())
     }
+    fn services(&self) -> Vec<api::proto::ServiceInfo> {
+        Vec::new()
+    }
 }
 
 struct Fixture {

@@ -13,7 +13,9 @@ pub mod client;
 pub mod node;
 
 pub use client::{ClientConfig, Context};
-pub use node::{ApiConfig, Interface, Machine, Network, NodeConfig};
+pub use node::{
+    ApiConfig, HealthCheck, Interface, Machine, Network, NodeConfig, RestartPolicy, Service,
+};
 
 /// A configuration document could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -53,6 +53,57 @@ pub struct Machine {
     pub network: Network,
     /// The API's identity.
     pub api: ApiConfig,
+    /// Extra services machined supervises.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
+}
+
+/// A service: a process machined starts after its dependencies are healthy, keeps running as
+/// its restart policy says, and stops in reverse dependency order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Unique name.
+    pub name: String,
+    /// Program and arguments (absolute program path).
+    pub command: Vec<String>,
+    /// Services that must be healthy before this one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// When to restart it after it exits.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Seconds between SIGTERM and SIGKILL when stopping it.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_s: u64,
+    /// How to tell it is healthy; without one, running is healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+}
+
+/// When a service is restarted after it exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Whatever the exit status.
+    Always,
+    /// Only after a failure (non-zero exit or a signal).
+    #[default]
+    OnFailure,
+    /// Never.
+    Never,
+}
+
+/// A health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum HealthCheck {
+    /// A TCP connection to this address succeeds.
+    Tcp(String),
+}
+
+fn default_stop_timeout() -> u64 {
+    10
 }
 
 /// Network settings.
@@ -136,8 +187,90 @@ impl NodeConfig {
         require_pem(&api.ca, "machine.api.ca", "CERTIFICATE")?;
         require_pem(&api.cert, "machine.api.cert", "CERTIFICATE")?;
         require_pem(&api.key, "machine.api.key", "PRIVATE KEY")?;
+        validate_services(&self.machine.services)?;
         Ok(())
     }
+}
+
+fn validate_services(services: &[Service]) -> Result<(), ConfigError> {
+    let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    for (i, s) in services.iter().enumerate() {
+        let at = format!("machine.services[{i}]");
+        let ok_name = !s.name.is_empty()
+            && s.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok_name {
+            return Err(ConfigError::invalid(
+                format!("{at}.name"),
+                format!(
+                    "{:?} is not a service name (letters, digits, '-', '_')",
+                    s.name
+                ),
+            ));
+        }
+        if names.iter().filter(|n| **n == s.name).count() > 1 {
+            return Err(ConfigError::invalid(
+                format!("{at}.name"),
+                format!("service {:?} is defined twice", s.name),
+            ));
+        }
+        match s.command.first() {
+            Some(p) if p.starts_with('/') => {}
+            _ => {
+                return Err(ConfigError::invalid(
+                    format!("{at}.command"),
+                    "the command must start with an absolute program path",
+                ))
+            }
+        }
+        for (j, d) in s.depends_on.iter().enumerate() {
+            if !names.contains(&d.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.depends_on[{j}]"),
+                    format!("no service named {d:?}"),
+                ));
+            }
+        }
+        if let Some(HealthCheck::Tcp(addr)) = &s.health {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.health.tcp"),
+                    format!("{addr:?} is not an address:port"),
+                ));
+            }
+        }
+    }
+    // A dependency cycle would leave its services waiting forever.
+    if let Some(name) = cycle(services) {
+        return Err(ConfigError::invalid(
+            "machine.services",
+            format!("dependency cycle through {name:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A service on a dependency cycle, if there is one.
+fn cycle(services: &[Service]) -> Option<String> {
+    fn visit<'a>(s: &'a Service, all: &'a [Service], path: &mut Vec<&'a str>) -> Option<String> {
+        if path.contains(&s.name.as_str()) {
+            return Some(s.name.clone());
+        }
+        path.push(&s.name);
+        for d in &s.depends_on {
+            if let Some(dep) = all.iter().find(|x| &x.name == d) {
+                if let Some(c) = visit(dep, all, path) {
+                    return Some(c);
+                }
+            }
+        }
+        path.pop();
+        None
+    }
+    services
+        .iter()
+        .find_map(|s| visit(s, services, &mut Vec::new()))
 }
 
 impl Interface {
@@ -239,6 +372,7 @@ mod tests {
                     cert: PEM_CERT.into(),
                     key: PEM_KEY.into(),
                 },
+                services: vec![],
             },
         }
     }
@@ -333,6 +467,49 @@ mod tests {
         let mut c = good();
         c.machine.api.cert = "hello".into();
         assert_eq!(field_of(&c.to_yaml()), "machine.api.cert");
+    }
+
+    fn service(name: &str, deps: &[&str]) -> Service {
+        Service {
+            name: name.into(),
+            command: vec!["/sbin/machined".into(), "pause".into()],
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            restart: RestartPolicy::OnFailure,
+            stop_timeout_s: 10,
+            health: None,
+        }
+    }
+
+    #[test]
+    fn services_round_trip_with_their_defaults() {
+        let mut c = good();
+        c.machine.services = vec![service("a", &[]), service("b", &["a"])];
+        c.machine.services[1].health = Some(HealthCheck::Tcp("127.0.0.1:8080".into()));
+        let back = NodeConfig::from_yaml(&c.to_yaml()).expect("parses");
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn a_dependency_on_an_unknown_service_is_named() {
+        let mut c = good();
+        c.machine.services = vec![service("a", &["ghost"])];
+        assert_eq!(field_of(&c.to_yaml()), "machine.services[0].depends_on[0]");
+    }
+
+    #[test]
+    fn a_dependency_cycle_is_refused() {
+        let mut c = good();
+        c.machine.services = vec![service("a", &["b"]), service("b", &["a"])];
+        let err = NodeConfig::from_yaml(&c.to_yaml()).expect_err("cycle");
+        assert!(err.to_string().contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn a_relative_command_is_refused() {
+        let mut c = good();
+        c.machine.services = vec![service("a", &[])];
+        c.machine.services[0].command = vec!["sleep".into()];
+        assert_eq!(field_of(&c.to_yaml()), "machine.services[0].command");
     }
 
     #[test]

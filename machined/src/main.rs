@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-/// Command-line arguments (the kernel passes none to init; these are for development).
+/// Command-line arguments (the kernel passes none to init; these are for development and for
+/// the built-in helper services).
 #[derive(Parser, Debug)]
 #[command(name = "machined", version, about = "Plinth's PID 1")]
 struct Args {
@@ -25,6 +26,22 @@ struct Args {
     /// the node role otherwise.
     #[arg(long, value_enum)]
     role: Option<Role>,
+    #[command(subcommand)]
+    helper: Option<Helper>,
+}
+
+/// Small programs the image can run as services without carrying other binaries.
+#[derive(clap::Subcommand, Debug)]
+enum Helper {
+    /// Do nothing until killed (a placeholder service, like Kubernetes' pause).
+    Pause {
+        /// Ignore SIGTERM, so only SIGKILL stops it.
+        #[arg(long)]
+        ignore_sigterm: bool,
+        /// Accept TCP connections here (something for a health check to reach).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,7 +53,17 @@ enum Role {
 fn main() {
     console::init();
     // The kernel passes init arguments it did not understand; never refuse to start over them.
-    let args = Args::try_parse().unwrap_or(Args { role: None });
+    let args = Args::try_parse().unwrap_or(Args {
+        role: None,
+        helper: None,
+    });
+    if let Some(Helper::Pause {
+        ignore_sigterm,
+        listen,
+    }) = args.helper
+    {
+        pause(ignore_sigterm, listen);
+    }
     let role = args
         .role
         .unwrap_or(if Path::new("/etc/initrd-release").exists() {
@@ -58,6 +85,35 @@ fn main() {
     };
     // Only failures come back.
     fatal(&format!("{outcome:#}"));
+}
+
+/// The pause helper: sleeps until killed.
+fn pause(ignore_sigterm: bool, listen: Option<std::net::SocketAddr>) -> ! {
+    if ignore_sigterm {
+        // SAFETY: SIG_IGN installs no handler code, so nothing can run in signal context.
+        if let Err(e) = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGTERM,
+                nix::sys::signal::SigHandler::SigIgn,
+            )
+        } {
+            console::line(&format!("pause: ignoring SIGTERM: {e}"));
+        }
+    }
+    if let Some(addr) = listen {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => {
+                std::thread::spawn(move || for _ in l.incoming() {});
+            }
+            Err(e) => {
+                console::line(&format!("pause: listening on {addr}: {e}"));
+                std::process::exit(1);
+            }
+        }
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }
 
 /// The single fatal path: report, give the operator time to read it, reboot. Never returns.

@@ -3,12 +3,12 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use api::proto::{StatusResponse, VersionResponse};
 use api::server::ServerHandle;
 use async_trait::async_trait;
 use config::NodeConfig;
 use phases::platform::linux::Linux;
+use phases::reaper::{Reaper, Scope};
 use phases::runtime::paths;
 use phases::tasks::system::{release_version, root_mount};
 use phases::{ApiLauncher, Runtime};
@@ -39,10 +39,18 @@ async fn serve() -> anyhow::Error {
         Err(e) => tracing::warn!("{}: {e}", paths::INITRAMFS_EVENTS),
     }
     bus.add_sink(Box::new(crate::console::trace_sink));
-    let runtime = Runtime::new(Arc::new(Linux), bus, Arc::new(ApiStarter::default()));
-    if let Err(e) = spawn_reaper() {
-        return e;
-    }
+    // The one SIGCHLD handler: PID 1 reaps every orphan, and services' exits go to the
+    // supervisor through it.
+    let reaper = match Reaper::start(Scope::AllChildren) {
+        Ok(r) => r,
+        Err(e) => return anyhow::Error::new(e).context("listening for SIGCHLD"),
+    };
+    let runtime = Runtime::new(
+        Arc::new(Linux),
+        bus,
+        Arc::new(ApiStarter::default()),
+        reaper,
+    );
     spawn_signal_handlers(runtime.clone());
 
     let chain = [
@@ -91,25 +99,6 @@ async fn boot_failed(runtime: &Arc<Runtime>, error: anyhow::Error) -> anyhow::Er
         Ok(_) => std::future::pending().await,
         Err(denied) => error.context(format!("rebooting after the failed boot: {denied}")),
     }
-}
-
-/// Reaps every child that exits: orphans are re-parented to PID 1, and a zombie nobody waits
-/// for would stay forever.
-fn spawn_reaper() -> anyhow::Result<()> {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    let mut sigchld = signal(SignalKind::child()).context("listening for SIGCHLD")?;
-    tokio::spawn(async move {
-        loop {
-            sigchld.recv().await;
-            loop {
-                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::StillAlive) | Err(_) => break,
-                    Ok(status) => tracing::debug!("reaped {status:?}"),
-                }
-            }
-        }
-    });
-    Ok(())
 }
 
 /// SIGINT (Ctrl-Alt-Del) asks for a reboot, SIGTERM for a power-off.
@@ -242,6 +231,23 @@ impl api::server::Node for NodeApi {
 
     fn reboot(&self, actor: String) -> Result<(), Denied> {
         phases::power::request(&self.runtime, SequenceKind::Reboot, Some(actor), false).map(|_| ())
+    }
+
+    fn services(&self) -> Vec<api::proto::ServiceInfo> {
+        self.runtime
+            .services
+            .list()
+            .into_iter()
+            .map(|s| api::proto::ServiceInfo {
+                name: s.name,
+                state: s.state.as_str().into(),
+                pid: s.pid.unwrap_or(0),
+                restarts: s.restarts,
+                healthy: s.healthy,
+                last_exit: s.last_exit.unwrap_or_default(),
+                depends_on: s.depends_on,
+            })
+            .collect()
     }
 
     fn shutdown(&self, actor: String, force: bool) -> Result<(), Denied> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use sequencer::{Sequence, Task};
 
 use crate::runtime::Runtime;
-use crate::tasks::{api, network, state, system};
+use crate::tasks::{api, network, services, state, system};
 
 /// The initialize phase table.
 pub fn initialize() -> Sequence<Arc<Runtime>> {
@@ -39,6 +39,10 @@ pub fn boot() -> Sequence<Arc<Runtime>> {
             ],
         )
         .phase("startApi", [Task::new("startApi", api::start_api)])
+        .phase(
+            "startServices",
+            [Task::new("startServices", services::start_services)],
+        )
 }
 
 #[cfg(test)]
@@ -53,6 +57,9 @@ mod tests {
 
     #[test]
     fn the_boot_phases_are_in_order() {
-        assert_eq!(super::boot().phase_names(), ["network", "startApi"]);
+        assert_eq!(
+            super::boot().phase_names(),
+            ["network", "startApi", "startServices"]
+        );
     }
 }

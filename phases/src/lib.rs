@@ -10,7 +10,9 @@ pub mod boot;
 pub mod initramfs;
 pub mod platform;
 pub mod power;
+pub mod reaper;
 pub mod runtime;
+pub mod services;
 pub mod shutdown;
 pub mod tasks;
 

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use upgrade::Slot;
 
 use crate::platform::Platform;
+use crate::reaper::Reaper;
+use crate::services::Supervisor;
 
 /// Where things live on a node.
 pub mod paths {
@@ -24,6 +26,8 @@ pub mod paths {
     pub const STATE: &str = "/system/state";
     /// The node config on STATE.
     pub const CONFIG: &str = "/system/state/config.yaml";
+    /// Service output.
+    pub const SERVICE_LOGS: &str = "/var/log/services";
     /// The EPHEMERAL partition's mount point.
     pub const EPHEMERAL: &str = "/var";
     /// The list of kernel modules to load, in order, relative to `/lib/modules/<release>/`.
@@ -80,6 +84,8 @@ pub struct Runtime {
     pub controller: Arc<Controller>,
     /// Starts the API.
     pub api: Arc<dyn ApiLauncher>,
+    /// Supervised services.
+    pub services: Arc<Supervisor>,
     found: Mutex<Found>,
 }
 
@@ -89,8 +95,11 @@ impl Runtime {
         platform: Arc<dyn Platform>,
         bus: Arc<EventBus>,
         api: Arc<dyn ApiLauncher>,
+        reaper: Arc<Reaper>,
     ) -> Arc<Self> {
+        let log_dir = PathBuf::from(paths::SERVICE_LOGS);
         Arc::new(Runtime {
+            services: Supervisor::new(platform.clone(), reaper, bus.clone(), log_dir),
             platform,
             controller: Controller::new(bus.clone()),
             bus,

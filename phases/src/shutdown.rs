@@ -9,10 +9,14 @@ use std::sync::Arc;
 use sequencer::{Sequence, Task};
 
 use crate::runtime::Runtime;
-use crate::tasks::teardown;
+use crate::tasks::{services, teardown};
 
 fn teardown(name: &'static str) -> Sequence<Arc<Runtime>> {
     Sequence::new(name)
+        .phase(
+            "stopServices",
+            [Task::new("stopServices", services::stop_services)],
+        )
         .phase(
             "killProcesses",
             [Task::new("killProcesses", teardown::kill_processes)],
@@ -41,7 +45,12 @@ pub fn shutdown() -> Sequence<Arc<Runtime>> {
 mod tests {
     #[test]
     fn reboot_and_shutdown_tear_down_in_the_same_order() {
-        let want = ["killProcesses", "unmountFilesystems", "syncDisks"];
+        let want = [
+            "stopServices",
+            "killProcesses",
+            "unmountFilesystems",
+            "syncDisks",
+        ];
         assert_eq!(super::reboot().phase_names(), want);
         assert_eq!(super::shutdown().phase_names(), want);
     }

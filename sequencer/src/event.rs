@@ -120,6 +120,15 @@ pub enum EventKind {
         /// Address it listens on.
         endpoint: String,
     },
+    /// A supervised service changed state.
+    Service {
+        /// Service name.
+        service: String,
+        /// Its state now (waiting, running, backoff, stopping, stopped, failed).
+        state: String,
+        /// What happened (pid, exit status, health).
+        message: String,
+    },
 }
 
 impl EventKind {
@@ -136,6 +145,7 @@ impl EventKind {
             EventKind::StateChange { .. } => "state.change",
             EventKind::RequestDenied { .. } => "request.denied",
             EventKind::ApiReady { .. } => "api.ready",
+            EventKind::Service { .. } => "service",
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct NodeSpec {
     pub image_dir: PathBuf,
     /// Memory in MiB.
     pub memory_mb: u32,
+    /// Services for the node config.
+    pub services: Vec<config::Service>,
 }
 
 /// A node ready to boot.
@@ -81,7 +83,7 @@ pub fn prepare(spec: &NodeSpec, artifacts: &Artifacts) -> Result<PreparedNode, H
     std::fs::create_dir_all(&spec.dir)
         .map_err(HarnessError::io(format!("creating {}", spec.dir.display())))?;
     let api_port = free_port()?;
-    let generated = generate(&GenOptions {
+    let mut generated = generate(&GenOptions {
         name: spec.name.clone(),
         endpoint: format!("127.0.0.1:{api_port}"),
         interface: "eth0".into(),
@@ -89,6 +91,11 @@ pub fn prepare(spec: &NodeSpec, artifacts: &Artifacts) -> Result<PreparedNode, H
         gateway: Some(GUEST_GATEWAY.into()),
     })
     .map_err(|e| HarnessError::Other(format!("generating configs: {e}")))?;
+    generated.node.machine.services = spec.services.clone();
+    generated
+        .node
+        .validate()
+        .map_err(|e| HarnessError::Other(format!("node config: {e}")))?;
     let write = |name: &str, data: &str| -> Result<(), HarnessError> {
         let p = spec.dir.join(name);
         config::client::write_private(&p, data.as_bytes())

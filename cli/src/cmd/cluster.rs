@@ -93,6 +93,7 @@ pub async fn run(target: &Target, c: Cluster) -> anyhow::Result<()> {
                     dir: dir.clone(),
                     image_dir,
                     memory_mb: memory,
+                    services: Vec::new(),
                 },
                 &artifacts,
             )?;

@@ -94,6 +94,11 @@ pub fn describe(e: &Event) -> String {
             format!("request {request} denied: {reason}")
         }
         EventKind::ApiReady { endpoint } => format!("API listening on {endpoint}"),
+        EventKind::Service {
+            service,
+            state,
+            message,
+        } => format!("service {service} {state}: {message}"),
     };
     let actor = e
         .actor

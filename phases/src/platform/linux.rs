@@ -313,6 +313,44 @@ impl Platform for Linux {
         }
     }
 
+    fn spawn(&self, argv: &[String], log: &Path) -> Result<i32, PlatformError> {
+        use std::os::unix::process::CommandExt;
+        let Some((program, args)) = argv.split_first() else {
+            return Err(PlatformError::Unsupported("an empty command"));
+        };
+        // Checked here so a missing program is an error, not a child that fails to exec.
+        if !Path::new(program).is_file() {
+            return Err(PlatformError::io(
+                "starting",
+                Path::new(program),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        if let Some(dir) = log.parent() {
+            self.mkdir_all(dir)?;
+        }
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| PlatformError::io("opening", log, e))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| PlatformError::io("opening", log, e))?;
+        let child = std::process::Command::new(program)
+            .args(args)
+            .env_clear()
+            .env("PATH", "/sbin:/usr/sbin:/bin:/usr/bin")
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| PlatformError::io("starting", Path::new(program), e))?;
+        // Dropping a std Child neither waits for nor kills it: the reaper collects it.
+        Ok(child.id() as i32)
+    }
+
     fn power(&self, action: PowerAction) -> PlatformError {
         nix::unistd::sync();
         let mode = match action {

@@ -247,6 +247,10 @@ pub trait Platform: Send + Sync + 'static {
     /// Sends a signal to a process; a process that is already gone is not an error.
     fn kill(&self, pid: i32, signal: nix::sys::signal::Signal) -> Result<(), PlatformError>;
 
+    /// Starts a process in its own process group, output appended to `log`; returns its PID.
+    /// The caller registers it with the reaper (see [`crate::reaper::Reaper::spawn`]).
+    fn spawn(&self, argv: &[String], log: &Path) -> Result<i32, PlatformError>;
+
     /// Restarts or powers off the machine. Returns only if that failed.
     fn power(&self, action: PowerAction) -> PlatformError;
 }

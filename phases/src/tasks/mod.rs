@@ -4,6 +4,7 @@
 pub mod api;
 pub mod initramfs;
 pub mod network;
+pub mod services;
 pub mod state;
 pub mod system;
 pub mod teardown;

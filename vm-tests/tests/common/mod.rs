@@ -24,6 +24,11 @@ pub fn artifacts() -> imager::Artifacts {
 
 /// A fresh node directory under the target dir (kept after the test for inspection).
 pub fn node(name: &str) -> PreparedNode {
+    node_with_services(name, Vec::new())
+}
+
+/// A node whose config declares `services`.
+pub fn node_with_services(name: &str, services: Vec<config::Service>) -> PreparedNode {
     let dir = workspace().join("target/vm-tests").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     let spec = NodeSpec {
@@ -31,6 +36,7 @@ pub fn node(name: &str) -> PreparedNode {
         dir,
         image_dir: PathBuf::new(),
         memory_mb: 1024,
+        services,
     };
     prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}"))
 }
