@@ -300,12 +300,16 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// Stops accepting, lets calls in flight finish, and waits for the server to end.
-    pub async fn shutdown(mut self) {
+    /// Stops accepting and gives calls in flight `grace` to finish; then drops the rest
+    /// (a client holding a connection open, or following events, must not hold the node up).
+    pub async fn shutdown(mut self, grace: Duration) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let _ = (&mut self.task).await;
+        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
     }
 }
 

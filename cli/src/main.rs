@@ -1,5 +1,6 @@
 //! `plinth`: the operator's CLI. Thin: parse, call the library, print.
 
+mod chart;
 mod cmd;
 mod connect;
 mod output;
@@ -34,12 +35,16 @@ enum Cmd {
     Version(cmd::version::Args),
     /// Show (and follow) the node's events.
     Events(cmd::events::Args),
+    /// Write the boot's timeline as a Chrome trace and an SVG chart.
+    Bootchart(cmd::bootchart::Args),
     /// Show the node's lifecycle state and running sequence.
     Status(cmd::status::Args),
     /// Reboot the node (orderly: stop, unmount, sync, restart).
     Reboot(cmd::power::RebootArgs),
     /// Power the node off (orderly).
     Shutdown(cmd::power::ShutdownArgs),
+    /// List the node's services.
+    Services(cmd::services::Args),
     /// Build images.
     #[command(subcommand)]
     Image(cmd::image::Image),
@@ -86,9 +91,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Gen(g) => cmd::gen::run(g),
         Cmd::Version(a) => cmd::version::run(&target, a).await,
         Cmd::Events(a) => cmd::events::run(&target, a).await,
+        Cmd::Bootchart(a) => cmd::bootchart::run(&target, a).await,
         Cmd::Status(a) => cmd::status::run(&target, a).await,
         Cmd::Reboot(a) => cmd::power::reboot(&target, a).await,
         Cmd::Shutdown(a) => cmd::power::shutdown(&target, a).await,
+        Cmd::Services(a) => cmd::services::run(&target, a).await,
         Cmd::Image(i) => cmd::image::run(i),
         Cmd::Cluster(c) => cmd::cluster::run(&target, c).await,
     }

@@ -8,9 +8,11 @@
 //! Anything that goes wrong ends in [`fatal`]: say why on the console, wait, reboot. PID 1 must
 //! not exit (the kernel would panic) and must not panic.
 
+mod boot;
 mod console;
 mod initramfs;
 mod node;
+mod sim;
 
 use std::path::Path;
 use std::time::Duration;
@@ -26,8 +28,23 @@ struct Args {
     /// the node role otherwise.
     #[arg(long, value_enum)]
     role: Option<Role>,
+    /// The machine to run on: the real one (as PID 1) or a simulated one.
+    #[arg(long, value_enum, default_value_t = Platform::Linux)]
+    platform: Platform,
+    /// The simulated machine's directory (with --platform sim).
+    #[arg(long)]
+    machine: Option<std::path::PathBuf>,
+    /// Where the simulated node's API listens (with --platform sim).
+    #[arg(long, default_value = "127.0.0.1:50000")]
+    api: std::net::SocketAddr,
     #[command(subcommand)]
     helper: Option<Helper>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Platform {
+    Linux,
+    Sim,
 }
 
 /// Small programs the image can run as services without carrying other binaries.
@@ -52,17 +69,38 @@ enum Role {
 
 fn main() {
     console::init();
-    // The kernel passes init arguments it did not understand; never refuse to start over them.
-    let args = Args::try_parse().unwrap_or(Args {
-        role: None,
-        helper: None,
-    });
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        // The kernel passes init arguments it did not understand; never refuse to start over
+        // them as PID 1. Anywhere else, bad arguments are the caller's to fix.
+        Err(e) if std::process::id() != 1 => e.exit(),
+        Err(_) => Args {
+            role: None,
+            platform: Platform::Linux,
+            machine: None,
+            api: std::net::SocketAddr::from(([127, 0, 0, 1], 50000)),
+            helper: None,
+        },
+    };
     if let Some(Helper::Pause {
         ignore_sigterm,
         listen,
     }) = args.helper
     {
         pause(ignore_sigterm, listen);
+    }
+    if args.platform == Platform::Sim {
+        let Some(dir) = args.machine else {
+            console::line("machined: --platform sim needs --machine DIR");
+            std::process::exit(2);
+        };
+        match sim::run(&dir, args.api) {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                console::line(&format!("machined: {e:#}"));
+                std::process::exit(1);
+            }
+        }
     }
     let role = args
         .role

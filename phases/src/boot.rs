@@ -43,6 +43,13 @@ pub fn boot() -> Sequence<Arc<Runtime>> {
             "startServices",
             [Task::new("startServices", services::start_services)],
         )
+        .waiting_phase(
+            "waitServicesHealthy",
+            [Task::new(
+                "waitServicesHealthy",
+                services::wait_services_healthy,
+            )],
+        )
 }
 
 #[cfg(test)]
@@ -59,7 +66,12 @@ mod tests {
     fn the_boot_phases_are_in_order() {
         assert_eq!(
             super::boot().phase_names(),
-            ["network", "startApi", "startServices"]
+            [
+                "network",
+                "startApi",
+                "startServices",
+                "waitServicesHealthy"
+            ]
         );
     }
 }

@@ -34,8 +34,9 @@ pub fn request(
             Ok(Ok(())) => {}
             Err(e) => tracing::error!("{kind} sequence panicked: {e}; going ahead with {action:?}"),
         }
-        let err = platform.power(action);
-        tracing::error!("{err}");
+        if let Err(e) = platform.power(action) {
+            tracing::error!("{e}");
+        }
     });
     Ok(started.actor)
 }

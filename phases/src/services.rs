@@ -301,6 +301,15 @@ impl Supervisor {
         }
     }
 
+    /// The services not healthy now.
+    pub fn unhealthy(&self) -> Vec<String> {
+        self.lock()
+            .values()
+            .filter(|e| !e.info.healthy)
+            .map(|e| e.info.name.clone())
+            .collect()
+    }
+
     /// Stops every service, dependents before their dependencies.
     pub async fn stop_all(&self) {
         let configs: Vec<Service> = self.lock().values().map(|e| e.config.clone()).collect();

@@ -111,6 +111,32 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// Publishes the stop of a phase dropped by a cancel and returns the cancellation.
+fn aborted(
+    bus: &EventBus,
+    sequence: &str,
+    phase: &str,
+    started: Instant,
+    actor: Option<&str>,
+    cancel: &Cancel,
+) -> SequenceError {
+    let by = cancel.by();
+    bus.publish(
+        EventKind::PhaseStop {
+            sequence: sequence.into(),
+            phase: phase.into(),
+            duration_us: micros(started),
+            error: Some(format!("interrupted by {by}")),
+        },
+        actor,
+    );
+    SequenceError::Cancelled {
+        sequence: sequence.into(),
+        phase: phase.into(),
+        by,
+    }
+}
+
 fn micros(since: Instant) -> u64 {
     since.elapsed().as_micros().min(u64::MAX as u128) as u64
 }
@@ -235,21 +261,10 @@ async fn run_phases<C: Clone + Send + 'static>(
         let results = tokio::select! {
             results = join_all(runs).instrument(span.clone()) => results,
             _ = cancel.hard.cancelled() => {
-                let by = cancel.by();
-                bus.publish(
-                    EventKind::PhaseStop {
-                        sequence: seq_name.into(),
-                        phase: phase_name.into(),
-                        duration_us: micros(phase_started),
-                        error: Some(format!("aborted by {by}")),
-                    },
-                    actor,
-                );
-                return Err(SequenceError::Cancelled {
-                    sequence: seq_name.into(),
-                    phase: phase_name.into(),
-                    by,
-                });
+                return Err(aborted(bus, seq_name, phase_name, phase_started, actor, cancel));
+            }
+            _ = cancel.soft.cancelled(), if phase.interruptible => {
+                return Err(aborted(bus, seq_name, phase_name, phase_started, actor, cancel));
             }
         };
         let failed = results
@@ -487,6 +502,30 @@ mod tests {
         .expect_err("aborted");
         assert!(err.is_cancelled());
         assert!(log.get().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancel_interrupts_a_waiting_phase_at_once() {
+        let bus = EventBus::new(64);
+        let cancel = Cancel::new();
+        let c = cancel.clone();
+        let wait = Task::new("waitHealthy", move |_: Log| {
+            let c = c.clone();
+            async move {
+                c.cancel("reboot");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok::<(), Fire>(())
+            }
+        });
+        let seq = Sequence::new("boot").waiting_phase("waitHealthy", [wait]);
+        let err = tokio::time::timeout(
+            Duration::from_secs(5),
+            run_with(&seq, Log::default(), &bus, None, &cancel),
+        )
+        .await
+        .expect("interrupted at once")
+        .expect_err("cancelled");
+        assert!(err.is_cancelled());
     }
 
     #[tokio::test]

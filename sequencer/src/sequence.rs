@@ -70,6 +70,7 @@ pub struct Phase<C> {
     pub(crate) name: &'static str,
     pub(crate) tasks: Vec<Task<C>>,
     pub(crate) condition: Option<Condition<C>>,
+    pub(crate) interruptible: bool,
 }
 
 impl<C> Clone for Phase<C> {
@@ -78,6 +79,7 @@ impl<C> Clone for Phase<C> {
             name: self.name,
             tasks: self.tasks.clone(),
             condition: self.condition.clone(),
+            interruptible: self.interruptible,
         }
     }
 }
@@ -129,6 +131,23 @@ impl<C> Sequence<C> {
             name,
             tasks: tasks.into_iter().collect(),
             condition: None,
+            interruptible: false,
+        });
+        self
+    }
+
+    /// Appends a phase that only waits (for health, for a deadline) and changes nothing, so a
+    /// cancel may interrupt it instead of waiting for its end.
+    pub fn waiting_phase(
+        mut self,
+        name: &'static str,
+        tasks: impl IntoIterator<Item = Task<C>>,
+    ) -> Self {
+        self.phases.push(Phase {
+            name,
+            tasks: tasks.into_iter().collect(),
+            condition: None,
+            interruptible: true,
         });
         self
     }
@@ -144,6 +163,7 @@ impl<C> Sequence<C> {
             name,
             tasks: tasks.into_iter().collect(),
             condition: Some(Arc::new(condition)),
+            interruptible: false,
         });
         self
     }

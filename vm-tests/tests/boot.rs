@@ -7,7 +7,7 @@ use std::time::Duration;
 use api::pki::{Ca, ClientSpec};
 use api::proto::VersionRequest;
 use api::Role;
-use common::{node, BOOT_TIMEOUT};
+use common::{node, plinth, BOOT_TIMEOUT};
 use vm_tests::node::wait_for_version;
 use vm_tests::timeline::Timeline;
 
@@ -98,12 +98,55 @@ async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls()
             "initialize/loadConfig",
             "boot/network",
             "boot/startApi",
+            "boot/startServices",
+            "boot/waitServicesHealthy",
         ]
     );
     assert!(timeline
         .phases()
         .iter()
         .all(|p| p.duration.is_some() && p.error.is_none()));
+    // `plinth bootchart` writes a Chrome trace with every phase and an SVG that parses.
+    let out_dir = node.spec.dir.join("bootchart");
+    std::fs::create_dir_all(&out_dir).expect("mkdir");
+    let endpoint = node.endpoint();
+    let node2 = node.clone();
+    let dir_arg = out_dir.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        plinth(&node2, &["-e", &endpoint, "bootchart", "-o", &dir_arg])
+    })
+    .await
+    .expect("cli");
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("bootchart.json")).expect("json file"))
+            .expect("valid JSON");
+    let slices: Vec<&str> = trace["traceEvents"]
+        .as_array()
+        .expect("traceEvents")
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    let svg = std::fs::read_to_string(out_dir.join("bootchart.svg")).expect("svg file");
+    let doc = roxmltree::Document::parse(&svg).expect("SVG parses");
+    let texts: String = doc
+        .descendants()
+        .filter_map(|n| n.text())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for p in &order {
+        let phase = p.split('/').nth(1).expect("phase");
+        assert!(
+            slices.iter().any(|s| s.contains(phase)),
+            "trace lacks {phase}"
+        );
+        assert!(texts.contains(phase), "SVG lacks {phase}");
+    }
+    if std::env::var_os("PLINTH_SAVE_BOOTCHART").is_some() {
+        let docs = common::workspace().join("docs");
+        std::fs::copy(out_dir.join("bootchart.svg"), docs.join("bootchart-vm.svg")).expect("copy");
+    }
+
     let fw = timeline
         .firmware_start_entry
         .as_ref()

@@ -1,9 +1,11 @@
 //! One module per subcommand.
 
+pub mod bootchart;
 pub mod cluster;
 pub mod events;
 pub mod gen;
 pub mod image;
 pub mod power;
+pub mod services;
 pub mod status;
 pub mod version;

@@ -351,17 +351,23 @@ impl Platform for Linux {
         Ok(child.id() as i32)
     }
 
-    fn power(&self, action: PowerAction) -> PlatformError {
+    fn boot_id(&self) -> String {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    fn power(&self, action: PowerAction) -> Result<(), PlatformError> {
         nix::unistd::sync();
         let mode = match action {
             PowerAction::Reboot => nix::sys::reboot::RebootMode::RB_AUTOBOOT,
             PowerAction::PowerOff => nix::sys::reboot::RebootMode::RB_POWER_OFF,
         };
         let Err(errno) = nix::sys::reboot::reboot(mode);
-        PlatformError::Sys {
+        Err(PlatformError::Sys {
             what: format!("reboot(2) for {action:?}"),
             errno,
-        }
+        })
     }
 }
 

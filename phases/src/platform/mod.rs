@@ -1,8 +1,11 @@
 //! The one trait through which sequences touch the machine.
 //!
-//! [`linux::Linux`] is the real machine, used by machined as PID 1 and as the initramfs `/init`.
+//! [`linux::Linux`] is the real machine, used by machined as PID 1 and as the initramfs `/init`;
+//! [`sim::Sim`] is an unprivileged model of one (a disk image file, a directory of UEFI
+//! variables, an emulated firmware), where the same sequences run in seconds.
 
 pub mod linux;
+pub mod sim;
 
 use std::path::{Path, PathBuf};
 
@@ -251,6 +254,10 @@ pub trait Platform: Send + Sync + 'static {
     /// The caller registers it with the reaper (see [`crate::reaper::Reaper::spawn`]).
     fn spawn(&self, argv: &[String], log: &Path) -> Result<i32, PlatformError>;
 
-    /// Restarts or powers off the machine. Returns only if that failed.
-    fn power(&self, action: PowerAction) -> PlatformError;
+    /// This boot's id (changes on every boot).
+    fn boot_id(&self) -> String;
+
+    /// Restarts or powers off the machine. On real hardware it returns only on failure; a
+    /// simulated machine accepts the request (`Ok`) and resets once the caller lets go.
+    fn power(&self, action: PowerAction) -> Result<(), PlatformError>;
 }

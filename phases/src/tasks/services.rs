@@ -13,6 +13,30 @@ pub async fn start_services(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     Ok(())
 }
 
+/// How long the boot waits for every service to be healthy.
+pub const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Waits until every service is healthy. After [`HEALTH_WAIT`] the boot goes on (the node is
+/// reachable to find out why) and the services stay as they are.
+pub async fn wait_services_healthy(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let deadline = tokio::time::Instant::now() + HEALTH_WAIT;
+    loop {
+        let waiting = ctx.services.unhealthy();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            tracing::warn!(
+                "services still not healthy after {}s: {}",
+                HEALTH_WAIT.as_secs(),
+                waiting.join(", ")
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Stops every service, dependents first, each with SIGTERM then SIGKILL at its deadline.
 pub async fn stop_services(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     ctx.services.stop_all().await;

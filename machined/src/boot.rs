@@ -1,0 +1,208 @@
+//! What the Linux node and the simulated one share: the boot chain, the API launcher, and
+//! what the API serves.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use api::proto::{StatusResponse, VersionResponse};
+use api::server::ServerHandle;
+use async_trait::async_trait;
+use config::NodeConfig;
+use phases::runtime::paths;
+use phases::tasks::system::release_version;
+use phases::{ApiLauncher, Runtime};
+use sequencer::{Denied, EventBus, SequenceKind, TaskError};
+
+/// Runs initialize then boot; returns only if the boot failed and even the reboot after it was
+/// refused. A sequence taken over (a reboot during boot) leaves the node to its successor.
+pub async fn boot_chain(runtime: &Arc<Runtime>) -> anyhow::Error {
+    let chain = [
+        (SequenceKind::Initialize, phases::boot::initialize()),
+        (SequenceKind::Boot, phases::boot::boot()),
+    ];
+    for (kind, sequence) in chain {
+        let started = match runtime
+            .controller
+            .start(kind, sequence, runtime.clone(), None, false)
+        {
+            Ok(s) => s,
+            // Something took over the boot already (a reboot asked for by a signal).
+            Err(denied) => {
+                tracing::info!("{kind} not started: {denied}");
+                return std::future::pending().await;
+            }
+        };
+        match started.handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_cancelled() => {
+                tracing::info!("{e}");
+                return std::future::pending().await;
+            }
+            Ok(Err(e)) => return boot_failed(runtime, anyhow::Error::new(e)).await,
+            Err(e) => return boot_failed(runtime, anyhow::anyhow!("{kind} panicked: {e}")).await,
+        }
+    }
+    tracing::info!("node is running");
+    std::future::pending::<anyhow::Error>().await
+}
+
+/// The boot failed: say why, give the operator time to read it, then reboot through the reboot
+/// sequence (so file systems are unmounted cleanly). Only if even that is refused does the error
+/// go back to the single fatal path.
+async fn boot_failed(runtime: &Arc<Runtime>, error: anyhow::Error) -> anyhow::Error {
+    crate::console::line(&format!("machined: boot failed: {error:#}"));
+    crate::console::line("machined: rebooting in 10s");
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    match phases::power::request(
+        runtime,
+        SequenceKind::Reboot,
+        Some("boot-failure".into()),
+        false,
+    ) {
+        Ok(_) => std::future::pending().await,
+        Err(denied) => error.context(format!("rebooting after the failed boot: {denied}")),
+    }
+}
+
+/// Starts the API server for the boot sequence's `startApi` task.
+pub struct ApiStarter {
+    /// Where to listen instead of the config's `0.0.0.0:port` (the simulated node listens on
+    /// 127.0.0.1 only).
+    bind: Option<SocketAddr>,
+    handle: Mutex<Option<ServerHandle>>,
+}
+
+impl ApiStarter {
+    /// A launcher; `bind` overrides the listening address.
+    pub fn new(bind: Option<SocketAddr>) -> Self {
+        ApiStarter {
+            bind,
+            handle: Mutex::new(None),
+        }
+    }
+
+    /// Stops the server, if it runs (the simulated machine's reset frees its port this way).
+    pub async fn stop(&self) {
+        let handle = self.handle.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            h.shutdown(std::time::Duration::from_secs(1)).await;
+        }
+    }
+}
+
+#[async_trait]
+impl ApiLauncher for ApiStarter {
+    async fn start(&self, runtime: Arc<Runtime>, config: &NodeConfig) -> Result<String, TaskError> {
+        let a = &config.machine.api;
+        let tls = api::tls::server_config(&a.ca, &a.cert, &a.key)?;
+        let addr = self
+            .bind
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], a.port)));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("binding the API to {addr}: {e}"))?;
+        let handle = api::server::serve(listener, tls, Arc::new(NodeApi::new(runtime)))?;
+        let endpoint = handle.local_addr.to_string();
+        *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(endpoint)
+    }
+}
+
+/// What the API serves: facts fixed for this boot, read once, and the live runtime.
+struct NodeApi {
+    runtime: Arc<Runtime>,
+    fixed: VersionResponse,
+}
+
+impl NodeApi {
+    fn new(runtime: Arc<Runtime>) -> Self {
+        let p = &runtime.platform;
+        let (root_fstype, root_source) = p
+            .mounts()
+            .ok()
+            .and_then(|m| m.into_iter().rev().find(|m| m.target == Path::new("/")))
+            .map(|m| (m.fstype, m.source))
+            .unwrap_or_default();
+        let release = p
+            .read(Path::new(paths::RELEASE))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let fixed = VersionResponse {
+            version: release_version(&release)
+                .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
+            node_name: runtime.config().map(|c| c.machine.name).unwrap_or_default(),
+            slot: runtime
+                .boot()
+                .map(|b| b.slot.to_string())
+                .unwrap_or_default(),
+            machined_pid: std::process::id(),
+            root_fstype,
+            root_source,
+            boot_id: p.boot_id(),
+            arch: std::env::consts::ARCH.into(),
+            kernel: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            state: String::new(),
+        };
+        NodeApi { runtime, fixed }
+    }
+}
+
+impl api::server::Node for NodeApi {
+    fn version(&self) -> VersionResponse {
+        VersionResponse {
+            state: self.runtime.controller.state().to_string(),
+            ..self.fixed.clone()
+        }
+    }
+
+    fn events(&self) -> &EventBus {
+        &self.runtime.bus
+    }
+
+    fn status(&self) -> StatusResponse {
+        let state = self.runtime.controller.state();
+        let (running_sequence, running_actor_id) = self
+            .runtime
+            .controller
+            .running()
+            .map(|(k, a)| (k.to_string(), a))
+            .unwrap_or_default();
+        StatusResponse {
+            state: state.to_string(),
+            superstate: state.superstate().into(),
+            running_sequence,
+            running_actor_id,
+            slot: self.fixed.slot.clone(),
+            boot_id: self.fixed.boot_id.clone(),
+        }
+    }
+
+    fn reboot(&self, actor: String) -> Result<(), Denied> {
+        phases::power::request(&self.runtime, SequenceKind::Reboot, Some(actor), false).map(|_| ())
+    }
+
+    fn services(&self) -> Vec<api::proto::ServiceInfo> {
+        self.runtime
+            .services
+            .list()
+            .into_iter()
+            .map(|s| api::proto::ServiceInfo {
+                name: s.name,
+                state: s.state.as_str().into(),
+                pid: s.pid.unwrap_or(0),
+                restarts: s.restarts,
+                healthy: s.healthy,
+                last_exit: s.last_exit.unwrap_or_default(),
+                depends_on: s.depends_on,
+            })
+            .collect()
+    }
+
+    fn shutdown(&self, actor: String, force: bool) -> Result<(), Denied> {
+        phases::power::request(&self.runtime, SequenceKind::Shutdown, Some(actor), force)
+            .map(|_| ())
+    }
+}

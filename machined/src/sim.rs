@@ -1,0 +1,87 @@
+//! machined on the simulated machine (`machined --platform sim --machine DIR`): the emulated
+//! firmware picks a boot entry, the initramfs and the node run against [`Sim`], and the API
+//! listens on 127.0.0.1. A reboot goes back through the firmware; a power-off ends the process.
+//! Each boot runs in its own async runtime, dropped at reset like RAM at a power cut.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use phases::platform::sim::{firmware, Sim};
+use phases::platform::PowerAction;
+use phases::reaper::{Reaper, Scope};
+use phases::tasks::initramfs::InitramfsState;
+use phases::Runtime;
+use sequencer::EventBus;
+
+use crate::boot::ApiStarter;
+use crate::console;
+
+/// Runs the machine until it powers off.
+pub fn run(dir: &Path, api: SocketAddr) -> anyhow::Result<()> {
+    loop {
+        let booted = firmware::power_on(dir).context("firmware")?;
+        console::line(&format!(
+            "SimFirmware: starting Boot{:04X} \"{}\" from {}",
+            booted.entry, booted.description, booted.path
+        ));
+        if booted
+            .cmdline
+            .split_whitespace()
+            .any(|a| a == "plinth.sim.panic")
+        {
+            // What a kernel that cannot start does with panic=1: reset.
+            console::line("Kernel panic - not syncing: plinth.sim.panic");
+            continue;
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let action = rt.block_on(boot_once(dir, &booted.cmdline, api));
+        rt.shutdown_timeout(Duration::from_secs(2));
+        match action? {
+            PowerAction::Reboot => console::line("sim: reset"),
+            PowerAction::PowerOff => {
+                console::line("sim: power off");
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn boot_once(dir: &Path, cmdline: &str, api: SocketAddr) -> anyhow::Result<PowerAction> {
+    let (sim, mut power) = Sim::new(dir, cmdline);
+    let bus = EventBus::new(4096);
+    bus.add_sink(Box::new(console::trace_sink));
+
+    let initramfs = InitramfsState::new(sim.clone());
+    if let Err(e) = sequencer::run(&phases::initramfs::sequence(), initramfs, &bus, None).await {
+        // As on the real machine: say why, then reset.
+        console::line(&format!("machined: fatal: {e}"));
+        return Ok(PowerAction::Reboot);
+    }
+
+    let reaper = Reaper::start(Scope::AllChildren).context("listening for SIGCHLD")?;
+    let starter = Arc::new(ApiStarter::new(Some(api)));
+    let runtime = Runtime::new(sim.clone(), bus, starter.clone(), reaper);
+    let booting = runtime.clone();
+    tokio::spawn(async move {
+        let e = crate::boot::boot_chain(&booting).await;
+        console::line(&format!("machined: fatal: {e:#}"));
+        let _ = booting.platform.power(PowerAction::Reboot);
+    });
+    // Being told to stop is pulling the plug: the node's processes must not outlive it.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
+    let action = tokio::select! {
+        a = power.recv() => a.unwrap_or(PowerAction::PowerOff),
+        _ = term.recv() => PowerAction::PowerOff,
+    };
+    starter.stop().await;
+    sim.kill_children();
+    Ok(action)
+}

@@ -1,0 +1,177 @@
+//! Simulated nodes for scenario tests: `machined --platform sim` on a provisioned machine
+//! directory, driven through the real API on 127.0.0.1.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api::gen::{generate, GenOptions};
+use api::proto::machine_client::MachineClient;
+use api::proto::{EventsRequest, VersionRequest, VersionResponse};
+use phases::platform::sim::provision::{provision, SimImage};
+use sequencer::{Event, EventKind};
+use tonic::transport::Channel;
+
+/// A simulated node.
+pub struct SimNode {
+    pub dir: tempfile::TempDir,
+    pub endpoint: String,
+    pub ctx: config::Context,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Provisions and starts a node with `services` and extra kernel arguments.
+pub fn start(services: Vec<config::Service>, extra_cmdline: &[&str]) -> SimNode {
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let mut g = generate(&GenOptions {
+        name: "sim".into(),
+        endpoint: endpoint.clone(),
+        interface: "eth0".into(),
+        address: Some("10.0.2.15/24".into()),
+        gateway: None,
+    })
+    .expect("configs");
+    g.node.machine.services = services;
+    let image = SimImage {
+        version: "1.0-sim".into(),
+        extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
+    };
+    let machine = dir.path().join("machine");
+    provision(&machine, &image, Some(&g.node.to_yaml()), 16 << 20).expect("provision");
+    let console = std::fs::File::create(dir.path().join("console.log")).expect("console");
+    let child = Command::new(env!("CARGO_BIN_EXE_machined"))
+        .args(["--platform", "sim", "--machine"])
+        .arg(&machine)
+        .args(["--api", &endpoint])
+        .stdin(Stdio::null())
+        .stdout(console.try_clone().expect("console"))
+        .stderr(console)
+        .spawn()
+        .expect("start machined");
+    let ctx = g.client.context(None).expect("ctx").1.clone();
+    SimNode {
+        dir,
+        endpoint,
+        ctx,
+        child: Some(child),
+    }
+}
+
+impl SimNode {
+    /// The machine directory.
+    pub fn machine(&self) -> PathBuf {
+        self.dir.path().join("machine")
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    /// An API client (retrying until the node listens).
+    pub async fn client(&self) -> MachineClient<Channel> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match api::client::connect_context(&self.endpoint, &self.ctx).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() > deadline => panic!("{e}\nconsole:\n{}", self.console()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Version, once the node answers with a boot id other than `not`.
+    pub async fn version_after(&self, not: Option<&str>) -> VersionResponse {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut c) = api::client::connect_context(&self.endpoint, &self.ctx).await {
+                if let Ok(v) = c.version(VersionRequest {}).await {
+                    let v = v.into_inner();
+                    if Some(v.boot_id.as_str()) != not && v.state == "running" {
+                        return v;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no answer; console:\n{}",
+                self.console()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every event the node keeps.
+    pub async fn events(&self) -> Vec<Event> {
+        let mut c = self.client().await;
+        let mut s = c
+            .events(EventsRequest {
+                since_id: Some(0),
+                ..Default::default()
+            })
+            .await
+            .expect("events")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(e) = s.message().await.expect("stream") {
+            out.extend(api::convert::from_proto(&e));
+        }
+        out
+    }
+
+    /// Waits for machined to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return status;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "machined did not exit; console:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM powers the simulated machine off (its services with it).
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Names of sequences stopped with an error containing `needle`.
+pub fn stopped_with(events: &[Event], sequence: &str, needle: &str) -> bool {
+    events.iter().any(|e| matches!(&e.kind, EventKind::SequenceStop { sequence: s, error: Some(err), .. } if s == sequence && err.contains(needle)))
+}

@@ -1,0 +1,187 @@
+//! Making a simulated machine: its disk (real GPT, slot A installed, file systems formatted),
+//! a blank NVRAM, and the initramfs's files.
+
+use std::fs::OpenOptions;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use upgrade::layout::{self, DiskPartition, LABEL_EPHEMERAL, LABEL_ESP, LABEL_STATE};
+use upgrade::Slot;
+
+use super::{root_image, FsSignature, Sim};
+
+/// What to install.
+#[derive(Debug, Clone)]
+pub struct SimImage {
+    /// The image's version string (in its root's `/etc/plinth-release`).
+    pub version: String,
+    /// Extra kernel command-line arguments.
+    pub extra_cmdline: Vec<String>,
+}
+
+impl SimImage {
+    /// The simulated root image.
+    pub fn rootfs(&self) -> Vec<u8> {
+        let release = format!("NAME=Plinth\nVERSION={}\n", self.version);
+        root_image(&[(crate::runtime::paths::RELEASE, &release)])
+    }
+
+    /// The simulated UKI for `slot`: its command line pins this image's root by size and digest.
+    pub fn uki(&self, slot: Slot) -> Vec<u8> {
+        let root = self.rootfs();
+        let mut cmdline = vec![
+            "console=ttyS0".to_string(),
+            "panic=1".into(),
+            format!("plinth.slot={slot}"),
+            format!("plinth.root.size={}", root.len()),
+            format!("plinth.root.blake3={}", blake3::hash(&root).to_hex()),
+        ];
+        cmdline.extend(self.extra_cmdline.iter().cloned());
+        format!("PLINTH-SIM-UKI\ncmdline={}\n", cmdline.join(" ")).into_bytes()
+    }
+}
+
+/// Provisioning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// A file operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// Where.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The layout could not be made.
+    #[error(transparent)]
+    Layout(#[from] upgrade::LayoutError),
+}
+
+fn io<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> ProvisionError + 'a {
+    move |source| ProvisionError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes `data` into the disk at `offset`.
+pub fn write_at(disk: &Path, offset: u64, data: &[u8]) -> Result<(), ProvisionError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .map_err(io("opening", disk))?;
+    f.seek(SeekFrom::Start(offset))
+        .and_then(|_| f.write_all(data))
+        .and_then(|_| f.sync_all())
+        .map_err(io("writing", disk))
+}
+
+/// Formats a (simulated) file system on a partition: a signature at its start and an empty
+/// volume directory. Returns the volume directory.
+pub fn format(dir: &Path, p: &DiskPartition, fstype: &str) -> Result<PathBuf, ProvisionError> {
+    let sig = FsSignature {
+        fstype: fstype.into(),
+        uuid: uuid::Uuid::new_v4(),
+        label: p.label.clone(),
+    };
+    write_at(&Sim::disk_path(dir), p.offset, &sig.encode())?;
+    let vol = Sim::volume_dir(dir, sig.uuid);
+    std::fs::create_dir_all(&vol).map_err(io("creating", &vol))?;
+    Ok(vol)
+}
+
+/// Makes a machine in `dir` with slot A installed from `image` and `config_yaml` on STATE
+/// (none leaves STATE empty). Its NVRAM is blank, as a new machine's is.
+pub fn provision(
+    dir: &Path,
+    image: &SimImage,
+    config_yaml: Option<&str>,
+    slot_bytes: u64,
+) -> Result<Vec<DiskPartition>, ProvisionError> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(io("cleaning", dir))?;
+    }
+    for sub in ["efivars", "volumes", "fs/lib/modules", "tmp", "roots"] {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).map_err(io("creating", &d))?;
+    }
+    // The initramfs: an empty module list (the simulated kernel has everything built in).
+    let order = dir.join("fs/lib/modules/plinth.order");
+    std::fs::write(&order, b"").map_err(io("writing", &order))?;
+
+    let disk_bytes = layout::min_disk_bytes(slot_bytes);
+    let parts = layout::plan(disk_bytes, slot_bytes)?;
+    let disk = Sim::disk_path(dir);
+    {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&disk)
+            .map_err(io("creating", &disk))?;
+        f.set_len(disk_bytes).map_err(io("sizing", &disk))?;
+        layout::write_table(&mut f, disk_bytes, &parts)?;
+    }
+    let part = |label: &str| parts.iter().find(|p| p.label == label).cloned();
+    if let Some(root_a) = part(Slot::A.root_label()) {
+        write_at(&disk, root_a.offset, &image.rootfs())?;
+    }
+    if let Some(esp) = part(LABEL_ESP) {
+        let vol = format(dir, &esp, "vfat")?;
+        for rel in ["EFI/plinth/A.efi", "EFI/BOOT/BOOTX64.EFI"] {
+            let p = vol.join(rel);
+            if let Some(d) = p.parent() {
+                std::fs::create_dir_all(d).map_err(io("creating", d))?;
+            }
+            std::fs::write(&p, image.uki(Slot::A)).map_err(io("writing", &p))?;
+        }
+    }
+    if let Some(state) = part(LABEL_STATE) {
+        let vol = format(dir, &state, "ext4")?;
+        if let Some(yaml) = config_yaml {
+            let p = vol.join("config.yaml");
+            std::fs::write(&p, yaml).map_err(io("writing", &p))?;
+        }
+    }
+    if let Some(eph) = part(LABEL_EPHEMERAL) {
+        format(dir, &eph, "ext4")?;
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::sim::firmware;
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn a_new_machine_boots_slot_a_from_the_removable_path_and_says_which_esp() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let image = SimImage {
+            version: "1.0".into(),
+            extra_cmdline: vec![],
+        };
+        let parts = provision(dir.path(), &image, None, 16 * MIB).expect("provision");
+        let booted = firmware::power_on(dir.path()).expect("boots");
+        let esp = parts.iter().find(|p| p.label == "EFI").expect("esp");
+        assert_eq!(booted.esp_guid, esp.guid);
+        assert_eq!(booted.path, firmware::REMOVABLE_PATH);
+        assert!(booted.cmdline.contains("plinth.slot=A"));
+        let vars = Sim::vars(dir.path());
+        assert_eq!(vars.boot_current().expect("read"), Some(booted.entry));
+        assert_eq!(
+            vars.loader_device_part_uuid().expect("read"),
+            Some(esp.guid)
+        );
+    }
+}
