@@ -110,6 +110,26 @@ pub fn to_proto(e: &Event) -> proto::Event {
             state: state.clone(),
             message: message.clone(),
         }),
+        EventKind::Slot {
+            slot,
+            state,
+            message,
+        } => Payload::Slot(proto::SlotEvent {
+            slot: slot.clone(),
+            state: state.clone(),
+            message: message.clone(),
+        }),
+        EventKind::Progress {
+            sequence,
+            what,
+            done,
+            total,
+        } => Payload::Progress(proto::ProgressEvent {
+            sequence: sequence.clone(),
+            what: what.clone(),
+            done: *done,
+            total: *total,
+        }),
     };
     proto::Event {
         id: e.id,
@@ -184,6 +204,17 @@ pub fn from_proto(e: &proto::Event) -> Option<Event> {
             state: s.state.clone(),
             message: s.message.clone(),
         },
+        Payload::Slot(s) => EventKind::Slot {
+            slot: s.slot.clone(),
+            state: s.state.clone(),
+            message: s.message.clone(),
+        },
+        Payload::Progress(p) => EventKind::Progress {
+            sequence: p.sequence.clone(),
+            what: p.what.clone(),
+            done: p.done,
+            total: p.total,
+        },
     };
     Some(Event {
         id: e.id,
@@ -252,6 +283,17 @@ mod tests {
                 service: "web".into(),
                 state: "running".into(),
                 message: "pid 7".into(),
+            },
+            EventKind::Slot {
+                slot: "B".into(),
+                state: "failed".into(),
+                message: "failed before machined started".into(),
+            },
+            EventKind::Progress {
+                sequence: "upgrade".into(),
+                what: "rootfs".into(),
+                done: 5,
+                total: 9,
             },
         ];
         for (i, kind) in kinds.into_iter().enumerate() {

@@ -21,6 +21,8 @@ pub struct GenOptions {
     pub address: Option<String>,
     /// The node's default gateway.
     pub gateway: Option<String>,
+    /// Public keys (hex) whose signed bundles the node accepts.
+    pub trusted_keys: Vec<String>,
 }
 
 /// The generated documents.
@@ -83,6 +85,10 @@ pub fn generate(opts: &GenOptions) -> Result<Generated, GenError> {
                 key: server.key_pem,
             },
             services: Vec::new(),
+            upgrade: config::Upgrade {
+                trusted_keys: opts.trusted_keys.clone(),
+                ..Default::default()
+            },
         },
     };
     node.validate()?;
@@ -120,6 +126,7 @@ mod tests {
             interface: "eth0".into(),
             address: Some("10.0.2.15/24".into()),
             gateway: Some("10.0.2.2".into()),
+            trusted_keys: vec![],
         })
         .expect("generate");
         assert!(config::NodeConfig::from_yaml(&g.node.to_yaml()).is_ok());
@@ -136,6 +143,7 @@ mod tests {
             interface: "eth0".into(),
             address: None,
             gateway: None,
+            trusted_keys: vec![],
         })
         .expect_err("refused");
         assert!(err.to_string().contains("machine.name"), "{err}");

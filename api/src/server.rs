@@ -28,6 +28,7 @@ use crate::proto::{
 use crate::role::{may_call, Role, SERVICE};
 
 /// What the API needs from the node it serves.
+#[tonic::async_trait]
 pub trait Node: Send + Sync + 'static {
     /// The Version reply.
     fn version(&self) -> VersionResponse;
@@ -41,7 +42,19 @@ pub trait Node: Send + Sync + 'static {
     fn shutdown(&self, actor: String, force: bool) -> Result<(), Denied>;
     /// The supervised services.
     fn services(&self) -> Vec<proto::ServiceInfo>;
+    /// Runs an upgrade from `bundle` to its end (or refusal).
+    async fn upgrade(
+        &self,
+        actor: String,
+        stage: bool,
+        bundle: BundleStream,
+    ) -> Result<proto::UpgradeResponse, Status>;
+    /// Starts a rollback to the other slot.
+    fn rollback(&self, actor: String) -> Result<(), Status>;
 }
+
+/// The bundle bytes of an `Upgrade` call, as a reader.
+pub type BundleStream = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 
 /// A lifecycle refusal as the RPC's reply: another sequence in the way is `ABORTED`, a request
 /// the state forbids is `FAILED_PRECONDITION`. The message names the running sequence and the
@@ -180,6 +193,53 @@ impl<N: Node> Machine for MachineService<N> {
         Ok(Response::new(proto::ServiceListResponse {
             services: self.node.services(),
         }))
+    }
+
+    async fn upgrade(
+        &self,
+        request: Request<tonic::Streaming<proto::UpgradeRequest>>,
+    ) -> Result<Response<proto::UpgradeResponse>, Status> {
+        use futures::StreamExt;
+        let mut stream = request.into_inner();
+        let options = match stream.message().await? {
+            Some(proto::UpgradeRequest {
+                msg: Some(proto::upgrade_request::Msg::Options(o)),
+            }) => o,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first Upgrade message must carry the options",
+                ))
+            }
+        };
+        let bytes = stream.map(|m| match m {
+            Ok(proto::UpgradeRequest {
+                msg: Some(proto::upgrade_request::Msg::Chunk(c)),
+            }) => Ok(bytes::Bytes::from(c)),
+            Ok(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "options after the first Upgrade message",
+            )),
+            Err(status) => Err(std::io::Error::other(format!(
+                "upload failed: {}",
+                status.message()
+            ))),
+        });
+        let reader = tokio_util::io::StreamReader::new(bytes);
+        let actor = Controller::new_actor();
+        let reply = self
+            .node
+            .upgrade(actor, options.stage, Box::new(reader))
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn rollback(
+        &self,
+        _: Request<proto::RollbackRequest>,
+    ) -> Result<Response<LifecycleResponse>, Status> {
+        let actor = Controller::new_actor();
+        self.node.rollback(actor.clone())?;
+        Ok(Response::new(LifecycleResponse { actor_id: actor }))
     }
 
     type EventsStream = EventStream;

@@ -13,6 +13,7 @@ struct FakeNode {
     bus: Arc<EventBus>,
 }
 
+#[tonic::async_trait]
 impl Node for FakeNode {
     fn version(&self) -> VersionResponse {
         VersionResponse {
@@ -36,6 +37,17 @@ impl Node for FakeNode {
     }
     fn services(&self) -> Vec<api::proto::ServiceInfo> {
         Vec::new()
+    }
+    async fn upgrade(
+        &self,
+        _: String,
+        _: bool,
+        _: api::server::BundleStream,
+    ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    fn rollback(&self, _: String) -> Result<(), tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
     }
 }
 

@@ -17,6 +17,8 @@ pub mod boot_vars;
 pub mod device_path;
 pub mod efivarfs;
 pub mod load_option;
+pub mod slots;
+pub mod uki;
 
 pub use boot_vars::BootVarError;
 pub use device_path::{DevicePath, DevicePathError, DevicePathNode, HardDrive};

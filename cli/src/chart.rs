@@ -285,7 +285,9 @@ impl Builder {
             EventKind::StateChange { .. }
             | EventKind::RequestDenied { .. }
             | EventKind::ApiReady { .. }
-            | EventKind::Service { .. } => {}
+            | EventKind::Service { .. }
+            | EventKind::Slot { .. }
+            | EventKind::Progress { .. } => {}
         }
     }
 

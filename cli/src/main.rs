@@ -45,6 +45,10 @@ enum Cmd {
     Shutdown(cmd::power::ShutdownArgs),
     /// List the node's services.
     Services(cmd::services::Args),
+    /// Write a bundle into the other slot and try it (A/B, rolls back by itself on failure).
+    Upgrade(cmd::upgrade::UpgradeArgs),
+    /// Go back to the other slot, if it is good.
+    Rollback(cmd::upgrade::RollbackArgs),
     /// Build images.
     #[command(subcommand)]
     Image(cmd::image::Image),
@@ -96,6 +100,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Reboot(a) => cmd::power::reboot(&target, a).await,
         Cmd::Shutdown(a) => cmd::power::shutdown(&target, a).await,
         Cmd::Services(a) => cmd::services::run(&target, a).await,
+        Cmd::Upgrade(a) => cmd::upgrade::upgrade(&target, a).await,
+        Cmd::Rollback(a) => cmd::upgrade::rollback(&target, a).await,
         Cmd::Image(i) => cmd::image::run(i),
         Cmd::Cluster(c) => cmd::cluster::run(&target, c).await,
     }

@@ -15,6 +15,7 @@ pub mod node;
 pub use client::{ClientConfig, Context};
 pub use node::{
     ApiConfig, HealthCheck, Interface, Machine, Network, NodeConfig, RestartPolicy, Service,
+    Upgrade,
 };
 
 /// A configuration document could not be used.

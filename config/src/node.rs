@@ -56,6 +56,40 @@ pub struct Machine {
     /// Extra services machined supervises.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Service>,
+    /// Upgrade policy.
+    #[serde(default)]
+    pub upgrade: Upgrade,
+}
+
+/// Upgrade policy: whose bundles to accept and what a new slot must prove before it is
+/// committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upgrade {
+    /// ed25519 public keys (hex) whose signatures the node accepts on bundles.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// Seconds a trial boot has to pass its health gates before the node reboots into the old
+    /// slot.
+    #[serde(default = "default_trial_timeout")]
+    pub trial_timeout_s: u64,
+    /// Checks that must pass (besides the API and every service) before a trial commits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health_checks: Vec<HealthCheck>,
+}
+
+impl Default for Upgrade {
+    fn default() -> Self {
+        Upgrade {
+            trusted_keys: Vec::new(),
+            trial_timeout_s: default_trial_timeout(),
+            health_checks: Vec::new(),
+        }
+    }
+}
+
+fn default_trial_timeout() -> u64 {
+    300
 }
 
 /// A service: a process machined starts after its dependencies are healthy, keeps running as
@@ -188,6 +222,29 @@ impl NodeConfig {
         require_pem(&api.cert, "machine.api.cert", "CERTIFICATE")?;
         require_pem(&api.key, "machine.api.key", "PRIVATE KEY")?;
         validate_services(&self.machine.services)?;
+        let up = &self.machine.upgrade;
+        for (i, k) in up.trusted_keys.iter().enumerate() {
+            if k.len() != 64 || !k.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ConfigError::invalid(
+                    format!("machine.upgrade.trusted_keys[{i}]"),
+                    "expected 64 hex digits (an ed25519 public key, as `plinth gen signing-key` prints)",
+                ));
+            }
+        }
+        if up.trial_timeout_s == 0 {
+            return Err(ConfigError::invalid(
+                "machine.upgrade.trial_timeout_s",
+                "must be more than 0",
+            ));
+        }
+        for (i, HealthCheck::Tcp(addr)) in up.health_checks.iter().enumerate() {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    format!("machine.upgrade.health_checks[{i}].tcp"),
+                    format!("{addr:?} is not an address:port"),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -373,6 +430,7 @@ mod tests {
                     key: PEM_KEY.into(),
                 },
                 services: vec![],
+                upgrade: Upgrade::default(),
             },
         }
     }
@@ -510,6 +568,13 @@ mod tests {
         c.machine.services = vec![service("a", &[])];
         c.machine.services[0].command = vec!["sleep".into()];
         assert_eq!(field_of(&c.to_yaml()), "machine.services[0].command");
+    }
+
+    #[test]
+    fn a_trusted_key_that_is_not_hex_is_named() {
+        let mut c = good();
+        c.machine.upgrade.trusted_keys = vec!["nothex".into()];
+        assert_eq!(field_of(&c.to_yaml()), "machine.upgrade.trusted_keys[0]");
     }
 
     #[test]

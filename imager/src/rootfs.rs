@@ -17,6 +17,7 @@ const DIRS: &[&str] = &[
     "tmp",
     "var",
     "system/state",
+    "system/efi",
 ];
 
 /// The os-release text for an image version (also the UKI's `.osrel`).

@@ -44,6 +44,15 @@ pub async fn boot_chain(runtime: &Arc<Runtime>) -> anyhow::Error {
         }
     }
     tracing::info!("node is running");
+    // From now on the main loop feeds the watchdog.
+    if phases::watchdog::armed() {
+        tokio::spawn(async {
+            loop {
+                phases::watchdog::feed();
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        });
+    }
     std::future::pending::<anyhow::Error>().await
 }
 
@@ -51,9 +60,18 @@ pub async fn boot_chain(runtime: &Arc<Runtime>) -> anyhow::Error {
 /// sequence (so file systems are unmounted cleanly). Only if even that is refused does the error
 /// go back to the single fatal path.
 async fn boot_failed(runtime: &Arc<Runtime>, error: anyhow::Error) -> anyhow::Error {
-    crate::console::line(&format!("machined: boot failed: {error:#}"));
-    crate::console::line("machined: rebooting in 10s");
-    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    crate::console::line(&format!(
+        "machined: boot failed: {}",
+        sequencer::runner::chain(error.as_ref())
+    ));
+    // Time to read the reason on a console; the simulated machine has no one watching.
+    let delay = if runtime.platform.name() == "sim" {
+        1
+    } else {
+        10
+    };
+    crate::console::line(&format!("machined: rebooting in {delay}s"));
+    tokio::time::sleep(std::time::Duration::from_secs(delay)).await;
     match phases::power::request(
         runtime,
         SequenceKind::Reboot,
@@ -150,6 +168,18 @@ impl NodeApi {
     }
 }
 
+fn slot_status(slot: upgrade::Slot, r: &upgrade::meta::SlotRecord) -> api::proto::SlotStatus {
+    api::proto::SlotStatus {
+        slot: slot.to_string(),
+        state: r.state.as_str().into(),
+        version: r.version.clone(),
+        attempts: r.attempts,
+        failure: r.failure.clone().unwrap_or_default(),
+        breadcrumbs: r.breadcrumbs.clone(),
+    }
+}
+
+#[tonic::async_trait]
 impl api::server::Node for NodeApi {
     fn version(&self) -> VersionResponse {
         VersionResponse {
@@ -170,6 +200,22 @@ impl api::server::Node for NodeApi {
             .running()
             .map(|(k, a)| (k.to_string(), a))
             .unwrap_or_default();
+        let meta = phases::slots::read_meta(&self.runtime)
+            .ok()
+            .flatten()
+            .map(|l| l.meta);
+        let vars = self.runtime.platform.efivars();
+        let boot_entries = vars
+            .boot_entries()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, o)| api::proto::BootEntry {
+                number: u32::from(n),
+                description: o.description.to_string_lossy(),
+                path: o.file_path_list.to_string(),
+                active: o.is_active(),
+            })
+            .collect();
         StatusResponse {
             state: state.to_string(),
             superstate: state.superstate().into(),
@@ -177,6 +223,37 @@ impl api::server::Node for NodeApi {
             running_actor_id,
             slot: self.fixed.slot.clone(),
             boot_id: self.fixed.boot_id.clone(),
+            slots: meta
+                .as_ref()
+                .map(|m| {
+                    upgrade::Slot::ALL
+                        .iter()
+                        .map(|s| slot_status(*s, m.slot(*s)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            committed: meta
+                .as_ref()
+                .map(|m| m.committed.to_string())
+                .unwrap_or_default(),
+            boot_entries,
+            boot_order: vars
+                .boot_order()
+                .unwrap_or_default()
+                .into_iter()
+                .map(u32::from)
+                .collect(),
+            boot_current: vars.boot_current().ok().flatten().map(u32::from),
+            boot_next: vars.boot_next().ok().flatten().map(u32::from),
+            last_failure: meta
+                .and_then(|m| m.last_failure)
+                .map(|f| api::proto::TrialFailure {
+                    slot: f.slot.to_string(),
+                    version: f.version,
+                    reason: f.reason,
+                    unix_ms: f.unix_ms,
+                }),
+            trial: self.runtime.trial(),
         }
     }
 
@@ -199,6 +276,75 @@ impl api::server::Node for NodeApi {
                 depends_on: s.depends_on,
             })
             .collect()
+    }
+
+    async fn upgrade(
+        &self,
+        actor: String,
+        stage: bool,
+        bundle: api::server::BundleStream,
+    ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
+        let rt = &self.runtime;
+        phases::upgrade::admit_upgrade(rt).map_err(tonic::Status::failed_precondition)?;
+        let job = phases::upgrade::UpgradeJob::new(rt.clone(), stage, bundle)
+            .map_err(tonic::Status::failed_precondition)?;
+        let started = rt
+            .controller
+            .start(
+                SequenceKind::Upgrade,
+                phases::upgrade::upgrade(),
+                job.clone(),
+                Some(actor.clone()),
+                false,
+            )
+            .map_err(|d| api::server::denied_status(&d, &actor))?;
+        match started.handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_cancelled() => return Err(tonic::Status::aborted(format!("{e} (actor id {actor})"))),
+            Ok(Err(e)) => {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "upgrade refused: {e}; the running slot and the boot entries are unchanged (actor id {actor})"
+                )))
+            }
+            Err(e) => return Err(tonic::Status::internal(format!("upgrade task: {e}"))),
+        }
+        let rebooting = !stage
+            && phases::power::request(rt, SequenceKind::Reboot, Some(actor.clone()), false).is_ok();
+        Ok(api::proto::UpgradeResponse {
+            actor_id: actor,
+            slot: job.target.to_string(),
+            version: job.manifest().map(|m| m.version).unwrap_or_default(),
+            rebooting,
+        })
+    }
+
+    fn rollback(&self, actor: String) -> Result<(), tonic::Status> {
+        let rt = self.runtime.clone();
+        phases::upgrade::admit_rollback(&rt).map_err(tonic::Status::failed_precondition)?;
+        let started = rt
+            .controller
+            .start(
+                SequenceKind::Rollback,
+                phases::upgrade::rollback(),
+                rt.clone(),
+                Some(actor.clone()),
+                false,
+            )
+            .map_err(|d| api::server::denied_status(&d, &actor))?;
+        tokio::spawn(async move {
+            match started.handle.await {
+                Ok(Ok(())) => {
+                    if let Err(d) =
+                        phases::power::request(&rt, SequenceKind::Reboot, Some(actor), false)
+                    {
+                        tracing::warn!("reboot after rollback: {d}");
+                    }
+                }
+                Ok(Err(e)) => tracing::error!("{e}"),
+                Err(e) => tracing::error!("rollback task: {e}"),
+            }
+        });
+        Ok(())
     }
 
     fn shutdown(&self, actor: String, force: bool) -> Result<(), Denied> {

@@ -24,6 +24,8 @@ fn try_run() -> anyhow::Result<std::convert::Infallible> {
         .context("starting the async runtime")?;
     let bus = EventBus::new(1024);
     bus.add_sink(Box::new(crate::console::trace_sink));
+    // Every event is progress: it feeds the watchdog (once armed).
+    bus.add_sink(Box::new(|_| phases::watchdog::feed()));
     let ctx = InitramfsState::new(std::sync::Arc::new(Linux));
     rt.block_on(sequencer::run(
         &phases::initramfs::sequence(),

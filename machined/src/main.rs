@@ -97,7 +97,10 @@ fn main() {
         match sim::run(&dir, args.api) {
             Ok(()) => std::process::exit(0),
             Err(e) => {
-                console::line(&format!("machined: {e:#}"));
+                console::line(&format!(
+                    "machined: {}",
+                    sequencer::runner::chain(e.as_ref())
+                ));
                 std::process::exit(1);
             }
         }
@@ -122,7 +125,7 @@ fn main() {
         Role::Node => node::run(),
     };
     // Only failures come back.
-    fatal(&format!("{outcome:#}"));
+    fatal(&sequencer::runner::chain(outcome.as_ref()));
 }
 
 /// The pause helper: sleeps until killed.

@@ -35,6 +35,13 @@ async fn serve() -> anyhow::Error {
         Err(e) => tracing::warn!("{}: {e}", paths::INITRAMFS_EVENTS),
     }
     bus.add_sink(Box::new(crate::console::trace_sink));
+    if let Some(fd) = std::fs::read_to_string(phases::watchdog::HANDOFF)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
+        phases::watchdog::adopt(fd);
+    }
+    bus.add_sink(Box::new(|_| phases::watchdog::feed()));
     // The one SIGCHLD handler: PID 1 reaps every orphan, and services' exits go to the
     // supervisor through it.
     let reaper = match Reaper::start(Scope::AllChildren) {

@@ -71,7 +71,10 @@ async fn boot_once(dir: &Path, cmdline: &str, api: SocketAddr) -> anyhow::Result
     let booting = runtime.clone();
     tokio::spawn(async move {
         let e = crate::boot::boot_chain(&booting).await;
-        console::line(&format!("machined: fatal: {e:#}"));
+        console::line(&format!(
+            "machined: fatal: {}",
+            sequencer::runner::chain(e.as_ref())
+        ));
         let _ = booting.platform.power(PowerAction::Reboot);
     });
     // Being told to stop is pulling the plug: the node's processes must not outlive it.

@@ -111,6 +111,7 @@ async fn reboot_returns_with_a_new_boot_id_and_the_teardown_in_order() {
     assert_eq!(
         phases,
         [
+            "armStagedUpgrade",
             "stopServices",
             "killProcesses",
             "unmountFilesystems",

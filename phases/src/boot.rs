@@ -6,7 +6,7 @@ use std::sync::Arc;
 use sequencer::{Sequence, Task};
 
 use crate::runtime::Runtime;
-use crate::tasks::{api, network, services, state, system};
+use crate::tasks::{api, fault, network, services, state, system, trial};
 
 /// The initialize phase table.
 pub fn initialize() -> Sequence<Arc<Runtime>> {
@@ -23,14 +23,21 @@ pub fn initialize() -> Sequence<Arc<Runtime>> {
             [
                 Task::new("mountState", state::mount_state),
                 Task::new("mountEphemeral", state::mount_ephemeral),
+                Task::new("mountEsp", trial::mount_esp),
             ],
         )
         .phase("loadConfig", [Task::new("loadConfig", state::load_config)])
+        .phase("checkSlots", [Task::new("checkSlots", trial::check_slots)])
 }
 
 /// The boot phase table.
 pub fn boot() -> Sequence<Arc<Runtime>> {
     Sequence::new("boot")
+        .phase_when(
+            "faultHang",
+            fault::hang_requested,
+            [Task::new("hang", fault::hang)],
+        )
         .phase(
             "network",
             [
@@ -50,6 +57,16 @@ pub fn boot() -> Sequence<Arc<Runtime>> {
                 services::wait_services_healthy,
             )],
         )
+        .phase_when(
+            "healthGates",
+            trial::on_trial,
+            [Task::new("healthGates", trial::health_gates)],
+        )
+        .phase_when(
+            "commit",
+            trial::on_trial,
+            [Task::new("commit", trial::commit)],
+        )
 }
 
 #[cfg(test)]
@@ -58,7 +75,7 @@ mod tests {
     fn the_initialize_phases_are_in_order() {
         assert_eq!(
             super::initialize().phase_names(),
-            ["handover", "mountPartitions", "loadConfig"]
+            ["handover", "mountPartitions", "loadConfig", "checkSlots"]
         );
     }
 
@@ -67,10 +84,13 @@ mod tests {
         assert_eq!(
             super::boot().phase_names(),
             [
+                "faultHang",
                 "network",
                 "startApi",
                 "startServices",
-                "waitServicesHealthy"
+                "waitServicesHealthy",
+                "healthGates",
+                "commit"
             ]
         );
     }

@@ -18,6 +18,7 @@ pub fn sequence() -> Sequence<Initramfs> {
             ],
         )
         .phase("loadModules", [Task::new("loadModules", t::load_modules)])
+        .phase("armWatchdog", [Task::new("armWatchdog", t::arm_watchdog)])
         .phase(
             "mountEfivarfs",
             [Task::new("mountEfivarfs", t::mount_efivarfs)],
@@ -40,6 +41,7 @@ mod tests {
             [
                 "mountPseudoFilesystems",
                 "loadModules",
+                "armWatchdog",
                 "mountEfivarfs",
                 "findBootDisk",
                 "verifyRoot",

@@ -14,6 +14,9 @@ pub mod reaper;
 pub mod runtime;
 pub mod services;
 pub mod shutdown;
+pub mod slots;
 pub mod tasks;
+pub mod upgrade;
+pub mod watchdog;
 
 pub use runtime::{ApiLauncher, BootInfo, Runtime};

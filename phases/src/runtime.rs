@@ -28,6 +28,8 @@ pub mod paths {
     pub const CONFIG: &str = "/system/state/config.yaml";
     /// Service output.
     pub const SERVICE_LOGS: &str = "/var/log/services";
+    /// The ESP's mount point.
+    pub const ESP: &str = "/system/efi";
     /// The EPHEMERAL partition's mount point.
     pub const EPHEMERAL: &str = "/var";
     /// The list of kernel modules to load, in order, relative to `/lib/modules/<release>/`.
@@ -72,6 +74,7 @@ pub trait ApiLauncher: Send + Sync + 'static {
 struct Found {
     boot: Option<BootInfo>,
     config: Option<NodeConfig>,
+    api_probe: Option<String>,
 }
 
 /// The node as its tasks see it.
@@ -87,6 +90,9 @@ pub struct Runtime {
     /// Supervised services.
     pub services: Arc<Supervisor>,
     found: Mutex<Found>,
+    /// Whether this boot is a slot's trial.
+    trial: std::sync::atomic::AtomicBool,
+    meta: Mutex<()>,
 }
 
 impl Runtime {
@@ -105,6 +111,8 @@ impl Runtime {
             bus,
             api,
             found: Mutex::new(Found::default()),
+            trial: std::sync::atomic::AtomicBool::new(false),
+            meta: Mutex::new(()),
         })
     }
 
@@ -125,6 +133,32 @@ impl Runtime {
     /// The node config, once loaded.
     pub fn config(&self) -> Option<NodeConfig> {
         self.found().config.clone()
+    }
+
+    /// Whether this boot is a slot's trial (its health decides whether it is committed).
+    pub fn trial(&self) -> bool {
+        self.trial.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Marks this boot as a trial, or not.
+    pub fn set_trial(&self, trial: bool) {
+        self.trial.store(trial, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Where the API can be reached from the node itself, when it does not listen on the
+    /// config's port on all addresses (the simulated node).
+    pub fn api_probe(&self) -> Option<String> {
+        self.found().api_probe.clone()
+    }
+
+    /// Records where the API listens.
+    pub fn set_api_probe(&self, endpoint: String) {
+        self.found().api_probe = Some(endpoint);
+    }
+
+    /// Held while META is read, changed and written.
+    pub fn meta_lock(&self) -> MutexGuard<'_, ()> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records the node config.

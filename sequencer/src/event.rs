@@ -120,6 +120,26 @@ pub enum EventKind {
         /// Address it listens on.
         endpoint: String,
     },
+    /// A slot's record changed (written, pending, on trial, committed, failed).
+    Slot {
+        /// `A` or `B`.
+        slot: String,
+        /// Its state now.
+        state: String,
+        /// What happened.
+        message: String,
+    },
+    /// Progress of a long step (bytes written, for instance).
+    Progress {
+        /// Sequence name.
+        sequence: String,
+        /// What is progressing.
+        what: String,
+        /// Done so far.
+        done: u64,
+        /// Total.
+        total: u64,
+    },
     /// A supervised service changed state.
     Service {
         /// Service name.
@@ -146,6 +166,8 @@ impl EventKind {
             EventKind::RequestDenied { .. } => "request.denied",
             EventKind::ApiReady { .. } => "api.ready",
             EventKind::Service { .. } => "service",
+            EventKind::Slot { .. } => "slot",
+            EventKind::Progress { .. } => "progress",
         }
     }
 }

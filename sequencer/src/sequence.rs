@@ -95,6 +95,11 @@ impl<C> Phase<C> {
         self.tasks.iter().map(|t| t.name).collect()
     }
 
+    /// The phase's tasks.
+    pub fn tasks(&self) -> &[Task<C>] {
+        &self.tasks
+    }
+
     /// Whether the phase runs for this context.
     pub fn applies(&self, ctx: &C) -> bool {
         self.condition.as_ref().is_none_or(|c| c(ctx))

@@ -32,6 +32,8 @@ pub struct NodeSpec {
     pub memory_mb: u32,
     /// Services for the node config.
     pub services: Vec<config::Service>,
+    /// Public keys (hex) whose bundles the node accepts.
+    pub trusted_keys: Vec<String>,
 }
 
 /// A node ready to boot.
@@ -89,6 +91,7 @@ pub fn prepare(spec: &NodeSpec, artifacts: &Artifacts) -> Result<PreparedNode, H
         interface: "eth0".into(),
         address: Some(GUEST_ADDRESS.into()),
         gateway: Some(GUEST_GATEWAY.into()),
+        trusted_keys: spec.trusted_keys.clone(),
     })
     .map_err(|e| HarnessError::Other(format!("generating configs: {e}")))?;
     generated.node.machine.services = spec.services.clone();

@@ -88,6 +88,7 @@ async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls()
         [
             "initramfs/mountPseudoFilesystems",
             "initramfs/loadModules",
+            "initramfs/armWatchdog",
             "initramfs/mountEfivarfs",
             "initramfs/findBootDisk",
             "initramfs/verifyRoot",
@@ -96,6 +97,7 @@ async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls()
             "initialize/handover",
             "initialize/mountPartitions",
             "initialize/loadConfig",
+            "initialize/checkSlots",
             "boot/network",
             "boot/startApi",
             "boot/startServices",

@@ -10,7 +10,12 @@ use common::{extract_partition, node, plinth, BOOT_TIMEOUT};
 use sequencer::trace;
 use vm_tests::node::wait_for_version;
 
-const TEARDOWN: [&str; 3] = ["killProcesses", "unmountFilesystems", "syncDisks"];
+const TEARDOWN: [&str; 4] = [
+    "stopServices",
+    "killProcesses",
+    "unmountFilesystems",
+    "syncDisks",
+];
 
 /// Phase names of `sequence` that started, in console order, from console line `from`.
 fn phases_on_console(
@@ -68,7 +73,8 @@ async fn plinth_reboot_wait_brings_the_node_back_with_a_new_boot_id_after_an_ord
     let lines = vm.serial.lines();
     let teardown = phases_on_console(&lines, "reboot");
     let names: Vec<&str> = teardown.iter().map(|(_, p, _)| p.as_str()).collect();
-    assert_eq!(names, TEARDOWN);
+    assert_eq!(names[0], "armStagedUpgrade");
+    assert_eq!(names[1..], TEARDOWN);
     assert!(teardown.iter().all(|(_, _, e)| e.is_none()), "{teardown:?}");
     let firmware_starts: Vec<usize> = lines
         .iter()

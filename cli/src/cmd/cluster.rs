@@ -94,6 +94,7 @@ pub async fn run(target: &Target, c: Cluster) -> anyhow::Result<()> {
                     image_dir,
                     memory_mb: memory,
                     services: Vec::new(),
+                    trusted_keys: Vec::new(),
                 },
                 &artifacts,
             )?;

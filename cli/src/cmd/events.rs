@@ -99,6 +99,17 @@ pub fn describe(e: &Event) -> String {
             state,
             message,
         } => format!("service {service} {state}: {message}"),
+        EventKind::Slot {
+            slot,
+            state,
+            message,
+        } => format!("slot {slot} {state}: {message}"),
+        EventKind::Progress {
+            sequence,
+            what,
+            done,
+            total,
+        } => format!("{sequence}: {what} {done}/{total}"),
     };
     let actor = e
         .actor

@@ -27,6 +27,19 @@ pub enum Gen {
         /// The node's default gateway.
         #[arg(long)]
         gateway: Option<String>,
+        /// Accept upgrade bundles signed by this public key (hex; repeatable).
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Generate an ed25519 key to sign upgrade bundles (signing.key, PEM) and print its public
+    /// half (signing.pub, hex), which nodes list in machine.upgrade.trusted_keys.
+    SigningKey {
+        /// Directory to write into.
+        #[arg(short = 'o', long = "output-dir", default_value = ".")]
+        output_dir: PathBuf,
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
@@ -43,6 +56,29 @@ fn write(path: &Path, data: &str, force: bool) -> anyhow::Result<()> {
 
 pub fn run(g: Gen) -> anyhow::Result<()> {
     match g {
+        Gen::SigningKey { output_dir, force } => {
+            std::fs::create_dir_all(&output_dir)
+                .with_context(|| format!("creating {}", output_dir.display()))?;
+            let key = upgrade::bundle::generate_key()?;
+            let public = upgrade::bundle::public_hex(&key.verifying_key());
+            write(
+                &output_dir.join("signing.key"),
+                &upgrade::bundle::key_to_pem(&key)?,
+                force,
+            )?;
+            write(
+                &output_dir.join("signing.pub"),
+                &format!("{public}\n"),
+                force,
+            )?;
+            eprintln!(
+                "wrote {} and {}",
+                output_dir.join("signing.key").display(),
+                output_dir.join("signing.pub").display()
+            );
+            println!("{public}");
+            Ok(())
+        }
         Gen::Config {
             name,
             endpoint,
@@ -50,6 +86,7 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
             interface,
             address,
             gateway,
+            trusted_keys,
             force,
         } => {
             let (host, _) = api::client::split_endpoint(&endpoint)?;
@@ -63,6 +100,7 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
                 interface,
                 address,
                 gateway,
+                trusted_keys,
             })?;
             std::fs::create_dir_all(output_dir.join("secrets"))
                 .with_context(|| format!("creating {}", output_dir.display()))?;

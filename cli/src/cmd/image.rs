@@ -34,6 +34,18 @@ pub enum Image {
         #[arg(long)]
         cache: Option<PathBuf>,
     },
+    /// Make a signed upgrade bundle from a build.
+    Bundle {
+        /// The build's output directory.
+        #[arg(long, default_value = "out")]
+        image_dir: PathBuf,
+        /// The signing key (`plinth gen signing-key`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The bundle to write.
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+    },
     /// Write a system disk (GPT, slot A installed) from a build, with a node config on STATE.
     Disk {
         /// The build's output directory.
@@ -117,6 +129,34 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             );
             println!("  UKI slot A  {}", a.uki_a.display());
             println!("  UKI slot B  {}", a.uki_b.display());
+            Ok(())
+        }
+        Image::Bundle {
+            image_dir,
+            key,
+            out,
+        } => {
+            let a = Artifacts::load(&image_dir).context("run `plinth image build` first")?;
+            let pem = std::fs::read_to_string(&key)
+                .with_context(|| format!("reading {}", key.display()))?;
+            let key = upgrade::bundle::key_from_pem(&pem)?;
+            let read =
+                |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let bytes = upgrade::bundle::build(
+                &a.version,
+                std::env::consts::ARCH,
+                &read(&a.uki_a)?,
+                &read(&a.uki_b)?,
+                &read(&a.rootfs)?,
+                &key,
+            )?;
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} (Plinth {}, {} bytes)",
+                out.display(),
+                a.version,
+                bytes.len()
+            );
             Ok(())
         }
         Image::Disk {

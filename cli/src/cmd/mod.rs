@@ -8,4 +8,5 @@ pub mod image;
 pub mod power;
 pub mod services;
 pub mod status;
+pub mod upgrade;
 pub mod version;

@@ -30,6 +30,21 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                 "running_actor_id": s.running_actor_id,
                 "slot": s.slot,
                 "boot_id": s.boot_id,
+                "trial": s.trial,
+                "committed": s.committed,
+                "slots": s.slots.iter().map(|x| serde_json::json!({
+                    "slot": x.slot, "state": x.state, "version": x.version, "attempts": x.attempts,
+                    "failure": x.failure, "breadcrumbs": x.breadcrumbs,
+                })).collect::<Vec<_>>(),
+                "last_failure": s.last_failure.as_ref().map(|f| serde_json::json!({
+                    "slot": f.slot, "version": f.version, "reason": f.reason, "unix_ms": f.unix_ms,
+                })),
+                "boot_current": s.boot_current,
+                "boot_next": s.boot_next,
+                "boot_order": s.boot_order,
+                "boot_entries": s.boot_entries.iter().map(|e| serde_json::json!({
+                    "number": e.number, "description": e.description, "path": e.path, "active": e.active,
+                })).collect::<Vec<_>>(),
             })
         ),
         Format::Text => {
@@ -41,8 +56,54 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                     s.running_sequence, s.running_actor_id
                 );
             }
-            println!("Slot:     {}", s.slot);
+            println!(
+                "Booted:    slot {}{}",
+                s.slot,
+                if s.trial { " (trial)" } else { "" }
+            );
+            println!("Committed: slot {}", s.committed);
             println!("Boot ID:  {}", s.boot_id);
+            println!();
+            println!(
+                "{:<5} {:<8} {:<20} {:>8}  DETAIL",
+                "SLOT", "STATE", "VERSION", "ATTEMPTS"
+            );
+            for slot in &s.slots {
+                let detail = if slot.failure.is_empty() {
+                    slot.breadcrumbs.last().cloned().unwrap_or_default()
+                } else {
+                    slot.failure.clone()
+                };
+                println!(
+                    "{:<5} {:<8} {:<20} {:>8}  {detail}",
+                    slot.slot, slot.state, slot.version, slot.attempts
+                );
+            }
+            if let Some(f) = &s.last_failure {
+                println!();
+                println!(
+                    "Last failed trial: slot {} ({}): {}",
+                    f.slot, f.version, f.reason
+                );
+            }
+            println!();
+            let hex = |n: &Option<u32>| n.map(|n| format!("{n:04X}")).unwrap_or_else(|| "-".into());
+            let order: Vec<String> = s.boot_order.iter().map(|n| format!("{n:04X}")).collect();
+            println!(
+                "BootCurrent: {}  BootNext: {}  BootOrder: {}",
+                hex(&s.boot_current),
+                hex(&s.boot_next),
+                order.join(",")
+            );
+            for e in &s.boot_entries {
+                println!(
+                    "Boot{:04X}{} {}\t{}",
+                    e.number,
+                    if e.active { "*" } else { " " },
+                    e.description,
+                    e.path
+                );
+            }
         }
     }
     Ok(())

@@ -29,8 +29,39 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The key test bundles are signed with (the nodes trust it).
+pub fn signing_key() -> upgrade::bundle::SigningKey {
+    upgrade::bundle::SigningKey::from_bytes(&[42u8; 32])
+}
+
+/// A simulated image's bundle, signed with [`signing_key`].
+pub fn sim_bundle(version: &str, extra_cmdline: &[&str]) -> Vec<u8> {
+    let image = SimImage {
+        version: version.into(),
+        extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
+    };
+    upgrade::bundle::build(
+        version,
+        std::env::consts::ARCH,
+        &image.uki(upgrade::Slot::A),
+        &image.uki(upgrade::Slot::B),
+        &image.rootfs(),
+        &signing_key(),
+    )
+    .expect("bundle")
+}
+
 /// Provisions and starts a node with `services` and extra kernel arguments.
 pub fn start(services: Vec<config::Service>, extra_cmdline: &[&str]) -> SimNode {
+    start_with(services, extra_cmdline, |_| {})
+}
+
+/// Like [`start`], with a last word on the node config.
+pub fn start_with(
+    services: Vec<config::Service>,
+    extra_cmdline: &[&str],
+    tweak: impl FnOnce(&mut config::NodeConfig),
+) -> SimNode {
     let dir = tempfile::tempdir().expect("tmp");
     let port = free_port();
     let endpoint = format!("127.0.0.1:{port}");
@@ -40,9 +71,13 @@ pub fn start(services: Vec<config::Service>, extra_cmdline: &[&str]) -> SimNode 
         interface: "eth0".into(),
         address: Some("10.0.2.15/24".into()),
         gateway: None,
+        trusted_keys: vec![],
     })
     .expect("configs");
     g.node.machine.services = services;
+    g.node.machine.upgrade.trusted_keys =
+        vec![upgrade::bundle::public_hex(&signing_key().verifying_key())];
+    tweak(&mut g.node);
     let image = SimImage {
         version: "1.0-sim".into(),
         extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
@@ -106,6 +141,51 @@ impl SimNode {
             assert!(
                 Instant::now() < deadline,
                 "no answer; console:\n{}",
+                self.console()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Streams `bundle` to the node's Upgrade RPC.
+    pub async fn upgrade(
+        &self,
+        bundle: &[u8],
+        stage: bool,
+    ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
+        use api::proto::{upgrade_request::Msg, UpgradeOptions, UpgradeRequest};
+        let mut msgs = vec![UpgradeRequest {
+            msg: Some(Msg::Options(UpgradeOptions { stage })),
+        }];
+        msgs.extend(bundle.chunks(64 * 1024).map(|c| UpgradeRequest {
+            msg: Some(Msg::Chunk(c.to_vec())),
+        }));
+        let mut c = self.client().await;
+        c.upgrade(tokio_stream::iter(msgs))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Status, once the node answers.
+    pub async fn status(&self) -> api::proto::StatusResponse {
+        let mut c = self.client().await;
+        c.status(api::proto::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+    }
+
+    /// Waits for a running node on `slot` with a boot id other than `not`.
+    pub async fn running_on(&self, slot: &str, not: &str) -> VersionResponse {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = self.version_after(Some(not)).await;
+            if v.slot == slot {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never ran on {slot}; console:\n{}",
                 self.console()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -167,8 +167,21 @@ impl Platform for Linux {
         Ok(disks)
     }
 
-    fn open_read(&self, path: &Path) -> Result<std::fs::File, PlatformError> {
-        std::fs::File::open(path).map_err(|e| PlatformError::io("opening", path, e))
+    fn open_partition(
+        &self,
+        device: &Path,
+        write: bool,
+    ) -> Result<(std::fs::File, u64), PlatformError> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(device)
+            .map_err(|e| PlatformError::io("opening", device, e))?;
+        Ok((f, 0))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), PlatformError> {
+        std::fs::rename(from, to).map_err(|e| PlatformError::io("renaming", from, e))
     }
 
     fn set_hostname(&self, name: &str) -> Result<(), PlatformError> {

@@ -216,8 +216,17 @@ pub trait Platform: Send + Sync + 'static {
     /// Whole disks with a readable GPT.
     fn disks(&self) -> Result<Vec<Disk>, PlatformError>;
 
-    /// Opens a block device (or image) for reading.
-    fn open_read(&self, path: &Path) -> Result<std::fs::File, PlatformError>;
+    /// Opens a partition device for reading (and writing, with `write`). Returns the file and
+    /// the offset in it where the partition starts: 0 for a real partition device, the
+    /// partition's offset in the disk image on the simulated machine.
+    fn open_partition(
+        &self,
+        device: &Path,
+        write: bool,
+    ) -> Result<(std::fs::File, u64), PlatformError>;
+
+    /// Renames a file (on the same file system): how a file is replaced atomically.
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), PlatformError>;
 
     /// Sets the host name.
     fn set_hostname(&self, name: &str) -> Result<(), PlatformError>;

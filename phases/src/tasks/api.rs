@@ -10,6 +10,8 @@ use crate::runtime::Runtime;
 pub async fn start_api(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let cfg = ctx.config().ok_or("the node config is not loaded")?;
     let endpoint = ctx.api.start(ctx.clone(), &cfg).await?;
+    // A wildcard address is reached on loopback.
+    ctx.set_api_probe(endpoint.replace("0.0.0.0", "127.0.0.1"));
     ctx.bus.publish(EventKind::ApiReady { endpoint }, None);
     Ok(())
 }

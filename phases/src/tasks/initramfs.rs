@@ -168,6 +168,22 @@ pub async fn load_modules(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     Ok(())
 }
 
+/// Arms the hardware watchdog (if the machine has one): from here on, a boot that stops making
+/// progress resets the machine.
+pub async fn arm_watchdog(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
+    if ctx.platform.name() != "linux" {
+        return Ok(());
+    }
+    match tokio::task::spawn_blocking(|| crate::watchdog::arm(Duration::from_secs(2))).await? {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            tracing::warn!("no watchdog device: a hung boot will not reset by itself");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Mounts efivarfs, where the firmware stub left `LoaderDevicePartUUID`.
 pub async fn mount_efivarfs(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     let spec = MountSpec::new("efivarfs", crate::platform::linux::EFIVARS, "efivarfs").restricted();
@@ -278,7 +294,9 @@ pub fn hash_prefix(file: std::fs::File, path: &Path, size: u64) -> Result<String
 pub async fn verify_root(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     let boot = ctx.require_boot()?;
     let (size, expected) = pinned_root(&ctx.platform.cmdline()?)?;
-    let file = ctx.platform.open_read(&boot.root_device)?;
+    let (mut file, base) = ctx.platform.open_partition(&boot.root_device, false)?;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(base))
+        .map_err(|e| crate::platform::PlatformError::io("seeking in", &boot.root_device, e))?;
     let device = boot.root_device.clone();
     let actual = tokio::task::spawn_blocking(move || hash_prefix(file, &device, size)).await??;
     if actual != expected {
@@ -311,6 +329,12 @@ pub async fn switch_root(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     }
     let json = serde_json::to_vec(&boot).map_err(|e| format!("encoding boot info: {e}"))?;
     ctx.platform.write(info, &json)?;
+    if let Some(fd) = crate::watchdog::handoff_fd() {
+        ctx.platform.write(
+            Path::new(crate::watchdog::HANDOFF),
+            fd.to_string().as_bytes(),
+        )?;
+    }
     Ok(())
 }
 

@@ -33,6 +33,7 @@ pub async fn wait_services_healthy(ctx: Arc<Runtime>) -> Result<(), TaskError> {
             );
             return Ok(());
         }
+        crate::watchdog::feed();
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }

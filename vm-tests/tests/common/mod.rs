@@ -37,6 +37,7 @@ pub fn node_with_services(name: &str, services: Vec<config::Service>) -> Prepare
         image_dir: PathBuf::new(),
         memory_mb: 1024,
         services,
+        trusted_keys: Vec::new(),
     };
     prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}"))
 }
@@ -85,4 +86,69 @@ pub fn extract_partition(node: &PreparedNode, label: &str, out: &std::path::Path
     let mut data = vec![0u8; p.len as usize];
     disk.read_exact(&mut data).expect("read");
     std::fs::write(out, data).expect("write");
+}
+
+/// The key the VM tests sign bundles with.
+pub fn signing_key() -> upgrade::bundle::SigningKey {
+    upgrade::bundle::SigningKey::from_bytes(&[42u8; 32])
+}
+
+/// A node that trusts [`signing_key`].
+pub fn upgradable_node(name: &str) -> PreparedNode {
+    let dir = workspace().join("target/vm-tests").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let spec = NodeSpec {
+        name: name.into(),
+        dir,
+        image_dir: PathBuf::new(),
+        memory_mb: 1024,
+        services: Vec::new(),
+        trusted_keys: vec![upgrade::bundle::public_hex(&signing_key().verifying_key())],
+    };
+    prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}"))
+}
+
+/// Builds another image (same kernel and machined, its own version and command line) and
+/// returns its signed bundle.
+pub fn bundle(name: &str, version: &str, extra_cmdline: &[&str]) -> PathBuf {
+    let base = artifacts();
+    let out_dir = workspace().join("target/vm-tests/images").join(name);
+    let cache = std::env::var_os("PLINTH_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("out"))
+        .join("cache");
+    let a = imager::build(&imager::BuildOptions {
+        out_dir: out_dir.clone(),
+        cache_dir: cache,
+        machined: workspace().join("target/x86_64-unknown-linux-gnu/release/machined"),
+        version: version.into(),
+        kernel_package: Some(format!("linux-image-{}", base.kernel_release)),
+        extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
+    })
+    .unwrap_or_else(|e| panic!("building image {name}: {e}"));
+    let read = |p: &std::path::Path| std::fs::read(p).expect("read image part");
+    let bytes = upgrade::bundle::build(
+        version,
+        std::env::consts::ARCH,
+        &read(&a.uki_a),
+        &read(&a.uki_b),
+        &read(&a.rootfs),
+        &signing_key(),
+    )
+    .expect("bundle");
+    let path = out_dir.join("bundle.plinth");
+    std::fs::write(&path, bytes).expect("write bundle");
+    path
+}
+
+/// Status of a node through the API.
+pub async fn status(node: &PreparedNode) -> api::proto::StatusResponse {
+    let ctx = node.context().expect("context").clone();
+    let mut c = api::client::connect_context(&node.endpoint(), &ctx)
+        .await
+        .expect("connect");
+    c.status(api::proto::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
 }

@@ -109,30 +109,6 @@ fn firmware_owned(option: &LoadOption) -> bool {
     option.file_path_list.hard_drive().is_none()
 }
 
-/// The kernel command line in a UKI: its `.cmdline` PE section, or the `cmdline=` line of a
-/// simulated UKI (a text file starting with `PLINTH-SIM-UKI`).
-pub fn uki_cmdline(data: &[u8]) -> Option<String> {
-    if let Some(text) = data.strip_prefix(b"PLINTH-SIM-UKI\n") {
-        return String::from_utf8_lossy(text)
-            .lines()
-            .find_map(|l| l.strip_prefix("cmdline="))
-            .map(str::to_owned);
-    }
-    use object::read::pe::PeFile64;
-    let pe = PeFile64::parse(data).ok()?;
-    let sections = pe.section_table();
-    let section = sections.iter().find(|s| s.name.starts_with(b".cmdline"))?;
-    let bytes = section.pe_data(data).ok()?;
-    let size = section.virtual_size.get(object::LittleEndian) as usize;
-    let bytes = &bytes[..size.min(bytes.len())];
-    Some(
-        String::from_utf8_lossy(bytes)
-            .trim_end_matches('\0')
-            .trim()
-            .to_string(),
-    )
-}
-
 /// The ESPs on the machine's disk: (partition GUID, volume directory if formatted).
 fn esps(sim_dir: &Path) -> Vec<(uuid::Uuid, Option<PathBuf>)> {
     let disk = Sim::disk_path(sim_dir);
@@ -235,7 +211,7 @@ pub fn power_on(sim_dir: &Path) -> Result<Booted, FirmwareError> {
         let Some((esp_guid, path, data)) = load(sim_dir, &option) else {
             continue;
         };
-        let Some(cmdline) = uki_cmdline(&data) else {
+        let Some(cmdline) = bootloader::uki::cmdline(&data) else {
             continue;
         };
         // 4. What booted, and (systemd-stub) from which partition.
@@ -266,18 +242,4 @@ pub fn power_on(sim_dir: &Path) -> Result<Booted, FirmwareError> {
     Err(FirmwareError::NothingToBoot {
         tried: tried.join(", "),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_simulated_uki_carries_its_command_line() {
-        assert_eq!(
-            uki_cmdline(b"PLINTH-SIM-UKI\ncmdline=plinth.slot=A panic=1\n").as_deref(),
-            Some("plinth.slot=A panic=1")
-        );
-        assert_eq!(uki_cmdline(b"garbage"), None);
-    }
 }

@@ -225,7 +225,9 @@ impl Sim {
 
     /// A root image mounted: unpacked (once per digest) into `roots/`.
     fn unpack_root(&self, device: &Path, target: &Path) -> Result<Backing, PlatformError> {
-        let mut f = self.open_read(device)?;
+        let (mut f, base) = self.open_partition(device, false)?;
+        f.seek(SeekFrom::Start(base))
+            .map_err(io("seeking in", device))?;
         let mut head = vec![0u8; 64 * 1024];
         let n = f.read(&mut head).map_err(io("reading", device))?;
         head.truncate(n);
@@ -393,16 +395,21 @@ impl Platform for Sim {
         }])
     }
 
-    fn open_read(&self, path: &Path) -> Result<File, PlatformError> {
-        match self.partition(path) {
-            Some((disk, offset, _)) => {
-                let mut f = File::open(&disk).map_err(io("opening", path))?;
-                f.seek(SeekFrom::Start(offset))
-                    .map_err(io("seeking in", path))?;
-                Ok(f)
-            }
-            None => File::open(self.resolve(path)).map_err(io("opening", path)),
-        }
+    fn open_partition(&self, device: &Path, write: bool) -> Result<(File, u64), PlatformError> {
+        let (disk, offset) = match self.partition(device) {
+            Some((disk, offset, _)) => (disk, offset),
+            None => (self.resolve(device), 0),
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&disk)
+            .map_err(io("opening", device))?;
+        Ok((f, offset))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), PlatformError> {
+        std::fs::rename(self.resolve(from), self.resolve(to)).map_err(io("renaming", from))
     }
 
     fn set_hostname(&self, name: &str) -> Result<(), PlatformError> {

@@ -1,0 +1,176 @@
+//! `plinth upgrade` and `plinth rollback`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use api::proto::upgrade_request::Msg;
+use api::proto::{RollbackRequest, StatusRequest, UpgradeOptions, UpgradeRequest, VersionRequest};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::AsyncReadExt;
+
+use crate::connect::{status_error, Target};
+
+#[derive(clap::Args, Debug)]
+pub struct UpgradeArgs {
+    /// The bundle (`plinth image bundle` makes one).
+    #[arg(long)]
+    image: PathBuf,
+    /// Write and verify it, but leave the trial to the next reboot.
+    #[arg(long)]
+    stage: bool,
+    /// Follow the node through its reboot to the commit, or the fall back and its reason.
+    #[arg(long)]
+    wait: bool,
+    /// How long to wait, in seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RollbackArgs {
+    /// Wait until the node is back on the other slot.
+    #[arg(long)]
+    wait: bool,
+    /// How long to wait, in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+const CHUNK: usize = 1 << 20;
+
+async fn boot_id(target: &Target) -> anyhow::Result<String> {
+    let (endpoint, mut c) = target.connect().await?;
+    Ok(c.version(VersionRequest {})
+        .await
+        .map_err(|s| status_error(&endpoint, s))?
+        .into_inner()
+        .boot_id)
+}
+
+/// Waits for a running node with a boot id other than `before`; returns its Status.
+async fn wait_back(
+    target: &Target,
+    before: &str,
+    timeout: u64,
+) -> anyhow::Result<api::proto::StatusResponse> {
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let attempt = async {
+            let (_, mut c) = target.connect().await?;
+            let v = c.version(VersionRequest {}).await?.into_inner();
+            anyhow::Ok((v, c.status(StatusRequest {}).await?.into_inner()))
+        };
+        if let Ok(Ok((v, s))) = tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            // Running: the boot (and a trial's commit) is over.
+            if v.boot_id != before && v.state == "running" {
+                return Ok(s);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the node did not come back within {timeout}s");
+        }
+    }
+}
+
+pub async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
+    let file = tokio::fs::File::open(&args.image)
+        .await
+        .with_context(|| format!("opening {}", args.image.display()))?;
+    let size = file.metadata().await?.len();
+    let before = boot_id(target).await?;
+    let bar = ProgressBar::new(size);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("sending");
+    let first = UpgradeRequest {
+        msg: Some(Msg::Options(UpgradeOptions { stage: args.stage })),
+    };
+    let progress = bar.clone();
+    let chunks = futures::stream::unfold(Some(file), move |f| {
+        let progress = progress.clone();
+        async move {
+            let mut f = f?;
+            let mut buf = vec![0u8; CHUNK];
+            match f.read(&mut buf).await {
+                Ok(0) | Err(_) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    progress.inc(n as u64);
+                    Some((
+                        UpgradeRequest {
+                            msg: Some(Msg::Chunk(buf)),
+                        },
+                        Some(f),
+                    ))
+                }
+            }
+        }
+    });
+    let stream = futures::StreamExt::chain(futures::stream::iter([first]), chunks);
+    let (endpoint, mut c) = target.connect().await?;
+    let reply = c
+        .upgrade(stream)
+        .await
+        .map_err(|s| status_error(&endpoint, s));
+    bar.finish_and_clear();
+    let reply = reply?.into_inner();
+    eprintln!(
+        "wrote Plinth {} into slot {} and verified it (actor {})",
+        reply.version, reply.slot, reply.actor_id
+    );
+    if !reply.rebooting {
+        eprintln!("staged: its trial is the next reboot (`plinth reboot`)");
+        return Ok(());
+    }
+    eprintln!(
+        "the node is rebooting into slot {} for its trial",
+        reply.slot
+    );
+    if !args.wait {
+        return Ok(());
+    }
+    let s = wait_back(target, &before, args.timeout).await?;
+    if s.committed == reply.slot && s.slot == reply.slot {
+        println!(
+            "upgrade committed: slot {} runs Plinth {}",
+            reply.slot, reply.version
+        );
+        return Ok(());
+    }
+    match s.last_failure {
+        Some(f) if f.slot == reply.slot => bail!(
+            "upgrade failed: the node is back on slot {} ; slot {} ({}) failed: {}",
+            s.slot,
+            f.slot,
+            f.version,
+            f.reason
+        ),
+        _ => bail!(
+            "the node is back on slot {} but slot {} is not committed",
+            s.slot,
+            reply.slot
+        ),
+    }
+}
+
+pub async fn rollback(target: &Target, args: RollbackArgs) -> anyhow::Result<()> {
+    let before = boot_id(target).await?;
+    let (endpoint, mut c) = target.connect().await?;
+    let actor = c
+        .rollback(RollbackRequest {})
+        .await
+        .map_err(|s| status_error(&endpoint, s))?
+        .into_inner()
+        .actor_id;
+    eprintln!("rollback started (actor {actor}); the node reboots into the other slot");
+    if !args.wait {
+        return Ok(());
+    }
+    let s = wait_back(target, &before, args.timeout).await?;
+    println!("rolled back: slot {} is committed and running", s.slot);
+    Ok(())
+}

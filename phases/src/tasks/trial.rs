@@ -1,0 +1,251 @@
+//! The trial of a new slot: noticed at boot, tracked with breadcrumbs, judged by health gates,
+//! committed or left to fail back; and the detection of a trial that failed.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use config::HealthCheck;
+use sequencer::{Event, EventKind, TaskError};
+use upgrade::meta::{SlotState, TrialFailure};
+
+use crate::platform::MountSpec;
+use crate::runtime::{paths, Runtime};
+use crate::slots::{self, slot_event};
+
+/// Mounts the ESP (UKIs are written there by upgrades and commits).
+pub async fn mount_esp(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let (_, dev) = slots::partition(&ctx, upgrade::layout::LABEL_ESP)?;
+    let spec = MountSpec::new(&dev.display().to_string(), paths::ESP, "vfat").restricted();
+    Ok(ctx.platform.mount(&spec)?)
+}
+
+/// What the last breadcrumb says about where a trial stopped.
+fn failure_reason(record: &upgrade::meta::SlotRecord) -> String {
+    match (record.state, record.breadcrumbs.last()) {
+        (SlotState::Pending, _) | (_, None) => {
+            "failed before machined started (the kernel or initramfs never reached it)".into()
+        }
+        (_, Some(last)) if last.starts_with("failed:") => {
+            last.trim_start_matches("failed:").trim().to_string()
+        }
+        (_, Some(last)) => {
+            format!("stopped after {last} (no further progress: hang, crash or reset)")
+        }
+    }
+}
+
+/// Reads META and works out what this boot is: a trial of the booted slot, or a normal boot
+/// (which may reveal that the other slot's trial failed). Then the boot entries are made to
+/// agree with META.
+pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let booted = ctx.boot().ok_or(slots::SlotError::NoBootInfo)?.slot;
+    let other = booted.other();
+    let version = slots::running_version(&ctx);
+    let mut failed: Option<TrialFailure> = None;
+    let mut trial = false;
+    let m = slots::update_meta(&ctx, |m| {
+        let now = sequencer::clock::unix_ms();
+        let me = m.slot_mut(booted);
+        match me.state {
+            SlotState::Good => {}
+            // Pending is the first boot of a written slot; Trial a trial that was interrupted
+            // by a reboot it asked for itself. Anything else booted by the firmware must prove
+            // itself too.
+            _ => {
+                trial = true;
+                me.state = SlotState::Trial;
+                me.attempts += 1;
+                me.breadcrumbs = vec!["machined started".into()];
+                me.version = version.clone();
+            }
+        }
+        if !trial {
+            let o = m.slot_mut(other);
+            let tried = o.state == SlotState::Trial || (o.state == SlotState::Pending && o.armed);
+            if tried {
+                let reason = failure_reason(o);
+                o.state = SlotState::Failed;
+                o.failure = Some(reason.clone());
+                o.armed = false;
+                failed = Some(TrialFailure {
+                    slot: other,
+                    version: o.version.clone(),
+                    reason,
+                    unix_ms: now,
+                });
+                m.last_failure = failed.clone();
+            }
+        }
+    })?;
+    if let Some(f) = &failed {
+        tracing::warn!(
+            "the trial of slot {} ({}) failed: {}",
+            f.slot,
+            f.version,
+            f.reason
+        );
+        slot_event(
+            &ctx,
+            f.slot,
+            SlotState::Failed,
+            format!("trial of {} failed: {}", f.version, f.reason),
+        );
+    }
+    if trial {
+        ctx.set_trial(true);
+        slot_event(
+            &ctx,
+            booted,
+            SlotState::Trial,
+            format!("trial boot of {version}"),
+        );
+        install_breadcrumbs(&ctx);
+    }
+    slots::reconcile_entries(&ctx, &m)?;
+    Ok(())
+}
+
+/// During a trial, every phase that passes is written to META, so a trial that dies leaves its
+/// last step behind for the next boot to report.
+fn install_breadcrumbs(ctx: &Arc<Runtime>) {
+    let weak: Weak<Runtime> = Arc::downgrade(ctx);
+    ctx.bus.add_sink(Box::new(move |e: &Event| {
+        let EventKind::PhaseStop {
+            sequence,
+            phase,
+            error: None,
+            ..
+        } = &e.kind
+        else {
+            return;
+        };
+        if !matches!(sequence.as_str(), "initialize" | "boot") {
+            return;
+        }
+        let Some(rt) = weak.upgrade() else {
+            return;
+        };
+        if !rt.trial() {
+            return;
+        }
+        let Some(slot) = rt.boot().map(|b| b.slot) else {
+            return;
+        };
+        let crumb = format!("{sequence}/{phase}");
+        if let Err(e) = slots::update_meta(&rt, |m| m.slot_mut(slot).breadcrumbs.push(crumb)) {
+            tracing::warn!("writing a breadcrumb: {e}");
+        }
+    }));
+}
+
+/// Whether this boot is a trial (the condition of the gate and commit phases).
+pub fn on_trial(ctx: &Arc<Runtime>) -> bool {
+    ctx.trial()
+}
+
+async fn tcp_ok(addr: &str) -> bool {
+    tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+/// What still keeps the trial from passing, or `None` when every gate is open.
+async fn closed_gates(ctx: &Runtime, api: &str, checks: &[HealthCheck]) -> Option<String> {
+    if !tcp_ok(api).await {
+        return Some(format!("the API does not answer on {api}"));
+    }
+    let unhealthy = ctx.services.unhealthy();
+    if !unhealthy.is_empty() {
+        return Some(format!("services not healthy: {}", unhealthy.join(", ")));
+    }
+    for HealthCheck::Tcp(addr) in checks {
+        if !tcp_ok(addr).await {
+            return Some(format!("health check tcp {addr} fails"));
+        }
+    }
+    None
+}
+
+/// The trial's health gates: the API serves, every service is healthy, and the config's extra
+/// checks pass, all within the trial deadline. A missed deadline fails the boot (and the node
+/// reboots into the committed slot), leaving the reason as the last breadcrumb.
+pub async fn health_gates(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let cfg = ctx.config().ok_or("the node config is not loaded")?;
+    let deadline = Duration::from_secs(cfg.machine.upgrade.trial_timeout_s);
+    let api = format!("127.0.0.1:{}", cfg.machine.api.port);
+    let api = ctx.api_probe().unwrap_or(api);
+    let started = tokio::time::Instant::now();
+    loop {
+        let closed = closed_gates(&ctx, &api, &cfg.machine.upgrade.health_checks).await;
+        let Some(why) = closed else {
+            return Ok(());
+        };
+        if started.elapsed() > deadline {
+            let reason = format!(
+                "health gates not passed within {}s: {why}",
+                deadline.as_secs()
+            );
+            if let Some(slot) = ctx.boot().map(|b| b.slot) {
+                let crumb = format!("failed: {reason}");
+                let _ = slots::update_meta(&ctx, |m| m.slot_mut(slot).breadcrumbs.push(crumb));
+            }
+            return Err(reason.into());
+        }
+        // Waiting on the gates is progress; a hung machined would not get here.
+        crate::watchdog::feed();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Commits the trial: META says the slot is good and committed, `BootOrder` puts it first (the
+/// old slot stays as the fallback), and the removable-media path follows it.
+pub async fn commit(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let slot = ctx.boot().ok_or(slots::SlotError::NoBootInfo)?.slot;
+    // BootOrder and BOOTX64.EFI first, then META: a crash in between leaves META saying
+    // "trial", and the next boot (of this slot, now first) simply runs the trial again.
+    let mut next = slots::read_meta(&ctx)?
+        .map(|l| l.meta)
+        .unwrap_or_else(|| upgrade::meta::Meta::initial(slot, ""));
+    next.committed = slot;
+    next.slot_mut(slot).state = SlotState::Good;
+    slots::reconcile_entries(&ctx, &next)?;
+    slots::follow_committed(&ctx, slot)?;
+    let m = slots::update_meta(&ctx, |m| {
+        m.committed = slot;
+        let me = m.slot_mut(slot);
+        me.state = SlotState::Good;
+        me.failure = None;
+        me.armed = false;
+        me.breadcrumbs.push("committed".into());
+    })?;
+    ctx.set_trial(false);
+    slot_event(
+        &ctx,
+        slot,
+        SlotState::Good,
+        format!("committed {}", m.slot(slot).version),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use upgrade::meta::SlotRecord;
+
+    #[test]
+    fn the_reason_comes_from_the_last_breadcrumb() {
+        let mut r = SlotRecord::empty();
+        r.state = SlotState::Pending;
+        assert!(failure_reason(&r).contains("before machined started"));
+        r.state = SlotState::Trial;
+        r.breadcrumbs = vec!["machined started".into(), "boot/network".into()];
+        assert!(failure_reason(&r).contains("stopped after boot/network"));
+        r.breadcrumbs
+            .push("failed: health gates not passed within 5s: services not healthy: web".into());
+        assert_eq!(
+            failure_reason(&r),
+            "health gates not passed within 5s: services not healthy: web"
+        );
+    }
+}

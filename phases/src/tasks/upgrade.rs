@@ -1,0 +1,296 @@
+//! The upgrade's tasks: read and check the bundle, write and verify the slot, install its UKI,
+//! mark it pending and arm its trial; and rollback's slot switch.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::sync::Arc;
+
+use sequencer::{EventKind, TaskError};
+use tokio::io::AsyncReadExt;
+use upgrade::bundle::{self, BundleError, Component, ROOTFS, UKI_A, UKI_B};
+use upgrade::meta::SlotState;
+use upgrade::Slot;
+
+use crate::platform::PlatformError;
+use crate::runtime::Runtime;
+use crate::slots::{self, slot_event};
+use crate::tasks::initramfs::hash_prefix;
+use crate::upgrade::UpgradeJob;
+
+/// Bytes between progress events.
+const PROGRESS_EVERY: u64 = 16 << 20;
+
+/// Reads the bundle's head: signature by a trusted key, architecture, room in the target slot.
+pub async fn read_bundle(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
+    let cfg = job.rt.config().ok_or("the node config is not loaded")?;
+    let trusted = cfg
+        .machine
+        .upgrade
+        .trusted_keys
+        .iter()
+        .map(|k| bundle::public_from_hex(k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let manifest = bundle::read_head(&mut *job.source.lock().await, &trusted).await?;
+    let order: Vec<&str> = manifest
+        .components
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    if order != [UKI_A, UKI_B, ROOTFS] {
+        return Err(BundleError::BadManifest(format!(
+            "components must be uki-A, uki-B, rootfs in that order, not {order:?}"
+        ))
+        .into());
+    }
+    let (root, _) = slots::partition(&job.rt, job.target.root_label())?;
+    bundle::check_fits(&manifest, std::env::consts::ARCH, root.len)?;
+    tracing::info!(
+        "bundle {} for {} is signed by a trusted key; writing slot {}",
+        manifest.version,
+        manifest.arch,
+        job.target
+    );
+    job.state().manifest = Some(manifest);
+    Ok(())
+}
+
+fn component(job: &UpgradeJob, name: &str) -> Result<Component, TaskError> {
+    job.manifest()
+        .and_then(|m| m.component(name).cloned())
+        .ok_or_else(|| format!("the bundle has no {name}").into())
+}
+
+/// Reads a component into memory, checking size and digest.
+async fn read_component(job: &UpgradeJob, c: &Component) -> Result<Vec<u8>, TaskError> {
+    let mut data = vec![0u8; usize::try_from(c.size).map_err(|_| "component too large")?];
+    let mut src = job.source.lock().await;
+    let mut got = 0usize;
+    while got < data.len() {
+        let n = src.read(&mut data[got..]).await.map_err(BundleError::Io)?;
+        if n == 0 {
+            return Err(BundleError::Truncated {
+                what: c.name.clone(),
+                expected: c.size,
+                got: got as u64,
+            }
+            .into());
+        }
+        got += n;
+    }
+    let actual = blake3::hash(&data).to_hex().to_string();
+    if actual != c.blake3 {
+        return Err(BundleError::Digest {
+            component: c.name.clone(),
+            expected: c.blake3.clone(),
+            actual,
+        }
+        .into());
+    }
+    Ok(data)
+}
+
+/// Receives both UKIs (they come first, so they are checked before the slot is touched) and
+/// keeps the target slot's: its command line must name the slot and pin the bundle's root.
+pub async fn receive_uki(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
+    let root = component(&job, ROOTFS)?;
+    let mut keep = None;
+    for (name, slot) in [(UKI_A, Slot::A), (UKI_B, Slot::B)] {
+        let c = component(&job, name)?;
+        let data = read_component(&job, &c).await?;
+        let cmdline = bootloader::uki::cmdline(&data)
+            .ok_or_else(|| format!("{name} is not a UKI with a command line"))?;
+        if Slot::from_cmdline(&cmdline) != Some(slot) {
+            return Err(
+                format!("{name}'s command line does not boot slot {slot}: {cmdline:?}").into(),
+            );
+        }
+        let (size, digest) = crate::tasks::initramfs::pinned_root(&cmdline)?;
+        if size != root.size || digest != root.blake3 {
+            return Err(format!("{name} pins a root image ({size} bytes, {digest}) that is not the bundle's ({}, {})", root.size, root.blake3).into());
+        }
+        if slot == job.target {
+            keep = Some(data);
+        }
+    }
+    job.state().uki = keep;
+    Ok(())
+}
+
+/// Streams the root image into the target slot's partition, hashing as it goes.
+pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
+    let rt = &job.rt;
+    let c = component(&job, ROOTFS)?;
+    let version = job.manifest().map(|m| m.version).unwrap_or_default();
+    let target = job.target;
+    // Marked before the first byte: a crash mid-write leaves a slot nobody will boot.
+    slots::update_meta(rt, |m| {
+        let r = m.slot_mut(target);
+        *r = upgrade::meta::SlotRecord::empty();
+        r.state = SlotState::Writing;
+        r.version = version.clone();
+    })?;
+    slot_event(rt, target, SlotState::Writing, format!("writing {version}"));
+    let (_, dev) = slots::partition(rt, target.root_label())?;
+    let (mut file, base) = rt.platform.open_partition(&dev, true)?;
+    file.seek(SeekFrom::Start(base))
+        .map_err(|e| PlatformError::io("seeking in", &dev, e))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    let mut next_report = PROGRESS_EVERY;
+    let mut src = job.source.lock().await;
+    while done < c.size {
+        let want = usize::try_from((c.size - done).min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = src.read(&mut buf[..want]).await.map_err(BundleError::Io)?;
+        if n == 0 {
+            let _ = slots::update_meta(rt, |m| m.slot_mut(target).state = SlotState::Empty);
+            return Err(BundleError::Truncated {
+                what: ROOTFS.into(),
+                expected: c.size,
+                got: done,
+            }
+            .into());
+        }
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n])
+            .map_err(|e| PlatformError::io("writing", &dev, e))?;
+        done += n as u64;
+        if done >= next_report || done == c.size {
+            next_report += PROGRESS_EVERY;
+            rt.bus.publish(
+                EventKind::Progress {
+                    sequence: "upgrade".into(),
+                    what: format!("slot {target}"),
+                    done,
+                    total: c.size,
+                },
+                None,
+            );
+        }
+    }
+    file.sync_all()
+        .map_err(|e| PlatformError::io("syncing", &dev, e))?;
+    let actual = hasher.finalize().to_hex().to_string();
+    if actual != c.blake3 {
+        let _ = slots::update_meta(rt, |m| m.slot_mut(target).state = SlotState::Empty);
+        return Err(BundleError::Digest {
+            component: ROOTFS.into(),
+            expected: c.blake3,
+            actual,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Reads the slot back and hashes it again: what is on the disk, not what was sent.
+pub async fn verify_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
+    let c = component(&job, ROOTFS)?;
+    let (_, dev) = slots::partition(&job.rt, job.target.root_label())?;
+    let (mut file, base) = job.rt.platform.open_partition(&dev, false)?;
+    file.seek(SeekFrom::Start(base))
+        .map_err(|e| PlatformError::io("seeking in", &dev, e))?;
+    let size = c.size;
+    let d = dev.clone();
+    let actual = tokio::task::spawn_blocking(move || hash_prefix(file, &d, size)).await??;
+    if actual != c.blake3 {
+        return Err(format!(
+            "slot {} reads back as {actual}, not {}: the disk did not keep what was written",
+            job.target, c.blake3
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Writes the target slot's UKI to the ESP (atomically).
+pub async fn install_uki(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
+    let uki = job.state().uki.take().ok_or("the UKI was not received")?;
+    slots::write_esp_file(&job.rt, &slots::uki_file(job.target), &uki)?;
+    Ok(())
+}
+
+/// META: the slot holds a verified image, pending its trial.
+pub async fn mark_pending(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
+    let root = component(&job, ROOTFS)?;
+    let version = job.manifest().map(|m| m.version).unwrap_or_default();
+    let target = job.target;
+    slots::update_meta(&job.rt, |m| {
+        let r = m.slot_mut(target);
+        r.state = SlotState::Pending;
+        r.version = version.clone();
+        r.root_blake3 = root.blake3.clone();
+        r.root_size = root.size;
+        r.attempts = 0;
+        r.breadcrumbs.clear();
+        r.failure = None;
+        r.armed = false;
+    })?;
+    slot_event(
+        &job.rt,
+        target,
+        SlotState::Pending,
+        format!("{version} written and verified"),
+    );
+    Ok(())
+}
+
+/// Points `BootNext` at the pending slot: the next boot, and only that one, tries it.
+pub fn arm(rt: &Runtime, target: Slot) -> Result<(), TaskError> {
+    let m = slots::read_meta(rt)?
+        .map(|l| l.meta)
+        .ok_or("META holds no slot record")?;
+    let entries = slots::reconcile_entries(rt, &m)?;
+    let entry =
+        entries[target as usize].ok_or_else(|| format!("slot {target} has no boot entry"))?;
+    rt.platform
+        .efivars()
+        .set_boot_next(entry)
+        .map_err(slots::SlotError::from)?;
+    slots::update_meta(rt, |m| m.slot_mut(target).armed = true)?;
+    slot_event(
+        rt,
+        target,
+        SlotState::Pending,
+        format!("BootNext is Boot{entry:04X}: the next boot is its trial"),
+    );
+    Ok(())
+}
+
+/// Arms the trial of the slot just written.
+pub async fn arm_trial(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
+    arm(&job.rt, job.target)
+}
+
+/// Before a reboot: a staged upgrade (pending, not yet armed) gets its trial now.
+pub async fn arm_staged(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let Some(boot) = ctx.boot() else {
+        return Ok(());
+    };
+    let other = boot.slot.other();
+    let pending = slots::read_meta(&ctx)?
+        .map(|l| l.meta.slot(other).clone())
+        .is_some_and(|r| r.state == SlotState::Pending && !r.armed);
+    if pending {
+        arm(&ctx, other)?;
+    }
+    Ok(())
+}
+
+/// Rollback: the other (good) slot becomes the committed one.
+pub async fn switch_slot(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let to = crate::upgrade::admit_rollback(&ctx)?;
+    let mut next = slots::read_meta(&ctx)?
+        .map(|l| l.meta)
+        .ok_or("META holds no slot record")?;
+    next.committed = to;
+    slots::reconcile_entries(&ctx, &next)?;
+    slots::follow_committed(&ctx, to)?;
+    let m = slots::update_meta(&ctx, |m| m.committed = to)?;
+    slot_event(
+        &ctx,
+        to,
+        SlotState::Good,
+        format!("rolled back to {}", m.slot(to).version),
+    );
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! The hardware watchdog: armed early in the initramfs, fed only while the boot makes progress
+//! (every event feeds it), and from machined's main loop once the node runs. A boot that hangs
+//! stops feeding it, and the machine resets; on a trial boot, the firmware then falls back to
+//! the committed slot.
+//!
+//! There is one watchdog per machine, so the open device is a process-wide value. The
+//! initramfs hands its descriptor to machined across `exec` (it is opened without
+//! `O_CLOEXEC`) and writes the number to `/run`.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// The device.
+pub const DEVICE: &str = "/dev/watchdog";
+/// Where the initramfs leaves the descriptor's number.
+pub const HANDOFF: &str = "/run/plinth/watchdog-fd";
+/// Seconds without a feed before the machine resets.
+pub const TIMEOUT_S: i32 = 30;
+
+nix::ioctl_readwrite!(
+    /// `WDIOC_SETTIMEOUT`: sets the timeout in seconds (the driver may round it).
+    wdioc_settimeout,
+    b'W',
+    6,
+    libc::c_int
+);
+
+static WATCHDOG: OnceLock<Mutex<File>> = OnceLock::new();
+
+/// Opens and arms the watchdog (waiting up to `wait` for its driver to create the device).
+/// Returns `Ok(false)` when the machine has none.
+pub fn arm(wait: Duration) -> Result<bool, String> {
+    let deadline = std::time::Instant::now() + wait;
+    while !Path::new(DEVICE).exists() {
+        if std::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Without O_CLOEXEC: the descriptor must survive the exec into machined.
+    let fd = nix::fcntl::open(
+        DEVICE,
+        nix::fcntl::OFlag::O_WRONLY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| format!("opening {DEVICE}: {e}"))?;
+    let file = File::from(fd);
+    let mut timeout: libc::c_int = TIMEOUT_S;
+    // SAFETY: WDIOC_SETTIMEOUT reads and writes one c_int through the pointer, which points
+    // at a live local for the duration of the call; the descriptor is open.
+    unsafe { wdioc_settimeout(file.as_raw_fd(), &mut timeout) }
+        .map_err(|e| format!("setting the watchdog timeout: {e}"))?;
+    let fd = file.as_raw_fd();
+    let _ = WATCHDOG.set(Mutex::new(file));
+    feed();
+    tracing::info!("watchdog armed: {TIMEOUT_S}s (fd {fd})");
+    Ok(true)
+}
+
+/// The descriptor number to hand over, if armed.
+pub fn handoff_fd() -> Option<RawFd> {
+    WATCHDOG
+        .get()
+        .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd())
+}
+
+/// Takes over the descriptor the initramfs left open.
+pub fn adopt(fd: RawFd) {
+    // Only an fd that is open and really the watchdog is adopted.
+    let is_wd =
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok_and(|p| p == Path::new(DEVICE));
+    if is_wd {
+        // SAFETY: the descriptor was inherited across exec from our own initramfs, which opened
+        // it for this purpose; nothing else in this process owns it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let _ = WATCHDOG.set(Mutex::new(file));
+        feed();
+    }
+}
+
+/// Feeds the watchdog, if one is armed.
+pub fn feed() {
+    if let Some(w) = WATCHDOG.get() {
+        let mut f = w.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = f.write_all(b"\0");
+    }
+}
+
+/// Whether a watchdog is armed in this process.
+pub fn armed() -> bool {
+    WATCHDOG.get().is_some()
+}

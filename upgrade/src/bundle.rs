@@ -1,0 +1,399 @@
+//! The upgrade bundle: a signed manifest followed by the images it describes.
+//!
+//! ```text
+//! "PLINTH-BUNDLE\n"
+//! u32 LE   manifest length
+//! manifest JSON
+//! 64 bytes ed25519 signature of the manifest JSON
+//! components, in manifest order (root image, UKI for slot A, UKI for slot B)
+//! ```
+//!
+//! The manifest comes first so a node can refuse a bundle (signature, architecture, sizes)
+//! before writing a byte; the components then stream straight into place while being hashed,
+//! with no temporary copy. Keys: ed25519, PKCS#8 PEM for the private key, hex for the public
+//! key (short enough for the node config).
+
+use ed25519_dalek::{Signature, Signer, Verifier};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+const MAGIC: &[u8; 14] = b"PLINTH-BUNDLE\n";
+/// The manifest format this build reads and writes.
+pub const FORMAT: u32 = 1;
+/// The largest manifest accepted (it is a few hundred bytes; more is not a bundle).
+const MAX_MANIFEST: u32 = 64 * 1024;
+
+/// Component names.
+pub const ROOTFS: &str = "rootfs";
+/// The UKI built for slot A.
+pub const UKI_A: &str = "uki-A";
+/// The UKI built for slot B.
+pub const UKI_B: &str = "uki-B";
+
+/// One image in the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Component {
+    /// `rootfs`, `uki-A` or `uki-B`.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// blake3, hex.
+    pub blake3: String,
+}
+
+/// What a bundle holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest format.
+    pub format: u32,
+    /// The image's version string.
+    pub version: String,
+    /// Machine architecture (`x86_64`).
+    pub arch: String,
+    /// The root digest the UKIs' command lines pin (`plinth.root.blake3`).
+    pub uki_root_blake3: String,
+    /// The components, in stream order.
+    pub components: Vec<Component>,
+}
+
+impl Manifest {
+    /// A component by name.
+    pub fn component(&self, name: &str) -> Option<&Component> {
+        self.components.iter().find(|c| c.name == name)
+    }
+}
+
+/// A bundle was refused or could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// Not a bundle.
+    #[error("not a Plinth bundle (bad magic)")]
+    BadMagic,
+    /// The stream ended early.
+    #[error("bundle truncated: {what} ended after {got} of {expected} bytes")]
+    Truncated {
+        /// Which part.
+        what: String,
+        /// Bytes expected.
+        expected: u64,
+        /// Bytes received.
+        got: u64,
+    },
+    /// The manifest is not what this build reads.
+    #[error("bad manifest: {0}")]
+    BadManifest(String),
+    /// No trusted key signed it.
+    #[error("bundle signature does not verify with any trusted key ({0} trusted)")]
+    BadSignature(usize),
+    /// The node trusts no key.
+    #[error("the node trusts no signing key (machine.upgrade.trusted_keys is empty)")]
+    NoTrustedKeys,
+    /// Built for another machine.
+    #[error("bundle is for {bundle}, this node is {node}")]
+    WrongArch {
+        /// Bundle's.
+        bundle: String,
+        /// Node's.
+        node: String,
+    },
+    /// A component does not fit its place.
+    #[error("{component} is {size} bytes but its partition holds {capacity}")]
+    TooBig {
+        /// Which.
+        component: String,
+        /// Its size.
+        size: u64,
+        /// The room.
+        capacity: u64,
+    },
+    /// A component's bytes are not what the manifest says.
+    #[error("{component} digest mismatch: manifest says {expected}, got {actual}")]
+    Digest {
+        /// Which.
+        component: String,
+        /// From the manifest.
+        expected: String,
+        /// Computed.
+        actual: String,
+    },
+    /// A key could not be read.
+    #[error("bad key: {0}")]
+    BadKey(String),
+    /// Reading failed.
+    #[error("reading the bundle: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+/// Reads exactly `buf.len()` bytes, or says how many came.
+async fn read_full<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    what: &str,
+) -> Result<(), BundleError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = r.read(&mut buf[got..]).await.map_err(BundleError::Io)?;
+        if n == 0 {
+            return Err(BundleError::Truncated {
+                what: what.into(),
+                expected: buf.len() as u64,
+                got: got as u64,
+            });
+        }
+        got += n;
+    }
+    Ok(())
+}
+
+/// Reads and checks the bundle's head: magic, manifest, signature by one of `trusted`. The
+/// reader is left at the first component.
+pub async fn read_head<R: AsyncRead + Unpin>(
+    r: &mut R,
+    trusted: &[VerifyingKey],
+) -> Result<Manifest, BundleError> {
+    if trusted.is_empty() {
+        return Err(BundleError::NoTrustedKeys);
+    }
+    let mut magic = [0u8; 14];
+    read_full(r, &mut magic, "the header").await?;
+    if &magic != MAGIC {
+        return Err(BundleError::BadMagic);
+    }
+    let mut len = [0u8; 4];
+    read_full(r, &mut len, "the header").await?;
+    let len = u32::from_le_bytes(len);
+    if len > MAX_MANIFEST {
+        return Err(BundleError::BadManifest(format!("{len} bytes is too long")));
+    }
+    let mut json = vec![0u8; len as usize];
+    read_full(r, &mut json, "the manifest").await?;
+    let mut sig = [0u8; 64];
+    read_full(r, &mut sig, "the signature").await?;
+    let sig = Signature::from_bytes(&sig);
+    if !trusted.iter().any(|k| k.verify(&json, &sig).is_ok()) {
+        return Err(BundleError::BadSignature(trusted.len()));
+    }
+    // Parsed only once signed: unsigned input never reaches the parser.
+    let manifest: Manifest =
+        serde_json::from_slice(&json).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+    if manifest.format != FORMAT {
+        return Err(BundleError::BadManifest(format!(
+            "format {} (this node reads {FORMAT})",
+            manifest.format
+        )));
+    }
+    for name in [ROOTFS, UKI_A, UKI_B] {
+        if manifest.component(name).is_none() {
+            return Err(BundleError::BadManifest(format!("no {name} component")));
+        }
+    }
+    if manifest.components.len() != 3 {
+        return Err(BundleError::BadManifest(
+            "expected exactly rootfs, uki-A and uki-B".into(),
+        ));
+    }
+    Ok(manifest)
+}
+
+/// Checks a manifest against the node: architecture and the room for the root image.
+pub fn check_fits(m: &Manifest, arch: &str, slot_capacity: u64) -> Result<(), BundleError> {
+    if m.arch != arch {
+        return Err(BundleError::WrongArch {
+            bundle: m.arch.clone(),
+            node: arch.into(),
+        });
+    }
+    if let Some(root) = m.component(ROOTFS) {
+        if root.size > slot_capacity {
+            return Err(BundleError::TooBig {
+                component: ROOTFS.into(),
+                size: root.size,
+                capacity: slot_capacity,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Builds the bundle head for `manifest`, signed with `key`.
+pub fn head(manifest: &Manifest, key: &SigningKey) -> Result<Vec<u8>, BundleError> {
+    let json = serde_json::to_vec(manifest).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+    let sig = key.sign(&json);
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&sig.to_bytes());
+    Ok(out)
+}
+
+/// A whole bundle, in memory: the components are hashed, the manifest signed with `key`.
+pub fn build(
+    version: &str,
+    arch: &str,
+    uki_a: &[u8],
+    uki_b: &[u8],
+    rootfs: &[u8],
+    key: &SigningKey,
+) -> Result<Vec<u8>, BundleError> {
+    let component = |name: &str, data: &[u8]| Component {
+        name: name.into(),
+        size: data.len() as u64,
+        blake3: blake3::hash(data).to_hex().to_string(),
+    };
+    let root = component(ROOTFS, rootfs);
+    let manifest = Manifest {
+        format: FORMAT,
+        version: version.into(),
+        arch: arch.into(),
+        uki_root_blake3: root.blake3.clone(),
+        components: vec![component(UKI_A, uki_a), component(UKI_B, uki_b), root],
+    };
+    let mut out = head(&manifest, key)?;
+    out.reserve(uki_a.len() + uki_b.len() + rootfs.len());
+    out.extend_from_slice(uki_a);
+    out.extend_from_slice(uki_b);
+    out.extend_from_slice(rootfs);
+    Ok(out)
+}
+
+/// A new signing key, from the kernel's random pool.
+pub fn generate_key() -> Result<SigningKey, BundleError> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| BundleError::BadKey(e.to_string()))?;
+    Ok(SigningKey::from_bytes(&secret))
+}
+
+/// A signing key as PKCS#8 PEM.
+pub fn key_to_pem(key: &SigningKey) -> Result<String, BundleError> {
+    use ed25519_dalek::pkcs8::{spki::der::pem::LineEnding, EncodePrivateKey};
+    key.to_pkcs8_pem(LineEnding::LF)
+        .map(|p| p.to_string())
+        .map_err(|e| BundleError::BadKey(e.to_string()))
+}
+
+/// A signing key from PKCS#8 PEM.
+pub fn key_from_pem(pem: &str) -> Result<SigningKey, BundleError> {
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    SigningKey::from_pkcs8_pem(pem).map_err(|e| BundleError::BadKey(e.to_string()))
+}
+
+/// A public key as hex (what node configs carry).
+pub fn public_hex(key: &VerifyingKey) -> String {
+    key.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A public key from hex.
+pub fn public_from_hex(hex: &str) -> Result<VerifyingKey, BundleError> {
+    let bad = || {
+        BundleError::BadKey(format!(
+            "{hex:?} is not 64 hex digits of an ed25519 public key"
+        ))
+    };
+    if hex.len() != 64 {
+        return Err(bad());
+    }
+    let mut bytes = [0u8; 32];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+            .map_err(|_| bad())?;
+    }
+    VerifyingKey::from_bytes(&bytes).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        let c = |name: &str, size| Component {
+            name: name.into(),
+            size,
+            blake3: "00".repeat(32),
+        };
+        Manifest {
+            format: FORMAT,
+            version: "2.0".into(),
+            arch: "x86_64".into(),
+            uki_root_blake3: "00".repeat(32),
+            components: vec![c(ROOTFS, 100), c(UKI_A, 10), c(UKI_B, 10)],
+        }
+    }
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[7u8; 32])
+    }
+
+    #[tokio::test]
+    async fn a_signed_head_reads_back_and_leaves_the_reader_at_the_components() {
+        let mut bytes = head(&manifest(), &key()).expect("head");
+        bytes.extend_from_slice(b"ROOT");
+        let mut r = bytes.as_slice();
+        let m = read_head(&mut r, &[key().verifying_key()])
+            .await
+            .expect("valid");
+        assert_eq!(m, manifest());
+        assert_eq!(r, b"ROOT");
+    }
+
+    #[tokio::test]
+    async fn a_bundle_signed_by_an_untrusted_key_is_refused() {
+        let bytes = head(&manifest(), &SigningKey::from_bytes(&[9u8; 32])).expect("head");
+        let err = read_head(&mut bytes.as_slice(), &[key().verifying_key()])
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, BundleError::BadSignature(1)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_tampered_manifest_is_refused() {
+        let mut bytes = head(&manifest(), &key()).expect("head");
+        let at = bytes.windows(3).position(|w| w == b"2.0").expect("version");
+        bytes[at] = b'9';
+        let err = read_head(&mut bytes.as_slice(), &[key().verifying_key()])
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, BundleError::BadSignature(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn every_truncation_of_the_head_is_named_not_a_panic() {
+        let bytes = head(&manifest(), &key()).expect("head");
+        for cut in 0..bytes.len() {
+            let err = read_head(&mut &bytes[..cut], &[key().verifying_key()])
+                .await
+                .expect_err("truncated");
+            assert!(
+                matches!(err, BundleError::Truncated { .. } | BundleError::BadMagic),
+                "cut {cut}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_architecture_and_oversized_root_are_refused_with_the_numbers() {
+        let m = manifest();
+        assert!(matches!(
+            check_fits(&m, "aarch64", 1000),
+            Err(BundleError::WrongArch { .. })
+        ));
+        let err = check_fits(&m, "x86_64", 50).expect_err("too big");
+        assert_eq!(
+            err.to_string(),
+            "rootfs is 100 bytes but its partition holds 50"
+        );
+        assert!(check_fits(&m, "x86_64", 100).is_ok());
+    }
+
+    #[test]
+    fn keys_round_trip_through_pem_and_hex() {
+        let k = generate_key().expect("key");
+        let pem = key_to_pem(&k).expect("pem");
+        assert_eq!(key_from_pem(&pem).expect("parse").to_bytes(), k.to_bytes());
+        let hex = public_hex(&k.verifying_key());
+        assert_eq!(public_from_hex(&hex).expect("hex"), k.verifying_key());
+        assert!(public_from_hex("zz").is_err());
+    }
+}
