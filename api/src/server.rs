@@ -47,7 +47,7 @@ pub trait Node: Send + Sync + 'static {
         &self,
         actor: String,
         stage: bool,
-        bundle: BundleStream,
+        bundle: BundleSource,
     ) -> Result<proto::UpgradeResponse, Status>;
     /// Starts a rollback to the other slot.
     fn rollback(&self, actor: String) -> Result<(), Status>;
@@ -55,6 +55,14 @@ pub trait Node: Send + Sync + 'static {
 
 /// The bundle bytes of an `Upgrade` call, as a reader.
 pub type BundleStream = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// Where an upgrade's bundle comes from.
+pub enum BundleSource {
+    /// Streamed in the call.
+    Stream(BundleStream),
+    /// Pulled by the node from this URL.
+    Url(String),
+}
 
 /// A lifecycle refusal as the RPC's reply: another sequence in the way is `ABORTED`, a request
 /// the state forbids is `FAILED_PRECONDITION`. The message names the running sequence and the
@@ -224,12 +232,13 @@ impl<N: Node> Machine for MachineService<N> {
                 status.message()
             ))),
         });
-        let reader = tokio_util::io::StreamReader::new(bytes);
+        let source = if options.url.is_empty() {
+            BundleSource::Stream(Box::new(tokio_util::io::StreamReader::new(bytes)))
+        } else {
+            BundleSource::Url(options.url)
+        };
         let actor = Controller::new_actor();
-        let reply = self
-            .node
-            .upgrade(actor, options.stage, Box::new(reader))
-            .await?;
+        let reply = self.node.upgrade(actor, options.stage, source).await?;
         Ok(Response::new(reply))
     }
 

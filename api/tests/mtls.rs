@@ -42,7 +42,7 @@ impl Node for FakeNode {
         &self,
         _: String,
         _: bool,
-        _: api::server::BundleStream,
+        _: api::server::BundleSource,
     ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }

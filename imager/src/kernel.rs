@@ -32,6 +32,9 @@ pub const NODE_MODULES: &[&str] = &[
     "virtio_net",
     "virtio-rng",
     "i6300esb",
+    // The ACPI power button, read by machined through evdev.
+    "button",
+    "evdev",
 ];
 
 /// An unpacked kernel package.

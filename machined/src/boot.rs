@@ -282,10 +282,15 @@ impl api::server::Node for NodeApi {
         &self,
         actor: String,
         stage: bool,
-        bundle: api::server::BundleStream,
+        bundle: api::server::BundleSource,
     ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
         let rt = &self.runtime;
         phases::upgrade::admit_upgrade(rt).map_err(tonic::Status::failed_precondition)?;
+        let bundle = match bundle {
+            api::server::BundleSource::Stream(s) => s,
+            api::server::BundleSource::Url(url) => phases::fetch::http_source(&url)
+                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?,
+        };
         let job = phases::upgrade::UpgradeJob::new(rt.clone(), stage, bundle)
             .map_err(tonic::Status::failed_precondition)?;
         let started = rt

@@ -55,6 +55,7 @@ async fn serve() -> anyhow::Error {
         reaper,
     );
     spawn_signal_handlers(runtime.clone());
+    spawn_power_button(runtime.clone());
 
     crate::boot::boot_chain(&runtime).await
 }
@@ -95,4 +96,67 @@ fn spawn_signal_handlers(runtime: Arc<Runtime>) {
             Err(e) => tracing::warn!("listening for {kind:?}: {e}"),
         }
     }
+}
+
+/// The ACPI power button shuts the node down. The kernel reports it as a key press on the
+/// "Power Button" input device; with no daemon listening the press would be lost, so machined
+/// reads the device itself (a blocking read of fixed-size `input_event` records: no crate
+/// needed for one key on one device).
+fn spawn_power_button(runtime: Arc<Runtime>) {
+    const EV_KEY: u16 = 1;
+    const KEY_POWER: u16 = 116;
+    // struct input_event on 64-bit: struct timeval (16), type (2), code (2), value (4).
+    const EVENT_SIZE: usize = 24;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    std::thread::spawn(move || {
+        let Some(device) = power_button_device() else {
+            tracing::info!("no ACPI power button device");
+            return;
+        };
+        let mut f = match std::fs::File::open(&device) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("opening {}: {e}", device.display());
+                return;
+            }
+        };
+        tracing::info!("listening for the power button on {}", device.display());
+        let mut ev = [0u8; EVENT_SIZE];
+        while std::io::Read::read_exact(&mut f, &mut ev).is_ok() {
+            let kind = u16::from_ne_bytes([ev[16], ev[17]]);
+            let code = u16::from_ne_bytes([ev[18], ev[19]]);
+            let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+            if kind == EV_KEY && code == KEY_POWER && value == 1 && tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            let actor = Some("acpi:power-button".to_string());
+            if let Err(d) = phases::power::request(&runtime, SequenceKind::Shutdown, actor, false) {
+                tracing::warn!("power button: {d}");
+            }
+        }
+    });
+}
+
+/// `/dev/input/eventN` of the device named "Power Button" (waiting a little for it).
+fn power_button_device() -> Option<std::path::PathBuf> {
+    for _ in 0..50 {
+        let found = std::fs::read_dir("/sys/class/input")
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let label = std::fs::read_to_string(e.path().join("device/name")).ok()?;
+                (name.starts_with("event") && label.trim() == "Power Button")
+                    .then(|| std::path::Path::new("/dev/input").join(name))
+            });
+        if found.is_some() {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    None
 }

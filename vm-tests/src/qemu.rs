@@ -44,6 +44,11 @@ impl VmSpec {
         self.dir.join("serial.log")
     }
 
+    /// QEMU's control socket (QMP).
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
     /// The QEMU arguments for this VM.
     pub fn args(&self) -> Vec<String> {
         let s = |x: &str| x.to_string();
@@ -85,6 +90,8 @@ impl VmSpec {
             s("i6300esb"),
             s("-action"),
             s("watchdog=reset"),
+            s("-qmp"),
+            format!("unix:{},server=on,wait=off", self.qmp_socket().display()),
             s("-chardev"),
             format!("file,id=ser0,path={}", self.serial_log().display()),
             s("-serial"),
@@ -235,6 +242,39 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Presses the ACPI power button (QMP `system_powerdown`).
+    pub fn press_power_button(&self) -> Result<(), HarnessError> {
+        use std::io::{BufRead, BufReader, Write};
+        let sock = std::os::unix::net::UnixStream::connect(self.spec.qmp_socket())
+            .map_err(HarnessError::io("connecting to QMP"))?;
+        let mut reader = BufReader::new(sock.try_clone().map_err(HarnessError::io("QMP"))?);
+        let mut writer = sock;
+        let mut line = String::new();
+        // Greeting, then capabilities negotiation, then the command.
+        reader
+            .read_line(&mut line)
+            .map_err(HarnessError::io("reading the QMP greeting"))?;
+        for cmd in [
+            r#"{"execute":"qmp_capabilities"}"#,
+            r#"{"execute":"system_powerdown"}"#,
+        ] {
+            writeln!(writer, "{cmd}").map_err(HarnessError::io("writing to QMP"))?;
+            loop {
+                line.clear();
+                reader
+                    .read_line(&mut line)
+                    .map_err(HarnessError::io("reading from QMP"))?;
+                if line.contains("\"return\"") {
+                    break;
+                }
+                if line.contains("\"error\"") || line.is_empty() {
+                    return Err(HarnessError::Other(format!("QMP refused {cmd}: {line}")));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Kills QEMU (a power cut) and waits for it.

@@ -141,3 +141,32 @@ async fn plinth_shutdown_powers_the_vm_off_with_state_and_ephemeral_unmounted_cl
         let _ = std::fs::remove_file(&img);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acpi_power_button_shuts_the_node_down_in_order() {
+    let node = node("power-button");
+    let ctx = node.context().expect("context").clone();
+    let mut vm = node.boot().expect("launch");
+    wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("boot");
+    // machined finds the button device early in its boot; give the listener its device.
+    vm.wait_for_line("listening for the power button", 0, Duration::from_secs(30))
+        .expect("button listener");
+
+    vm.press_power_button().expect("press");
+    let status = vm
+        .wait_exit(Duration::from_secs(120))
+        .expect("QEMU exits by itself");
+    assert!(status.success(), "QEMU exit status {status}");
+    let lines = vm.serial.lines();
+    let shutdown = phases_on_console(&lines, "shutdown");
+    let names: Vec<&str> = shutdown.iter().map(|(_, p, _)| p.as_str()).collect();
+    assert_eq!(names, TEARDOWN);
+    let actor = lines
+        .iter()
+        .filter_map(|l| trace::parse_line(&l.text))
+        .find(|e| matches!(&e.kind, sequencer::EventKind::SequenceStart { sequence } if sequence == "shutdown"))
+        .and_then(|e| e.actor);
+    assert_eq!(actor.as_deref(), Some("acpi:power-button"));
+}

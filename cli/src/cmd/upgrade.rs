@@ -13,9 +13,10 @@ use crate::connect::{status_error, Target};
 
 #[derive(clap::Args, Debug)]
 pub struct UpgradeArgs {
-    /// The bundle (`plinth image bundle` makes one).
+    /// The bundle (`plinth image bundle` makes one): a file, sent in the call, or an http://
+    /// URL the node pulls itself.
     #[arg(long)]
-    image: PathBuf,
+    image: String,
     /// Write and verify it, but leave the trial to the next reboot.
     #[arg(long)]
     stage: bool,
@@ -74,12 +75,44 @@ async fn wait_back(
     }
 }
 
-pub async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
-    let file = tokio::fs::File::open(&args.image)
+async fn send_url(
+    target: &Target,
+    url: &str,
+    stage: bool,
+) -> anyhow::Result<api::proto::UpgradeResponse> {
+    let first = UpgradeRequest {
+        msg: Some(Msg::Options(UpgradeOptions {
+            stage,
+            url: url.into(),
+        })),
+    };
+    let (endpoint, mut c) = target.connect().await?;
+    eprintln!("the node is pulling {url}");
+    Ok(c.upgrade(futures::stream::iter([first]))
         .await
-        .with_context(|| format!("opening {}", args.image.display()))?;
-    let size = file.metadata().await?.len();
+        .map_err(|s| status_error(&endpoint, s))?
+        .into_inner())
+}
+
+pub async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
     let before = boot_id(target).await?;
+    let reply = if args.image.starts_with("http://") || args.image.starts_with("https://") {
+        send_url(target, &args.image, args.stage).await?
+    } else {
+        send_file(target, &PathBuf::from(&args.image), args.stage).await?
+    };
+    report(target, &before, reply, &args).await
+}
+
+async fn send_file(
+    target: &Target,
+    image: &PathBuf,
+    stage: bool,
+) -> anyhow::Result<api::proto::UpgradeResponse> {
+    let file = tokio::fs::File::open(image)
+        .await
+        .with_context(|| format!("opening {}", image.display()))?;
+    let size = file.metadata().await?.len();
     let bar = ProgressBar::new(size);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
@@ -87,7 +120,10 @@ pub async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
     );
     bar.set_message("sending");
     let first = UpgradeRequest {
-        msg: Some(Msg::Options(UpgradeOptions { stage: args.stage })),
+        msg: Some(Msg::Options(UpgradeOptions {
+            stage,
+            url: String::new(),
+        })),
     };
     let progress = bar.clone();
     let chunks = futures::stream::unfold(Some(file), move |f| {
@@ -117,7 +153,16 @@ pub async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
         .await
         .map_err(|s| status_error(&endpoint, s));
     bar.finish_and_clear();
-    let reply = reply?.into_inner();
+    Ok(reply?.into_inner())
+}
+
+/// Says what the node did with the bundle and, with --wait, how its trial ended.
+async fn report(
+    target: &Target,
+    before: &str,
+    reply: api::proto::UpgradeResponse,
+    args: &UpgradeArgs,
+) -> anyhow::Result<()> {
     eprintln!(
         "wrote Plinth {} into slot {} and verified it (actor {})",
         reply.version, reply.slot, reply.actor_id
@@ -133,7 +178,7 @@ pub async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
     if !args.wait {
         return Ok(());
     }
-    let s = wait_back(target, &before, args.timeout).await?;
+    let s = wait_back(target, before, args.timeout).await?;
     if s.committed == reply.slot && s.slot == reply.slot {
         println!(
             "upgrade committed: slot {} runs Plinth {}",
@@ -143,7 +188,7 @@ pub async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
     }
     match s.last_failure {
         Some(f) if f.slot == reply.slot => bail!(
-            "upgrade failed: the node is back on slot {} ; slot {} ({}) failed: {}",
+            "upgrade failed: the node is back on slot {}; slot {} ({}) failed: {}",
             s.slot,
             f.slot,
             f.version,

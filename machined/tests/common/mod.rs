@@ -155,11 +155,32 @@ impl SimNode {
     ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
         use api::proto::{upgrade_request::Msg, UpgradeOptions, UpgradeRequest};
         let mut msgs = vec![UpgradeRequest {
-            msg: Some(Msg::Options(UpgradeOptions { stage })),
+            msg: Some(Msg::Options(UpgradeOptions {
+                stage,
+                url: String::new(),
+            })),
         }];
         msgs.extend(bundle.chunks(64 * 1024).map(|c| UpgradeRequest {
             msg: Some(Msg::Chunk(c.to_vec())),
         }));
+        let mut c = self.client().await;
+        c.upgrade(tokio_stream::iter(msgs))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Asks the node to pull its bundle from `url`.
+    pub async fn upgrade_url(
+        &self,
+        url: &str,
+    ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
+        use api::proto::{upgrade_request::Msg, UpgradeOptions, UpgradeRequest};
+        let msgs = vec![UpgradeRequest {
+            msg: Some(Msg::Options(UpgradeOptions {
+                stage: false,
+                url: url.into(),
+            })),
+        }];
         let mut c = self.client().await;
         c.upgrade(tokio_stream::iter(msgs))
             .await

@@ -105,6 +105,18 @@ pub fn provision(
     config_yaml: Option<&str>,
     slot_bytes: u64,
 ) -> Result<Vec<DiskPartition>, ProvisionError> {
+    provision_with_esp(dir, image, config_yaml, slot_bytes, None)
+}
+
+/// Like [`provision`], with a chosen ESP partition GUID (to replay captured firmware variables
+/// that name it).
+pub fn provision_with_esp(
+    dir: &Path,
+    image: &SimImage,
+    config_yaml: Option<&str>,
+    slot_bytes: u64,
+    esp_guid: Option<uuid::Uuid>,
+) -> Result<Vec<DiskPartition>, ProvisionError> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(io("cleaning", dir))?;
     }
@@ -117,7 +129,10 @@ pub fn provision(
     std::fs::write(&order, b"").map_err(io("writing", &order))?;
 
     let disk_bytes = layout::min_disk_bytes(slot_bytes);
-    let parts = layout::plan(disk_bytes, slot_bytes)?;
+    let mut parts = layout::plan(disk_bytes, slot_bytes)?;
+    if let (Some(guid), Some(esp)) = (esp_guid, parts.iter_mut().find(|p| p.label == LABEL_ESP)) {
+        esp.guid = guid;
+    }
     let disk = Sim::disk_path(dir);
     {
         let mut f = OpenOptions::new()
@@ -163,6 +178,79 @@ mod tests {
     use crate::platform::sim::firmware;
 
     const MIB: u64 = 1024 * 1024;
+
+    /// The captures of ../shared/fixtures/ovmf-efivars (copied under bootloader/tests/data).
+    fn fixture(moment: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../bootloader/tests/data/ovmf-efivars")
+            .join(moment)
+    }
+
+    #[test]
+    fn the_emulated_firmware_replays_ovmfs_failed_trial_exactly() {
+        use bootloader::efivarfs::VarStore;
+        let dir = tempfile::tempdir().expect("tmp");
+        let image = SimImage {
+            version: "1.0".into(),
+            extra_cmdline: vec![],
+        };
+        // The captured disk's ESP, and the NVRAM as efibootmgr left it: BootNext=000A ("Plinth
+        // B"), BootOrder=0009, the firmware's own entries 0000-0008.
+        let esp_guid = uuid::uuid!("dcad3259-41e5-41a9-9bcb-d1ff211ed9f6");
+        provision_with_esp(dir.path(), &image, None, 16 * MIB, Some(esp_guid)).expect("provision");
+        let vars = Sim::vars(dir.path());
+        for entry in std::fs::read_dir(fixture("after-efibootmgr-create")).expect("fixture") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), vars.root().join(entry.file_name())).expect("copy");
+        }
+        // B's UKI is one that cannot boot (its kernel panics).
+        let esp_dir = std::fs::read_dir(dir.path().join("volumes"))
+            .expect("volumes")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("EFI/BOOT/BOOTX64.EFI").exists())
+            .expect("esp volume");
+        let broken = SimImage {
+            version: "2.0".into(),
+            extra_cmdline: vec!["plinth.sim.panic".into()],
+        };
+        std::fs::write(esp_dir.join("EFI/plinth/B.efi"), broken.uki(Slot::B)).expect("B.efi");
+
+        // Power on: BootNext is consumed and B is tried.
+        let first = firmware::power_on(dir.path()).expect("boots");
+        assert_eq!(
+            (first.entry, first.description.as_str()),
+            (0x000A, "Plinth B")
+        );
+        assert_eq!(vars.boot_next().expect("read"), None);
+        assert!(first.cmdline.contains("plinth.sim.panic"));
+
+        // B panicked; at the next power-on the firmware falls back to BootOrder: A.
+        let second = firmware::power_on(dir.path()).expect("boots");
+        assert_eq!(
+            (second.entry, second.description.as_str()),
+            (0x0009, "Plinth A")
+        );
+
+        // What the firmware left is what OVMF left in after-failed-trial.
+        let captured = VarStore::new(fixture("after-failed-trial"));
+        assert_eq!(
+            vars.boot_current().expect("read"),
+            captured.boot_current().expect("read")
+        );
+        assert_eq!(
+            vars.boot_next().expect("read"),
+            captured.boot_next().expect("read")
+        );
+        assert_eq!(
+            vars.boot_order().expect("read"),
+            captured.boot_order().expect("read")
+        );
+        assert_eq!(
+            vars.boot_order().expect("read"),
+            [9, 0, 1, 2, 3, 4, 5, 6, 7, 8]
+        );
+    }
 
     #[test]
     fn a_new_machine_boots_slot_a_from_the_removable_path_and_says_which_esp() {
