@@ -62,11 +62,26 @@ const ADMIN: &[Role] = &[Role::Admin];
 /// The gRPC path prefix of the Machine service.
 pub const SERVICE: &str = "/plinth.machine.v1.Machine/";
 
+/// Every RPC of the Machine service (for tests that walk the whole table).
+pub const RPCS: &[&str] = &[
+    "Version",
+    "Events",
+    "Status",
+    "ServiceList",
+    "Reboot",
+    "Shutdown",
+    "Dmesg",
+    "Logs",
+    "Upgrade",
+    "Rollback",
+];
+
 /// The roles allowed to call `method` (the RPC name, e.g. `Version`).
 pub fn allowed_roles(method: &str) -> &'static [Role] {
     match method {
         "Version" | "Events" | "Status" | "ServiceList" => READS,
-        "Reboot" | "Shutdown" => OPERATE,
+        // Logs can carry anything a service prints, secrets included: not for readers.
+        "Reboot" | "Shutdown" | "Dmesg" | "Logs" => OPERATE,
         // Anything not listed: admin only.
         _ => ADMIN,
     }
@@ -92,6 +107,20 @@ mod tests {
             assert_eq!(r.as_str().parse::<Role>(), Ok(r));
         }
         assert!("admin".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn the_rpc_list_is_every_rpc_of_the_proto() {
+        let proto = include_str!("../proto/plinth/machine/v1/machine.proto");
+        let mut declared: Vec<&str> = proto
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .filter_map(|l| l.split('(').next())
+            .collect();
+        let mut listed = RPCS.to_vec();
+        declared.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(declared, listed);
     }
 
     #[test]

@@ -51,7 +51,14 @@ pub trait Node: Send + Sync + 'static {
     ) -> Result<proto::UpgradeResponse, Status>;
     /// Starts a rollback to the other slot.
     fn rollback(&self, actor: String) -> Result<(), Status>;
+    /// The kernel log.
+    fn dmesg(&self, follow: bool) -> Result<LineStream, Status>;
+    /// A service's output.
+    fn logs(&self, service: &str, tail: u32, follow: bool) -> Result<LineStream, Status>;
 }
+
+/// Log lines for `Dmesg` and `Logs`.
+pub type LineStream = Pin<Box<dyn Stream<Item = Result<proto::LogLine, Status>> + Send>>;
 
 /// The bundle bytes of an `Upgrade` call, as a reader.
 pub type BundleStream = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
@@ -249,6 +256,19 @@ impl<N: Node> Machine for MachineService<N> {
         let actor = Controller::new_actor();
         self.node.rollback(actor.clone())?;
         Ok(Response::new(LifecycleResponse { actor_id: actor }))
+    }
+
+    type DmesgStream = LineStream;
+
+    async fn dmesg(&self, r: Request<proto::DmesgRequest>) -> Result<Response<LineStream>, Status> {
+        Ok(Response::new(self.node.dmesg(r.into_inner().follow)?))
+    }
+
+    type LogsStream = LineStream;
+
+    async fn logs(&self, r: Request<proto::LogsRequest>) -> Result<Response<LineStream>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(self.node.logs(&r.service, r.tail, r.follow)?))
     }
 
     type EventsStream = EventStream;

@@ -49,6 +49,12 @@ impl Node for FakeNode {
     fn rollback(&self, _: String) -> Result<(), tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
+    fn dmesg(&self, _: bool) -> Result<api::server::LineStream, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    fn logs(&self, _: &str, _: u32, _: bool) -> Result<api::server::LineStream, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
 }
 
 struct Fixture {

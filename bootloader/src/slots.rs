@@ -77,8 +77,16 @@ fn boots(option: &LoadOption, esp: &Esp, path: &str) -> bool {
             .is_some_and(|p| same_path(p, path))
 }
 
-/// Decides the entries and `BootOrder` for `wanted` (first = committed slot).
-pub fn plan(existing: &[(u16, LoadOption)], order: &[u16], esp: &Esp, wanted: &[Wanted]) -> Plan {
+/// Decides the entries and `BootOrder` for `wanted` (first = committed slot). Entries of
+/// `retired` slots (being rewritten, or empty) are deleted: the firmware must never fall back
+/// into a slot whose image is not whole.
+pub fn plan(
+    existing: &[(u16, LoadOption)],
+    order: &[u16],
+    esp: &Esp,
+    wanted: &[Wanted],
+    retired: &[Wanted],
+) -> Plan {
     let mut plan = Plan::default();
     let mut used: Vec<u16> = existing.iter().map(|(n, _)| *n).collect();
     for w in wanted {
@@ -117,6 +125,14 @@ pub fn plan(existing: &[(u16, LoadOption)], order: &[u16], esp: &Esp, wanted: &[
                 && o.description.to_string_lossy() == w.description
                 && !plan.delete.contains(n)
             {
+                plan.delete.push(*n);
+            }
+        }
+    }
+    for r in retired {
+        for (n, o) in existing {
+            let theirs = boots(o, esp, &r.path) || o.description.to_string_lossy() == r.description;
+            if theirs && !plan.entries.contains(n) && !plan.delete.contains(n) {
                 plan.delete.push(*n);
             }
         }
@@ -205,7 +221,7 @@ mod tests {
     #[test]
     fn a_blank_store_gets_both_entries_committed_first_and_firmware_entries_after() {
         let existing = vec![(0, firmware()), (2, firmware())];
-        let p = plan(&existing, &[0, 2], &ESP, &wanted(true, false));
+        let p = plan(&existing, &[0, 2], &ESP, &wanted(true, false), &[]);
         assert_eq!(p.create.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(p.entries, [1, 3]);
         // B is not in BootOrder: only BootNext may boot it.
@@ -220,7 +236,7 @@ mod tests {
             (10, entry("Plinth B", "\\EFI\\plinth\\B.efi")),
             (0, firmware()),
         ];
-        let p = plan(&existing, &[9, 10, 0], &ESP, &wanted(true, true));
+        let p = plan(&existing, &[9, 10, 0], &ESP, &wanted(true, true), &[]);
         assert!(p.is_noop(&[9, 10, 0]), "{p:?}");
     }
 
@@ -242,7 +258,7 @@ mod tests {
                 ),
             ),
         ];
-        let p = plan(&existing, &[12, 9, 11, 10], &ESP, &wanted(false, true));
+        let p = plan(&existing, &[12, 9, 11, 10], &ESP, &wanted(false, true), &[]);
         assert_eq!(p.entries, [10, 9]);
         assert_eq!(p.delete, [11, 12]);
         assert_eq!(p.order, [10, 9]);
@@ -255,13 +271,26 @@ mod tests {
             (10, entry("Plinth B", "\\EFI\\plinth\\B.efi")),
             (0, firmware()),
         ];
-        let p = plan(&existing, &[9, 0], &ESP, &wanted(false, true));
+        let p = plan(&existing, &[9, 0], &ESP, &wanted(false, true), &[]);
         assert_eq!(p.order, [10, 9, 0]);
     }
 
     #[test]
+    fn a_slot_being_rewritten_loses_its_entry_and_its_place_in_boot_order() {
+        let existing = vec![
+            (9, entry("Plinth A", "\\EFI\\plinth\\A.efi")),
+            (10, entry("Plinth B", "\\EFI\\plinth\\B.efi")),
+            (0, firmware()),
+        ];
+        let w = wanted(true, true);
+        let p = plan(&existing, &[9, 10, 0], &ESP, &w[..1], &w[1..]);
+        assert_eq!(p.delete, [10]);
+        assert_eq!(p.order, [9, 0]);
+    }
+
+    #[test]
     fn the_created_entry_is_byte_for_byte_what_efibootmgr_writes() {
-        let p = plan(&[], &[], &ESP, &wanted(true, false));
+        let p = plan(&[], &[], &ESP, &wanted(true, false), &[]);
         let a = p.create[0].1.encode().expect("encode");
         let fixture = include_bytes!("../tests/data/ovmf-efivars/after-efibootmgr-create/Boot0009-8be4df61-93ca-11d2-aa0d-00e098032b8c");
         assert_eq!(a, fixture[4..]);
@@ -271,11 +300,11 @@ mod tests {
     fn applying_a_plan_to_a_store_gives_what_it_says() {
         let dir = tempfile::tempdir().expect("tmp");
         let vars = VarStore::new(dir.path());
-        let p = plan(&[], &[], &ESP, &wanted(true, true));
+        let p = plan(&[], &[], &ESP, &wanted(true, true), &[]);
         apply(&vars, &p).expect("apply");
         assert_eq!(vars.boot_order().expect("order"), p.order);
         let entries = vars.boot_entries().expect("entries");
-        let again = plan(&entries, &p.order, &ESP, &wanted(true, true));
+        let again = plan(&entries, &p.order, &ESP, &wanted(true, true), &[]);
         assert!(again.is_noop(&p.order), "{again:?}");
     }
 }

@@ -49,6 +49,10 @@ enum Cmd {
     Upgrade(cmd::upgrade::UpgradeArgs),
     /// Go back to the other slot, if it is good.
     Rollback(cmd::upgrade::RollbackArgs),
+    /// Print the node's kernel log.
+    Dmesg(cmd::logs::DmesgArgs),
+    /// Print a service's output.
+    Logs(cmd::logs::LogsArgs),
     /// Build images.
     #[command(subcommand)]
     Image(cmd::image::Image),
@@ -102,6 +106,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Services(a) => cmd::services::run(&target, a).await,
         Cmd::Upgrade(a) => cmd::upgrade::upgrade(&target, a).await,
         Cmd::Rollback(a) => cmd::upgrade::rollback(&target, a).await,
+        Cmd::Dmesg(a) => cmd::logs::dmesg(&target, a).await,
+        Cmd::Logs(a) => cmd::logs::logs(&target, a).await,
         Cmd::Image(i) => cmd::image::run(i),
         Cmd::Cluster(c) => cmd::cluster::run(&target, c).await,
     }

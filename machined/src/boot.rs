@@ -168,6 +168,21 @@ impl NodeApi {
     }
 }
 
+/// A channel of log lines as the API's stream.
+fn lines(rx: tokio::sync::mpsc::Receiver<phases::logs::LogLine>) -> api::server::LineStream {
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        let l = rx.recv().await?;
+        Some((
+            Ok(api::proto::LogLine {
+                text: l.text,
+                boot_us: l.boot_us,
+                level: l.level,
+            }),
+            rx,
+        ))
+    }))
+}
+
 fn slot_status(slot: upgrade::Slot, r: &upgrade::meta::SlotRecord) -> api::proto::SlotStatus {
     api::proto::SlotStatus {
         slot: slot.to_string(),
@@ -321,6 +336,35 @@ impl api::server::Node for NodeApi {
             version: job.manifest().map(|m| m.version).unwrap_or_default(),
             rebooting,
         })
+    }
+
+    fn dmesg(&self, follow: bool) -> Result<api::server::LineStream, tonic::Status> {
+        let rx = phases::logs::kernel_log(&self.runtime.platform, follow)
+            .map_err(tonic::Status::unavailable)?;
+        Ok(lines(rx))
+    }
+
+    fn logs(
+        &self,
+        service: &str,
+        tail: u32,
+        follow: bool,
+    ) -> Result<api::server::LineStream, tonic::Status> {
+        if !self
+            .runtime
+            .services
+            .list()
+            .iter()
+            .any(|s| s.name == service)
+        {
+            return Err(tonic::Status::not_found(format!(
+                "no service named {service:?}"
+            )));
+        }
+        let rx =
+            phases::logs::service_lines(&self.runtime.platform, service, tail as usize, follow)
+                .map_err(tonic::Status::unavailable)?;
+        Ok(lines(rx))
     }
 
     fn rollback(&self, actor: String) -> Result<(), tonic::Status> {

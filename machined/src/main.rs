@@ -58,6 +58,9 @@ enum Helper {
         /// Accept TCP connections here (something for a health check to reach).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Print a numbered line every 200 ms (something for `plinth logs -f` to follow).
+        #[arg(long)]
+        tick: bool,
     },
 }
 
@@ -85,9 +88,10 @@ fn main() {
     if let Some(Helper::Pause {
         ignore_sigterm,
         listen,
+        tick,
     }) = args.helper
     {
-        pause(ignore_sigterm, listen);
+        pause(ignore_sigterm, listen, tick);
     }
     if args.platform == Platform::Sim {
         let Some(dir) = args.machine else {
@@ -129,7 +133,7 @@ fn main() {
 }
 
 /// The pause helper: sleeps until killed.
-fn pause(ignore_sigterm: bool, listen: Option<std::net::SocketAddr>) -> ! {
+fn pause(ignore_sigterm: bool, listen: Option<std::net::SocketAddr>, tick: bool) -> ! {
     if ignore_sigterm {
         // SAFETY: SIG_IGN installs no handler code, so nothing can run in signal context.
         if let Err(e) = unsafe {
@@ -152,8 +156,15 @@ fn pause(ignore_sigterm: bool, listen: Option<std::net::SocketAddr>) -> ! {
             }
         }
     }
+    let mut n = 0u64;
     loop {
-        std::thread::sleep(Duration::from_secs(3600));
+        if tick {
+            n += 1;
+            console::line(&format!("tick {n}"));
+            std::thread::sleep(Duration::from_millis(200));
+        } else {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
     }
 }
 

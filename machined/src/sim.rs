@@ -23,17 +23,27 @@ use crate::console;
 pub fn run(dir: &Path, api: SocketAddr) -> anyhow::Result<()> {
     loop {
         let booted = firmware::power_on(dir).context("firmware")?;
-        console::line(&format!(
-            "SimFirmware: starting Boot{:04X} \"{}\" from {}",
-            booted.entry, booted.description, booted.path
-        ));
+        kernel_says(
+            dir,
+            &format!(
+                "SimFirmware: starting Boot{:04X} \"{}\" from {}",
+                booted.entry, booted.description, booted.path
+            ),
+        );
+        kernel_says(
+            dir,
+            &format!(
+                "Linux version (simulated); command line: {}",
+                booted.cmdline
+            ),
+        );
         if booted
             .cmdline
             .split_whitespace()
             .any(|a| a == "plinth.sim.panic")
         {
             // What a kernel that cannot start does with panic=1: reset.
-            console::line("Kernel panic - not syncing: plinth.sim.panic");
+            kernel_says(dir, "Kernel panic - not syncing: plinth.sim.panic");
             continue;
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -50,6 +60,19 @@ pub fn run(dir: &Path, api: SocketAddr) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
+    }
+}
+
+/// A line on the console and in the simulated kernel log.
+fn kernel_says(dir: &Path, line: &str) {
+    use std::io::Write;
+    console::line(line);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("kmsg"))
+    {
+        let _ = writeln!(f, "{line}");
     }
 }
 

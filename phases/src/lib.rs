@@ -9,6 +9,7 @@
 pub mod boot;
 pub mod fetch;
 pub mod initramfs;
+pub mod logs;
 pub mod platform;
 pub mod power;
 pub mod reaper;

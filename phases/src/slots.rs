@@ -149,13 +149,16 @@ pub fn reconcile_entries(rt: &Runtime, m: &Meta) -> Result<[Option<u16>; 2], Tas
     let esp = esp(rt)?;
     let other = m.committed.other();
     let mut want = vec![wanted(m.committed, true)];
+    let mut retired = Vec::new();
     let other_state = m.slot(other).state;
-    if other_state != SlotState::Empty && other_state != SlotState::Writing {
+    if other_state == SlotState::Empty || other_state == SlotState::Writing {
+        retired.push(wanted(other, false));
+    } else {
         want.push(wanted(other, other_state == SlotState::Good));
     }
     let existing = vars.boot_entries().map_err(SlotError::from)?;
     let order = vars.boot_order().map_err(SlotError::from)?;
-    let plan = bootloader::slots::plan(&existing, &order, &esp, &want);
+    let plan = bootloader::slots::plan(&existing, &order, &esp, &want, &retired);
     if !plan.is_noop(&order) {
         bootloader::slots::apply(&vars, &plan).map_err(SlotError::from)?;
         tracing::info!("boot entries reconciled: BootOrder {:04X?}", plan.order);

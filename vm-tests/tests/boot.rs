@@ -108,6 +108,17 @@ async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls()
         .phases()
         .iter()
         .all(|p| p.duration.is_some() && p.error.is_none()));
+    // `plinth dmesg` shows the node's kernel log.
+    let node3 = node.clone();
+    let ep3 = node.endpoint();
+    let dmesg = tokio::task::spawn_blocking(move || plinth(&node3, &["-e", &ep3, "dmesg"]))
+        .await
+        .expect("cli");
+    assert!(
+        dmesg.contains("Linux version") && dmesg.contains("Command line:"),
+        "{dmesg}"
+    );
+
     // `plinth bootchart` writes a Chrome trace with every phase and an SVG that parses.
     let out_dir = node.spec.dir.join("bootchart");
     std::fs::create_dir_all(&out_dir).expect("mkdir");

@@ -35,7 +35,8 @@ async fn services_start_in_dependency_order_restart_on_failure_and_a_service_ign
     web.health = Some(HealthCheck::Tcp("127.0.0.1:8080".into()));
     let mut flaky = service("flaky", &["pause", "--no-such-flag"]);
     flaky.restart = RestartPolicy::OnFailure;
-    let node = node_with_services("services", vec![stubborn, web, flaky]);
+    let ticker = service("ticker", &["pause", "--tick"]);
+    let node = node_with_services("services", vec![stubborn, web, flaky, ticker]);
     let ctx = node.context().expect("context").clone();
     let mut vm = node.boot().expect("launch");
     wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
@@ -72,6 +73,40 @@ async fn services_start_in_dependency_order_restart_on_failure_and_a_service_ign
     assert!(pos("stubborn") < pos("web"), "start order {names:?}");
     let flaky = list.iter().find(|s| s.name == "flaky").expect("flaky");
     assert!(flaky.last_exit.contains("exit code 2"), "{flaky:?}");
+
+    // `plinth logs -f` follows a service's output as it grows.
+    let mut follow = std::process::Command::new(common::plinth_cli())
+        .args([
+            "-e",
+            &node.endpoint(),
+            "logs",
+            "ticker",
+            "-f",
+            "--tail",
+            "1",
+        ])
+        .env("PLINTHCONFIG", node.spec.dir.join("plinthconfig"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("plinth logs");
+    let stdout = follow.stdout.take().expect("stdout");
+    let ticks = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| l.strip_prefix("tick ").and_then(|n| n.parse::<u64>().ok()))
+            .take(4)
+            .collect::<Vec<_>>()
+    });
+    let ticks = tokio::time::timeout(Duration::from_secs(30), ticks)
+        .await
+        .expect("lines in time")
+        .expect("reader");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert_eq!(ticks.len(), 4);
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "{ticks:?}");
 
     // Shut down: QEMU exits on its own.
     client

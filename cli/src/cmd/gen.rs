@@ -34,6 +34,28 @@ pub enum Gen {
         #[arg(long)]
         force: bool,
     },
+    /// Generate a client config with its own certificate and role, signed by the CA that
+    /// `gen config` wrote, for the same nodes as an existing client config.
+    Client {
+        /// The holder's name (certificate common name).
+        #[arg(long)]
+        name: String,
+        /// os:admin, os:operator or os:reader.
+        #[arg(long)]
+        role: String,
+        /// The secrets directory `gen config` wrote (ca.crt, ca.key).
+        #[arg(long, default_value = "secrets")]
+        secrets: PathBuf,
+        /// The client config whose contexts (endpoints, CA) to reuse (default: the one in use).
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// The client config to write.
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+        /// Overwrite it if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Generate an ed25519 key to sign upgrade bundles (signing.key, PEM) and print its public
     /// half (signing.pub, hex), which nodes list in machine.upgrade.trusted_keys.
     SigningKey {
@@ -56,6 +78,40 @@ fn write(path: &Path, data: &str, force: bool) -> anyhow::Result<()> {
 
 pub fn run(g: Gen) -> anyhow::Result<()> {
     match g {
+        Gen::Client {
+            name,
+            role,
+            secrets,
+            from,
+            out,
+            force,
+        } => {
+            let role: api::Role = role.parse()?;
+            let read = |f: &str| {
+                let p = secrets.join(f);
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+            };
+            let ca = api::pki::Ca(api::pki::Identity {
+                cert_pem: read("ca.crt")?,
+                key_pem: read("ca.key")?,
+            });
+            let id = ca.issue_client(&api::pki::ClientSpec::new(&name, role))?;
+            let from = from.unwrap_or_else(config::ClientConfig::default_path);
+            let mut cfg = config::ClientConfig::load_or_default(&from)?;
+            if cfg.contexts.is_empty() {
+                bail!("{} has no contexts to take endpoints from", from.display());
+            }
+            for ctx in cfg.contexts.values_mut() {
+                ctx.cert = Some(id.cert_pem.clone());
+                ctx.key = Some(id.key_pem.clone());
+            }
+            if out.exists() && !force {
+                bail!("{} exists: pass --force to overwrite it", out.display());
+            }
+            cfg.save(&out)?;
+            println!("wrote {} for {name} with role {role}", out.display());
+            Ok(())
+        }
         Gen::SigningKey { output_dir, force } => {
             std::fs::create_dir_all(&output_dir)
                 .with_context(|| format!("creating {}", output_dir.display()))?;

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod events;
 pub mod gen;
 pub mod image;
+pub mod logs;
 pub mod power;
 pub mod services;
 pub mod status;

@@ -19,6 +19,8 @@ pub struct SimNode {
     pub dir: tempfile::TempDir,
     pub endpoint: String,
     pub ctx: config::Context,
+    /// The node's CA (to make clients with other roles).
+    pub ca: api::pki::Ca,
     child: Option<Child>,
 }
 
@@ -95,10 +97,12 @@ pub fn start_with(
         .spawn()
         .expect("start machined");
     let ctx = g.client.context(None).expect("ctx").1.clone();
+    let g = g;
     SimNode {
         dir,
         endpoint,
         ctx,
+        ca: g.ca,
         child: Some(child),
     }
 }

@@ -364,6 +364,14 @@ impl Platform for Linux {
         Ok(child.id() as i32)
     }
 
+    fn open_file(&self, path: &Path) -> Result<std::fs::File, PlatformError> {
+        std::fs::File::open(path).map_err(|e| PlatformError::io("opening", path, e))
+    }
+
+    fn kernel_log_path(&self) -> PathBuf {
+        PathBuf::from("/dev/kmsg")
+    }
+
     fn boot_id(&self) -> String {
         std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_string())

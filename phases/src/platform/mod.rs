@@ -263,6 +263,13 @@ pub trait Platform: Send + Sync + 'static {
     /// The caller registers it with the reaper (see [`crate::reaper::Reaper::spawn`]).
     fn spawn(&self, argv: &[String], log: &Path) -> Result<i32, PlatformError>;
 
+    /// Opens a file for reading.
+    fn open_file(&self, path: &Path) -> Result<std::fs::File, PlatformError>;
+
+    /// Where the kernel log is read, as a path on the machine running machined (`/dev/kmsg`
+    /// on Linux).
+    fn kernel_log_path(&self) -> PathBuf;
+
     /// This boot's id (changes on every boot).
     fn boot_id(&self) -> String;
 

@@ -121,13 +121,15 @@ pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
     let c = component(&job, ROOTFS)?;
     let version = job.manifest().map(|m| m.version).unwrap_or_default();
     let target = job.target;
-    // Marked before the first byte: a crash mid-write leaves a slot nobody will boot.
-    slots::update_meta(rt, |m| {
+    // Marked before the first byte, and out of BootOrder: a crash mid-write (or a bundle that
+    // turns out bad) leaves a slot nobody will boot, not even the firmware falling back.
+    let m = slots::update_meta(rt, |m| {
         let r = m.slot_mut(target);
         *r = upgrade::meta::SlotRecord::empty();
         r.state = SlotState::Writing;
         r.version = version.clone();
     })?;
+    slots::reconcile_entries(rt, &m)?;
     slot_event(rt, target, SlotState::Writing, format!("writing {version}"));
     let (_, dev) = slots::partition(rt, target.root_label())?;
     let (mut file, base) = rt.platform.open_partition(&dev, true)?;

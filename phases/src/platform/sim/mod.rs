@@ -529,6 +529,15 @@ impl Platform for Sim {
         Ok(pid)
     }
 
+    fn open_file(&self, path: &Path) -> Result<File, PlatformError> {
+        File::open(self.resolve(path)).map_err(io("opening", path))
+    }
+
+    fn kernel_log_path(&self) -> PathBuf {
+        // The simulated kernel's log: what the firmware and "kernel" printed, per machine.
+        self.dir.join("kmsg")
+    }
+
     fn boot_id(&self) -> String {
         self.lock().boot_id.clone()
     }
