@@ -127,6 +127,15 @@ pub async fn connect(
     Ok(MachineClient::new(channel))
 }
 
+/// Connects to a node in maintenance mode: no client certificate, the node's self-signed
+/// certificate accepted (pinned by `fingerprint` if given).
+pub async fn connect_insecure(
+    endpoint: &str,
+    fingerprint: Option<String>,
+) -> Result<MachineClient<Channel>, ClientError> {
+    connect(endpoint, tls::insecure_client_config(fingerprint)?).await
+}
+
 /// Connects with a client context, refusing early (and saying why) when it lacks a certificate.
 pub async fn connect_context(
     endpoint: &str,

@@ -162,6 +162,47 @@ impl Ca {
     }
 }
 
+/// A self-signed server certificate (the maintenance API's, made at boot).
+pub fn self_signed_server(name: &str, sans: &[String]) -> Result<Identity, PkiError> {
+    let key = KeyPair::generate().map_err(ctx("generating the maintenance key"))?;
+    let mut params =
+        CertificateParams::new(sans.to_vec()).map_err(ctx("reading the server names"))?;
+    params.distinguished_name = name_dn(name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::minutes(1);
+    params.not_after = now + Duration::days(365);
+    let cert = params
+        .self_signed(&key)
+        .map_err(ctx("self-signing the maintenance certificate"))?;
+    Ok(Identity {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+fn name_dn(cn: &str) -> DistinguishedName {
+    name(cn, None)
+}
+
+/// SHA-256 of a certificate (DER), lowercase hex: what `--cert-fingerprint` compares.
+pub fn fingerprint_der(der: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// SHA-256 of a certificate (PEM), lowercase hex.
+pub fn fingerprint(cert_pem: &str) -> Option<String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .ok()
+        .map(|c| fingerprint_der(&c))
+}
+
 /// The Organization of a certificate (the role, for client certificates), from PEM or DER.
 pub fn organization(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;

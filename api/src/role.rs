@@ -74,7 +74,11 @@ pub const RPCS: &[&str] = &[
     "Logs",
     "Upgrade",
     "Rollback",
+    "ApplyConfiguration",
 ];
+
+/// What a node in maintenance mode (no config, no client certificates yet) answers, to anyone.
+pub const MAINTENANCE_RPCS: &[&str] = &["Version", "Status", "Events", "ApplyConfiguration"];
 
 /// The roles allowed to call `method` (the RPC name, e.g. `Version`).
 pub fn allowed_roles(method: &str) -> &'static [Role] {

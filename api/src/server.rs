@@ -55,6 +55,12 @@ pub trait Node: Send + Sync + 'static {
     fn dmesg(&self, follow: bool) -> Result<LineStream, Status>;
     /// A service's output.
     fn logs(&self, service: &str, tail: u32, follow: bool) -> Result<LineStream, Status>;
+    /// Applies a node config.
+    async fn apply_configuration(
+        &self,
+        actor: String,
+        request: proto::ApplyConfigurationRequest,
+    ) -> Result<proto::ApplyConfigurationResponse, Status>;
 }
 
 /// Log lines for `Dmesg` and `Logs`.
@@ -271,6 +277,16 @@ impl<N: Node> Machine for MachineService<N> {
         Ok(Response::new(self.node.logs(&r.service, r.tail, r.follow)?))
     }
 
+    async fn apply_configuration(
+        &self,
+        r: Request<proto::ApplyConfigurationRequest>,
+    ) -> Result<Response<proto::ApplyConfigurationResponse>, Status> {
+        let actor = Controller::new_actor();
+        Ok(Response::new(
+            self.node.apply_configuration(actor, r.into_inner()).await?,
+        ))
+    }
+
     type EventsStream = EventStream;
 
     async fn events(
@@ -312,19 +328,32 @@ impl<N: Node> Machine for MachineService<N> {
     }
 }
 
+/// How the server admits callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Client certificates required; roles from them.
+    Normal,
+    /// No config yet: server-only TLS, and only the maintenance RPCs, to anyone.
+    Maintenance,
+}
+
 /// Checks every call's role before it reaches the service.
 #[derive(Clone)]
 struct Authorize<S> {
     inner: S,
+    mode: Mode,
 }
 
 #[derive(Clone)]
-struct AuthorizeLayer;
+struct AuthorizeLayer(Mode);
 
 impl<S> tower::Layer<S> for AuthorizeLayer {
     type Service = Authorize<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Authorize { inner }
+        Authorize {
+            inner,
+            mode: self.0,
+        }
     }
 }
 
@@ -340,6 +369,19 @@ fn refusal(peer: Option<&PeerInfo>, path: &str) -> Option<Status> {
         _ => Some(Status::permission_denied(
             "the client certificate carries no role (its Organization must be os:admin, os:operator or os:reader)",
         )),
+    }
+}
+
+/// In maintenance mode only the maintenance RPCs are served.
+fn maintenance_refusal(path: &str) -> Option<Status> {
+    let method = path.strip_prefix(SERVICE).unwrap_or(path);
+    if crate::role::MAINTENANCE_RPCS.contains(&method) {
+        None
+    } else {
+        Some(Status::permission_denied(format!(
+            "the node is in maintenance mode (no config yet): {method} is not served; only {}",
+            crate::role::MAINTENANCE_RPCS.join(", ")
+        )))
     }
 }
 
@@ -361,7 +403,11 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if let Some(status) = refusal(req.extensions().get::<PeerInfo>(), req.uri().path()) {
+        let verdict = match self.mode {
+            Mode::Normal => refusal(req.extensions().get::<PeerInfo>(), req.uri().path()),
+            Mode::Maintenance => maintenance_refusal(req.uri().path()),
+        };
+        if let Some(status) = verdict {
             tracing::warn!(path = req.uri().path(), "refused: {}", status.message());
             return Box::pin(async move { Ok(status.into_http()) });
         }
@@ -407,6 +453,7 @@ pub fn serve<N: Node>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     node: Arc<N>,
+    mode: Mode,
 ) -> Result<ServerHandle, ServeError> {
     let local_addr = listener.local_addr().map_err(ServeError::Addr)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -445,7 +492,7 @@ pub fn serve<N: Node>(
     let task = tokio::spawn(async move {
         let accept = tokio::spawn(accept_loop);
         let result = tonic::transport::Server::builder()
-            .layer(AuthorizeLayer)
+            .layer(AuthorizeLayer(mode))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;

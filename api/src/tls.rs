@@ -110,6 +110,109 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The maintenance server config: TLS 1.3, no client certificate (the node has no CA yet).
+pub fn server_config_without_client_auth(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = tls13_server()?
+        .with_no_client_auth()
+        .with_single_cert(
+            certs(cert_pem, "server certificate")?,
+            key(key_pem, "server key")?,
+        )
+        .map_err(|source| TlsError::Rustls {
+            what: "loading the server certificate and key",
+            source,
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts a node's self-signed maintenance certificate: any certificate, or with
+/// `fingerprint`, only the one whose SHA-256 is that. The handshake signature is still checked.
+#[derive(Debug)]
+struct Insecure {
+    fingerprint: Option<String>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Insecure {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        match &self.fingerprint {
+            Some(want)
+                if crate::pki::fingerprint_der(end_entity)
+                    != want.to_ascii_lowercase().replace(':', "") =>
+            {
+                Err(rustls::Error::General(format!(
+                    "the node's certificate fingerprint is {}, not {want}",
+                    crate::pki::fingerprint_der(end_entity)
+                )))
+            }
+            _ => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config for a node in maintenance mode (`plinth apply-config --insecure`).
+pub fn insecure_client_config(fingerprint: Option<String>) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls {
+            what: "selecting TLS 1.3",
+            source,
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Insecure {
+            fingerprint,
+            provider: provider(),
+        }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// A client config trusting `ca_pem`, presenting `identity` (certificate, key) if given.
 pub fn client_config(
     ca_pem: &str,

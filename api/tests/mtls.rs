@@ -55,6 +55,13 @@ impl Node for FakeNode {
     fn logs(&self, _: &str, _: u32, _: bool) -> Result<api::server::LineStream, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
+    async fn apply_configuration(
+        &self,
+        _: String,
+        _: api::proto::ApplyConfigurationRequest,
+    ) -> Result<api::proto::ApplyConfigurationResponse, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
 }
 
 struct Fixture {
@@ -74,7 +81,13 @@ async fn start() -> Fixture {
         .await
         .expect("bind");
     let bus = EventBus::new(64);
-    let server = serve(listener, cfg, Arc::new(FakeNode { bus: bus.clone() })).expect("serve");
+    let server = serve(
+        listener,
+        cfg,
+        Arc::new(FakeNode { bus: bus.clone() }),
+        api::server::Mode::Normal,
+    )
+    .expect("serve");
     Fixture { ca, server, bus }
 }
 

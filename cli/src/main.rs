@@ -49,6 +49,8 @@ enum Cmd {
     Upgrade(cmd::upgrade::UpgradeArgs),
     /// Go back to the other slot, if it is good.
     Rollback(cmd::upgrade::RollbackArgs),
+    /// Give a node its config (a new node in maintenance mode with --insecure).
+    ApplyConfig(cmd::apply::Args),
     /// Print the node's kernel log.
     Dmesg(cmd::logs::DmesgArgs),
     /// Print a service's output.
@@ -106,6 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Services(a) => cmd::services::run(&target, a).await,
         Cmd::Upgrade(a) => cmd::upgrade::upgrade(&target, a).await,
         Cmd::Rollback(a) => cmd::upgrade::rollback(&target, a).await,
+        Cmd::ApplyConfig(a) => cmd::apply::run(&target, a).await,
         Cmd::Dmesg(a) => cmd::logs::dmesg(&target, a).await,
         Cmd::Logs(a) => cmd::logs::logs(&target, a).await,
         Cmd::Image(i) => cmd::image::run(i),

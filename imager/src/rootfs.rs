@@ -20,6 +20,65 @@ const DIRS: &[&str] = &[
     "system/efi",
 ];
 
+/// Host programs the node runs to make file systems (STATE and EPHEMERAL come back empty after
+/// a reset; an install makes all of them). Copied with their shared libraries and loader: there
+/// is no mature way to make ext4 from Rust, and these are the tools every distribution trusts.
+const NODE_TOOLS: &[(&str, &str)] = &[
+    ("/sbin/mke2fs", "e2fsprogs"),
+    ("/sbin/mkfs.fat", "dosfstools"),
+];
+/// Configuration the tools read.
+const NODE_TOOL_FILES: &[&str] = &["/etc/mke2fs.conf"];
+
+/// The shared libraries (and loader) a dynamic program needs, from `ldd`.
+fn libraries(program: &Path) -> Result<Vec<std::path::PathBuf>, ImageError> {
+    let out = run(Command::new("ldd").arg(program))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = l.split("=>").last()?.trim().split(' ').next()?;
+            path.starts_with('/')
+                .then(|| std::path::PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// Copies `src` to the same path under `root`, following symlinks (the image holds files).
+fn copy_into(root: &Path, src: &Path) -> Result<(), ImageError> {
+    let rel = src.strip_prefix("/").unwrap_or(src);
+    let dest = root.join(rel);
+    if let Some(d) = dest.parent() {
+        std::fs::create_dir_all(d).map_err(ImageError::io("creating", d))?;
+    }
+    std::fs::copy(src, &dest).map_err(ImageError::io("copying", src))?;
+    Ok(())
+}
+
+/// Puts the node tools, their libraries and their configuration under `root`.
+fn node_tools(root: &Path) -> Result<(), ImageError> {
+    for (tool, package) in NODE_TOOLS {
+        let p = Path::new(tool);
+        if !p.is_file() {
+            return Err(ImageError::MissingTool {
+                tool: tool.to_string(),
+                package: package.to_string(),
+            });
+        }
+        copy_into(root, p)?;
+        for lib in libraries(p)? {
+            copy_into(root, &lib)?;
+        }
+    }
+    for f in NODE_TOOL_FILES {
+        if Path::new(f).is_file() {
+            copy_into(root, Path::new(f))?;
+        }
+    }
+    Ok(())
+}
+
 /// The os-release text for an image version (also the UKI's `.osrel`).
 pub fn os_release(version: &str) -> String {
     format!(
@@ -43,6 +102,7 @@ pub fn build(out: &Path, machined: &Path, version: &str, staging: &Path) -> Resu
     std::fs::write(etc.join("plinth-release"), release).map_err(ImageError::io("writing", &etc))?;
     std::fs::write(etc.join("os-release"), os_release(version))
         .map_err(ImageError::io("writing", &etc))?;
+    node_tools(staging)?;
     // Fixed times and owners: the same inputs give the same image, and so the same digest.
     run(Command::new("mksquashfs")
         .arg(staging)

@@ -14,34 +14,63 @@ use phases::tasks::system::release_version;
 use phases::{ApiLauncher, Runtime};
 use sequencer::{Denied, EventBus, SequenceKind, TaskError};
 
-/// Runs initialize then boot; returns only if the boot failed and even the reboot after it was
-/// refused. A sequence taken over (a reboot during boot) leaves the node to its successor.
-pub async fn boot_chain(runtime: &Arc<Runtime>) -> anyhow::Error {
-    let chain = [
-        (SequenceKind::Initialize, phases::boot::initialize()),
-        (SequenceKind::Boot, phases::boot::boot()),
-    ];
-    for (kind, sequence) in chain {
-        let started = match runtime
-            .controller
-            .start(kind, sequence, runtime.clone(), None, false)
-        {
-            Ok(s) => s,
-            // Something took over the boot already (a reboot asked for by a signal).
-            Err(denied) => {
-                tracing::info!("{kind} not started: {denied}");
-                return std::future::pending().await;
-            }
-        };
-        match started.handle.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if e.is_cancelled() => {
-                tracing::info!("{e}");
-                return std::future::pending().await;
-            }
-            Ok(Err(e)) => return boot_failed(runtime, anyhow::Error::new(e)).await,
-            Err(e) => return boot_failed(runtime, anyhow::anyhow!("{kind} panicked: {e}")).await,
+/// How a step of the boot chain ended.
+enum Step {
+    Done,
+    /// Taken over (a reboot during boot): the successor owns the node now.
+    TakenOver,
+    Failed(anyhow::Error),
+}
+
+async fn run_step(
+    runtime: &Arc<Runtime>,
+    kind: SequenceKind,
+    sequence: sequencer::Sequence<Arc<Runtime>>,
+) -> Step {
+    let started = match runtime
+        .controller
+        .start(kind, sequence, runtime.clone(), None, false)
+    {
+        Ok(s) => s,
+        Err(denied) => {
+            tracing::info!("{kind} not started: {denied}");
+            return Step::TakenOver;
         }
+    };
+    match started.handle.await {
+        Ok(Ok(())) => Step::Done,
+        Ok(Err(e)) if e.is_cancelled() => {
+            tracing::info!("{e}");
+            Step::TakenOver
+        }
+        Ok(Err(e)) => Step::Failed(anyhow::Error::new(e)),
+        Err(e) => Step::Failed(anyhow::anyhow!("{kind} panicked: {e}")),
+    }
+}
+
+/// Runs initialize, waits in maintenance mode if there is no config, then runs boot; returns
+/// only if the boot failed and even the reboot after it was refused.
+pub async fn boot_chain(runtime: &Arc<Runtime>, api: &Arc<ApiStarter>) -> anyhow::Error {
+    match run_step(
+        runtime,
+        SequenceKind::Initialize,
+        phases::boot::initialize(),
+    )
+    .await
+    {
+        Step::Done => {}
+        Step::TakenOver => return std::future::pending().await,
+        Step::Failed(e) => return boot_failed(runtime, e).await,
+    }
+    if runtime.config().is_none() {
+        if let Err(e) = maintenance(runtime, api).await {
+            return boot_failed(runtime, e).await;
+        }
+    }
+    match run_step(runtime, SequenceKind::Boot, phases::boot::boot()).await {
+        Step::Done => {}
+        Step::TakenOver => return std::future::pending().await,
+        Step::Failed(e) => return boot_failed(runtime, e).await,
     }
     tracing::info!("node is running");
     // From now on the main loop feeds the watchdog.
@@ -54,6 +83,33 @@ pub async fn boot_chain(runtime: &Arc<Runtime>) -> anyhow::Error {
         });
     }
     std::future::pending::<anyhow::Error>().await
+}
+
+/// No config: serve the maintenance API (server-only TLS, a self-signed certificate whose
+/// fingerprint is on the console, only Version/Status/Events/ApplyConfiguration) until one is
+/// applied.
+async fn maintenance(runtime: &Arc<Runtime>, api: &Arc<ApiStarter>) -> anyhow::Result<()> {
+    runtime
+        .controller
+        .lifecycle
+        .request(sequencer::Request::EnterMaintenance, None)?;
+    let (endpoint, fingerprint) = api.start_maintenance(runtime.clone()).await?;
+    crate::console::line(&format!(
+        "machined: maintenance mode: no node config. The API on {endpoint} takes one over TLS with certificate SHA-256 {fingerprint}:"
+    ));
+    crate::console::line(&format!(
+        "machined:   plinth apply-config --insecure --cert-fingerprint {fingerprint} -e <node address> -f node.yaml"
+    ));
+    loop {
+        tokio::select! {
+            _ = runtime.config_applied.notified() => break,
+            // Waiting for an operator is not a hang.
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => phases::watchdog::feed(),
+        }
+    }
+    api.stop().await;
+    tracing::info!("config applied: leaving maintenance mode");
+    Ok(())
 }
 
 /// The boot failed: say why, give the operator time to read it, then reboot through the reboot
@@ -100,6 +156,39 @@ impl ApiStarter {
         }
     }
 
+    /// Starts the maintenance API with a fresh self-signed certificate; returns where it listens
+    /// and the certificate's SHA-256 fingerprint.
+    pub async fn start_maintenance(
+        &self,
+        runtime: Arc<Runtime>,
+    ) -> anyhow::Result<(String, String)> {
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        if !host.is_empty() {
+            sans.push(host);
+        }
+        let id = api::pki::self_signed_server("plinth maintenance", &sans)?;
+        let fingerprint = api::pki::fingerprint(&id.cert_pem).unwrap_or_default();
+        let tls = api::tls::server_config_without_client_auth(&id.cert_pem, &id.key_pem)?;
+        let addr = self
+            .bind
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], config::node::DEFAULT_API_PORT)));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding the maintenance API to {addr}: {e}"))?;
+        let handle = api::server::serve(
+            listener,
+            tls,
+            Arc::new(NodeApi::new(runtime)),
+            api::server::Mode::Maintenance,
+        )?;
+        let endpoint = handle.local_addr.to_string();
+        *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok((endpoint, fingerprint))
+    }
+
     /// Stops the server, if it runs (the simulated machine's reset frees its port this way).
     pub async fn stop(&self) {
         let handle = self.handle.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -120,7 +209,12 @@ impl ApiLauncher for ApiStarter {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("binding the API to {addr}: {e}"))?;
-        let handle = api::server::serve(listener, tls, Arc::new(NodeApi::new(runtime)))?;
+        let handle = api::server::serve(
+            listener,
+            tls,
+            Arc::new(NodeApi::new(runtime)),
+            api::server::Mode::Normal,
+        )?;
         let endpoint = handle.local_addr.to_string();
         *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(endpoint)
@@ -365,6 +459,126 @@ impl api::server::Node for NodeApi {
             phases::logs::service_lines(&self.runtime.platform, service, tail as usize, follow)
                 .map_err(tonic::Status::unavailable)?;
         Ok(lines(rx))
+    }
+
+    async fn apply_configuration(
+        &self,
+        actor: String,
+        req: api::proto::ApplyConfigurationRequest,
+    ) -> Result<api::proto::ApplyConfigurationResponse, tonic::Status> {
+        use api::proto::ApplyMode;
+        let rt = &self.runtime;
+        let reply =
+            |summary: String, needs_reboot: Vec<String>| api::proto::ApplyConfigurationResponse {
+                actor_id: actor.clone(),
+                summary,
+                needs_reboot,
+            };
+        if req.confirm && req.data.is_empty() {
+            let pending = rt
+                .pending_try
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            return match pending {
+                Some(t) => {
+                    t.cancel();
+                    Ok(reply("the config being tried is kept".into(), vec![]))
+                }
+                None => Err(tonic::Status::failed_precondition(
+                    "no config is being tried",
+                )),
+            };
+        }
+        // An invalid config changes nothing: it is refused before anything is written.
+        let new = config::NodeConfig::from_yaml(&req.data)
+            .map_err(|e| tonic::Status::invalid_argument(format!("invalid node config: {e}")))?;
+        let old = rt.config();
+        let write = |c: &config::NodeConfig| -> Result<(), tonic::Status> {
+            rt.platform
+                .write(
+                    std::path::Path::new(phases::runtime::paths::CONFIG),
+                    c.to_yaml().as_bytes(),
+                )
+                .map_err(|e| tonic::Status::internal(format!("writing the config: {e}")))
+        };
+        let Some(old) = old else {
+            // Maintenance mode: this is the node's first config; the boot goes on with it.
+            write(&new)?;
+            rt.set_config(new);
+            rt.config_applied.notify_one();
+            return Ok(reply(
+                "config applied: the node is booting with it".into(),
+                vec![],
+            ));
+        };
+        let mode = ApplyMode::try_from(req.mode).unwrap_or(ApplyMode::NoReboot);
+        write(&new)?;
+        rt.set_config(new.clone());
+        // Live: the host name and the upgrade policy (read at each upgrade). The rest is read
+        // at boot.
+        if new.machine.name != old.machine.name {
+            let _ = rt.platform.set_hostname(&new.machine.name);
+        }
+        let mut needs_reboot = Vec::new();
+        if new.machine.network != old.machine.network {
+            needs_reboot.push("machine.network".to_string());
+        }
+        if new.machine.api != old.machine.api {
+            needs_reboot.push("machine.api".to_string());
+        }
+        if new.machine.services != old.machine.services {
+            needs_reboot.push("machine.services".to_string());
+        }
+        match mode {
+            ApplyMode::Reboot => {
+                phases::power::request(rt, SequenceKind::Reboot, Some(actor.clone()), false)
+                    .map_err(|d| api::server::denied_status(&d, &actor))?;
+                Ok(reply("config written; rebooting".into(), vec![]))
+            }
+            ApplyMode::NoReboot => Ok(reply("config applied".into(), needs_reboot)),
+            ApplyMode::Try => {
+                let timeout =
+                    std::time::Duration::from_secs(u64::from(if req.try_timeout_s == 0 {
+                        60
+                    } else {
+                        req.try_timeout_s
+                    }));
+                let token = tokio_util::sync::CancellationToken::new();
+                if let Some(previous) = rt
+                    .pending_try
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(token.clone())
+                {
+                    previous.cancel();
+                }
+                let rt2 = rt.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::time::sleep(timeout) => {
+                            let path = std::path::Path::new(phases::runtime::paths::CONFIG);
+                            match rt2.platform.write(path, old.to_yaml().as_bytes()) {
+                                Ok(()) => {
+                                    if old.machine.name != rt2.config().map(|c| c.machine.name).unwrap_or_default() {
+                                        let _ = rt2.platform.set_hostname(&old.machine.name);
+                                    }
+                                    rt2.set_config(old);
+                                    tracing::warn!("the config being tried was not confirmed: reverted");
+                                }
+                                Err(e) => tracing::error!("reverting the config being tried: {e}"),
+                            }
+                            rt2.pending_try.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        }
+                    }
+                });
+                Ok(reply(
+                    format!("config applied for {}s: confirm it (apply-config --confirm) or it is reverted", timeout.as_secs()),
+                    needs_reboot,
+                ))
+            }
+        }
     }
 
     fn rollback(&self, actor: String) -> Result<(), tonic::Status> {

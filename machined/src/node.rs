@@ -48,16 +48,12 @@ async fn serve() -> anyhow::Error {
         Ok(r) => r,
         Err(e) => return anyhow::Error::new(e).context("listening for SIGCHLD"),
     };
-    let runtime = Runtime::new(
-        Arc::new(Linux),
-        bus,
-        Arc::new(ApiStarter::new(None)),
-        reaper,
-    );
+    let starter = Arc::new(ApiStarter::new(None));
+    let runtime = Runtime::new(Arc::new(Linux), bus, starter.clone(), reaper);
     spawn_signal_handlers(runtime.clone());
     spawn_power_button(runtime.clone());
 
-    crate::boot::boot_chain(&runtime).await
+    crate::boot::boot_chain(&runtime, &starter).await
 }
 
 /// SIGINT (Ctrl-Alt-Del) asks for a reboot, SIGTERM for a power-off.

@@ -92,8 +92,9 @@ async fn boot_once(dir: &Path, cmdline: &str, api: SocketAddr) -> anyhow::Result
     let starter = Arc::new(ApiStarter::new(Some(api)));
     let runtime = Runtime::new(sim.clone(), bus, starter.clone(), reaper);
     let booting = runtime.clone();
+    let api_starter = starter.clone();
     tokio::spawn(async move {
-        let e = crate::boot::boot_chain(&booting).await;
+        let e = crate::boot::boot_chain(&booting, &api_starter).await;
         console::line(&format!(
             "machined: fatal: {}",
             sequencer::runner::chain(e.as_ref())

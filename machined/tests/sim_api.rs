@@ -78,6 +78,14 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
         }
         // Refused after authorization: slot B is empty.
         "Rollback" => code(c.rollback(RollbackRequest {}).await),
+        // Refused after authorization: not a config.
+        "ApplyConfiguration" => code(
+            c.apply_configuration(ApplyConfigurationRequest {
+                data: "not: [a config".into(),
+                ..Default::default()
+            })
+            .await,
+        ),
         "Reboot" => code(c.reboot(RebootRequest {}).await),
         "Shutdown" => code(c.shutdown(ShutdownRequest { force: false }).await),
         other => panic!("no call for {other}"),
@@ -85,7 +93,8 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
 }
 
 /// The RPCs in the order they are walked: the ones that end the boot last.
-const ORDER: [&str; 10] = [
+const ORDER: [&str; 11] = [
+    "ApplyConfiguration",
     "Version",
     "Events",
     "Status",

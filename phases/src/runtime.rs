@@ -89,6 +89,12 @@ pub struct Runtime {
     pub api: Arc<dyn ApiLauncher>,
     /// Supervised services.
     pub services: Arc<Supervisor>,
+    /// The one owner of child exits.
+    pub reaper: Arc<Reaper>,
+    /// Signalled when a node in maintenance mode has been given its config.
+    pub config_applied: tokio::sync::Notify,
+    /// The revert of a config being tried (`ApplyConfiguration` in try mode), until confirmed.
+    pub pending_try: Mutex<Option<tokio_util::sync::CancellationToken>>,
     found: Mutex<Found>,
     /// Whether this boot is a slot's trial.
     trial: std::sync::atomic::AtomicBool,
@@ -105,7 +111,10 @@ impl Runtime {
     ) -> Arc<Self> {
         let log_dir = PathBuf::from(paths::SERVICE_LOGS);
         Arc::new(Runtime {
-            services: Supervisor::new(platform.clone(), reaper, bus.clone(), log_dir),
+            services: Supervisor::new(platform.clone(), reaper.clone(), bus.clone(), log_dir),
+            reaper,
+            config_applied: tokio::sync::Notify::new(),
+            pending_try: Mutex::new(None),
             platform,
             controller: Controller::new(bus.clone()),
             bus,

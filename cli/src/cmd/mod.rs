@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod apply;
 pub mod bootchart;
 pub mod cluster;
 pub mod events;

@@ -58,11 +58,28 @@ pub fn start(services: Vec<config::Service>, extra_cmdline: &[&str]) -> SimNode 
     start_with(services, extra_cmdline, |_| {})
 }
 
+/// A node whose STATE holds no config: it waits in maintenance mode. Its config (to apply)
+/// comes back too.
+pub fn start_unconfigured() -> (SimNode, config::NodeConfig) {
+    let mut config = None;
+    let node = start_inner(vec![], &[], |c| config = Some(c.clone()), false);
+    (node, config.expect("generated config"))
+}
+
 /// Like [`start`], with a last word on the node config.
 pub fn start_with(
     services: Vec<config::Service>,
     extra_cmdline: &[&str],
     tweak: impl FnOnce(&mut config::NodeConfig),
+) -> SimNode {
+    start_inner(services, extra_cmdline, tweak, true)
+}
+
+fn start_inner(
+    services: Vec<config::Service>,
+    extra_cmdline: &[&str],
+    tweak: impl FnOnce(&mut config::NodeConfig),
+    configured: bool,
 ) -> SimNode {
     let dir = tempfile::tempdir().expect("tmp");
     let port = free_port();
@@ -85,7 +102,14 @@ pub fn start_with(
         extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
     };
     let machine = dir.path().join("machine");
-    provision(&machine, &image, Some(&g.node.to_yaml()), 16 << 20).expect("provision");
+    let yaml = g.node.to_yaml();
+    provision(
+        &machine,
+        &image,
+        configured.then_some(yaml.as_str()),
+        16 << 20,
+    )
+    .expect("provision");
     let console = std::fs::File::create(dir.path().join("console.log")).expect("console");
     let child = Command::new(env!("CARGO_BIN_EXE_machined"))
         .args(["--platform", "sim", "--machine"])
@@ -111,6 +135,27 @@ impl SimNode {
     /// The machine directory.
     pub fn machine(&self) -> PathBuf {
         self.dir.path().join("machine")
+    }
+
+    /// The maintenance API's certificate fingerprint, from the console.
+    pub async fn maintenance_fingerprint(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self.console().lines().find_map(|l| {
+                l.split("certificate SHA-256 ")
+                    .nth(1)
+                    .map(|r| r.trim_end_matches(':').trim().to_string())
+            });
+            if let Some(fp) = found {
+                return fp;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no maintenance fingerprint on the console:\n{}",
+                self.console()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The console so far.

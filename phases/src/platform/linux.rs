@@ -11,7 +11,7 @@ use bootloader::efivarfs::VarStore;
 use futures::TryStreamExt;
 use nix::mount::MsFlags;
 
-use super::{Disk, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction};
+use super::{Disk, Mkfs, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction};
 
 /// Where efivarfs is mounted.
 pub const EFIVARS: &str = "/sys/firmware/efi/efivars";
@@ -362,6 +362,34 @@ impl Platform for Linux {
             .map_err(|e| PlatformError::io("starting", Path::new(program), e))?;
         // Dropping a std Child neither waits for nor kills it: the reaper collects it.
         Ok(child.id() as i32)
+    }
+
+    fn has_filesystem(&self, device: &Path, fstype: &str) -> Result<bool, PlatformError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f =
+            std::fs::File::open(device).map_err(|e| PlatformError::io("opening", device, e))?;
+        let (offset, magic): (u64, &[u8]) = match fstype {
+            // ext2/3/4 superblock at 1024, s_magic 0xEF53 at +56.
+            "ext4" => (1024 + 56, &[0x53, 0xef]),
+            // FAT32 boot sector: "FAT32   " at 82.
+            "vfat" => (82, b"FAT32   "),
+            _ => return Err(PlatformError::Unsupported("checking this file system type")),
+        };
+        let mut buf = vec![0u8; magic.len()];
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.read_exact(&mut buf))
+            .map_err(|e| PlatformError::io("reading the superblock of", device, e))?;
+        Ok(buf == magic)
+    }
+
+    fn mkfs(&self, device: &Path, fstype: &str, label: &str) -> Result<Mkfs, PlatformError> {
+        let dev = device.display().to_string();
+        let argv: Vec<&str> = match fstype {
+            "ext4" => vec!["/sbin/mke2fs", "-t", "ext4", "-q", "-F", "-L", label, &dev],
+            "vfat" => vec!["/sbin/mkfs.fat", "-F", "32", "-n", label, &dev],
+            _ => return Err(PlatformError::Unsupported("making this file system type")),
+        };
+        Ok(Mkfs::Run(argv.into_iter().map(str::to_owned).collect()))
     }
 
     fn open_file(&self, path: &Path) -> Result<std::fs::File, PlatformError> {

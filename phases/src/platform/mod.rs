@@ -98,6 +98,15 @@ pub enum PowerAction {
     PowerOff,
 }
 
+/// How a file system gets made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mkfs {
+    /// Run this program (through the reaper, like every child of PID 1).
+    Run(Vec<String>),
+    /// Already made (the simulated machine formats in place).
+    Done,
+}
+
 /// What loading a kernel module did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModuleLoad {
@@ -262,6 +271,12 @@ pub trait Platform: Send + Sync + 'static {
     /// Starts a process in its own process group, output appended to `log`; returns its PID.
     /// The caller registers it with the reaper (see [`crate::reaper::Reaper::spawn`]).
     fn spawn(&self, argv: &[String], log: &Path) -> Result<i32, PlatformError>;
+
+    /// Whether a partition holds a file system of type `fstype` (its superblock is there).
+    fn has_filesystem(&self, device: &Path, fstype: &str) -> Result<bool, PlatformError>;
+
+    /// How to make a `fstype` file system labelled `label` on a partition.
+    fn mkfs(&self, device: &Path, fstype: &str, label: &str) -> Result<Mkfs, PlatformError>;
 
     /// Opens a file for reading.
     fn open_file(&self, path: &Path) -> Result<std::fs::File, PlatformError>;

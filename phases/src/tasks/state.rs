@@ -7,7 +7,7 @@ use config::NodeConfig;
 use sequencer::TaskError;
 use upgrade::layout::{LABEL_EPHEMERAL, LABEL_STATE};
 
-use crate::platform::MountSpec;
+use crate::platform::{Mkfs, MountSpec};
 use crate::runtime::{paths, Runtime};
 
 /// A partition of the boot disk could not be found or the config could not be read.
@@ -27,9 +27,6 @@ pub enum StateError {
         /// Label looked for.
         label: &'static str,
     },
-    /// No config on STATE.
-    #[error("no node config at {0}")]
-    NoConfig(String),
     /// The config is invalid.
     #[error("node config {path}: {source}")]
     BadConfig {
@@ -58,19 +55,74 @@ fn partition(ctx: &Runtime, label: &'static str) -> Result<String, TaskError> {
     Ok(node.display().to_string())
 }
 
+/// Makes a file system on a partition (through the reaper when a program does it).
+pub async fn format(
+    ctx: &Runtime,
+    device: &Path,
+    fstype: &str,
+    label: &str,
+) -> Result<(), TaskError> {
+    match ctx.platform.mkfs(device, fstype, label)? {
+        Mkfs::Done => {}
+        Mkfs::Run(argv) => {
+            let log = Path::new("/run/plinth/mkfs.log");
+            let (pid, exit) = ctx.reaper.spawn(|| ctx.platform.spawn(&argv, log))?;
+            let exit = exit
+                .await
+                .map_err(|_| format!("lost the exit of {} (pid {pid})", argv[0]))?;
+            if !exit.success() {
+                let out = ctx
+                    .platform
+                    .read(log)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                return Err(
+                    format!("{} {}: {exit}: {}", argv[0], device.display(), out.trim()).into(),
+                );
+            }
+        }
+    }
+    tracing::info!(
+        "made a {fstype} file system labelled {label} on {}",
+        device.display()
+    );
+    Ok(())
+}
+
+/// Mounts a partition, first making its file system if it has none (a wiped STATE or
+/// EPHEMERAL comes back empty; the install on the other partitions stays).
+async fn mount_or_format(
+    ctx: &Runtime,
+    label: &'static str,
+    spec: MountSpec,
+) -> Result<(), TaskError> {
+    let dev = Path::new(&spec.source).to_path_buf();
+    if !ctx.platform.has_filesystem(&dev, &spec.fstype)? {
+        format(ctx, &dev, &spec.fstype, label).await?;
+    }
+    Ok(ctx.platform.mount(&spec)?)
+}
+
 /// Mounts STATE (ext4: config, PKI) on `/system/state`.
 pub async fn mount_state(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let dev = partition(&ctx, LABEL_STATE)?;
-    Ok(ctx
-        .platform
-        .mount(&MountSpec::new(&dev, paths::STATE, "ext4").restricted())?)
+    mount_or_format(
+        &ctx,
+        LABEL_STATE,
+        MountSpec::new(&dev, paths::STATE, "ext4").restricted(),
+    )
+    .await
 }
 
 /// Mounts EPHEMERAL (ext4) on `/var`.
 pub async fn mount_ephemeral(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let dev = partition(&ctx, LABEL_EPHEMERAL)?;
-    let spec = MountSpec::new(&dev, paths::EPHEMERAL, "ext4");
-    Ok(ctx.platform.mount(&spec)?)
+    mount_or_format(
+        &ctx,
+        LABEL_EPHEMERAL,
+        MountSpec::new(&dev, paths::EPHEMERAL, "ext4"),
+    )
+    .await
 }
 
 /// Reads and validates the node config from STATE.
@@ -81,7 +133,9 @@ pub async fn load_config(ctx: Arc<Runtime>) -> Result<(), TaskError> {
         Err(crate::platform::PlatformError::Io { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>
         {
-            return Err(StateError::NoConfig(paths::CONFIG.into()).into())
+            // No config: the node will wait for one in maintenance mode.
+            tracing::warn!("no node config at {}: maintenance mode", paths::CONFIG);
+            return Ok(());
         }
         Err(e) => return Err(e.into()),
     };

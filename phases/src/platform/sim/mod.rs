@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use bootloader::efivarfs::VarStore;
 use tokio::sync::mpsc;
 
-use super::{Disk, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction};
+use super::{Disk, Mkfs, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction};
 
 /// Marks a partition as holding a (simulated) file system.
 pub const FS_MAGIC: &[u8; 14] = b"PLINTH-SIM-FS\0";
@@ -527,6 +527,31 @@ impl Platform for Sim {
         let pid = child.id() as i32;
         self.lock().children.push(pid);
         Ok(pid)
+    }
+
+    fn has_filesystem(&self, device: &Path, fstype: &str) -> Result<bool, PlatformError> {
+        Ok(self.signature(device).is_some_and(|s| s.fstype == fstype))
+    }
+
+    fn mkfs(&self, device: &Path, fstype: &str, label: &str) -> Result<Mkfs, PlatformError> {
+        let Some((disk, offset, _)) = self.partition(device) else {
+            return Err(PlatformError::Unsupported(
+                "making a file system outside the disk image",
+            ));
+        };
+        let sig = FsSignature {
+            fstype: fstype.into(),
+            uuid: uuid::Uuid::new_v4(),
+            label: label.into(),
+        };
+        provision::write_at(&disk, offset, &sig.encode()).map_err(|e| PlatformError::Io {
+            what: "formatting",
+            path: device.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        std::fs::create_dir_all(Self::volume_dir(&self.dir, sig.uuid))
+            .map_err(io("formatting", device))?;
+        Ok(Mkfs::Done)
     }
 
     fn open_file(&self, path: &Path) -> Result<File, PlatformError> {
