@@ -75,6 +75,7 @@ pub const RPCS: &[&str] = &[
     "Upgrade",
     "Rollback",
     "ApplyConfiguration",
+    "Reset",
 ];
 
 /// What a node in maintenance mode (no config, no client certificates yet) answers, to anyone.

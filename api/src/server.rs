@@ -55,6 +55,8 @@ pub trait Node: Send + Sync + 'static {
     fn dmesg(&self, follow: bool) -> Result<LineStream, Status>;
     /// A service's output.
     fn logs(&self, service: &str, tail: u32, follow: bool) -> Result<LineStream, Status>;
+    /// Starts a reset, or says why not (unknown labels, another sequence).
+    fn reset(&self, actor: String, request: proto::ResetRequest) -> Result<(), Status>;
     /// Applies a node config.
     async fn apply_configuration(
         &self,
@@ -275,6 +277,15 @@ impl<N: Node> Machine for MachineService<N> {
     async fn logs(&self, r: Request<proto::LogsRequest>) -> Result<Response<LineStream>, Status> {
         let r = r.into_inner();
         Ok(Response::new(self.node.logs(&r.service, r.tail, r.follow)?))
+    }
+
+    async fn reset(
+        &self,
+        r: Request<proto::ResetRequest>,
+    ) -> Result<Response<LifecycleResponse>, Status> {
+        let actor = Controller::new_actor();
+        self.node.reset(actor.clone(), r.into_inner())?;
+        Ok(Response::new(LifecycleResponse { actor_id: actor }))
     }
 
     async fn apply_configuration(

@@ -55,6 +55,9 @@ impl Node for FakeNode {
     fn logs(&self, _: &str, _: u32, _: bool) -> Result<api::server::LineStream, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
+    fn reset(&self, _: String, _: api::proto::ResetRequest) -> Result<(), tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
     async fn apply_configuration(
         &self,
         _: String,

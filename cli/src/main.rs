@@ -51,6 +51,8 @@ enum Cmd {
     Rollback(cmd::upgrade::RollbackArgs),
     /// Give a node its config (a new node in maintenance mode with --insecure).
     ApplyConfig(cmd::apply::Args),
+    /// Wipe the node (STATE and EPHEMERAL by default) and reboot or power off.
+    Reset(cmd::reset::Args),
     /// Print the node's kernel log.
     Dmesg(cmd::logs::DmesgArgs),
     /// Print a service's output.
@@ -109,6 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Upgrade(a) => cmd::upgrade::upgrade(&target, a).await,
         Cmd::Rollback(a) => cmd::upgrade::rollback(&target, a).await,
         Cmd::ApplyConfig(a) => cmd::apply::run(&target, a).await,
+        Cmd::Reset(a) => cmd::reset::run(&target, a).await,
         Cmd::Dmesg(a) => cmd::logs::dmesg(&target, a).await,
         Cmd::Logs(a) => cmd::logs::logs(&target, a).await,
         Cmd::Image(i) => cmd::image::run(i),

@@ -461,6 +461,25 @@ impl api::server::Node for NodeApi {
         Ok(lines(rx))
     }
 
+    fn reset(&self, actor: String, r: api::proto::ResetRequest) -> Result<(), tonic::Status> {
+        let target = phases::reset::admit(&r.labels, r.system_disk)
+            .map_err(tonic::Status::invalid_argument)?;
+        let method = match api::proto::WipeMethod::try_from(r.method) {
+            Ok(api::proto::WipeMethod::Zero) => phases::platform::WipeMethod::Zero,
+            _ => phases::platform::WipeMethod::Fast,
+        };
+        let job = phases::reset::ResetJob {
+            rt: self.runtime.clone(),
+            graceful: r.graceful,
+            target,
+            method,
+            reboot: r.reboot,
+        };
+        phases::reset::request(job, Some(actor.clone()))
+            .map(|_| ())
+            .map_err(|d| api::server::denied_status(&d, &actor))
+    }
+
     async fn apply_configuration(
         &self,
         actor: String,

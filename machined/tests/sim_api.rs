@@ -86,6 +86,14 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
             })
             .await,
         ),
+        // Refused after authorization: a label a reset may not wipe.
+        "Reset" => code(
+            c.reset(ResetRequest {
+                labels: vec!["ROOT-A".into()],
+                ..Default::default()
+            })
+            .await,
+        ),
         "Reboot" => code(c.reboot(RebootRequest {}).await),
         "Shutdown" => code(c.shutdown(ShutdownRequest { force: false }).await),
         other => panic!("no call for {other}"),
@@ -93,8 +101,9 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
 }
 
 /// The RPCs in the order they are walked: the ones that end the boot last.
-const ORDER: [&str; 11] = [
+const ORDER: [&str; 12] = [
     "ApplyConfiguration",
+    "Reset",
     "Version",
     "Events",
     "Status",

@@ -13,6 +13,7 @@ pub mod logs;
 pub mod platform;
 pub mod power;
 pub mod reaper;
+pub mod reset;
 pub mod runtime;
 pub mod services;
 pub mod shutdown;

@@ -181,7 +181,10 @@ pub fn ensure_artifacts(
     version: &str,
 ) -> Result<Artifacts, HarnessError> {
     if let Ok(a) = Artifacts::load(image_dir) {
-        if a.uki_a.is_file() && a.uki_b.is_file() && a.rootfs.is_file() {
+        // Rebuilt when machined changed since: a test must never boot a stale binary.
+        let newer = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let fresh = matches!((newer(machined), newer(&a.rootfs)), (Some(m), Some(r)) if m <= r);
+        if a.uki_a.is_file() && a.uki_b.is_file() && fresh {
             return Ok(a);
         }
     }

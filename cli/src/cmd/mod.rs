@@ -8,6 +8,7 @@ pub mod gen;
 pub mod image;
 pub mod logs;
 pub mod power;
+pub mod reset;
 pub mod services;
 pub mod status;
 pub mod upgrade;

@@ -11,7 +11,9 @@ use bootloader::efivarfs::VarStore;
 use futures::TryStreamExt;
 use nix::mount::MsFlags;
 
-use super::{Disk, Mkfs, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction};
+use super::{
+    Disk, Mkfs, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction, WipeMethod,
+};
 
 /// Where efivarfs is mounted.
 pub const EFIVARS: &str = "/sys/firmware/efi/efivars";
@@ -392,6 +394,14 @@ impl Platform for Linux {
         Ok(Mkfs::Run(argv.into_iter().map(str::to_owned).collect()))
     }
 
+    fn wipe(&self, device: &Path, len: u64, method: WipeMethod) -> Result<(), PlatformError> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(device)
+            .map_err(|e| PlatformError::io("opening", device, e))?;
+        wipe_file(&mut f, len, method).map_err(|e| PlatformError::io("wiping", device, e))
+    }
+
     fn open_file(&self, path: &Path) -> Result<std::fs::File, PlatformError> {
         std::fs::File::open(path).map_err(|e| PlatformError::io("opening", path, e))
     }
@@ -418,6 +428,62 @@ impl Platform for Linux {
             errno,
         })
     }
+}
+
+nix::ioctl_write_ptr_bad!(
+    /// `BLKDISCARD`: discards a byte range (`[start, length]`).
+    blk_discard,
+    0x1277,
+    [u64; 2]
+);
+nix::ioctl_write_ptr_bad!(
+    /// `BLKZEROOUT`: zeroes a byte range (`[start, length]`), offloaded where the device can.
+    blk_zeroout,
+    0x127f,
+    [u64; 2]
+);
+
+/// Writes zeroes over `[offset, offset + len)`.
+fn write_zeroes(f: &mut std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let chunk = vec![0u8; 1 << 20];
+    f.seek(SeekFrom::Start(offset))?;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Wipes a block device (or image file) per `method`; see [`Platform::wipe`].
+pub fn wipe_file(f: &mut std::fs::File, len: u64, method: WipeMethod) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const MIB: u64 = 1 << 20;
+    let range = [0u64, len];
+    match method {
+        WipeMethod::Zero => {
+            // SAFETY: BLKZEROOUT reads a [u64; 2] through the pointer, which points at a live
+            // local; the descriptor is open for writing. A file that is not a block device
+            // answers ENOTTY and is zeroed by writes instead.
+            if unsafe { blk_zeroout(f.as_raw_fd(), &range) }.is_err() {
+                write_zeroes(f, 0, len)?;
+            }
+        }
+        WipeMethod::Fast => {
+            // Signatures first (so the file systems are gone even if discard is not supported),
+            // then discard.
+            write_zeroes(f, 0, len.min(MIB))?;
+            write_zeroes(f, len.saturating_sub(MIB), len.min(MIB))?;
+            // The zeroes must reach the disk before the discard: BLKDISCARD drops the range
+            // from the page cache, dirty pages included, so unflushed zeroes would be lost.
+            f.sync_all()?;
+            // SAFETY: as above, for BLKDISCARD; unsupported devices answer an error we ignore.
+            let _ = unsafe { blk_discard(f.as_raw_fd(), &range) };
+        }
+    }
+    f.sync_all()
 }
 
 /// Mount entries from a `mountinfo` text, in mount order.

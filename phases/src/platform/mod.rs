@@ -107,6 +107,15 @@ pub enum Mkfs {
     Done,
 }
 
+/// How thoroughly a wipe destroys data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WipeMethod {
+    /// The first and last MiB (where file system signatures live) zeroed, the rest discarded.
+    Fast,
+    /// Every byte overwritten with zeroes.
+    Zero,
+}
+
 /// What loading a kernel module did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModuleLoad {
@@ -277,6 +286,9 @@ pub trait Platform: Send + Sync + 'static {
 
     /// How to make a `fstype` file system labelled `label` on a partition.
     fn mkfs(&self, device: &Path, fstype: &str, label: &str) -> Result<Mkfs, PlatformError>;
+
+    /// Wipes `len` bytes of a partition (or disk) device.
+    fn wipe(&self, device: &Path, len: u64, method: WipeMethod) -> Result<(), PlatformError>;
 
     /// Opens a file for reading.
     fn open_file(&self, path: &Path) -> Result<std::fs::File, PlatformError>;

@@ -15,6 +15,9 @@ pub fn workspace() -> PathBuf {
 
 /// The built image (`PLINTH_IMAGE_DIR`, or `out/` in the workspace), built now if missing.
 pub fn artifacts() -> imager::Artifacts {
+    // Tests of one binary run on parallel threads; one of them builds, the others wait.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     let image_dir = std::env::var_os("PLINTH_IMAGE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("out"));

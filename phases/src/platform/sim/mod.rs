@@ -28,7 +28,9 @@ use async_trait::async_trait;
 use bootloader::efivarfs::VarStore;
 use tokio::sync::mpsc;
 
-use super::{Disk, Mkfs, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction};
+use super::{
+    Disk, Mkfs, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction, WipeMethod,
+};
 
 /// Marks a partition as holding a (simulated) file system.
 pub const FS_MAGIC: &[u8; 14] = b"PLINTH-SIM-FS\0";
@@ -398,6 +400,8 @@ impl Platform for Sim {
     fn open_partition(&self, device: &Path, write: bool) -> Result<(File, u64), PlatformError> {
         let (disk, offset) = match self.partition(device) {
             Some((disk, offset, _)) => (disk, offset),
+            // The whole disk is a host path already.
+            None if device == Self::disk_path(&self.dir) => (device.to_path_buf(), 0),
             None => (self.resolve(device), 0),
         };
         let f = std::fs::OpenOptions::new()
@@ -552,6 +556,44 @@ impl Platform for Sim {
         std::fs::create_dir_all(Self::volume_dir(&self.dir, sig.uuid))
             .map_err(io("formatting", device))?;
         Ok(Mkfs::Done)
+    }
+
+    fn wipe(&self, device: &Path, len: u64, method: WipeMethod) -> Result<(), PlatformError> {
+        // A file system's contents go with its signature.
+        if let Some(sig) = self.signature(device) {
+            let _ = std::fs::remove_dir_all(Self::volume_dir(&self.dir, sig.uuid));
+        }
+        let (disk, offset) = match self.partition(device) {
+            Some((disk, offset, _)) => (disk, offset),
+            None => (device.to_path_buf(), 0),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .map_err(io("opening", device))?;
+        match method {
+            WipeMethod::Zero => {
+                let chunk = vec![0u8; 1 << 20];
+                f.seek(SeekFrom::Start(offset))
+                    .map_err(io("wiping", device))?;
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    f.write_all(&chunk[..n]).map_err(io("wiping", device))?;
+                    left -= n as u64;
+                }
+            }
+            WipeMethod::Fast => {
+                let mib = 1u64 << 20;
+                let zeros = vec![0u8; mib.min(len) as usize];
+                for at in [offset, offset + len.saturating_sub(mib)] {
+                    f.seek(SeekFrom::Start(at))
+                        .and_then(|_| f.write_all(&zeros))
+                        .map_err(io("wiping", device))?;
+                }
+            }
+        }
+        f.sync_all().map_err(io("wiping", device))
     }
 
     fn open_file(&self, path: &Path) -> Result<File, PlatformError> {

@@ -1,0 +1,140 @@
+//! Reset through OVMF: the wiped partitions really lose their contents, and the node comes
+//! back in maintenance mode with its install intact.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{extract_partition, node_with_services, plinth, BOOT_TIMEOUT};
+use config::{RestartPolicy, Service};
+use vm_tests::node::wait_for_version;
+
+/// A service writing to /var, so EPHEMERAL has data to lose.
+fn ticker() -> Service {
+    Service {
+        name: "ticker".into(),
+        command: vec!["/sbin/machined".into(), "pause".into(), "--tick".into()],
+        depends_on: vec![],
+        restart: RestartPolicy::Always,
+        stop_timeout_s: 3,
+        health: None,
+    }
+}
+
+/// The root directory of an ext4 image, as debugfs lists it.
+fn ext4_root(img: &std::path::Path) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", "ls -l /"])
+        .arg(img)
+        .output()
+        .expect("debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_wipes_state_and_ephemeral_and_the_node_comes_back_in_maintenance_mode() {
+    let node = node_with_services("reset", vec![ticker()]);
+    let ctx = node.context().expect("context").clone();
+    let mut vm = node.boot().expect("launch");
+    wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("boot");
+    // Let the ticker write to /var.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // plinth reset --wipe STATE,EPHEMERAL --reboot
+    let ep = node.endpoint();
+    let n2 = node.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        plinth(
+            &n2,
+            &["-e", &ep, "reset", "--wipe", "STATE,EPHEMERAL", "--reboot"],
+        )
+    })
+    .await
+    .expect("cli");
+    assert!(out.contains("reset started"), "{out}");
+
+    // The node comes back in maintenance mode (the slot still boots), fingerprint on the console.
+    let (_, line) = vm
+        .wait_for_line("maintenance mode: no node config", 0, BOOT_TIMEOUT)
+        .expect("maintenance mode after the reset");
+    assert!(line.text.contains("takes one over TLS"));
+    let (_, fp_line) = vm
+        .wait_for_line("certificate SHA-256", 0, Duration::from_secs(5))
+        .expect("fingerprint");
+    let fp = fp_line
+        .text
+        .split("certificate SHA-256 ")
+        .nth(1)
+        .map(|s| s.trim_end_matches(':').trim().to_string())
+        .expect("fp");
+    let mut c = api::client::connect_insecure(&node.endpoint(), Some(fp))
+        .await
+        .expect("connect");
+    let s = c
+        .status(api::proto::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!((s.state.as_str(), s.slot.as_str()), ("maintenance", "A"));
+
+    // From the host, after the VM stops: STATE holds no config, EPHEMERAL no service logs.
+    vm.kill();
+    let state = node.spec.dir.join("STATE.img");
+    extract_partition(&node, "STATE", &state);
+    let listing = ext4_root(&state);
+    assert!(
+        listing.contains("lost+found") && !listing.contains("config.yaml"),
+        "{listing}"
+    );
+    let eph = node.spec.dir.join("EPHEMERAL.img");
+    extract_partition(&node, "EPHEMERAL", &eph);
+    let listing = ext4_root(&eph);
+    assert!(
+        listing.contains("lost+found") && !listing.contains(" log"),
+        "{listing}"
+    );
+    let _ = std::fs::remove_file(state);
+    let _ = std::fs::remove_file(eph);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_reset_leaves_only_zeroes_in_the_wiped_partitions() {
+    let node = node_with_services("reset-zero", vec![ticker()]);
+    let ctx = node.context().expect("context").clone();
+    let mut vm = node.boot().expect("launch");
+    wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("boot");
+
+    let ep = node.endpoint();
+    let n2 = node.clone();
+    tokio::task::spawn_blocking(move || {
+        plinth(
+            &n2,
+            &[
+                "-e",
+                &ep,
+                "reset",
+                "--wipe",
+                "STATE,EPHEMERAL",
+                "--method",
+                "zero",
+            ],
+        )
+    })
+    .await
+    .expect("cli");
+    // Powers off once wiped.
+    let status = vm.wait_exit(Duration::from_secs(300)).expect("QEMU exits");
+    assert!(status.success(), "{status}");
+    for label in ["STATE", "EPHEMERAL"] {
+        let img = node.spec.dir.join(format!("{label}.img"));
+        extract_partition(&node, label, &img);
+        let data = std::fs::read(&img).expect("read");
+        assert!(data.iter().all(|&b| b == 0), "{label} holds non-zero bytes");
+        let _ = std::fs::remove_file(img);
+    }
+}
