@@ -17,7 +17,7 @@ pub struct GenOptions {
     pub endpoint: String,
     /// The node's interface.
     pub interface: String,
-    /// The node's address with prefix (`10.0.2.15/24`); `None` configures no address.
+    /// The node's address with prefix (`10.0.2.15/24`); `None` leases one over DHCP.
     pub address: Option<String>,
     /// The node's default gateway.
     pub gateway: Option<String>,
@@ -75,6 +75,8 @@ pub fn generate(opts: &GenOptions) -> Result<Generated, GenError> {
                     name: opts.interface.clone(),
                     addresses: opts.address.iter().cloned().collect(),
                     gateway: opts.gateway.clone(),
+                    // No static address: lease one.
+                    dhcp: opts.address.is_none(),
                 }],
             },
             api: ApiConfig {

@@ -161,6 +161,9 @@ pub struct Interface {
     /// Default gateway reached through this interface.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// Lease an IPv4 address (and the default route) over DHCP, besides any static ones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dhcp: bool,
 }
 
 /// The API's identity: the CA that signs clients, and the server's certificate and key (PEM).
@@ -421,6 +424,7 @@ mod tests {
                         name: "eth0".into(),
                         addresses: vec!["10.0.2.15/24".into()],
                         gateway: Some("10.0.2.2".into()),
+                        dhcp: false,
                     }],
                 },
                 api: ApiConfig {

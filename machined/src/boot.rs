@@ -93,7 +93,33 @@ async fn maintenance(runtime: &Arc<Runtime>, api: &Arc<ApiStarter>) -> anyhow::R
         .controller
         .lifecycle
         .request(sequencer::Request::EnterMaintenance, None)?;
+    // A blank machine has no address of its own yet: lease one on every link, so the operator
+    // can reach the API; keep trying in the background if nobody answers.
+    let leased = match runtime.platform.configure_dhcp(&[]).await {
+        Ok(leases) => leases
+            .iter()
+            .map(|(link, lease)| format!("{link} {lease}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Err(e) => {
+            crate::console::line(&format!("machined: maintenance mode: {e}; retrying"));
+            let rt = runtime.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                    if let Ok(leases) = rt.platform.configure_dhcp(&[]).await {
+                        for (link, lease) in leases {
+                            crate::console::line(&format!("machined: {link}: {lease} (DHCP)"));
+                        }
+                        break;
+                    }
+                }
+            });
+            "no address yet".into()
+        }
+    };
     let (endpoint, fingerprint) = api.start_maintenance(runtime.clone()).await?;
+    crate::console::line(&format!("machined: maintenance mode: addresses: {leased}"));
     crate::console::line(&format!(
         "machined: maintenance mode: no node config. The API on {endpoint} takes one over TLS with certificate SHA-256 {fingerprint}:"
     ));

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod boot;
+pub mod dhcp;
 pub mod fetch;
 pub mod initramfs;
 pub mod logs;

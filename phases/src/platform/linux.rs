@@ -11,6 +11,8 @@ use bootloader::efivarfs::VarStore;
 use futures::TryStreamExt;
 use nix::mount::MsFlags;
 
+use crate::dhcp::Lease;
+
 use super::{
     Disk, Mkfs, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction, WipeMethod,
 };
@@ -194,70 +196,67 @@ impl Platform for Linux {
         &self,
         interfaces: &[config::Interface],
     ) -> Result<(), PlatformError> {
-        let net_err = |interface: &str| {
-            let interface = interface.to_string();
-            move |e: rtnetlink::Error| PlatformError::Network {
-                interface,
-                reason: e.to_string(),
+        let handle = Netlink::open()?;
+        link_up(&handle.0, "lo").await.map_err(net_err("lo"))?;
+        for iface in interfaces {
+            let index = wait_for_link(&handle.0, &iface.name).await?;
+            set_up(&handle.0, index, &iface.name).await?;
+            let nets: Vec<ipnet::IpNet> = iface.networks();
+            add_addresses(&handle.0, index, &iface.name, &nets, iface.gateway_ip()).await?;
+            if iface.dhcp {
+                let lease = dhcp_link(&handle.0, &iface.name, index).await?;
+                tracing::info!("{}: {lease} (DHCP)", iface.name);
+                spawn_renewal(iface.name.clone(), index, lease);
             }
-        };
-        let (connection, handle, _) =
-            rtnetlink::new_connection().map_err(|e| PlatformError::Network {
-                interface: "netlink".into(),
-                reason: e.to_string(),
-            })?;
-        let conn = tokio::spawn(connection);
-        let result = async {
-            link_up(&handle, "lo").await.map_err(net_err("lo"))?;
-            for iface in interfaces {
-                let index = wait_for_link(&handle, &iface.name).await?;
-                handle
-                    .link()
-                    .set(rtnetlink::LinkUnspec::new_with_index(index).up().build())
-                    .execute()
-                    .await
-                    .map_err(net_err(&iface.name))?;
-                for net in iface.networks() {
-                    handle
-                        .address()
-                        .add(index, net.addr(), net.prefix_len())
-                        .execute()
-                        .await
-                        .map_err(net_err(&iface.name))?;
-                }
-                match iface.gateway_ip() {
-                    Some(IpAddr::V4(gw)) => {
-                        let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-                            .output_interface(index)
-                            .gateway(gw)
-                            .build();
-                        handle
-                            .route()
-                            .add(route)
-                            .execute()
-                            .await
-                            .map_err(net_err(&iface.name))?;
-                    }
-                    Some(IpAddr::V6(gw)) => {
-                        let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-                            .output_interface(index)
-                            .gateway(gw)
-                            .build();
-                        handle
-                            .route()
-                            .add(route)
-                            .execute()
-                            .await
-                            .map_err(net_err(&iface.name))?;
-                    }
-                    None => {}
-                }
-            }
-            Ok(())
         }
-        .await;
-        conn.abort();
-        result
+        Ok(())
+    }
+
+    async fn configure_dhcp(
+        &self,
+        links: &[String],
+    ) -> Result<Vec<(String, Lease)>, PlatformError> {
+        let handle = Netlink::open()?;
+        link_up(&handle.0, "lo").await.map_err(net_err("lo"))?;
+        let all = links.is_empty();
+        let links = if all {
+            ethernet_links()?
+        } else {
+            links.to_vec()
+        };
+        let attempts = links.iter().map(|link| {
+            let h = handle.0.clone();
+            async move {
+                let index = wait_for_link(&h, link).await?;
+                set_up(&h, index, link).await?;
+                let lease = dhcp_link(&h, link, index).await?;
+                spawn_renewal(link.clone(), index, lease.clone());
+                Ok::<_, PlatformError>((link.clone(), lease))
+            }
+        });
+        let mut leases = Vec::new();
+        let mut failures = Vec::new();
+        for r in futures::future::join_all(attempts).await {
+            match r {
+                Ok(l) => leases.push(l),
+                Err(e) if all => failures.push(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+        if leases.is_empty() {
+            return Err(PlatformError::Network {
+                interface: "any Ethernet link".into(),
+                reason: if failures.is_empty() {
+                    "the machine has none".into()
+                } else {
+                    failures.join("; ")
+                },
+            });
+        }
+        for f in failures {
+            tracing::warn!("{f}");
+        }
+        Ok(leases)
     }
 
     fn switch_root(&self, new_root: &Path) -> Result<(), PlatformError> {
@@ -555,6 +554,208 @@ fn free_initramfs(keep: &Path) {
             tracing::debug!("freeing {}: {e}", path.display());
         }
     }
+}
+
+/// An rtnetlink connection whose driver task ends with it.
+struct Netlink(rtnetlink::Handle, tokio::task::JoinHandle<()>);
+
+impl Netlink {
+    fn open() -> Result<Netlink, PlatformError> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().map_err(|e| PlatformError::Network {
+                interface: "netlink".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Netlink(handle, tokio::spawn(connection)))
+    }
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.1.abort();
+    }
+}
+
+fn net_err(interface: &str) -> impl FnOnce(rtnetlink::Error) -> PlatformError {
+    let interface = interface.to_string();
+    move |e| PlatformError::Network {
+        interface,
+        reason: e.to_string(),
+    }
+}
+
+async fn set_up(handle: &rtnetlink::Handle, index: u32, name: &str) -> Result<(), PlatformError> {
+    handle
+        .link()
+        .set(rtnetlink::LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(net_err(name))
+}
+
+/// An address or route that is already there is what was wanted (the maintenance-mode
+/// lease may have set it, or a config is applied again).
+fn exists_ok(e: rtnetlink::Error) -> Result<(), rtnetlink::Error> {
+    match &e {
+        rtnetlink::Error::NetlinkError(m) if m.code.map(|c| c.get()) == Some(-libc::EEXIST) => {
+            Ok(())
+        }
+        _ => Err(e),
+    }
+}
+
+/// Adds addresses and a default route through `gateway` to link `index`.
+async fn add_addresses(
+    handle: &rtnetlink::Handle,
+    index: u32,
+    name: &str,
+    nets: &[ipnet::IpNet],
+    gateway: Option<IpAddr>,
+) -> Result<(), PlatformError> {
+    for net in nets {
+        handle
+            .address()
+            .add(index, net.addr(), net.prefix_len())
+            .execute()
+            .await
+            .or_else(exists_ok)
+            .map_err(net_err(name))?;
+    }
+    match gateway {
+        Some(IpAddr::V4(gw)) => {
+            let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .output_interface(index)
+                .gateway(gw)
+                .build();
+            handle
+                .route()
+                .add(route)
+                .execute()
+                .await
+                .or_else(exists_ok)
+                .map_err(net_err(name))
+        }
+        Some(IpAddr::V6(gw)) => {
+            let route = rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .output_interface(index)
+                .gateway(gw)
+                .build();
+            handle
+                .route()
+                .add(route)
+                .execute()
+                .await
+                .or_else(exists_ok)
+                .map_err(net_err(name))
+        }
+        None => Ok(()),
+    }
+}
+
+/// The machine's Ethernet links (`/sys/class/net/*/type` is 1 for ARPHRD_ETHER).
+fn ethernet_links() -> Result<Vec<String>, PlatformError> {
+    let dir = Path::new("/sys/class/net");
+    let mut links: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| PlatformError::io("listing", dir, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            std::fs::read_to_string(dir.join(n).join("type")).is_ok_and(|t| t.trim() == "1")
+        })
+        .collect();
+    links.sort();
+    Ok(links)
+}
+
+/// A link's MAC address from sysfs.
+fn mac_address(link: &str) -> Result<[u8; 6], PlatformError> {
+    let p = Path::new("/sys/class/net").join(link).join("address");
+    let text = std::fs::read_to_string(&p).map_err(|e| PlatformError::io("reading", &p, e))?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .filter_map(|h| u8::from_str_radix(h, 16).ok())
+        .collect();
+    bytes.try_into().map_err(|_| PlatformError::Network {
+        interface: link.into(),
+        reason: format!("no Ethernet address in {}: {:?}", p.display(), text.trim()),
+    })
+}
+
+/// A UDP socket on port 68 bound to `link`, able to send and receive broadcasts before the
+/// link has an address.
+fn dhcp_socket(link: &str) -> std::io::Result<tokio::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_broadcast(true)?;
+    s.bind_device(Some(link.as_bytes()))?;
+    s.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], crate::dhcp::CLIENT_PORT)).into())?;
+    s.set_nonblocking(true)?;
+    tokio::net::UdpSocket::from_std(s.into())
+}
+
+/// Leases an address for `link` and configures it (address, default route).
+async fn dhcp_link(
+    handle: &rtnetlink::Handle,
+    link: &str,
+    index: u32,
+) -> Result<Lease, PlatformError> {
+    let lease = dhcp_exchange(link).await?;
+    let net = ipnet::IpNet::new(IpAddr::V4(lease.address), lease.prefix_len).map_err(|e| {
+        PlatformError::Network {
+            interface: link.into(),
+            reason: format!("DHCP granted a bad prefix: {e}"),
+        }
+    })?;
+    add_addresses(handle, index, link, &[net], lease.router.map(IpAddr::V4)).await?;
+    Ok(lease)
+}
+
+async fn dhcp_exchange(link: &str) -> Result<Lease, PlatformError> {
+    let mac = mac_address(link)?;
+    let socket = dhcp_socket(link).map_err(|e| PlatformError::Network {
+        interface: link.into(),
+        reason: format!("opening the DHCP socket: {e}"),
+    })?;
+    crate::dhcp::Client {
+        socket: &socket,
+        server: std::net::SocketAddr::from(([255, 255, 255, 255], crate::dhcp::SERVER_PORT)),
+        link,
+        mac,
+        retry: crate::dhcp::Retry::default(),
+    }
+    .acquire()
+    .await
+    .map_err(|e| PlatformError::Network {
+        interface: link.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// Renews the lease at half its time, for as long as machined runs; a changed address is
+/// added (the old one stays until the link goes down, so connections on it survive).
+fn spawn_renewal(link: String, index: u32, mut lease: Lease) {
+    tokio::spawn(async move {
+        loop {
+            let half = Duration::from_secs(u64::from(lease.lease_secs.max(60)) / 2);
+            tokio::time::sleep(half).await;
+            match dhcp_exchange(&link).await {
+                Ok(new) if new.address == lease.address => lease = new,
+                Ok(new) => {
+                    tracing::warn!("{link}: DHCP moved the address to {new}");
+                    if let Ok(h) = Netlink::open() {
+                        if let Ok(net) = ipnet::IpNet::new(IpAddr::V4(new.address), new.prefix_len)
+                        {
+                            let _ = add_addresses(&h.0, index, &link, &[net], None).await;
+                        }
+                    }
+                    lease = new;
+                }
+                Err(e) => tracing::warn!("{link}: renewing the DHCP lease: {e}"),
+            }
+        }
+    });
 }
 
 async fn link_up(handle: &rtnetlink::Handle, name: &str) -> Result<(), rtnetlink::Error> {

@@ -255,6 +255,13 @@ pub trait Platform: Send + Sync + 'static {
         interfaces: &[config::Interface],
     ) -> Result<(), PlatformError>;
 
+    /// Brings up the links (every Ethernet link when `links` is empty) and leases each an IPv4
+    /// address over DHCP. With `links` empty, succeeds when at least one link got a lease.
+    async fn configure_dhcp(
+        &self,
+        links: &[String],
+    ) -> Result<Vec<(String, crate::dhcp::Lease)>, PlatformError>;
+
     /// Makes `new_root` the root: moves /proc, /sys, /dev, /run into it, frees the initramfs,
     /// and chroots. The caller then execs the new init.
     fn switch_root(&self, new_root: &Path) -> Result<(), PlatformError>;

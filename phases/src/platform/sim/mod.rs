@@ -433,6 +433,27 @@ impl Platform for Sim {
         Ok(())
     }
 
+    async fn configure_dhcp(
+        &self,
+        links: &[String],
+    ) -> Result<Vec<(String, crate::dhcp::Lease)>, PlatformError> {
+        // The simulated machine has one link whose "server" grants a fixed loopback lease;
+        // the node's API stays on the address the test chose.
+        let link = links.first().cloned().unwrap_or_else(|| "sim0".into());
+        self.lock().network.push(format!("{link} dhcp"));
+        Ok(vec![(
+            link,
+            crate::dhcp::Lease {
+                address: std::net::Ipv4Addr::LOCALHOST,
+                prefix_len: 8,
+                router: None,
+                dns: Vec::new(),
+                server: std::net::Ipv4Addr::LOCALHOST,
+                lease_secs: 86400,
+            },
+        )])
+    }
+
     fn switch_root(&self, new_root: &Path) -> Result<(), PlatformError> {
         let mut state = self.lock();
         // Move the new root to `/` and the pseudo file systems under it, as MS_MOVE does.

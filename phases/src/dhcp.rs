@@ -1,0 +1,404 @@
+//! A DHCPv4 client for one link: DISCOVER → OFFER → REQUEST → ACK (RFC 2131), enough for a
+//! blank machine in maintenance mode or an interface configured with `dhcp: true`.
+//!
+//! The messages come from `dhcproto`; the exchange is ours because no maintained crate offers
+//! a client that runs on a caller's socket (we bind it to the link, before it has an address).
+//! The broadcast flag is set, so servers (and QEMU's slirp) answer to 255.255.255.255, which an
+//! address-less link can receive.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
+use dhcproto::{Decodable, Encodable};
+use tokio::net::UdpSocket;
+
+/// The server port.
+pub const SERVER_PORT: u16 = 67;
+/// The client port.
+pub const CLIENT_PORT: u16 = 68;
+
+/// What a server granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The address.
+    pub address: Ipv4Addr,
+    /// Its prefix length (from the subnet mask; /24 when the server sends none).
+    pub prefix_len: u8,
+    /// The default gateway, if the server named one.
+    pub router: Option<Ipv4Addr>,
+    /// DNS servers.
+    pub dns: Vec<Ipv4Addr>,
+    /// The server that granted it.
+    pub server: Ipv4Addr,
+    /// Lease time in seconds.
+    pub lease_secs: u32,
+}
+
+impl std::fmt::Display for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)?;
+        if let Some(r) = self.router {
+            write!(f, " via {r}")?;
+        }
+        write!(f, " from {} for {} s", self.server, self.lease_secs)
+    }
+}
+
+/// Why no lease was obtained.
+#[derive(Debug, thiserror::Error)]
+pub enum DhcpError {
+    /// Sending or receiving failed.
+    #[error("DHCP on {link}: {what}: {source}")]
+    Io {
+        /// The link.
+        link: String,
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A message could not be encoded.
+    #[error("DHCP on {link}: encoding a {kind:?}: {reason}")]
+    Encode {
+        /// The link.
+        link: String,
+        /// Message type.
+        kind: MessageType,
+        /// The cause.
+        reason: String,
+    },
+    /// Nobody answered.
+    #[error("DHCP on {link}: no {waited_for} after {tries} tries ({secs:.1} s)")]
+    NoAnswer {
+        /// The link.
+        link: String,
+        /// What was awaited (offer or acknowledgement).
+        waited_for: &'static str,
+        /// Attempts made.
+        tries: u32,
+        /// Total time waited.
+        secs: f64,
+    },
+    /// The server refused the request.
+    #[error("DHCP on {link}: server {server} refused the request for {address} (NAK)")]
+    Refused {
+        /// The link.
+        link: String,
+        /// Who refused.
+        server: Ipv4Addr,
+        /// What was asked for.
+        address: Ipv4Addr,
+    },
+}
+
+/// How the client retries: `tries` sends, waiting `first_wait`, doubled each time.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// Number of sends per step.
+    pub tries: u32,
+    /// Wait after the first send.
+    pub first_wait: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        // 2 + 4 + 8 + 16 s: RFC 2131's back-off, shortened (TCG boots are slow enough).
+        Retry {
+            tries: 4,
+            first_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One client exchange on a socket already bound to the link's port 68.
+pub struct Client<'a> {
+    /// The socket.
+    pub socket: &'a UdpSocket,
+    /// Where requests go (255.255.255.255:67 on a real link).
+    pub server: SocketAddr,
+    /// The link's name, for errors.
+    pub link: &'a str,
+    /// The link's hardware address.
+    pub mac: [u8; 6],
+    /// Retry policy.
+    pub retry: Retry,
+}
+
+impl Client<'_> {
+    fn message(&self, xid: u32, kind: MessageType) -> Message {
+        let mut m = Message::new_with_id(
+            xid,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &self.mac,
+        );
+        m.set_opcode(Opcode::BootRequest)
+            .set_flags(Flags::default().set_broadcast());
+        let opts = m.opts_mut();
+        opts.insert(DhcpOption::MessageType(kind));
+        opts.insert(DhcpOption::ParameterRequestList(vec![
+            OptionCode::SubnetMask,
+            OptionCode::Router,
+            OptionCode::DomainNameServer,
+            OptionCode::AddressLeaseTime,
+        ]));
+        let mut id = vec![1u8]; // hardware type Ethernet, then the MAC (RFC 2132 §9.14)
+        id.extend_from_slice(&self.mac);
+        opts.insert(DhcpOption::ClientIdentifier(id));
+        m
+    }
+
+    /// Sends `msg` and waits for an answer with its xid whose type `accept` takes, resending
+    /// with back-off.
+    async fn transact(
+        &self,
+        msg: &Message,
+        waited_for: &'static str,
+        accept: impl Fn(&Message) -> bool,
+    ) -> Result<Message, DhcpError> {
+        let kind = msg.opts().msg_type().unwrap_or(MessageType::Discover);
+        let bytes = msg.to_vec().map_err(|e| DhcpError::Encode {
+            link: self.link.into(),
+            kind,
+            reason: e.to_string(),
+        })?;
+        let io = |what| {
+            let link = self.link.to_string();
+            move |source| DhcpError::Io { link, what, source }
+        };
+        let mut wait = self.retry.first_wait;
+        let mut waited = Duration::ZERO;
+        let mut buf = vec![0u8; 1500];
+        for _ in 0..self.retry.tries {
+            self.socket
+                .send_to(&bytes, self.server)
+                .await
+                .map_err(io("sending"))?;
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                let recv = tokio::time::timeout_at(deadline, self.socket.recv_from(&mut buf));
+                let Ok(got) = recv.await else { break };
+                let (n, _) = got.map_err(io("receiving"))?;
+                // Other clients' traffic and garbage are ignored, not errors.
+                let Ok(reply) = Message::from_bytes(&buf[..n]) else {
+                    continue;
+                };
+                if reply.opcode() == Opcode::BootReply
+                    && reply.xid() == msg.xid()
+                    && reply.chaddr().get(..6) == Some(&self.mac[..])
+                    && accept(&reply)
+                {
+                    return Ok(reply);
+                }
+            }
+            waited += wait;
+            wait *= 2;
+        }
+        Err(DhcpError::NoAnswer {
+            link: self.link.into(),
+            waited_for,
+            tries: self.retry.tries,
+            secs: waited.as_secs_f64(),
+        })
+    }
+
+    /// Runs the exchange and returns the lease; the caller configures the link with it.
+    pub async fn acquire(&self) -> Result<Lease, DhcpError> {
+        let xid = rand_xid();
+        let discover = self.message(xid, MessageType::Discover);
+        let offer = self
+            .transact(&discover, "offer", |m| {
+                m.opts().msg_type() == Some(MessageType::Offer)
+            })
+            .await?;
+        let address = offer.yiaddr();
+        let server = match offer.opts().get(OptionCode::ServerIdentifier) {
+            Some(DhcpOption::ServerIdentifier(s)) => *s,
+            _ => offer.siaddr(),
+        };
+
+        let mut request = self.message(xid, MessageType::Request);
+        request
+            .opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(address));
+        request
+            .opts_mut()
+            .insert(DhcpOption::ServerIdentifier(server));
+        let ack = self
+            .transact(&request, "acknowledgement", |m| {
+                matches!(
+                    m.opts().msg_type(),
+                    Some(MessageType::Ack | MessageType::Nak)
+                )
+            })
+            .await?;
+        if ack.opts().msg_type() == Some(MessageType::Nak) {
+            return Err(DhcpError::Refused {
+                link: self.link.into(),
+                server,
+                address,
+            });
+        }
+        Ok(lease_from(&ack, server))
+    }
+}
+
+fn lease_from(ack: &Message, server: Ipv4Addr) -> Lease {
+    let opts = ack.opts();
+    let prefix_len = match opts.get(OptionCode::SubnetMask) {
+        Some(DhcpOption::SubnetMask(m)) => u32::from(*m).leading_ones() as u8,
+        _ => 24,
+    };
+    let router = match opts.get(OptionCode::Router) {
+        Some(DhcpOption::Router(r)) => r.first().copied(),
+        _ => None,
+    };
+    let dns = match opts.get(OptionCode::DomainNameServer) {
+        Some(DhcpOption::DomainNameServer(d)) => d.clone(),
+        _ => Vec::new(),
+    };
+    let lease_secs = match opts.get(OptionCode::AddressLeaseTime) {
+        Some(DhcpOption::AddressLeaseTime(t)) => *t,
+        _ => 3600,
+    };
+    Lease {
+        address: ack.yiaddr(),
+        prefix_len,
+        router,
+        dns,
+        server,
+        lease_secs,
+    }
+}
+
+/// A transaction id that differs between boots and links (RFC 2131 wants it random):
+/// `RandomState` is keyed from the OS's random source.
+fn rand_xid() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server on loopback answering like slirp: offers 10.0.2.15/24 via 10.0.2.2.
+    async fn server(sock: UdpSocket, nak: bool) {
+        let mut buf = vec![0u8; 1500];
+        loop {
+            let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            let req = Message::from_bytes(&buf[..n]).expect("decodes");
+            let kind = match req.opts().msg_type() {
+                Some(MessageType::Discover) => MessageType::Offer,
+                Some(MessageType::Request) if nak => MessageType::Nak,
+                Some(MessageType::Request) => {
+                    assert_eq!(
+                        req.opts().get(OptionCode::RequestedIpAddress),
+                        Some(&DhcpOption::RequestedIpAddress([10, 0, 2, 15].into()))
+                    );
+                    MessageType::Ack
+                }
+                other => panic!("unexpected {other:?}"),
+            };
+            let mut reply = Message::new_with_id(
+                req.xid(),
+                Ipv4Addr::UNSPECIFIED,
+                [10, 0, 2, 15].into(),
+                [10, 0, 2, 2].into(),
+                Ipv4Addr::UNSPECIFIED,
+                &req.chaddr()[..6],
+            );
+            reply.set_opcode(Opcode::BootReply);
+            let o = reply.opts_mut();
+            o.insert(DhcpOption::MessageType(kind));
+            o.insert(DhcpOption::ServerIdentifier([10, 0, 2, 2].into()));
+            o.insert(DhcpOption::SubnetMask([255, 255, 255, 0].into()));
+            o.insert(DhcpOption::Router(vec![[10, 0, 2, 2].into()]));
+            o.insert(DhcpOption::DomainNameServer(vec![[10, 0, 2, 3].into()]));
+            o.insert(DhcpOption::AddressLeaseTime(86400));
+            // A stray reply for another transaction first: the client must skip it.
+            let mut stray = reply.clone();
+            stray.set_xid(req.xid().wrapping_add(1));
+            sock.send_to(&stray.to_vec().expect("encodes"), from)
+                .await
+                .expect("send");
+            sock.send_to(&reply.to_vec().expect("encodes"), from)
+                .await
+                .expect("send");
+        }
+    }
+
+    async fn pair() -> (UdpSocket, UdpSocket) {
+        let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let c = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        (s, c)
+    }
+
+    fn client<'a>(c: &'a UdpSocket, to: SocketAddr) -> Client<'a> {
+        Client {
+            socket: c,
+            server: to,
+            link: "eth0",
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            retry: Retry {
+                tries: 2,
+                first_wait: Duration::from_millis(200),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_carries_the_address_prefix_router_and_dns_the_server_sent() {
+        let (s, c) = pair().await;
+        let to = s.local_addr().expect("addr");
+        tokio::spawn(server(s, false));
+        let lease = client(&c, to).acquire().await.expect("lease");
+        assert_eq!(
+            lease,
+            Lease {
+                address: [10, 0, 2, 15].into(),
+                prefix_len: 24,
+                router: Some([10, 0, 2, 2].into()),
+                dns: vec![[10, 0, 2, 3].into()],
+                server: [10, 0, 2, 2].into(),
+                lease_secs: 86400,
+            }
+        );
+        assert_eq!(
+            lease.to_string(),
+            "10.0.2.15/24 via 10.0.2.2 from 10.0.2.2 for 86400 s"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_nak_is_a_refusal_naming_the_server_and_address() {
+        let (s, c) = pair().await;
+        let to = s.local_addr().expect("addr");
+        tokio::spawn(server(s, true));
+        let err = client(&c, to).acquire().await.expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "DHCP on eth0: server 10.0.2.2 refused the request for 10.0.2.15 (NAK)"
+        );
+    }
+
+    #[tokio::test]
+    async fn silence_is_an_error_after_the_retries() {
+        let (s, c) = pair().await;
+        let to = s.local_addr().expect("addr");
+        let err = client(&c, to).acquire().await.expect_err("no answer");
+        assert_eq!(
+            err.to_string(),
+            "DHCP on eth0: no offer after 2 tries (0.6 s)"
+        );
+        drop(s);
+    }
+}
