@@ -91,6 +91,7 @@ pub fn generate(opts: &GenOptions) -> Result<Generated, GenError> {
                 trusted_keys: opts.trusted_keys.clone(),
                 ..Default::default()
             },
+            install: None,
         },
     };
     node.validate()?;

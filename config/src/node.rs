@@ -59,6 +59,20 @@ pub struct Machine {
     /// Upgrade policy.
     #[serde(default)]
     pub upgrade: Upgrade,
+    /// Where to install when booted from installer media.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<Install>,
+}
+
+/// The install target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Install {
+    /// The whole disk to install on, e.g. `/dev/nvme0n1`.
+    pub disk: String,
+    /// Install even if the disk holds a Plinth install or other data (it is lost).
+    #[serde(default)]
+    pub wipe: bool,
 }
 
 /// Upgrade policy: whose bundles to accept and what a new slot must prove before it is
@@ -225,6 +239,18 @@ impl NodeConfig {
         require_pem(&api.cert, "machine.api.cert", "CERTIFICATE")?;
         require_pem(&api.key, "machine.api.key", "PRIVATE KEY")?;
         validate_services(&self.machine.services)?;
+        if let Some(i) = &self.machine.install {
+            let name = i.disk.strip_prefix("/dev/").unwrap_or_default();
+            if name.is_empty() || name.contains(['/', ' ']) || name.contains("..") {
+                return Err(ConfigError::invalid(
+                    "machine.install.disk",
+                    format!(
+                        "{:?} is not a disk's device node, like /dev/nvme0n1",
+                        i.disk
+                    ),
+                ));
+            }
+        }
         let up = &self.machine.upgrade;
         for (i, k) in up.trusted_keys.iter().enumerate() {
             if k.len() != 64 || !k.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -435,6 +461,7 @@ mod tests {
                 },
                 services: vec![],
                 upgrade: Upgrade::default(),
+                install: None,
             },
         }
     }

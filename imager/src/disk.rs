@@ -179,3 +179,85 @@ pub fn assemble(
     }
     Ok(parts)
 }
+
+/// Size of the installer media's ESP.
+const INSTALLER_ESP_BYTES: u64 = 64 * MIB;
+
+fn round_mib(n: u64) -> u64 {
+    n.div_ceil(MIB) * MIB
+}
+
+/// Makes installer media: an ESP with slot A's UKI (at the removable-media path, so any
+/// firmware boots it), `ROOT-A` holding the root image (the media boots like a system disk)
+/// and `INSTALL` holding the signed bundle the Install sequence writes to the target.
+pub fn installer(
+    artifacts: &Artifacts,
+    bundle: &Path,
+    out: &Path,
+    work_dir: &Path,
+) -> Result<Vec<DiskPartition>, ImageError> {
+    require(&[
+        ("mkfs.vfat", "dosfstools"),
+        ("mmd", "mtools"),
+        ("mcopy", "mtools"),
+    ])?;
+    std::fs::create_dir_all(work_dir).map_err(ImageError::io("creating", work_dir))?;
+    let bundle_len = std::fs::metadata(bundle)
+        .map_err(ImageError::io("reading", bundle))?
+        .len();
+    let specs = [
+        (LABEL_ESP, layout::TYPE_ESP, INSTALLER_ESP_BYTES),
+        (
+            Slot::A.root_label(),
+            layout::TYPE_ROOT_X86_64,
+            round_mib(artifacts.rootfs_size),
+        ),
+        (
+            layout::LABEL_INSTALL,
+            layout::TYPE_LINUX_FS,
+            round_mib(bundle_len),
+        ),
+    ];
+    let mut parts = Vec::new();
+    let mut offset = MIB;
+    for (i, (label, type_guid, len)) in specs.into_iter().enumerate() {
+        parts.push(DiskPartition {
+            number: i as u32 + 1,
+            label: label.into(),
+            type_guid,
+            guid: uuid::Uuid::new_v4(),
+            offset,
+            len,
+        });
+        offset += len;
+    }
+    // 1 MiB behind the last partition for the backup GPT.
+    let disk_bytes = offset + MIB;
+
+    let esp_img = work_dir.join("installer-esp.img");
+    esp_image(&esp_img, INSTALLER_ESP_BYTES, artifacts)?;
+    let tmp = out.with_extension("partial");
+    let mut disk = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(ImageError::io("creating", &tmp))?;
+    disk.set_len(disk_bytes)
+        .map_err(ImageError::io("sizing", &tmp))?;
+    layout::write_table(&mut disk, disk_bytes, &parts)?;
+    copy_into(&mut disk, &tmp, &esp_img, parts[0].offset, parts[0].len)?;
+    copy_into(
+        &mut disk,
+        &tmp,
+        &artifacts.rootfs,
+        parts[1].offset,
+        parts[1].len,
+    )?;
+    copy_into(&mut disk, &tmp, bundle, parts[2].offset, parts[2].len)?;
+    disk.sync_all().map_err(ImageError::io("syncing", &tmp))?;
+    std::fs::rename(&tmp, out).map_err(ImageError::io("renaming", &tmp))?;
+    let _ = std::fs::remove_file(&esp_img);
+    Ok(parts)
+}

@@ -205,3 +205,20 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
     std::fs::write(&manifest, json).map_err(ImageError::io("writing", &manifest))?;
     Ok(artifacts)
 }
+
+/// The signed upgrade bundle of a build (both UKIs and the root image).
+pub fn bundle(
+    artifacts: &Artifacts,
+    key: &upgrade::bundle::SigningKey,
+) -> Result<Vec<u8>, ImageError> {
+    let read = |p: &Path| std::fs::read(p).map_err(ImageError::io("reading", p));
+    upgrade::bundle::build(
+        &artifacts.version,
+        std::env::consts::ARCH,
+        &read(&artifacts.uki_a)?,
+        &read(&artifacts.uki_b)?,
+        &read(&artifacts.rootfs)?,
+        key,
+    )
+    .map_err(|e| ImageError::Invalid(format!("making the bundle: {e}")))
+}

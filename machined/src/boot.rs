@@ -27,10 +27,16 @@ async fn run_step(
     kind: SequenceKind,
     sequence: sequencer::Sequence<Arc<Runtime>>,
 ) -> Step {
-    let started = match runtime
-        .controller
-        .start(kind, sequence, runtime.clone(), None, false)
-    {
+    run_step_with(runtime, kind, sequence, runtime.clone()).await
+}
+
+async fn run_step_with<C: Clone + Send + 'static>(
+    runtime: &Arc<Runtime>,
+    kind: SequenceKind,
+    sequence: sequencer::Sequence<C>,
+    ctx: C,
+) -> Step {
+    let started = match runtime.controller.start(kind, sequence, ctx, None, false) {
         Ok(s) => s,
         Err(denied) => {
             tracing::info!("{kind} not started: {denied}");
@@ -67,6 +73,9 @@ pub async fn boot_chain(runtime: &Arc<Runtime>, api: &Arc<ApiStarter>) -> anyhow
             return boot_failed(runtime, e).await;
         }
     }
+    if runtime.installer() {
+        return install(runtime).await;
+    }
     match run_step(runtime, SequenceKind::Boot, phases::boot::boot()).await {
         Step::Done => {}
         Step::TakenOver => return std::future::pending().await,
@@ -83,6 +92,43 @@ pub async fn boot_chain(runtime: &Arc<Runtime>, api: &Arc<ApiStarter>) -> anyhow
         });
     }
     std::future::pending::<anyhow::Error>().await
+}
+
+/// Booted from installer media with a config: install onto its target, then reboot into it.
+async fn install(runtime: &Arc<Runtime>) -> anyhow::Error {
+    let job = match phases::install::job(runtime.clone()) {
+        Ok(j) => j,
+        Err(e) => return boot_failed(runtime, anyhow::anyhow!("install: {e}")).await,
+    };
+    let disk = job.disk.display().to_string();
+    // Writing a slot under emulation can outlast the watchdog's timeout.
+    if phases::watchdog::armed() {
+        tokio::spawn(async {
+            loop {
+                phases::watchdog::feed();
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        });
+    }
+    match run_step_with(
+        runtime,
+        SequenceKind::Install,
+        phases::install::install(),
+        job,
+    )
+    .await
+    {
+        Step::Done => {}
+        Step::TakenOver => return std::future::pending().await,
+        Step::Failed(e) => return boot_failed(runtime, e).await,
+    }
+    crate::console::line(&format!(
+        "machined: installed on {disk}; rebooting into it (the media can be removed)"
+    ));
+    match phases::power::request(runtime, SequenceKind::Reboot, Some("install".into()), false) {
+        Ok(_) => std::future::pending().await,
+        Err(denied) => anyhow::anyhow!("rebooting after the install: {denied}"),
+    }
 }
 
 /// No config: serve the maintenance API (server-only TLS, a self-signed certificate whose
@@ -548,6 +594,11 @@ impl api::server::Node for NodeApi {
                 .map_err(|e| tonic::Status::internal(format!("writing the config: {e}")))
         };
         let Some(old) = old else {
+            // On installer media the config must name a target that can be installed on:
+            // refused here, with the reason, rather than failing after the call returned.
+            if rt.installer() {
+                phases::install::admit(rt, &new).map_err(tonic::Status::failed_precondition)?;
+            }
             // Maintenance mode: this is the node's first config; the boot goes on with it.
             write(&new)?;
             rt.set_config(new);

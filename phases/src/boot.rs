@@ -18,16 +18,26 @@ pub fn initialize() -> Sequence<Arc<Runtime>> {
                 Task::new("mountTmp", system::mount_tmp),
             ],
         )
-        .phase(
+        .phase_when(
             "mountPartitions",
+            |rt: &Arc<Runtime>| !rt.installer(),
             [
                 Task::new("mountState", state::mount_state),
                 Task::new("mountEphemeral", state::mount_ephemeral),
                 Task::new("mountEsp", trial::mount_esp),
             ],
         )
+        .phase_when(
+            "mountScratch",
+            |rt: &Arc<Runtime>| rt.installer(),
+            [Task::new("mountScratch", state::mount_scratch)],
+        )
         .phase("loadConfig", [Task::new("loadConfig", state::load_config)])
-        .phase("checkSlots", [Task::new("checkSlots", trial::check_slots)])
+        .phase_when(
+            "checkSlots",
+            |rt: &Arc<Runtime>| !rt.installer(),
+            [Task::new("checkSlots", trial::check_slots)],
+        )
 }
 
 /// The boot phase table.
@@ -75,7 +85,13 @@ mod tests {
     fn the_initialize_phases_are_in_order() {
         assert_eq!(
             super::initialize().phase_names(),
-            ["handover", "mountPartitions", "loadConfig", "checkSlots"]
+            [
+                "handover",
+                "mountPartitions",
+                "mountScratch",
+                "loadConfig",
+                "checkSlots"
+            ]
         );
     }
 

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod dhcp;
 pub mod fetch;
 pub mod initramfs;
+pub mod install;
 pub mod logs;
 pub mod platform;
 pub mod power;

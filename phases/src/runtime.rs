@@ -51,6 +51,9 @@ pub struct BootInfo {
     pub esp_guid: uuid::Uuid,
     /// The slot's root partition.
     pub root_device: PathBuf,
+    /// The boot disk is installer media (it has an `INSTALL` partition holding a bundle).
+    #[serde(default)]
+    pub installer: bool,
 }
 
 impl BootInfo {
@@ -73,6 +76,7 @@ pub trait ApiLauncher: Send + Sync + 'static {
 #[derive(Default)]
 struct Found {
     boot: Option<BootInfo>,
+    system_disk: Option<PathBuf>,
     config: Option<NodeConfig>,
     api_probe: Option<String>,
 }
@@ -137,6 +141,25 @@ impl Runtime {
     /// Records the boot info.
     pub fn set_boot(&self, boot: BootInfo) {
         self.found().boot = Some(boot);
+    }
+
+    /// The disk holding the node's partitions (STATE, META, slots): the boot disk, or the
+    /// install target while an installer writes it.
+    pub fn system_disk(&self) -> Option<PathBuf> {
+        let f = self.found();
+        f.system_disk
+            .clone()
+            .or_else(|| f.boot.as_ref().map(|b| b.disk.clone()))
+    }
+
+    /// Makes `disk` the system disk (the Install sequence, once it has partitioned it).
+    pub fn set_system_disk(&self, disk: PathBuf) {
+        self.found().system_disk = Some(disk);
+    }
+
+    /// Whether the node booted from installer media.
+    pub fn installer(&self) -> bool {
+        self.found().boot.as_ref().is_some_and(|b| b.installer)
     }
 
     /// The node config, once loaded.

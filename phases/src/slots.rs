@@ -47,15 +47,15 @@ pub enum SlotError {
 
 /// A partition of the boot disk by label, with its device node.
 pub fn partition(rt: &Runtime, label: &str) -> Result<(DiskPartition, PathBuf), TaskError> {
-    let boot = rt.boot().ok_or(SlotError::NoBootInfo)?;
+    let disk = rt.system_disk().ok_or(SlotError::NoBootInfo)?;
     let disks = rt.platform.disks()?;
     disks
         .iter()
-        .find(|d| d.device == boot.disk)
+        .find(|d| d.device == disk)
         .and_then(|d| d.by_label(label).cloned())
         .ok_or_else(|| {
             SlotError::NoPartition {
-                disk: boot.disk.display().to_string(),
+                disk: disk.display().to_string(),
                 label: label.into(),
             }
             .into()

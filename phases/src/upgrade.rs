@@ -51,6 +51,17 @@ impl UpgradeJob {
         }))
     }
 
+    /// A job writing `target` (the installer writes slot A of a new disk).
+    pub fn for_slot(rt: Arc<Runtime>, target: Slot, source: Source) -> Arc<UpgradeJob> {
+        Arc::new(UpgradeJob {
+            rt,
+            stage: true,
+            target,
+            source: tokio::sync::Mutex::new(source),
+            state: Mutex::new(JobState::default()),
+        })
+    }
+
     pub(crate) fn state(&self) -> MutexGuard<'_, JobState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -61,6 +61,8 @@ pub const LABEL_META: &str = "META";
 pub const LABEL_STATE: &str = "STATE";
 /// Label of EPHEMERAL.
 pub const LABEL_EPHEMERAL: &str = "EPHEMERAL";
+/// The installer media's partition holding the signed bundle to install (raw bytes).
+pub const LABEL_INSTALL: &str = "INSTALL";
 
 /// The layout of every Plinth system disk, in partition-number order.
 pub const LAYOUT: [PartitionSpec; 6] = [

@@ -71,6 +71,7 @@ impl PreparedNode {
             disk: self.disk.clone(),
             api_port: self.api_port,
             memory_mb: self.spec.memory_mb,
+            media: None,
         }
     }
 

@@ -31,6 +31,8 @@ pub struct VmSpec {
     pub api_port: u16,
     /// Memory in MiB.
     pub memory_mb: u32,
+    /// Installer media (raw), attached read-only as a virtio disk that boots first.
+    pub media: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -52,7 +54,18 @@ impl VmSpec {
     /// The QEMU arguments for this VM.
     pub fn args(&self) -> Vec<String> {
         let s = |x: &str| x.to_string();
-        vec![
+        let mut media = Vec::new();
+        if let Some(m) = &self.media {
+            media.push(s("-drive"));
+            media.push(format!(
+                "file={},format=raw,if=none,id=m0,readonly=on",
+                m.display()
+            ));
+            media.push(s("-device"));
+            // bootindex: the firmware tries the media before the NIC's network boot.
+            media.push(s("virtio-blk-pci,drive=m0,bootindex=1"));
+        }
+        let mut args = vec![
             s("-name"),
             format!("plinth-{}", self.name),
             s("-accel"),
@@ -96,7 +109,9 @@ impl VmSpec {
             format!("file,id=ser0,path={}", self.serial_log().display()),
             s("-serial"),
             s("chardev:ser0"),
-        ]
+        ];
+        args.extend(media);
+        args
     }
 }
 

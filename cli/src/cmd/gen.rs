@@ -30,6 +30,12 @@ pub enum Gen {
         /// Accept upgrade bundles signed by this public key (hex; repeatable).
         #[arg(long = "trusted-key")]
         trusted_keys: Vec<String>,
+        /// Install on this disk when the node boots from installer media (e.g. /dev/nvme0n1).
+        #[arg(long)]
+        install_disk: Option<String>,
+        /// Install even over a disk that holds data or another install (it is lost).
+        #[arg(long, requires = "install_disk")]
+        install_wipe: bool,
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
@@ -143,6 +149,8 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
             address,
             gateway,
             trusted_keys,
+            install_disk,
+            install_wipe,
             force,
         } => {
             let (host, _) = api::client::split_endpoint(&endpoint)?;
@@ -150,7 +158,7 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
                 Ok(ip) if !ip.is_loopback() && ip.is_ipv4() => Some(format!("{ip}/24")),
                 _ => None,
             });
-            let generated = generate(&GenOptions {
+            let mut generated = generate(&GenOptions {
                 name,
                 endpoint,
                 interface,
@@ -158,6 +166,13 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
                 gateway,
                 trusted_keys,
             })?;
+            if let Some(disk) = install_disk {
+                generated.node.machine.install = Some(config::node::Install {
+                    disk,
+                    wipe: install_wipe,
+                });
+                generated.node.validate()?;
+            }
             std::fs::create_dir_all(output_dir.join("secrets"))
                 .with_context(|| format!("creating {}", output_dir.display()))?;
             write(

@@ -33,6 +33,12 @@ pub enum Image {
         /// Download cache (default: OUT/cache).
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// Also make installer media (OUT/installer.raw) carrying the signed bundle.
+        #[arg(long, requires = "signing_key")]
+        installer: bool,
+        /// The key that signs the installer's bundle (`plinth gen signing-key`).
+        #[arg(long)]
+        signing_key: Option<PathBuf>,
     },
     /// Make a signed upgrade bundle from a build.
     Bundle {
@@ -110,8 +116,13 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             kernel_package,
             cmdline_extra,
             cache,
+            installer,
+            signing_key,
         } => {
             let machined = machined(m)?;
+            // Read the key before the long build: a bad path fails at once.
+            let key = signing_key.as_deref().map(read_key).transpose()?;
+            let out_dir = out.clone();
             let a = imager::build(&BuildOptions {
                 cache_dir: cache.unwrap_or_else(|| out.join("cache")),
                 out_dir: out,
@@ -129,6 +140,15 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             );
             println!("  UKI slot A  {}", a.uki_a.display());
             println!("  UKI slot B  {}", a.uki_b.display());
+            if let (true, Some(key)) = (installer, key) {
+                let bundle = out_dir.join("bundle.plinth");
+                std::fs::write(&bundle, imager::bundle(&a, &key)?)
+                    .with_context(|| format!("writing {}", bundle.display()))?;
+                let media = out_dir.join("installer.raw");
+                imager::disk::installer(&a, &bundle, &media, &out_dir.join("work"))?;
+                println!("  bundle      {}", bundle.display());
+                println!("  installer   {}", media.display());
+            }
             Ok(())
         }
         Image::Bundle {
@@ -137,19 +157,7 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             out,
         } => {
             let a = Artifacts::load(&image_dir).context("run `plinth image build` first")?;
-            let pem = std::fs::read_to_string(&key)
-                .with_context(|| format!("reading {}", key.display()))?;
-            let key = upgrade::bundle::key_from_pem(&pem)?;
-            let read =
-                |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-            let bytes = upgrade::bundle::build(
-                &a.version,
-                std::env::consts::ARCH,
-                &read(&a.uki_a)?,
-                &read(&a.uki_b)?,
-                &read(&a.rootfs)?,
-                &key,
-            )?;
+            let bytes = imager::bundle(&a, &read_key(&key)?)?;
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             println!(
                 "wrote {} (Plinth {}, {} bytes)",
@@ -200,4 +208,10 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn read_key(path: &Path) -> anyhow::Result<upgrade::bundle::SigningKey> {
+    let pem =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    upgrade::bundle::key_from_pem(&pem).with_context(|| format!("signing key {}", path.display()))
 }

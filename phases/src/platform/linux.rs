@@ -184,6 +184,18 @@ impl Platform for Linux {
         Ok((f, 0))
     }
 
+    fn reread_partitions(&self, disk: &Path) -> Result<(), PlatformError> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(disk).map_err(|e| PlatformError::io("opening", disk, e))?;
+        // SAFETY: BLKRRPART takes no argument; the descriptor is open and lives across the call.
+        unsafe { blk_rrpart(f.as_raw_fd()) }
+            .map(drop)
+            .map_err(sys(format!(
+                "re-reading the partition table of {}",
+                disk.display()
+            )))
+    }
+
     fn rename(&self, from: &Path, to: &Path) -> Result<(), PlatformError> {
         std::fs::rename(from, to).map_err(|e| PlatformError::io("renaming", from, e))
     }
@@ -429,6 +441,11 @@ impl Platform for Linux {
     }
 }
 
+nix::ioctl_none_bad!(
+    /// `BLKRRPART`: re-read the partition table.
+    blk_rrpart,
+    0x125f
+);
 nix::ioctl_write_ptr_bad!(
     /// `BLKDISCARD`: discards a byte range (`[start, length]`).
     blk_discard,

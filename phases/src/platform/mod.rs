@@ -243,6 +243,9 @@ pub trait Platform: Send + Sync + 'static {
         write: bool,
     ) -> Result<(std::fs::File, u64), PlatformError>;
 
+    /// Has the kernel read `disk`'s partition table again (after the installer wrote it).
+    fn reread_partitions(&self, disk: &Path) -> Result<(), PlatformError>;
+
     /// Renames a file (on the same file system): how a file is replaced atomically.
     fn rename(&self, from: &Path, to: &Path) -> Result<(), PlatformError>;
 

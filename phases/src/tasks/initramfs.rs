@@ -218,6 +218,7 @@ pub async fn find_boot_disk(ctx: Initramfs) -> Result<(), sequencer::TaskError> 
                 disk: disk.device.clone(),
                 esp_guid: esp,
                 root_device: root.clone(),
+                installer: disk.by_label(upgrade::layout::LABEL_INSTALL).is_some(),
             };
             tracing::info!(
                 "booted slot {slot} from {}; root is {}",

@@ -40,16 +40,16 @@ pub enum StateError {
 
 /// The device node of the boot disk's partition named `label`.
 fn partition(ctx: &Runtime, label: &'static str) -> Result<String, TaskError> {
-    let boot = ctx.boot().ok_or(StateError::NoBootInfo)?;
+    let system = ctx.system_disk().ok_or(StateError::NoBootInfo)?;
     let disks = ctx.platform.disks()?;
     let disk = disks
         .iter()
-        .find(|d| d.device == boot.disk)
-        .ok_or_else(|| StateError::DiskGone(boot.disk.display().to_string()))?;
+        .find(|d| d.device == system)
+        .ok_or_else(|| StateError::DiskGone(system.display().to_string()))?;
     let (_, node) = disk
         .by_label(label)
         .ok_or_else(|| StateError::NoPartition {
-            disk: boot.disk.display().to_string(),
+            disk: system.display().to_string(),
             label,
         })?;
     Ok(node.display().to_string())
@@ -123,6 +123,17 @@ pub async fn mount_ephemeral(ctx: Arc<Runtime>) -> Result<(), TaskError> {
         MountSpec::new(&dev, paths::EPHEMERAL, "ext4"),
     )
     .await
+}
+
+/// Installer media has no STATE or EPHEMERAL: memory stands in for both (the config applied
+/// in maintenance mode lives there until the install copies it to the target).
+pub async fn mount_scratch(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    for target in [paths::STATE, paths::EPHEMERAL] {
+        ctx.platform.mkdir_all(Path::new(target))?;
+        ctx.platform
+            .mount(&MountSpec::new("tmpfs", target, "tmpfs").data("mode=0700"))?;
+    }
+    Ok(())
 }
 
 /// Reads and validates the node config from STATE.

@@ -412,6 +412,11 @@ impl Platform for Sim {
         Ok((f, offset))
     }
 
+    fn reread_partitions(&self, _disk: &Path) -> Result<(), PlatformError> {
+        // `disks` reads the table from the file every time.
+        Ok(())
+    }
+
     fn rename(&self, from: &Path, to: &Path) -> Result<(), PlatformError> {
         std::fs::rename(self.resolve(from), self.resolve(to)).map_err(io("renaming", from))
     }

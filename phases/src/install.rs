@@ -1,0 +1,364 @@
+//! The Install sequence: from installer media onto a blank disk.
+//!
+//! The media carries a signed bundle in its `INSTALL` partition. Install partitions the target
+//! with the system layout, makes the file systems, then writes slot A exactly as an upgrade
+//! writes a slot (same tasks: signature by a trusted key, streamed write, read-back verify), so
+//! an install is never less checked than an upgrade. The target becomes the runtime's system
+//! disk once partitioned, which is what lets those tasks run unchanged. It ends with slot A
+//! committed in META, its boot entry first in `BootOrder`, and the node config on STATE; the
+//! caller reboots.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sequencer::{Sequence, Task, TaskError};
+use upgrade::layout::{self, LABEL_EPHEMERAL, LABEL_ESP, LABEL_INSTALL, LABEL_STATE};
+use upgrade::meta::SlotState;
+use upgrade::Slot;
+
+use crate::platform::{MountSpec, PlatformError, WipeMethod};
+use crate::runtime::{paths, Runtime};
+use crate::slots;
+use crate::tasks::state;
+use crate::tasks::upgrade as t;
+use crate::upgrade::UpgradeJob;
+
+/// Size of each slot on an installed disk.
+pub const SLOT_BYTES: u64 = 256 << 20;
+
+/// Where the target's STATE is mounted while the config is written to it.
+const TARGET_STATE: &str = "/run/plinth/install/state";
+
+/// How much of each end of a disk is looked at (and wiped): where partition tables and file
+/// system signatures live.
+const ENDS: u64 = 1 << 20;
+
+/// One install in progress.
+pub struct InstallJob {
+    /// The upgrade machinery, writing slot A of the target.
+    pub upgrade: Arc<UpgradeJob>,
+    /// The target disk.
+    pub disk: PathBuf,
+    /// Whether whatever is on the target may be destroyed.
+    pub wipe: bool,
+}
+
+impl InstallJob {
+    fn rt(&self) -> &Runtime {
+        &self.upgrade.rt
+    }
+}
+
+/// What the target disk holds now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Zeroes where a partition table or file system would be.
+    Blank,
+    /// A GPT with Plinth's partitions.
+    PlinthInstall(Vec<String>),
+    /// A GPT with other partitions.
+    Partitions(Vec<String>),
+    /// No GPT, but not blank either (a file system, another table, data).
+    Data,
+}
+
+impl std::fmt::Display for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Found::Blank => f.write_str("nothing"),
+            Found::PlinthInstall(l) => write!(f, "a Plinth install (partitions {})", l.join(", ")),
+            Found::Partitions(l) => write!(f, "a partition table ({})", l.join(", ")),
+            Found::Data => {
+                f.write_str("data (non-zero bytes where a partition table or file system would be)")
+            }
+        }
+    }
+}
+
+/// Reads what `disk` holds and its size.
+pub fn inspect(rt: &Runtime, disk: &Path) -> Result<(Found, u64), TaskError> {
+    let (mut f, _) = rt.platform.open_partition(disk, false)?;
+    let size = f
+        .seek(SeekFrom::End(0))
+        .map_err(|e| PlatformError::io("sizing", disk, e))?;
+    if let Ok(parts) = layout::read_table(&mut f) {
+        if !parts.is_empty() {
+            let labels: Vec<String> = parts.iter().map(|p| p.label.clone()).collect();
+            let plinth = [LABEL_ESP, layout::LABEL_META, LABEL_STATE]
+                .iter()
+                .all(|l| labels.iter().any(|x| x == l));
+            return Ok(if plinth {
+                (Found::PlinthInstall(labels), size)
+            } else {
+                (Found::Partitions(labels), size)
+            });
+        }
+    }
+    let mut buf = vec![0u8; ENDS.min(size) as usize];
+    for at in [0, size.saturating_sub(ENDS)] {
+        f.seek(SeekFrom::Start(at))
+            .and_then(|_| f.read_exact(&mut buf))
+            .map_err(|e| PlatformError::io("reading", disk, e))?;
+        if buf.iter().any(|&b| b != 0) {
+            return Ok((Found::Data, size));
+        }
+    }
+    Ok((Found::Blank, size))
+}
+
+/// Why an install onto `install.disk` may not start (answered before anything is written).
+pub fn admit(rt: &Runtime, cfg: &config::NodeConfig) -> Result<(PathBuf, bool), String> {
+    if !rt.installer() {
+        return Err("the node did not boot from installer media".into());
+    }
+    let install = cfg.machine.install.as_ref().ok_or(
+        "machine.install: the node booted from installer media and needs a target disk (machine.install.disk)",
+    )?;
+    if cfg.machine.upgrade.trusted_keys.is_empty() {
+        return Err("machine.upgrade.trusted_keys: empty; the installer checks the bundle's signature like an upgrade, so list the key that signed it".into());
+    }
+    let disk = PathBuf::from(&install.disk);
+    if rt.boot().is_some_and(|b| b.disk == disk) {
+        return Err(format!(
+            "machine.install.disk: {} is the installer media itself",
+            disk.display()
+        ));
+    }
+    let (found, size) =
+        inspect(rt, &disk).map_err(|e| format!("machine.install.disk: {}: {e}", disk.display()))?;
+    if found != Found::Blank && !install.wipe {
+        return Err(format!(
+            "machine.install.disk: {} holds {found}; set machine.install.wipe to install over it",
+            disk.display()
+        ));
+    }
+    let need = layout::min_disk_bytes(SLOT_BYTES);
+    if size < need {
+        return Err(format!(
+            "machine.install.disk: {} has {size} bytes; the layout needs at least {need}",
+            disk.display()
+        ));
+    }
+    Ok((disk, install.wipe))
+}
+
+/// A job installing from the media's bundle onto the config's target.
+pub fn job(rt: Arc<Runtime>) -> Result<Arc<InstallJob>, TaskError> {
+    let cfg = rt.config().ok_or("the node config is not loaded")?;
+    let (disk, wipe) = admit(&rt, &cfg)?;
+    let (_, dev) = slots::partition(&rt, LABEL_INSTALL)?;
+    let (mut f, base) = rt.platform.open_partition(&dev, false)?;
+    f.seek(SeekFrom::Start(base))
+        .map_err(|e| PlatformError::io("seeking in", &dev, e))?;
+    let source = Box::new(tokio::fs::File::from_std(f));
+    Ok(Arc::new(InstallJob {
+        upgrade: UpgradeJob::for_slot(rt, Slot::A, source),
+        disk,
+        wipe,
+    }))
+}
+
+/// Wipes the target if allowed (and needed); refuses otherwise.
+async fn check_target(j: Arc<InstallJob>) -> Result<(), TaskError> {
+    let (found, size) = inspect(j.rt(), &j.disk)?;
+    match found {
+        Found::Blank => Ok(()),
+        _ if j.wipe => {
+            tracing::info!("wiping {} (it held {found})", j.disk.display());
+            Ok(j.rt().platform.wipe(&j.disk, size, WipeMethod::Fast)?)
+        }
+        _ => Err(format!("{} holds {found}", j.disk.display()).into()),
+    }
+}
+
+/// Writes the GPT, has the kernel read it, and makes the target the system disk.
+async fn partition(j: Arc<InstallJob>) -> Result<(), TaskError> {
+    let rt = j.rt();
+    let (mut f, _) = rt.platform.open_partition(&j.disk, true)?;
+    let size = f
+        .seek(SeekFrom::End(0))
+        .map_err(|e| PlatformError::io("sizing", &j.disk, e))?;
+    let parts = layout::plan(size, SLOT_BYTES)?;
+    layout::write_table(&mut f, size, &parts)?;
+    f.sync_all()
+        .map_err(|e| PlatformError::io("syncing", &j.disk, e))?;
+    drop(f);
+    rt.platform.reread_partitions(&j.disk)?;
+    // The partitions' device nodes appear asynchronously (devtmpfs).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let disks = rt.platform.disks()?;
+        let ready = disks.iter().find(|d| d.device == j.disk).is_some_and(|d| {
+            parts.iter().all(|p| {
+                d.by_label(&p.label)
+                    .is_some_and(|(_, node)| rt.platform.open_partition(node, false).is_ok())
+            })
+        });
+        if ready {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "{}: the kernel did not show the new partitions within 10 s",
+                j.disk.display()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rt.set_system_disk(j.disk.clone());
+    tracing::info!(
+        "partitioned {}: {}",
+        j.disk.display(),
+        parts
+            .iter()
+            .map(|p| format!("{} {} MiB", p.label, p.len >> 20))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+async fn format_label(j: &InstallJob, label: &'static str, fstype: &str) -> Result<(), TaskError> {
+    let (_, dev) = slots::partition(j.rt(), label)?;
+    state::format(j.rt(), &dev, fstype, label).await
+}
+
+async fn format_esp(j: Arc<InstallJob>) -> Result<(), TaskError> {
+    format_label(&j, LABEL_ESP, "vfat").await
+}
+
+async fn format_state(j: Arc<InstallJob>) -> Result<(), TaskError> {
+    format_label(&j, LABEL_STATE, "ext4").await
+}
+
+async fn format_ephemeral(j: Arc<InstallJob>) -> Result<(), TaskError> {
+    format_label(&j, LABEL_EPHEMERAL, "ext4").await
+}
+
+/// Mounts the target's ESP where the upgrade tasks write UKIs.
+async fn mount_esp(j: Arc<InstallJob>) -> Result<(), TaskError> {
+    let (_, dev) = slots::partition(j.rt(), LABEL_ESP)?;
+    let dev = dev.display().to_string();
+    j.rt().platform.mkdir_all(Path::new(paths::ESP))?;
+    Ok(j.rt()
+        .platform
+        .mount(&MountSpec::new(&dev, paths::ESP, "vfat").restricted())?)
+}
+
+/// The removable-media path gets slot A's UKI too (firmware that loses its entries still
+/// boots the disk).
+async fn install_fallback(j: Arc<InstallJob>) -> Result<(), TaskError> {
+    slots::follow_committed(j.rt(), Slot::A)
+}
+
+/// META: slot A good and committed; its entry first in `BootOrder`.
+async fn commit(j: Arc<InstallJob>) -> Result<(), TaskError> {
+    let m = slots::update_meta(j.rt(), |m| {
+        m.committed = Slot::A;
+        let r = m.slot_mut(Slot::A);
+        r.state = SlotState::Good;
+        r.armed = false;
+    })?;
+    let entries = slots::reconcile_entries(j.rt(), &m)?;
+    let version = &m.slot(Slot::A).version;
+    slots::slot_event(
+        j.rt(),
+        Slot::A,
+        SlotState::Good,
+        format!("{version} installed on {}", j.disk.display()),
+    );
+    tracing::info!(
+        "installed {version} in slot A of {}; boot entry {:04X?}",
+        j.disk.display(),
+        entries[0]
+    );
+    Ok(())
+}
+
+/// Puts the node config on the target's STATE, then unmounts what the install mounted.
+async fn write_config(j: Arc<InstallJob>) -> Result<(), TaskError> {
+    let rt = j.rt();
+    let cfg = rt.config().ok_or("the node config is not loaded")?;
+    let (_, dev) = slots::partition(rt, LABEL_STATE)?;
+    let dev = dev.display().to_string();
+    rt.platform.mkdir_all(Path::new(TARGET_STATE))?;
+    rt.platform
+        .mount(&MountSpec::new(&dev, TARGET_STATE, "ext4").restricted())?;
+    let written = rt.platform.write(
+        &Path::new(TARGET_STATE).join("config.yaml"),
+        cfg.to_yaml().as_bytes(),
+    );
+    rt.platform.sync();
+    let unmounted = rt.platform.unmount(Path::new(TARGET_STATE));
+    let esp = rt.platform.unmount(Path::new(paths::ESP));
+    written?;
+    unmounted?;
+    esp?;
+    Ok(())
+}
+
+/// An upgrade task run on the install's upgrade job.
+macro_rules! upgrade_task {
+    ($name:literal, $f:path) => {
+        Task::new($name, |j: Arc<InstallJob>| $f(j.upgrade.clone()))
+    };
+}
+
+/// The install phase table.
+pub fn install() -> Sequence<Arc<InstallJob>> {
+    Sequence::new("install")
+        .phase("checkTarget", [Task::new("checkTarget", check_target)])
+        .phase("partition", [Task::new("partition", partition)])
+        .phase(
+            "format",
+            [
+                Task::new("formatEsp", format_esp),
+                Task::new("formatState", format_state),
+                Task::new("formatEphemeral", format_ephemeral),
+            ],
+        )
+        .phase("mountEsp", [Task::new("mountEsp", mount_esp)])
+        .phase("readBundle", [upgrade_task!("readBundle", t::read_bundle)])
+        .phase("receiveUki", [upgrade_task!("receiveUki", t::receive_uki)])
+        .phase("writeSlot", [upgrade_task!("writeSlot", t::write_slot)])
+        .phase("verifySlot", [upgrade_task!("verifySlot", t::verify_slot)])
+        .phase("installUki", [upgrade_task!("installUki", t::install_uki)])
+        .phase(
+            "markWritten",
+            [upgrade_task!("markWritten", t::mark_pending)],
+        )
+        .phase(
+            "installFallback",
+            [Task::new("installFallback", install_fallback)],
+        )
+        .phase("commit", [Task::new("commit", commit)])
+        .phase("writeConfig", [Task::new("writeConfig", write_config)])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_install_phases_are_in_order() {
+        assert_eq!(
+            super::install().phase_names(),
+            [
+                "checkTarget",
+                "partition",
+                "format",
+                "mountEsp",
+                "readBundle",
+                "receiveUki",
+                "writeSlot",
+                "verifySlot",
+                "installUki",
+                "markWritten",
+                "installFallback",
+                "commit",
+                "writeConfig"
+            ]
+        );
+    }
+}
