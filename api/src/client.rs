@@ -157,8 +157,13 @@ pub fn describe(err: &(dyn std::error::Error + 'static)) -> String {
         || chain.contains("DecryptError")
     {
         Some("the node refused this client's certificate: it is not signed by the node's CA")
-    } else if chain.contains("CertificateExpired") || chain.contains("Expired") {
-        Some("a certificate is expired or not yet valid")
+    } else if chain.contains("alert: CertificateExpired") {
+        // rustls sends the same alert for both ends of the validity window.
+        Some("the node refused this client's certificate: it is expired or not valid yet")
+    } else if chain.contains("invalid peer certificate: Expired")
+        || chain.contains("invalid peer certificate: NotValidYet")
+    {
+        Some("the node's certificate is expired or not valid yet (check both clocks)")
     } else if chain.contains("UnsupportedCertificate") {
         Some("the node refused this client's certificate: it is not marked for client authentication")
     } else if chain.contains("invalid peer certificate") {

@@ -11,6 +11,8 @@ use sequencer::{EventBus, EventKind};
 
 struct FakeNode {
     bus: Arc<EventBus>,
+    /// Reboots the node accepted: a refused caller must leave it at zero.
+    reboots: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[tonic::async_trait]
@@ -30,6 +32,8 @@ impl Node for FakeNode {
         api::proto::StatusResponse::default()
     }
     fn reboot(&self, _: String) -> Result<(), sequencer::Denied> {
+        self.reboots
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
     fn shutdown(&self, _: String, _: bool) -> Result<(), sequencer::Denied> {
@@ -71,6 +75,7 @@ struct Fixture {
     ca: Ca,
     server: ServerHandle,
     bus: Arc<EventBus>,
+    reboots: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 async fn start() -> Fixture {
@@ -84,14 +89,23 @@ async fn start() -> Fixture {
         .await
         .expect("bind");
     let bus = EventBus::new(64);
+    let reboots = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let server = serve(
         listener,
         cfg,
-        Arc::new(FakeNode { bus: bus.clone() }),
+        Arc::new(FakeNode {
+            bus: bus.clone(),
+            reboots: reboots.clone(),
+        }),
         api::server::Mode::Normal,
     )
     .expect("serve");
-    Fixture { ca, server, bus }
+    Fixture {
+        ca,
+        server,
+        bus,
+        reboots,
+    }
 }
 
 fn endpoint(f: &Fixture) -> String {
@@ -222,4 +236,100 @@ async fn events_replay_the_tail_then_follow_live_events() {
     );
     ids.push(stream.message().await.expect("msg").expect("event").id);
     assert_eq!(ids, vec![4, 5, 6]);
+}
+
+/// Calls `Reboot` (a write) as `id`; the error text as the CLI would show it.
+async fn reboot_with(f: &Fixture, id: Option<&Identity>) -> Result<(), String> {
+    let tls = tls::client_config(
+        f.ca.cert_pem(),
+        id.map(|i| (i.cert_pem.as_str(), i.key_pem.as_str())),
+    )
+    .map_err(|e| e.to_string())?;
+    let call = async {
+        let mut c = client::connect(&endpoint(f), tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.reboot(api::proto::RebootRequest {})
+            .await
+            .map(drop)
+            .map_err(|s| client::describe_status(&s))
+    };
+    tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .map_err(|_| "hung".to_string())?
+}
+
+#[tokio::test]
+async fn every_bad_credential_is_refused_with_its_reason_and_changes_nothing() {
+    use time::{Duration as D, OffsetDateTime};
+    let f = start().await;
+    let now = OffsetDateTime::now_utc();
+    let other = Ca::generate("other").expect("ca");
+    let admin = |f: &Fixture, edit: &dyn Fn(&mut ClientSpec)| {
+        let mut spec = ClientSpec::new("mallory", Role::Admin);
+        edit(&mut spec);
+        f.ca.issue_client(&spec).expect("client")
+    };
+    let cases: Vec<(&str, Option<Identity>, &str)> = vec![
+        ("no certificate", None, "requires a client certificate"),
+        (
+            "signed by another CA",
+            Some(
+                other
+                    .issue_client(&ClientSpec::new("mallory", Role::Admin))
+                    .expect("client"),
+            ),
+            "not signed by the node's CA",
+        ),
+        (
+            "expired",
+            Some(admin(&f, &|s| {
+                s.not_before = now - D::days(30);
+                s.not_after = now - D::days(1);
+            })),
+            "client's certificate: it is expired or not valid yet",
+        ),
+        (
+            "not yet valid",
+            Some(admin(&f, &|s| {
+                s.not_before = now + D::days(1);
+                s.not_after = now + D::days(30);
+            })),
+            "client's certificate: it is expired or not valid yet",
+        ),
+        (
+            "without client-auth usage",
+            Some(admin(&f, &|s| s.client_auth = false)),
+            "it is not marked for client authentication",
+        ),
+        (
+            "a reader calling a write",
+            Some(
+                f.ca.issue_client(&ClientSpec::new("r", Role::Reader))
+                    .expect("client"),
+            ),
+            "PermissionDenied",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, id, expect) in &cases {
+        match reboot_with(&f, id.as_ref()).await {
+            Ok(()) => wrong.push(format!("{what}: accepted")),
+            Err(e) if !e.contains(expect) => wrong.push(format!(
+                "{what}: refused, but the error does not say {expect:?}: {e}"
+            )),
+            Err(_) => {}
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert_eq!(
+        f.reboots.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a refused caller rebooted the node"
+    );
+    // The control: an admin's reboot goes through, so the count above could have moved.
+    reboot_with(&f, Some(&admin(&f, &|_| {})))
+        .await
+        .expect("admin reboots");
+    assert_eq!(f.reboots.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
