@@ -177,8 +177,13 @@ pub async fn read_head<R: AsyncRead + Unpin>(
         return Err(BundleError::BadSignature(trusted.len()));
     }
     // Parsed only once signed: unsigned input never reaches the parser.
+    parse_manifest(&json)
+}
+
+/// Parses and checks a (signed) manifest: format, exactly the three components.
+pub fn parse_manifest(json: &[u8]) -> Result<Manifest, BundleError> {
     let manifest: Manifest =
-        serde_json::from_slice(&json).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+        serde_json::from_slice(json).map_err(|e| BundleError::BadManifest(e.to_string()))?;
     if manifest.format != FORMAT {
         return Err(BundleError::BadManifest(format!(
             "format {} (this node reads {FORMAT})",

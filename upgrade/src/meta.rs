@@ -18,7 +18,8 @@ use crate::Slot;
 
 const MAGIC: &[u8; 8] = b"PLNTMETA";
 const FORMAT: u32 = 1;
-const HEADER: usize = 8 + 4 + 8 + 4;
+/// Bytes before the payload: magic, format, sequence number, payload length.
+pub const HEADER: usize = 8 + 4 + 8 + 4;
 /// Where the second copy starts.
 pub const COPY_OFFSET: u64 = 512 * 1024;
 /// The largest payload a copy holds.
@@ -185,8 +186,9 @@ pub enum MetaError {
     },
 }
 
-/// Why one copy is not usable.
-fn decode_copy(buf: &[u8]) -> Result<(u64, Meta), String> {
+/// Decodes one copy (at least its header, payload and checksum): its sequence number and
+/// record, or why it is not usable.
+pub fn decode_copy(buf: &[u8]) -> Result<(u64, Meta), String> {
     if buf.len() < HEADER + 32 || &buf[..8] != MAGIC {
         return Err("no META magic".into());
     }
