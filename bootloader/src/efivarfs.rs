@@ -208,9 +208,11 @@ pub enum VarStoreError {
 }
 
 /// UEFI variables in an efivarfs-format directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct VarStore {
     root: PathBuf,
+    /// Called before every change (the simulated machine counts them to cut power there).
+    before_change: Option<fn(&str)>,
 }
 
 impl Default for VarStore {
@@ -223,7 +225,22 @@ impl Default for VarStore {
 impl VarStore {
     /// A store over the directory `root` (efivarfs, or any directory of files in its format).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        VarStore { root: root.into() }
+        VarStore {
+            root: root.into(),
+            before_change: None,
+        }
+    }
+
+    /// The same store, calling `hook` with the variable's name before each set or delete.
+    pub fn with_hook(mut self, hook: fn(&str)) -> Self {
+        self.before_change = Some(hook);
+        self
+    }
+
+    fn changing(&self, what: &str, name: &VarName) {
+        if let Some(hook) = self.before_change {
+            hook(&format!("{what} {name}"));
+        }
     }
 
     /// The store's directory.
@@ -272,6 +289,7 @@ impl VarStore {
         if data.is_empty() {
             return Err(VarStoreError::EmptyValue { name: name.clone() });
         }
+        self.changing("set", name);
         clear_immutable(&path).map_err(|source| VarStoreError::ClearImmutable {
             name: name.clone(),
             path: path.clone(),
@@ -316,6 +334,7 @@ impl VarStore {
     /// Deletes a variable. Deleting one that does not exist succeeds.
     pub fn delete(&self, name: &VarName) -> Result<(), VarStoreError> {
         let path = self.path_of(name)?;
+        self.changing("delete", name);
         clear_immutable(&path).map_err(|source| VarStoreError::ClearImmutable {
             name: name.clone(),
             path: path.clone(),

@@ -75,11 +75,26 @@ pub fn start_with(
     start_inner(services, extra_cmdline, tweak, true)
 }
 
+/// A configured node started with `env` (the fault-injection variables, for one).
+pub fn start_env(env: &[(&str, String)]) -> SimNode {
+    start_inner_env(vec![], &[], |_| {}, true, env)
+}
+
 fn start_inner(
     services: Vec<config::Service>,
     extra_cmdline: &[&str],
     tweak: impl FnOnce(&mut config::NodeConfig),
     configured: bool,
+) -> SimNode {
+    start_inner_env(services, extra_cmdline, tweak, configured, &[])
+}
+
+fn start_inner_env(
+    services: Vec<config::Service>,
+    extra_cmdline: &[&str],
+    tweak: impl FnOnce(&mut config::NodeConfig),
+    configured: bool,
+    env: &[(&str, String)],
 ) -> SimNode {
     let dir = tempfile::tempdir().expect("tmp");
     let port = free_port();
@@ -110,28 +125,44 @@ fn start_inner(
         16 << 20,
     )
     .expect("provision");
-    let console = std::fs::File::create(dir.path().join("console.log")).expect("console");
-    let child = Command::new(env!("CARGO_BIN_EXE_machined"))
-        .args(["--platform", "sim", "--machine"])
-        .arg(&machine)
-        .args(["--api", &endpoint])
-        .stdin(Stdio::null())
-        .stdout(console.try_clone().expect("console"))
-        .stderr(console)
-        .spawn()
-        .expect("start machined");
     let ctx = g.client.context(None).expect("ctx").1.clone();
-    let g = g;
-    SimNode {
+    let mut node = SimNode {
         dir,
         endpoint,
         ctx,
         ca: g.ca,
-        child: Some(child),
-    }
+        child: None,
+    };
+    node.launch(env);
+    node
 }
 
 impl SimNode {
+    /// Starts machined on the machine (ending the one running, as a power cut would), with
+    /// `env`; the console log goes on.
+    pub fn launch(&mut self, env: &[(&str, String)]) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let console = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("console.log"))
+            .expect("console");
+        let child = Command::new(env!("CARGO_BIN_EXE_machined"))
+            .args(["--platform", "sim", "--machine"])
+            .arg(self.machine())
+            .args(["--api", &self.endpoint])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(console.try_clone().expect("console"))
+            .stderr(console)
+            .spawn()
+            .expect("start machined");
+        self.child = Some(child);
+    }
+
     /// The machine directory.
     pub fn machine(&self) -> PathBuf {
         self.dir.path().join("machine")
@@ -278,6 +309,14 @@ impl SimNode {
             out.extend(api::convert::from_proto(&e));
         }
         out
+    }
+
+    /// Kills machined at once, as a power cut would (no-op when none runs).
+    pub fn wait_exit_quiet(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Waits for machined to exit on its own.

@@ -16,6 +16,7 @@
 //! and only those may be signalled. [`firmware`] plays the UEFI firmware (BootNext, BootOrder,
 //! BootCurrent, as OVMF does) and the systemd-stub (LoaderDevicePartUUID).
 
+pub mod fault;
 pub mod firmware;
 pub mod provision;
 
@@ -167,6 +168,21 @@ impl Sim {
         (Arc::new(sim), rx)
     }
 
+    /// A partition device's GPT name, for step logs (the device itself otherwise).
+    fn partition_label(&self, device: &Path) -> String {
+        self.disks()
+            .ok()
+            .and_then(|disks| {
+                disks.into_iter().find_map(|d| {
+                    d.partitions
+                        .into_iter()
+                        .find(|(_, node)| node == device)
+                        .map(|(p, _)| p.label)
+                })
+            })
+            .unwrap_or_else(|| device.display().to_string())
+    }
+
     fn lock(&self) -> MutexGuard<'_, BootState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -178,7 +194,7 @@ impl Sim {
 
     /// The variable store.
     pub fn vars(dir: &Path) -> VarStore {
-        VarStore::new(dir.join("efivars"))
+        VarStore::new(dir.join("efivars")).with_hook(fault::step)
     }
 
     /// A volume's directory.
@@ -293,6 +309,7 @@ impl Platform for Sim {
     }
 
     fn write(&self, path: &Path, data: &[u8]) -> Result<(), PlatformError> {
+        fault::step(&format!("write {}", path.display()));
         let p = self.resolve(path);
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d).map_err(io("creating directory for", path))?;
@@ -398,6 +415,10 @@ impl Platform for Sim {
     }
 
     fn open_partition(&self, device: &Path, write: bool) -> Result<(File, u64), PlatformError> {
+        if write {
+            // The writes through the handle are this one step.
+            fault::step(&format!("write partition {}", self.partition_label(device)));
+        }
         let (disk, offset) = match self.partition(device) {
             Some((disk, offset, _)) => (disk, offset),
             // The whole disk is a host path already.
@@ -418,6 +439,7 @@ impl Platform for Sim {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<(), PlatformError> {
+        fault::step(&format!("rename {} {}", from.display(), to.display()));
         std::fs::rename(self.resolve(from), self.resolve(to)).map_err(io("renaming", from))
     }
 
@@ -564,6 +586,7 @@ impl Platform for Sim {
     }
 
     fn mkfs(&self, device: &Path, fstype: &str, label: &str) -> Result<Mkfs, PlatformError> {
+        fault::step(&format!("mkfs {fstype} {}", self.partition_label(device)));
         let Some((disk, offset, _)) = self.partition(device) else {
             return Err(PlatformError::Unsupported(
                 "making a file system outside the disk image",
@@ -585,6 +608,7 @@ impl Platform for Sim {
     }
 
     fn wipe(&self, device: &Path, len: u64, method: WipeMethod) -> Result<(), PlatformError> {
+        fault::step(&format!("wipe {method:?} {}", self.partition_label(device)));
         // A file system's contents go with its signature.
         if let Some(sig) = self.signature(device) {
             let _ = std::fs::remove_dir_all(Self::volume_dir(&self.dir, sig.uuid));
