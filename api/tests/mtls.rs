@@ -5,71 +5,13 @@ use std::time::Duration;
 
 use api::pki::{Ca, ClientSpec, Identity};
 use api::proto::{EventsRequest, VersionRequest, VersionResponse};
-use api::server::{serve, Node, ServerHandle};
+use api::server::{serve, ServerHandle};
 use api::{client, tls, Role};
 use sequencer::{EventBus, EventKind};
 
-struct FakeNode {
-    bus: Arc<EventBus>,
-    /// Reboots the node accepted: a refused caller must leave it at zero.
-    reboots: Arc<std::sync::atomic::AtomicUsize>,
-}
+mod fake;
 
-#[tonic::async_trait]
-impl Node for FakeNode {
-    fn version(&self) -> VersionResponse {
-        VersionResponse {
-            version: "test".into(),
-            slot: "A".into(),
-            machined_pid: 1,
-            ..Default::default()
-        }
-    }
-    fn events(&self) -> &EventBus {
-        &self.bus
-    }
-    fn status(&self) -> api::proto::StatusResponse {
-        api::proto::StatusResponse::default()
-    }
-    fn reboot(&self, _: String) -> Result<(), sequencer::Denied> {
-        self.reboots
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    }
-    fn shutdown(&self, _: String, _: bool) -> Result<(), sequencer::Denied> {
-        Ok(())
-    }
-    fn services(&self) -> Vec<api::proto::ServiceInfo> {
-        Vec::new()
-    }
-    async fn upgrade(
-        &self,
-        _: String,
-        _: bool,
-        _: api::server::BundleSource,
-    ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this test"))
-    }
-    fn rollback(&self, _: String) -> Result<(), tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this test"))
-    }
-    fn dmesg(&self, _: bool) -> Result<api::server::LineStream, tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this test"))
-    }
-    fn logs(&self, _: &str, _: u32, _: bool) -> Result<api::server::LineStream, tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this test"))
-    }
-    fn reset(&self, _: String, _: api::proto::ResetRequest) -> Result<(), tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this test"))
-    }
-    async fn apply_configuration(
-        &self,
-        _: String,
-        _: api::proto::ApplyConfigurationRequest,
-    ) -> Result<api::proto::ApplyConfigurationResponse, tonic::Status> {
-        Err(tonic::Status::unimplemented("not in this test"))
-    }
-}
+use fake::FakeNode;
 
 struct Fixture {
     ca: Ca,

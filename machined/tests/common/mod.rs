@@ -311,6 +311,11 @@ impl SimNode {
         out
     }
 
+    /// machined's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills machined at once, as a power cut would (no-op when none runs).
     pub fn wait_exit_quiet(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -114,21 +114,8 @@ pub fn upgradable_node(name: &str) -> PreparedNode {
 /// Builds another image (same kernel and machined, its own version and command line) and
 /// returns its signed bundle.
 pub fn bundle(name: &str, version: &str, extra_cmdline: &[&str]) -> PathBuf {
-    let base = artifacts();
+    let a = image(name, version, extra_cmdline);
     let out_dir = workspace().join("target/vm-tests/images").join(name);
-    let cache = std::env::var_os("PLINTH_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("out"))
-        .join("cache");
-    let a = imager::build(&imager::BuildOptions {
-        out_dir: out_dir.clone(),
-        cache_dir: cache,
-        machined: workspace().join("target/x86_64-unknown-linux-gnu/release/machined"),
-        version: version.into(),
-        kernel_package: Some(format!("linux-image-{}", base.kernel_release)),
-        extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
-    })
-    .unwrap_or_else(|e| panic!("building image {name}: {e}"));
     let read = |p: &std::path::Path| std::fs::read(p).expect("read image part");
     let bytes = upgrade::bundle::build(
         version,
@@ -142,6 +129,25 @@ pub fn bundle(name: &str, version: &str, extra_cmdline: &[&str]) -> PathBuf {
     let path = out_dir.join("bundle.plinth");
     std::fs::write(&path, bytes).expect("write bundle");
     path
+}
+
+/// Builds another image: the same kernel and machined, its own version and command line.
+pub fn image(name: &str, version: &str, extra_cmdline: &[&str]) -> imager::Artifacts {
+    let base = artifacts();
+    let out_dir = workspace().join("target/vm-tests/images").join(name);
+    let cache = std::env::var_os("PLINTH_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("out"))
+        .join("cache");
+    imager::build(&imager::BuildOptions {
+        out_dir,
+        cache_dir: cache,
+        machined: workspace().join("target/x86_64-unknown-linux-gnu/release/machined"),
+        version: version.into(),
+        kernel_package: Some(format!("linux-image-{}", base.kernel_release)),
+        extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
+    })
+    .unwrap_or_else(|e| panic!("building image {name}: {e}"))
 }
 
 /// Status of a node through the API.

@@ -1,0 +1,72 @@
+//! A node for API tests and benchmarks: constant answers, a real event bus, and a count of the
+//! reboots it accepted (so a refused caller can be shown to have changed nothing).
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use api::proto::VersionResponse;
+use api::server::Node;
+use sequencer::EventBus;
+
+pub struct FakeNode {
+    pub bus: Arc<EventBus>,
+    /// Reboots the node accepted: a refused caller must leave it at zero.
+    pub reboots: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl Node for FakeNode {
+    fn version(&self) -> VersionResponse {
+        VersionResponse {
+            version: "test".into(),
+            slot: "A".into(),
+            machined_pid: 1,
+            ..Default::default()
+        }
+    }
+    fn events(&self) -> &EventBus {
+        &self.bus
+    }
+    fn status(&self) -> api::proto::StatusResponse {
+        api::proto::StatusResponse::default()
+    }
+    fn reboot(&self, _: String) -> Result<(), sequencer::Denied> {
+        self.reboots
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn shutdown(&self, _: String, _: bool) -> Result<(), sequencer::Denied> {
+        Ok(())
+    }
+    fn services(&self) -> Vec<api::proto::ServiceInfo> {
+        Vec::new()
+    }
+    async fn upgrade(
+        &self,
+        _: String,
+        _: bool,
+        _: api::server::BundleSource,
+    ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    fn rollback(&self, _: String) -> Result<(), tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    fn dmesg(&self, _: bool) -> Result<api::server::LineStream, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    fn logs(&self, _: &str, _: u32, _: bool) -> Result<api::server::LineStream, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    fn reset(&self, _: String, _: api::proto::ResetRequest) -> Result<(), tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    async fn apply_configuration(
+        &self,
+        _: String,
+        _: api::proto::ApplyConfigurationRequest,
+    ) -> Result<api::proto::ApplyConfigurationResponse, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+}
