@@ -73,9 +73,9 @@ enum Role {
 fn main() {
     console::init();
     // The boot benchmark's floor: the same firmware, kernel and initramfs, and an /init that
-    // only says it was reached and powers off (the kernel hands `plinth.floor=1` to init as an
-    // environment variable).
-    if std::process::id() == 1 && std::env::var_os("plinth.floor").is_some() {
+    // only says it was reached and powers off (the kernel hands `plinth_floor=1` to init as an
+    // environment variable; a name with a dot would be taken for a module parameter).
+    if std::process::id() == 1 && std::env::var_os("plinth_floor").is_some() {
         console::line("plinth-floor: init reached");
         nix::unistd::sync();
         let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
