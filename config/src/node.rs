@@ -240,8 +240,12 @@ impl NodeConfig {
         require_pem(&api.key, "machine.api.key", "PRIVATE KEY")?;
         validate_services(&self.machine.services)?;
         if let Some(i) = &self.machine.install {
-            let name = i.disk.strip_prefix("/dev/").unwrap_or_default();
-            if name.is_empty() || name.contains(['/', ' ']) || name.contains("..") {
+            // A device node, like /dev/nvme0n1 (the simulated machine's are image paths).
+            let p = std::path::Path::new(&i.disk);
+            let ok = p.is_absolute()
+                && p.file_name().is_some()
+                && !p.components().any(|c| c == std::path::Component::ParentDir);
+            if !ok {
                 return Err(ConfigError::invalid(
                     "machine.install.disk",
                     format!(

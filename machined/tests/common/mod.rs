@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use api::gen::{generate, GenOptions};
 use api::proto::machine_client::MachineClient;
 use api::proto::{EventsRequest, VersionRequest, VersionResponse};
-use phases::platform::sim::provision::{provision, SimImage};
+use phases::platform::sim::provision::{provision, provision_installer, SimImage};
 use sequencer::{Event, EventKind};
 use tonic::transport::Channel;
 
@@ -77,7 +77,29 @@ pub fn start_with(
 
 /// A configured node started with `env` (the fault-injection variables, for one).
 pub fn start_env(env: &[(&str, String)]) -> SimNode {
-    start_inner_env(vec![], &[], |_| {}, true, env)
+    start_inner_env(vec![], &[], |_| {}, Disk::Installed(true), env)
+}
+
+/// A new machine: a blank system disk and installer media carrying [`sim_bundle`] of
+/// `version`. Its config (to apply, without an install target yet) comes back too.
+pub fn start_installer(version: &str) -> (SimNode, config::NodeConfig) {
+    let mut config = None;
+    let node = start_inner_env(
+        vec![],
+        &[],
+        |c| config = Some(c.clone()),
+        Disk::Blank(sim_bundle(version, &[])),
+        &[],
+    );
+    (node, config.expect("generated config"))
+}
+
+/// What the machine's system disk holds at first power-on.
+enum Disk {
+    /// Slot A installed; with the config on STATE or not.
+    Installed(bool),
+    /// Nothing; installer media with this bundle is attached.
+    Blank(Vec<u8>),
 }
 
 fn start_inner(
@@ -86,14 +108,20 @@ fn start_inner(
     tweak: impl FnOnce(&mut config::NodeConfig),
     configured: bool,
 ) -> SimNode {
-    start_inner_env(services, extra_cmdline, tweak, configured, &[])
+    start_inner_env(
+        services,
+        extra_cmdline,
+        tweak,
+        Disk::Installed(configured),
+        &[],
+    )
 }
 
 fn start_inner_env(
     services: Vec<config::Service>,
     extra_cmdline: &[&str],
     tweak: impl FnOnce(&mut config::NodeConfig),
-    configured: bool,
+    disk: Disk,
     env: &[(&str, String)],
 ) -> SimNode {
     let dir = tempfile::tempdir().expect("tmp");
@@ -118,13 +146,21 @@ fn start_inner_env(
     };
     let machine = dir.path().join("machine");
     let yaml = g.node.to_yaml();
-    provision(
-        &machine,
-        &image,
-        configured.then_some(yaml.as_str()),
-        16 << 20,
-    )
-    .expect("provision");
+    match disk {
+        Disk::Installed(configured) => {
+            provision(
+                &machine,
+                &image,
+                configured.then_some(yaml.as_str()),
+                16 << 20,
+            )
+            .expect("provision");
+        }
+        Disk::Blank(bundle) => {
+            // Room for the installed layout's 256 MiB slots (the file stays sparse).
+            provision_installer(&machine, &image, &bundle, 1 << 30).expect("provision");
+        }
+    }
     let ctx = g.client.context(None).expect("ctx").1.clone();
     let mut node = SimNode {
         dir,

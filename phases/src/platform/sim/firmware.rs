@@ -110,9 +110,53 @@ fn firmware_owned(option: &LoadOption) -> bool {
 }
 
 /// The ESPs on the machine's disk: (partition GUID, volume directory if formatted).
-fn esps(sim_dir: &Path) -> Vec<(uuid::Uuid, Option<PathBuf>)> {
-    let disk = Sim::disk_path(sim_dir);
-    let Ok(mut f) = std::fs::File::open(&disk) else {
+/// The installer media's own entry (a removable disk on another controller), which OVMF
+/// makes when such a disk is attached.
+fn media_entry() -> LoadOption {
+    LoadOption {
+        attributes: LOAD_OPTION_ACTIVE,
+        description: "UEFI Sim Misc Device".into(),
+        file_path_list: DevicePath {
+            nodes: vec![
+                DevicePathNode::Acpi {
+                    hid: 0x0a03_41d0,
+                    uid: 0,
+                },
+                DevicePathNode::Pci {
+                    function: 0,
+                    device: 6,
+                },
+                DevicePathNode::EndEntire,
+            ],
+        },
+        optional_data: Vec::new(),
+    }
+}
+
+/// The disk a firmware-owned entry reaches: the NVMe system disk, or the media.
+fn own_entry_disk(sim_dir: &Path, option: &LoadOption) -> PathBuf {
+    let nvme = option
+        .file_path_list
+        .nodes
+        .iter()
+        .any(|n| matches!(n, DevicePathNode::Nvme { .. }));
+    if nvme {
+        Sim::disk_path(sim_dir)
+    } else {
+        Sim::media_path(sim_dir)
+    }
+}
+
+/// The ESPs of every disk: (unique GUID, the volume if it holds a FAT file system, the disk).
+fn esps(sim_dir: &Path) -> Vec<(uuid::Uuid, Option<PathBuf>, PathBuf)> {
+    [Sim::disk_path(sim_dir), Sim::media_path(sim_dir)]
+        .into_iter()
+        .flat_map(|d| esps_of(sim_dir, &d))
+        .collect()
+}
+
+fn esps_of(sim_dir: &Path, disk: &Path) -> Vec<(uuid::Uuid, Option<PathBuf>, PathBuf)> {
+    let Ok(mut f) = std::fs::File::open(disk) else {
         return Vec::new();
     };
     let Ok(table) = upgrade::layout::read_table(&mut f) else {
@@ -130,7 +174,11 @@ fn esps(sim_dir: &Path) -> Vec<(uuid::Uuid, Option<PathBuf>)> {
                 .ok()
                 .and_then(|_| FsSignature::decode(&block))
                 .filter(|s| s.fstype == "vfat");
-            (p.guid, sig.map(|s| Sim::volume_dir(sim_dir, s.uuid)))
+            (
+                p.guid,
+                sig.map(|s| Sim::volume_dir(sim_dir, s.uuid)),
+                disk.to_path_buf(),
+            )
         })
         .collect()
 }
@@ -146,12 +194,13 @@ fn load(sim_dir: &Path, option: &LoadOption) -> Option<(uuid::Uuid, String, Vec<
         .and_then(|hd| hd.partition_guid())
     {
         Some(guid) => {
-            let (g, dir) = esps.into_iter().find(|(g, _)| *g == guid)?;
+            let (g, dir, _) = esps.into_iter().find(|(g, _, _)| *g == guid)?;
             (g, dir?, option.file_path_list.file_path()?.to_string())
         }
-        // A device entry boots the removable-media path of the disk's first ESP.
+        // A device entry boots the removable-media path of its disk's first ESP.
         None => {
-            let (g, dir) = esps.into_iter().next()?;
+            let disk = own_entry_disk(sim_dir, option);
+            let (g, dir, _) = esps.into_iter().find(|(_, _, d)| *d == disk)?;
             (g, dir?, REMOVABLE_PATH.to_string())
         }
     };
@@ -182,6 +231,18 @@ pub fn power_on(sim_dir: &Path) -> Result<Booted, FirmwareError> {
             vars.set_boot_entry(n, &o).map_err(vars_err)?;
             entries.push((n, o));
         }
+    }
+    // An attached removable disk gets its entry too, as OVMF makes one per bootable device.
+    if Sim::media_path(sim_dir).exists()
+        && !entries
+            .iter()
+            .any(|(_, o)| o.description == media_entry().description)
+    {
+        let n = (2..=0xffff)
+            .find(|n| !entries.iter().any(|(m, _)| m == n))
+            .unwrap_or(2);
+        vars.set_boot_entry(n, &media_entry()).map_err(vars_err)?;
+        entries.push((n, media_entry()));
     }
     let mut order = vars.boot_order().map_err(vars_err)?;
     let mut owned: Vec<u16> = entries

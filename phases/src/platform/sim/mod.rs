@@ -192,6 +192,11 @@ impl Sim {
         dir.join("disk.img")
     }
 
+    /// The installer media, when the machine has it.
+    pub fn media_path(dir: &Path) -> PathBuf {
+        dir.join("media.img")
+    }
+
     /// The variable store.
     pub fn vars(dir: &Path) -> VarStore {
         VarStore::new(dir.join("efivars")).with_hook(fault::step)
@@ -394,24 +399,28 @@ impl Platform for Sim {
     }
 
     fn disks(&self) -> Result<Vec<Disk>, PlatformError> {
-        let disk = Self::disk_path(&self.dir);
-        let mut f = File::open(&disk).map_err(io("opening", &disk))?;
-        let table = upgrade::layout::read_table(&mut f).map_err(|e| PlatformError::Io {
-            what: "reading the GPT of",
-            path: disk.display().to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let partitions = table
-            .into_iter()
-            .map(|p| {
-                let dev = PathBuf::from(format!("{}#{}", disk.display(), p.number));
-                (p, dev)
-            })
-            .collect();
-        Ok(vec![Disk {
-            device: disk,
-            partitions,
-        }])
+        let mut out = Vec::new();
+        for disk in [Self::disk_path(&self.dir), Self::media_path(&self.dir)] {
+            let Ok(mut f) = File::open(&disk) else {
+                continue;
+            };
+            // As on Linux: a disk without a partition table has no partitions to list.
+            let Ok(table) = upgrade::layout::read_table(&mut f) else {
+                continue;
+            };
+            let partitions = table
+                .into_iter()
+                .map(|p| {
+                    let dev = PathBuf::from(format!("{}#{}", disk.display(), p.number));
+                    (p, dev)
+                })
+                .collect();
+            out.push(Disk {
+                device: disk,
+                partitions,
+            });
+        }
+        Ok(out)
     }
 
     fn open_partition(&self, device: &Path, write: bool) -> Result<(File, u64), PlatformError> {
@@ -422,7 +431,11 @@ impl Platform for Sim {
         let (disk, offset) = match self.partition(device) {
             Some((disk, offset, _)) => (disk, offset),
             // The whole disk is a host path already.
-            None if device == Self::disk_path(&self.dir) => (device.to_path_buf(), 0),
+            None if device == Self::disk_path(&self.dir)
+                || device == Self::media_path(&self.dir) =>
+            {
+                (device.to_path_buf(), 0)
+            }
             None => (self.resolve(device), 0),
         };
         let f = std::fs::OpenOptions::new()

@@ -86,15 +86,112 @@ pub fn write_at(disk: &Path, offset: u64, data: &[u8]) -> Result<(), ProvisionEr
 /// Formats a (simulated) file system on a partition: a signature at its start and an empty
 /// volume directory. Returns the volume directory.
 pub fn format(dir: &Path, p: &DiskPartition, fstype: &str) -> Result<PathBuf, ProvisionError> {
+    format_on(dir, &Sim::disk_path(dir), p, fstype)
+}
+
+/// [`format`] on another of the machine's disks.
+pub fn format_on(
+    dir: &Path,
+    disk: &Path,
+    p: &DiskPartition,
+    fstype: &str,
+) -> Result<PathBuf, ProvisionError> {
     let sig = FsSignature {
         fstype: fstype.into(),
         uuid: uuid::Uuid::new_v4(),
         label: p.label.clone(),
     };
-    write_at(&Sim::disk_path(dir), p.offset, &sig.encode())?;
+    write_at(disk, p.offset, &sig.encode())?;
     let vol = Sim::volume_dir(dir, sig.uuid);
     std::fs::create_dir_all(&vol).map_err(io("creating", &vol))?;
     Ok(vol)
+}
+
+/// A machine directory with nothing on it yet: blank NVRAM, no disks, the initramfs.
+fn blank_machine(dir: &Path) -> Result<(), ProvisionError> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(io("cleaning", dir))?;
+    }
+    for sub in ["efivars", "volumes", "fs/lib/modules", "tmp", "roots"] {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).map_err(io("creating", &d))?;
+    }
+    // The initramfs: an empty module list (the simulated kernel has everything built in).
+    let order = dir.join("fs/lib/modules/plinth.order");
+    std::fs::write(&order, b"").map_err(io("writing", &order))
+}
+
+/// A new machine: a blank system disk of `disk_bytes` (sparse) and installer media (`media.img`:
+/// an ESP whose removable path holds slot A's UKI, `ROOT-A` with the root image, `INSTALL` with
+/// `bundle`), as `plinth image build --installer` makes it.
+pub fn provision_installer(
+    dir: &Path,
+    image: &SimImage,
+    bundle: &[u8],
+    disk_bytes: u64,
+) -> Result<(), ProvisionError> {
+    const MIB: u64 = 1 << 20;
+    blank_machine(dir)?;
+    let disk = Sim::disk_path(dir);
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&disk)
+        .map_err(io("creating", &disk))?;
+    f.set_len(disk_bytes).map_err(io("sizing", &disk))?;
+
+    let rootfs = image.rootfs();
+    let mib = |n: usize| (n as u64).div_ceil(MIB).max(1) * MIB;
+    let mut parts = Vec::new();
+    let mut offset = MIB;
+    for (i, (label, type_guid, len)) in [
+        (LABEL_ESP, layout::TYPE_ESP, MIB),
+        (
+            Slot::A.root_label(),
+            layout::TYPE_ROOT_X86_64,
+            mib(rootfs.len()),
+        ),
+        (
+            layout::LABEL_INSTALL,
+            layout::TYPE_LINUX_FS,
+            mib(bundle.len()),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        parts.push(DiskPartition {
+            number: i as u32 + 1,
+            label: label.into(),
+            type_guid,
+            guid: uuid::Uuid::new_v4(),
+            offset,
+            len,
+        });
+        offset += len;
+    }
+    let media = Sim::media_path(dir);
+    let media_bytes = offset + MIB;
+    {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&media)
+            .map_err(io("creating", &media))?;
+        f.set_len(media_bytes).map_err(io("sizing", &media))?;
+        layout::write_table(&mut f, media_bytes, &parts)?;
+    }
+    let vol = format_on(dir, &media, &parts[0], "vfat")?;
+    let p = vol.join("EFI/BOOT/BOOTX64.EFI");
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).map_err(io("creating", d))?;
+    }
+    std::fs::write(&p, image.uki(Slot::A)).map_err(io("writing", &p))?;
+    write_at(&media, parts[1].offset, &rootfs)?;
+    write_at(&media, parts[2].offset, bundle)
 }
 
 /// Makes a machine in `dir` with slot A installed from `image` and `config_yaml` on STATE
@@ -117,16 +214,7 @@ pub fn provision_with_esp(
     slot_bytes: u64,
     esp_guid: Option<uuid::Uuid>,
 ) -> Result<Vec<DiskPartition>, ProvisionError> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(io("cleaning", dir))?;
-    }
-    for sub in ["efivars", "volumes", "fs/lib/modules", "tmp", "roots"] {
-        let d = dir.join(sub);
-        std::fs::create_dir_all(&d).map_err(io("creating", &d))?;
-    }
-    // The initramfs: an empty module list (the simulated kernel has everything built in).
-    let order = dir.join("fs/lib/modules/plinth.order");
-    std::fs::write(&order, b"").map_err(io("writing", &order))?;
+    blank_machine(dir)?;
 
     let disk_bytes = layout::min_disk_bytes(slot_bytes);
     let mut parts = layout::plan(disk_bytes, slot_bytes)?;
