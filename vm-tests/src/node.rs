@@ -147,7 +147,7 @@ pub async fn wait_for_version(
             return Err(HarnessError::Exited {
                 what: format!("Version from {endpoint}"),
                 status: status.to_string(),
-                tail: vm.serial.tail(40),
+                tail: vm.diagnostics(),
             });
         }
         let attempt = async {
@@ -168,7 +168,7 @@ pub async fn wait_for_version(
             return Err(HarnessError::Timeout {
                 what: format!("Version from {endpoint} (last error: {last})"),
                 secs: timeout.as_secs(),
-                tail: vm.serial.tail(40),
+                tail: vm.diagnostics(),
             });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

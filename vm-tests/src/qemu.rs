@@ -83,8 +83,9 @@ impl VmSpec {
             format!("if=pflash,format=raw,file={}", self.vars().display()),
             s("-drive"),
             format!(
-                "file={},format=raw,if=none,id=d0,cache=unsafe",
-                self.disk.display()
+                "file={},format=raw,if=none,id=d0,cache=unsafe{}",
+                self.disk.display(),
+                disk_write_limit()
             ),
             s("-device"),
             s("nvme,serial=plinth0,drive=d0"),
@@ -113,6 +114,17 @@ impl VmSpec {
         args.extend(media);
         args
     }
+}
+
+/// `PLINTH_VM_DISK_WRITE_BPS` caps the system disk's write rate (QEMU's I/O throttling, which
+/// counts write-zeroes too): CI hosts have been seen with far slower storage than a developer
+/// machine, and this reproduces one.
+fn disk_write_limit() -> String {
+    std::env::var("PLINTH_VM_DISK_WRITE_BPS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|bps| format!(",throttling.bps-write={bps}"))
+        .unwrap_or_default()
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; QEMU binds it right after).
@@ -207,6 +219,19 @@ impl Vm {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// The end of the serial log, and what QEMU itself reported (a failed host write, say),
+    /// for an error message.
+    pub fn diagnostics(&self) -> String {
+        let qemu = self.qemu_log_tail();
+        let qemu = qemu.trim();
+        let serial = self.serial.tail(40);
+        if qemu.is_empty() {
+            serial
+        } else {
+            format!("{serial}\n--- QEMU's own output:\n{qemu}")
+        }
+    }
+
     fn qemu_log_tail(&self) -> String {
         std::fs::read_to_string(self.spec.dir.join("qemu.log")).unwrap_or_default()
     }
@@ -234,7 +259,7 @@ impl Vm {
                 return Err(HarnessError::Timeout {
                     what: format!("console line {needle:?}"),
                     secs: timeout.as_secs(),
-                    tail: self.serial.tail(40),
+                    tail: self.diagnostics(),
                 });
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -252,7 +277,7 @@ impl Vm {
                 return Err(HarnessError::Timeout {
                     what: "QEMU to exit".into(),
                     secs: timeout.as_secs(),
-                    tail: self.serial.tail(40),
+                    tail: self.diagnostics(),
                 });
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{extract_partition, node, plinth, BOOT_TIMEOUT};
+use common::{e2fs_device, node, plinth, BOOT_TIMEOUT};
 use sequencer::trace;
 use vm_tests::node::wait_for_version;
 
@@ -120,11 +120,9 @@ async fn plinth_shutdown_powers_the_vm_off_with_state_and_ephemeral_unmounted_cl
 
     // STATE and EPHEMERAL are clean ext4: nothing for the journal to recover on the next mount.
     for label in ["STATE", "EPHEMERAL"] {
-        let img = node.spec.dir.join(format!("{label}.img"));
-        extract_partition(&node, label, &img);
         let out = Command::new("dumpe2fs")
             .arg("-h")
-            .arg(&img)
+            .arg(e2fs_device(&node, label))
             .output()
             .expect("dumpe2fs");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -138,7 +136,6 @@ async fn plinth_shutdown_powers_the_vm_off_with_state_and_ephemeral_unmounted_cl
             .find(|l| l.starts_with("Filesystem features:"))
             .unwrap_or("");
         assert!(!features.contains("needs_recovery"), "{label}: {features}");
-        let _ = std::fs::remove_file(&img);
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{extract_partition, node_with_services, plinth, BOOT_TIMEOUT};
+use common::{e2fs_device, node_with_services, partition_is_zero, plinth, BOOT_TIMEOUT};
 use config::{RestartPolicy, Service};
 use vm_tests::node::wait_for_version;
 
@@ -23,10 +23,10 @@ fn ticker() -> Service {
 }
 
 /// The root directory of an ext4 image, as debugfs lists it.
-fn ext4_root(img: &std::path::Path) -> String {
+fn ext4_root(device: &str) -> String {
     let out = Command::new("debugfs")
         .args(["-R", "ls -l /"])
-        .arg(img)
+        .arg(device)
         .output()
         .expect("debugfs");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -82,22 +82,16 @@ async fn reset_wipes_state_and_ephemeral_and_the_node_comes_back_in_maintenance_
 
     // From the host, after the VM stops: STATE holds no config, EPHEMERAL no service logs.
     vm.kill();
-    let state = node.spec.dir.join("STATE.img");
-    extract_partition(&node, "STATE", &state);
-    let listing = ext4_root(&state);
+    let listing = ext4_root(&e2fs_device(&node, "STATE"));
     assert!(
         listing.contains("lost+found") && !listing.contains("config.yaml"),
         "{listing}"
     );
-    let eph = node.spec.dir.join("EPHEMERAL.img");
-    extract_partition(&node, "EPHEMERAL", &eph);
-    let listing = ext4_root(&eph);
+    let listing = ext4_root(&e2fs_device(&node, "EPHEMERAL"));
     assert!(
         listing.contains("lost+found") && !listing.contains(" log"),
         "{listing}"
     );
-    let _ = std::fs::remove_file(state);
-    let _ = std::fs::remove_file(eph);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,10 +125,9 @@ async fn a_zero_reset_leaves_only_zeroes_in_the_wiped_partitions() {
     let status = vm.wait_exit(Duration::from_secs(300)).expect("QEMU exits");
     assert!(status.success(), "{status}");
     for label in ["STATE", "EPHEMERAL"] {
-        let img = node.spec.dir.join(format!("{label}.img"));
-        extract_partition(&node, label, &img);
-        let data = std::fs::read(&img).expect("read");
-        assert!(data.iter().all(|&b| b == 0), "{label} holds non-zero bytes");
-        let _ = std::fs::remove_file(img);
+        assert!(
+            partition_is_zero(&node, label),
+            "{label} holds non-zero bytes"
+        );
     }
 }

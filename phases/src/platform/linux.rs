@@ -460,7 +460,7 @@ nix::ioctl_write_ptr_bad!(
 );
 
 /// Writes zeroes over `[offset, offset + len)`.
-fn write_zeroes(f: &mut std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+pub(crate) fn write_zeroes(f: &mut std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::io::{Seek, SeekFrom, Write};
     let chunk = vec![0u8; 1 << 20];
     f.seek(SeekFrom::Start(offset))?;
@@ -473,20 +473,39 @@ fn write_zeroes(f: &mut std::fs::File, offset: u64, len: u64) -> std::io::Result
     Ok(())
 }
 
+/// How much one `BLKZEROOUT` call zeroes. On a device without write-zeroes offload the kernel
+/// writes zero pages itself, and one call over a terabyte partition would be one uninterruptible
+/// wait of hours; bounded steps keep each call short and the device queue shallow.
+const ZERO_STEP: u64 = 32 << 20;
+
+/// Zeroes `[0, len)` of `f` in steps of `step` bytes: `BLKZEROOUT` (offloaded where the device
+/// can), or writes for a file that is not a block device (it answers `ENOTTY`) and once the
+/// device refuses a step.
+fn zero_out(f: &mut std::fs::File, len: u64, step: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut offload = true;
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(step);
+        // SAFETY: BLKZEROOUT reads a [u64; 2] through the pointer, which points at a live
+        // local; the descriptor is open for writing.
+        if !offload || unsafe { blk_zeroout(f.as_raw_fd(), &[at, n]) }.is_err() {
+            // A refusal does not get better on the next step: write the rest.
+            offload = false;
+            write_zeroes(f, at, n)?;
+        }
+        at += n;
+    }
+    Ok(())
+}
+
 /// Wipes a block device (or image file) per `method`; see [`Platform::wipe`].
 pub fn wipe_file(f: &mut std::fs::File, len: u64, method: WipeMethod) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     const MIB: u64 = 1 << 20;
     let range = [0u64, len];
     match method {
-        WipeMethod::Zero => {
-            // SAFETY: BLKZEROOUT reads a [u64; 2] through the pointer, which points at a live
-            // local; the descriptor is open for writing. A file that is not a block device
-            // answers ENOTTY and is zeroed by writes instead.
-            if unsafe { blk_zeroout(f.as_raw_fd(), &range) }.is_err() {
-                write_zeroes(f, 0, len)?;
-            }
-        }
+        WipeMethod::Zero => zero_out(f, len, ZERO_STEP)?,
         WipeMethod::Fast => {
             // Signatures first (so the file systems are gone even if discard is not supported),
             // then discard.
@@ -806,5 +825,24 @@ async fn wait_for_link(handle: &rtnetlink::Handle, name: &str) -> Result<u32, Pl
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    #[test]
+    fn zeroing_in_steps_covers_the_whole_range_and_nothing_after_it() {
+        let mut f = tempfile::tempfile().expect("temp file");
+        f.write_all(&[0xa5; 10_000]).expect("fill");
+        // Steps that do not divide the length; a plain file is zeroed by writes.
+        zero_out(&mut f, 9_000, 4_096).expect("zero");
+        let mut data = Vec::new();
+        f.seek(SeekFrom::Start(0)).expect("seek");
+        f.read_to_end(&mut data).expect("read");
+        assert!(data[..9_000].iter().all(|&b| b == 0));
+        assert!(data[9_000..].iter().all(|&b| b == 0xa5));
     }
 }

@@ -25,13 +25,67 @@ pub fn artifacts() -> imager::Artifacts {
     ensure_artifacts(&image_dir, &machined, "0.1.0-test").unwrap_or_else(|e| panic!("image: {e}"))
 }
 
-/// A fresh node directory under the target dir (kept after the test for inspection).
-pub fn node(name: &str) -> PreparedNode {
+/// A node prepared for a test. Its disk images are deleted when the test passes (each is up to
+/// 2 GiB once the guest has written it, and a CI machine's disk may be small) and kept, with
+/// everything else in its directory, when it fails.
+#[derive(Clone)]
+pub struct TestNode {
+    node: PreparedNode,
+    _images: std::sync::Arc<DiskImages>,
+}
+
+impl std::ops::Deref for TestNode {
+    type Target = PreparedNode;
+    fn deref(&self) -> &PreparedNode {
+        &self.node
+    }
+}
+
+struct DiskImages(PathBuf);
+
+impl Drop for DiskImages {
+    fn drop(&mut self) {
+        // The last clone goes when the test function ends; during a failing test's unwind the
+        // thread is panicking.
+        if !std::thread::panicking() {
+            remove_images(&self.0);
+        }
+    }
+}
+
+/// Deletes the disk images (`.raw`, `.img`, `.fd`) under `dir`.
+fn remove_images(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            remove_images(&path);
+        } else if matches!(
+            path.extension().and_then(|x| x.to_str()),
+            Some("raw" | "img" | "fd")
+        ) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+fn test_node(node: PreparedNode) -> TestNode {
+    let dir = node.spec.dir.clone();
+    TestNode {
+        node,
+        _images: std::sync::Arc::new(DiskImages(dir)),
+    }
+}
+
+/// A fresh node directory under the target dir (its logs kept after the test for inspection).
+pub fn node(name: &str) -> TestNode {
     node_with_services(name, Vec::new())
 }
 
 /// A node whose config declares `services`.
-pub fn node_with_services(name: &str, services: Vec<config::Service>) -> PreparedNode {
+pub fn node_with_services(name: &str, services: Vec<config::Service>) -> TestNode {
     let dir = workspace().join("target/vm-tests").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     let spec = NodeSpec {
@@ -42,7 +96,7 @@ pub fn node_with_services(name: &str, services: Vec<config::Service>) -> Prepare
         services,
         trusted_keys: Vec::new(),
     };
-    prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}"))
+    test_node(prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
 }
 
 /// How long a boot through OVMF under TCG may take before a test gives up.
@@ -76,19 +130,41 @@ pub fn plinth(node: &PreparedNode, args: &[&str]) -> String {
     text
 }
 
-/// Reads a partition (by GPT label) out of a node's raw disk into a file of its own.
-pub fn extract_partition(node: &PreparedNode, label: &str, out: &std::path::Path) {
-    use std::io::{Read, Seek, SeekFrom};
+/// Where partition `label` of a node's raw disk starts and how long it is.
+fn partition(node: &PreparedNode, label: &str) -> (u64, u64) {
     let mut disk = std::fs::File::open(&node.disk).expect("open disk");
     let parts = upgrade::layout::read_table(&mut disk).expect("GPT");
     let p = parts
         .iter()
         .find(|p| p.label == label)
         .unwrap_or_else(|| panic!("no {label}"));
-    disk.seek(SeekFrom::Start(p.offset)).expect("seek");
-    let mut data = vec![0u8; p.len as usize];
-    disk.read_exact(&mut data).expect("read");
-    std::fs::write(out, data).expect("write");
+    (p.offset, p.len)
+}
+
+/// A name e2fsprogs (`debugfs`, `dumpe2fs`) opens as partition `label` of the node's disk, in
+/// place (`FILE?offset=N`), so nothing is copied out.
+pub fn e2fs_device(node: &PreparedNode, label: &str) -> String {
+    let (offset, _) = partition(node, label);
+    format!("{}?offset={offset}", node.disk.display())
+}
+
+/// Whether partition `label` of the node's disk holds only zeroes (read in place, in chunks).
+pub fn partition_is_zero(node: &PreparedNode, label: &str) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let (offset, len) = partition(node, label);
+    let mut disk = std::fs::File::open(&node.disk).expect("open disk");
+    disk.seek(SeekFrom::Start(offset)).expect("seek");
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        disk.read_exact(&mut chunk[..n]).expect("read");
+        if chunk[..n].iter().any(|&b| b != 0) {
+            return false;
+        }
+        left -= n as u64;
+    }
+    true
 }
 
 /// The key the VM tests sign bundles with.
@@ -97,7 +173,7 @@ pub fn signing_key() -> upgrade::bundle::SigningKey {
 }
 
 /// A node that trusts [`signing_key`].
-pub fn upgradable_node(name: &str) -> PreparedNode {
+pub fn upgradable_node(name: &str) -> TestNode {
     let dir = workspace().join("target/vm-tests").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     let spec = NodeSpec {
@@ -108,7 +184,7 @@ pub fn upgradable_node(name: &str) -> PreparedNode {
         services: Vec::new(),
         trusted_keys: vec![upgrade::bundle::public_hex(&signing_key().verifying_key())],
     };
-    prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}"))
+    test_node(prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
 }
 
 /// Builds another image (same kernel and machined, its own version and command line) and

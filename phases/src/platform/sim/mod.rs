@@ -636,15 +636,8 @@ impl Platform for Sim {
             .map_err(io("opening", device))?;
         match method {
             WipeMethod::Zero => {
-                let chunk = vec![0u8; 1 << 20];
-                f.seek(SeekFrom::Start(offset))
+                crate::platform::linux::write_zeroes(&mut f, offset, len)
                     .map_err(io("wiping", device))?;
-                let mut left = len;
-                while left > 0 {
-                    let n = left.min(chunk.len() as u64) as usize;
-                    f.write_all(&chunk[..n]).map_err(io("wiping", device))?;
-                    left -= n as u64;
-                }
             }
             WipeMethod::Fast => {
                 let mib = 1u64 << 20;
