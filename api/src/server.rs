@@ -27,6 +27,9 @@ use crate::proto::{
 };
 use crate::role::{may_call, Role, SERVICE};
 
+/// HTTP/2 receive window per stream (the connection gets twice this): see `serve`.
+const UPLOAD_WINDOW: u32 = 4 << 20;
+
 /// What the API needs from the node it serves.
 #[tonic::async_trait]
 pub trait Node: Send + Sync + 'static {
@@ -503,6 +506,11 @@ pub fn serve<N: Node>(
     let task = tokio::spawn(async move {
         let accept = tokio::spawn(accept_loop);
         let result = tonic::transport::Server::builder()
+            // HTTP/2's default 64 KiB windows let a client send one chunk per round trip, and
+            // a bundle upload stalls whenever the node writes to disk. Wider windows keep the
+            // upload flowing while the slot is written; memory is bounded by them per stream.
+            .initial_stream_window_size(Some(UPLOAD_WINDOW))
+            .initial_connection_window_size(Some(2 * UPLOAD_WINDOW))
             .layer(AuthorizeLayer(mode))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {

@@ -84,6 +84,9 @@ pub struct BuildOptions {
     pub kernel_package: Option<String>,
     /// Extra kernel command-line arguments (tests use this to make broken images).
     pub extra_cmdline: Vec<String>,
+    /// Bytes of incompressible filler in the root image (`/usr/share/plinth/filler`), so
+    /// throughput benchmarks can move a root of realistic size; 0 for a real image.
+    pub filler_bytes: u64,
 }
 
 /// What a build made.
@@ -162,6 +165,7 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
         &opts.machined,
         &opts.version,
         &opts.out_dir.join("rootfs"),
+        opts.filler_bytes,
     )?;
     let (rootfs_size, rootfs_blake3) = rootfs::digest(&rootfs)?;
 

@@ -87,7 +87,13 @@ pub fn os_release(version: &str) -> String {
 }
 
 /// Builds the root image from a fresh staging directory.
-pub fn build(out: &Path, machined: &Path, version: &str, staging: &Path) -> Result<(), ImageError> {
+pub fn build(
+    out: &Path,
+    machined: &Path,
+    version: &str,
+    staging: &Path,
+    filler_bytes: u64,
+) -> Result<(), ImageError> {
     if staging.exists() {
         std::fs::remove_dir_all(staging).map_err(ImageError::io("cleaning", staging))?;
     }
@@ -103,6 +109,19 @@ pub fn build(out: &Path, machined: &Path, version: &str, staging: &Path) -> Resu
     std::fs::write(etc.join("os-release"), os_release(version))
         .map_err(ImageError::io("writing", &etc))?;
     node_tools(staging)?;
+    if filler_bytes > 0 {
+        let dir = staging.join("usr/share/plinth");
+        std::fs::create_dir_all(&dir).map_err(ImageError::io("creating", &dir))?;
+        let path = dir.join("filler");
+        let mut f = std::fs::File::create(&path).map_err(ImageError::io("creating", &path))?;
+        // blake3's extendable output: deterministic (same image, same digest) and
+        // incompressible (mksquashfs stores it at full size).
+        let mut xof = blake3::Hasher::new()
+            .update(version.as_bytes())
+            .finalize_xof();
+        std::io::copy(&mut std::io::Read::take(&mut xof, filler_bytes), &mut f)
+            .map_err(ImageError::io("writing", &path))?;
+    }
     // Fixed times and owners: the same inputs give the same image, and so the same digest.
     run(Command::new("mksquashfs")
         .arg(staging)

@@ -76,7 +76,12 @@ fn main() {
     // only says it was reached and powers off (the kernel hands `plinth_floor=1` to init as an
     // environment variable; a name with a dot would be taken for a module parameter).
     if std::process::id() == 1 && std::env::var_os("plinth_floor").is_some() {
-        console::line("plinth-floor: init reached");
+        // With the kernel's clock, so the benchmark can split the floor's boot as it does the
+        // node's (firmware, stub and kernel load, kernel start → /init).
+        console::line(&format!(
+            "plinth-floor: init reached boot_us={}",
+            sequencer::clock::boot_us()
+        ));
         nix::unistd::sync();
         let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
         console::line(&format!("plinth-floor: power off failed: {e}"));

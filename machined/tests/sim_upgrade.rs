@@ -137,6 +137,7 @@ async fn bad_bundles_are_refused_with_the_cause_and_nothing_bootable_changes() {
     let image = phases::platform::sim::provision::SimImage {
         version: "2.0".into(),
         extra_cmdline: vec![],
+        payload_bytes: 0,
     };
     let other_key = upgrade::bundle::SigningKey::from_bytes(&[1u8; 32]);
     let (ua, ub, root) = (

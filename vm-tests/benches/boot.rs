@@ -26,6 +26,29 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
 }
 
+/// Host times (since QEMU started) of one boot's milestones: the firmware starting the boot
+/// entry, the kernel's start (guest clock zero, from a console line that carries it), /init.
+struct Split {
+    firmware: Option<Duration>,
+    kernel: Option<Duration>,
+    init: Option<Duration>,
+}
+
+impl Split {
+    fn render(&self) -> String {
+        let span = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) => ms(b.saturating_sub(a)),
+            _ => "?".into(),
+        };
+        format!(
+            "firmware {} | systemd-stub + kernel load {} | kernel start → /init {}",
+            span(Some(Duration::ZERO), self.firmware),
+            span(self.firmware, self.kernel),
+            span(self.kernel, self.init)
+        )
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let runs: usize = std::env::args()
@@ -47,6 +70,11 @@ async fn main() {
             .await
             .expect("boot");
         let t = Timeline::from_lines(&vm.serial.lines(), Some(ready));
+        let node_split = Split {
+            firmware: t.firmware_start_entry.as_ref().map(|(at, _)| *at),
+            kernel: t.kernel_start,
+            init: t.events.first().map(|(at, _)| *at),
+        };
         let pid1 = t.first(
             |k| matches!(k, EventKind::SequenceStart { sequence } if sequence == "initialize"),
         );
@@ -76,14 +104,30 @@ async fn main() {
         let (_, reached) = vm
             .wait_for_line("plinth-floor: init reached", 0, common::BOOT_TIMEOUT)
             .expect("floor init");
+        let lines = vm.serial.lines();
         let _ = vm.wait_exit(Duration::from_secs(60));
         floor.push(reached.at);
+        let floor_split = Split {
+            firmware: lines
+                .iter()
+                .find(|l| l.text.contains("BdsDxe: starting"))
+                .map(|l| l.at),
+            kernel: reached
+                .text
+                .split("boot_us=")
+                .nth(1)
+                .and_then(|v| v.trim().parse().ok())
+                .map(|us| reached.at.saturating_sub(Duration::from_micros(us))),
+            init: Some(reached.at),
+        };
         println!(
             "run {run}: node Version answered {}, of which machined (PID 1 start → API listening) {}; floor /init reached {}",
             ms(ready),
             ms(share),
             ms(reached.at)
         );
+        println!("  node:  {}", node_split.render());
+        println!("  floor: {}", floor_split.render());
     }
     let (n, f, m) = (median(node_ready), median(floor), median(machined_share));
     println!(

@@ -141,7 +141,12 @@ pub async fn wait_for_version(
     timeout: Duration,
 ) -> Result<(VersionResponse, Duration), HarnessError> {
     let deadline = Instant::now() + timeout;
-    let mut last: String;
+    let mut last = String::from("no answer yet");
+    // A new attempt every 0.5 s, the earlier ones left running: one that connected before the
+    // guest listened can hang in QEMU's port forward for seconds, and must not delay the call
+    // that would succeed now (the boot benchmark times this).
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut next = tokio::time::Instant::now();
     loop {
         if let Some(status) = vm.exited() {
             return Err(HarnessError::Exited {
@@ -150,20 +155,6 @@ pub async fn wait_for_version(
                 tail: vm.diagnostics(),
             });
         }
-        let attempt = async {
-            let mut c = api::client::connect_context(endpoint, ctx)
-                .await
-                .map_err(|e| e.to_string())?;
-            c.version(VersionRequest {})
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| api::client::describe_status(&s))
-        };
-        match tokio::time::timeout(Duration::from_secs(15), attempt).await {
-            Ok(Ok(v)) => return Ok((v, vm.started.elapsed())),
-            Ok(Err(e)) => last = e,
-            Err(_) => last = "call timed out".into(),
-        }
         if Instant::now() > deadline {
             return Err(HarnessError::Timeout {
                 what: format!("Version from {endpoint} (last error: {last})"),
@@ -171,7 +162,32 @@ pub async fn wait_for_version(
                 tail: vm.diagnostics(),
             });
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if tokio::time::Instant::now() >= next {
+            let (endpoint, ctx) = (endpoint.to_string(), ctx.clone());
+            attempts.spawn(async move {
+                let attempt = async {
+                    let mut c = api::client::connect_context(&endpoint, &ctx)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    c.version(VersionRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| api::client::describe_status(&s))
+                };
+                tokio::time::timeout(Duration::from_secs(15), attempt)
+                    .await
+                    .unwrap_or_else(|_| Err("call timed out".into()))
+            });
+            next += Duration::from_millis(500);
+        }
+        tokio::select! {
+            Some(done) = attempts.join_next() => match done {
+                Ok(Ok(v)) => return Ok((v, vm.started.elapsed())),
+                Ok(Err(e)) => last = e,
+                Err(e) => last = e.to_string(),
+            },
+            _ = tokio::time::sleep_until(next) => {}
+        }
     }
 }
 
@@ -197,5 +213,6 @@ pub fn ensure_artifacts(
         version: version.into(),
         kernel_package: None,
         extra_cmdline: Vec::new(),
+        filler_bytes: 0,
     })?)
 }

@@ -130,6 +130,7 @@ pub fn run(i: Image) -> anyhow::Result<()> {
                 version: image_version,
                 kernel_package,
                 extra_cmdline: cmdline_extra,
+                filler_bytes: 0,
             })?;
             println!("Plinth {} (kernel {})", a.version, a.kernel_release);
             println!(

@@ -38,12 +38,17 @@ pub fn signing_key() -> upgrade::bundle::SigningKey {
 
 /// A simulated image's bundle, signed with [`signing_key`].
 pub fn sim_bundle(version: &str, extra_cmdline: &[&str]) -> Vec<u8> {
-    let image = SimImage {
+    sim_bundle_of(SimImage {
         version: version.into(),
         extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
-    };
+        payload_bytes: 0,
+    })
+}
+
+/// A signed bundle of `image`.
+pub fn sim_bundle_of(image: SimImage) -> Vec<u8> {
     upgrade::bundle::build(
-        version,
+        &image.version,
         std::env::consts::ARCH,
         &image.uki(upgrade::Slot::A),
         &image.uki(upgrade::Slot::B),
@@ -77,7 +82,7 @@ pub fn start_with(
 
 /// A configured node started with `env` (the fault-injection variables, for one).
 pub fn start_env(env: &[(&str, String)]) -> SimNode {
-    start_inner_env(vec![], &[], |_| {}, Disk::Installed(true), env)
+    start_inner_env(vec![], &[], |_| {}, Disk::Installed(true, SLOT_BYTES), env)
 }
 
 /// A new machine: a blank system disk and installer media carrying [`sim_bundle`] of
@@ -94,10 +99,18 @@ pub fn start_installer(version: &str) -> (SimNode, config::NodeConfig) {
     (node, config.expect("generated config"))
 }
 
+/// A configured node whose slots are `slot_bytes` long (the tests' default is [`SLOT_BYTES`]).
+pub fn start_with_slots(slot_bytes: u64) -> SimNode {
+    start_inner_env(vec![], &[], |_| {}, Disk::Installed(true, slot_bytes), &[])
+}
+
+/// The simulated machine's slot size: room for the simulated images, and quick to provision.
+pub const SLOT_BYTES: u64 = 16 << 20;
+
 /// What the machine's system disk holds at first power-on.
 enum Disk {
-    /// Slot A installed; with the config on STATE or not.
-    Installed(bool),
+    /// Slot A installed; with the config on STATE or not; slots of this many bytes.
+    Installed(bool, u64),
     /// Nothing; installer media with this bundle is attached.
     Blank(Vec<u8>),
 }
@@ -112,7 +125,7 @@ fn start_inner(
         services,
         extra_cmdline,
         tweak,
-        Disk::Installed(configured),
+        Disk::Installed(configured, SLOT_BYTES),
         &[],
     )
 }
@@ -143,16 +156,17 @@ fn start_inner_env(
     let image = SimImage {
         version: "1.0-sim".into(),
         extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
+        payload_bytes: 0,
     };
     let machine = dir.path().join("machine");
     let yaml = g.node.to_yaml();
     match disk {
-        Disk::Installed(configured) => {
+        Disk::Installed(configured, slot_bytes) => {
             provision(
                 &machine,
                 &image,
                 configured.then_some(yaml.as_str()),
-                16 << 20,
+                slot_bytes,
             )
             .expect("provision");
         }

@@ -115,6 +115,22 @@ pub async fn receive_uki(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
     Ok(())
 }
 
+/// Reads until `buf` is full or the source ends. A network stream hands out one message at a
+/// time (64 KiB from the CLI); a disk write per message would be many small writes.
+async fn read_full<R: tokio::io::AsyncRead + Unpin + ?Sized>(
+    src: &mut R,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match src.read(&mut buf[n..]).await? {
+            0 => break,
+            r => n += r,
+        }
+    }
+    Ok(n)
+}
+
 /// Streams the root image into the target slot's partition, hashing as it goes.
 pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
     let rt = &job.rt;
@@ -142,7 +158,9 @@ pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
     let mut src = job.source.lock().await;
     while done < c.size {
         let want = usize::try_from((c.size - done).min(buf.len() as u64)).unwrap_or(buf.len());
-        let n = src.read(&mut buf[..want]).await.map_err(BundleError::Io)?;
+        let n = read_full(&mut *src, &mut buf[..want])
+            .await
+            .map_err(BundleError::Io)?;
         if n == 0 {
             let _ = slots::update_meta(rt, |m| m.slot_mut(target).state = SlotState::Empty);
             return Err(BundleError::Truncated {
@@ -153,8 +171,17 @@ pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
             .into());
         }
         hasher.update(&buf[..n]);
-        file.write_all(&buf[..n])
-            .map_err(|e| PlatformError::io("writing", &dev, e))?;
+        // Disk writes block: off the async workers, so the API and the watchdog keep going
+        // while a slow disk takes its time. File and buffer travel to the blocking thread and
+        // back.
+        let (f, b, written) = tokio::task::spawn_blocking(move || {
+            let r = file.write_all(&buf[..n]);
+            (file, buf, r)
+        })
+        .await
+        .map_err(|e| format!("the slot writer stopped: {e}"))?;
+        (file, buf) = (f, b);
+        written.map_err(|e| PlatformError::io("writing", &dev, e))?;
         done += n as u64;
         if done >= next_report || done == c.size {
             next_report += PROGRESS_EVERY;
@@ -169,7 +196,9 @@ pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
             );
         }
     }
-    file.sync_all()
+    tokio::task::spawn_blocking(move || file.sync_all())
+        .await
+        .map_err(|e| format!("the slot writer stopped: {e}"))?
         .map_err(|e| PlatformError::io("syncing", &dev, e))?;
     let actual = hasher.finalize().to_hex().to_string();
     if actual != c.blake3 {
@@ -189,6 +218,18 @@ pub async fn verify_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
     let c = component(&job, ROOTFS)?;
     let (_, dev) = slots::partition(&job.rt, job.target.root_label())?;
     let (mut file, base) = job.rt.platform.open_partition(&dev, false)?;
+    // The pages just written are still cached (clean, since writeSlot synced them): drop them,
+    // or the read-back would hash the page cache instead of what the device kept.
+    let (offset, len) = (i64::try_from(base), i64::try_from(c.size));
+    if let (Ok(offset), Ok(len)) = (offset, len) {
+        nix::fcntl::posix_fadvise(
+            &file,
+            offset,
+            len,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .map_err(|e| PlatformError::io("dropping cached pages of", &dev, e.into()))?;
+    }
     file.seek(SeekFrom::Start(base))
         .map_err(|e| PlatformError::io("seeking in", &dev, e))?;
     let size = c.size;

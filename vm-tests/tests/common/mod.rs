@@ -190,7 +190,17 @@ pub fn upgradable_node(name: &str) -> TestNode {
 /// Builds another image (same kernel and machined, its own version and command line) and
 /// returns its signed bundle.
 pub fn bundle(name: &str, version: &str, extra_cmdline: &[&str]) -> PathBuf {
-    let a = image(name, version, extra_cmdline);
+    bundle_filled(name, version, extra_cmdline, 0)
+}
+
+/// [`bundle`], with `filler_bytes` of incompressible filler in its root (for benchmarks).
+pub fn bundle_filled(
+    name: &str,
+    version: &str,
+    extra_cmdline: &[&str],
+    filler_bytes: u64,
+) -> PathBuf {
+    let a = image_filled(name, version, extra_cmdline, filler_bytes);
     let out_dir = workspace().join("target/vm-tests/images").join(name);
     let read = |p: &std::path::Path| std::fs::read(p).expect("read image part");
     let bytes = upgrade::bundle::build(
@@ -209,6 +219,16 @@ pub fn bundle(name: &str, version: &str, extra_cmdline: &[&str]) -> PathBuf {
 
 /// Builds another image: the same kernel and machined, its own version and command line.
 pub fn image(name: &str, version: &str, extra_cmdline: &[&str]) -> imager::Artifacts {
+    image_filled(name, version, extra_cmdline, 0)
+}
+
+/// [`image`], with `filler_bytes` of incompressible filler in its root.
+pub fn image_filled(
+    name: &str,
+    version: &str,
+    extra_cmdline: &[&str],
+    filler_bytes: u64,
+) -> imager::Artifacts {
     let base = artifacts();
     let out_dir = workspace().join("target/vm-tests/images").join(name);
     let cache = std::env::var_os("PLINTH_IMAGE_DIR")
@@ -222,6 +242,7 @@ pub fn image(name: &str, version: &str, extra_cmdline: &[&str]) -> imager::Artif
         version: version.into(),
         kernel_package: Some(format!("linux-image-{}", base.kernel_release)),
         extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
+        filler_bytes,
     })
     .unwrap_or_else(|e| panic!("building image {name}: {e}"))
 }

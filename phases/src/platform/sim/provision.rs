@@ -17,13 +17,25 @@ pub struct SimImage {
     pub version: String,
     /// Extra kernel command-line arguments.
     pub extra_cmdline: Vec<String>,
+    /// Bytes of filler after the root's file table, standing in for a real root's size (for
+    /// throughput benchmarks); deterministic and incompressible.
+    pub payload_bytes: u64,
 }
 
 impl SimImage {
     /// The simulated root image.
     pub fn rootfs(&self) -> Vec<u8> {
         let release = format!("NAME=Plinth\nVERSION={}\n", self.version);
-        root_image(&[(crate::runtime::paths::RELEASE, &release)])
+        let mut image = root_image(&[(crate::runtime::paths::RELEASE, &release)]);
+        if let Ok(n) = usize::try_from(self.payload_bytes) {
+            let start = image.len();
+            image.resize(start + n, 0);
+            blake3::Hasher::new()
+                .update(self.version.as_bytes())
+                .finalize_xof()
+                .fill(&mut image[start..]);
+        }
+        image
     }
 
     /// The simulated UKI for `slot`: its command line pins this image's root by size and digest.
@@ -281,6 +293,7 @@ mod tests {
         let image = SimImage {
             version: "1.0".into(),
             extra_cmdline: vec![],
+            payload_bytes: 0,
         };
         // The captured disk's ESP, and the NVRAM as efibootmgr left it: BootNext=000A ("Plinth
         // B"), BootOrder=0009, the firmware's own entries 0000-0008.
@@ -301,6 +314,7 @@ mod tests {
         let broken = SimImage {
             version: "2.0".into(),
             extra_cmdline: vec!["plinth.sim.panic".into()],
+            payload_bytes: 0,
         };
         std::fs::write(esp_dir.join("EFI/plinth/B.efi"), broken.uki(Slot::B)).expect("B.efi");
 
@@ -346,6 +360,7 @@ mod tests {
         let image = SimImage {
             version: "1.0".into(),
             extra_cmdline: vec![],
+            payload_bytes: 0,
         };
         let parts = provision(dir.path(), &image, None, 16 * MIB).expect("provision");
         let booted = firmware::power_on(dir.path()).expect("boots");
