@@ -22,6 +22,7 @@ use crate::console;
 /// Runs the machine until it powers off.
 pub fn run(dir: &Path, api: SocketAddr) -> anyhow::Result<()> {
     loop {
+        heap_report();
         let booted = firmware::power_on(dir).context("firmware")?;
         kernel_says(
             dir,
@@ -61,6 +62,19 @@ pub fn run(dir: &Path, api: SocketAddr) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Says how much heap is in use, between boots (every boot's state dropped): the footprint
+/// benchmark tells a leak (this grows) from the allocator keeping freed memory (only RSS grows).
+fn heap_report() {
+    // SAFETY: mallinfo2 only reads glibc's allocator statistics; it takes no arguments and
+    // returns a plain struct.
+    let m = unsafe { libc::mallinfo2() };
+    console::line(&format!(
+        "sim: heap in use {} bytes, {} held from the OS",
+        m.uordblks + m.hblkhd,
+        m.arena + m.hblkhd
+    ));
 }
 
 /// A line on the console and in the simulated kernel log.
@@ -104,9 +118,15 @@ async fn boot_once(dir: &Path, cmdline: &str, api: SocketAddr) -> anyhow::Result
     // Being told to stop is pulling the plug: the node's processes must not outlive it.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("listening for SIGTERM")?;
-    let action = tokio::select! {
-        a = power.recv() => a.unwrap_or(PowerAction::PowerOff),
-        _ = term.recv() => PowerAction::PowerOff,
+    // SIGUSR1 asks for a heap report now (the footprint benchmark's probe while a node runs).
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("listening for SIGUSR1")?;
+    let action = loop {
+        tokio::select! {
+            a = power.recv() => break a.unwrap_or(PowerAction::PowerOff),
+            _ = term.recv() => break PowerAction::PowerOff,
+            _ = usr1.recv() => heap_report(),
+        }
     };
     starter.stop().await;
     sim.kill_children();
