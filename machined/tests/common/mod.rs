@@ -200,7 +200,7 @@ impl SimNode {
             .append(true)
             .open(self.dir.path().join("console.log"))
             .expect("console");
-        let child = Command::new(env!("CARGO_BIN_EXE_machined"))
+        let child = machined_command()
             .args(["--platform", "sim", "--machine"])
             .arg(self.machine())
             .args(["--api", &self.endpoint])
@@ -394,6 +394,28 @@ impl SimNode {
     }
 }
 
+/// `PLINTH_SIM_WRAPPER`: a command line machined runs under (for one, `valgrind
+/// --leak-check=full --show-leak-kinds=all --log-file=vg.log`, to see what a node keeps across
+/// its boots). Empty: machined itself.
+fn wrapper() -> Vec<String> {
+    std::env::var("PLINTH_SIM_WRAPPER")
+        .map(|w| w.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
+/// The command that starts machined, under [`wrapper`] if one is set.
+fn machined_command() -> Command {
+    let machined = env!("CARGO_BIN_EXE_machined");
+    match wrapper().split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(machined);
+            c
+        }
+        None => Command::new(machined),
+    }
+}
+
 impl Drop for SimNode {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -402,7 +424,9 @@ impl Drop for SimNode {
                 nix::unistd::Pid::from_raw(child.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
-            let deadline = Instant::now() + Duration::from_secs(5);
+            // A wrapper such as valgrind reports at exit, and takes its time.
+            let grace = if wrapper().is_empty() { 5 } else { 120 };
+            let deadline = Instant::now() + Duration::from_secs(grace);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
                     return;
