@@ -59,6 +59,15 @@ async fn heap_now(node: &common::SimNode, pid: u32) -> u64 {
     panic!("no heap report on the console");
 }
 
+/// `N:value` pairs, each value divided by `unit`, space-separated.
+fn series(samples: &[(usize, u64)], unit: u64) -> String {
+    let parts: Vec<String> = samples
+        .iter()
+        .map(|(n, v)| format!("{n}:{}", v / unit))
+        .collect();
+    parts.join(" ")
+}
+
 fn size(p: &Path) -> Option<u64> {
     std::fs::metadata(p).ok().map(|m| m.len())
 }
@@ -107,13 +116,9 @@ async fn main() {
         }
         heap_by_connections.push((round * 500, heap_now(&node, pid).await));
     }
-    let line: Vec<String> = heap_by_connections
-        .iter()
-        .map(|(n, h)| format!("{n}:{}", h / 1024))
-        .collect();
     println!(
         "heap in use (KiB) after N mTLS connections to a running node (one Version call each), N:heap: {}; RSS {} KiB",
-        line.join(" "),
+        series(&heap_by_connections, 1024),
         rss_kib(pid)
     );
     let mut times = Vec::new();
@@ -136,13 +141,9 @@ async fn main() {
             threads.push(status_field(pid, "Threads:"));
         }
     }
-    let line: Vec<String> = heap
-        .iter()
-        .map(|(i, h)| format!("{i}:{}", h / 1024))
-        .collect();
     println!(
         "machined heap in use between boots (KiB, glibc mallinfo2) after N upgrades, N:heap: {}",
-        line.join(" ")
+        series(&heap, 1024)
     );
     println!("machined threads every 10 upgrades: {threads:?}");
     if let (Some(first), Some(last)) = (heap.first(), heap.last()) {
@@ -154,10 +155,9 @@ async fn main() {
         );
     }
     times.sort();
-    let line: Vec<String> = samples.iter().map(|(i, r)| format!("{i}:{r}")).collect();
     println!(
         "machined RSS (KiB) after N upgrades, N:RSS: {}",
-        line.join(" ")
+        series(&samples, 1)
     );
     if let (Some(first), Some(last)) = (samples.get(1), samples.last()) {
         println!(

@@ -99,27 +99,16 @@ async fn upgrade_once(name: &str, bundle: &Path) -> (bool, Duration, Duration, T
         bundle.display().to_string(),
         "--wait".into(),
     ];
-    let config = node.spec.dir.join("plinthconfig");
     let started = vm.started;
     let t0 = started.elapsed();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(common::plinth_cli())
-            .args(&args)
-            .env("PLINTHCONFIG", config)
-            .output()
-            .expect("plinth")
-    })
-    .await
-    .expect("cli");
+    let n2 = node.clone();
+    let (ok, text) = tokio::task::spawn_blocking(move || common::plinth_output(&n2, &args))
+        .await
+        .expect("cli");
     let t1 = started.elapsed();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
     let lines = vm.serial.lines();
     let trace = read_trace(&lines[from.min(lines.len())..]);
-    (out.status.success(), t0, t1, trace, text)
+    (ok, t0, t1, trace, text)
 }
 
 /// The peer: the UKI's kernel and initramfs, booted directly on the same emulated NVMe disk,

@@ -160,23 +160,11 @@ async fn a_b_that_panics_or_hangs_lands_the_node_back_on_a_which_says_why() {
             b.display().to_string(),
             "--wait".into(),
         ];
-        let out = tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            std::process::Command::new(common::plinth_cli())
-                .args(&args)
-                .env("PLINTHCONFIG", node2.spec.dir.join("plinthconfig"))
-                .output()
-                .expect("plinth")
-        })
-        .await
-        .expect("cli");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, text) = tokio::task::spawn_blocking(move || common::plinth_output(&node2, &args))
+            .await
+            .expect("cli");
         assert!(
-            !out.status.success(),
+            !ok,
             "{}: a failed trial must fail `plinth upgrade --wait`: {text}",
             case.name
         );

@@ -47,12 +47,13 @@ pub fn sim_bundle(version: &str, extra_cmdline: &[&str]) -> Vec<u8> {
 
 /// A signed bundle of `image`.
 pub fn sim_bundle_of(image: SimImage) -> Vec<u8> {
+    let root = image.rootfs();
     upgrade::bundle::build(
         &image.version,
         std::env::consts::ARCH,
-        &image.uki(upgrade::Slot::A),
-        &image.uki(upgrade::Slot::B),
-        &image.rootfs(),
+        &image.uki_pinning(upgrade::Slot::A, &root),
+        &image.uki_pinning(upgrade::Slot::B, &root),
+        &root,
         &signing_key(),
     )
     .expect("bundle")

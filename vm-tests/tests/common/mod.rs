@@ -113,9 +113,9 @@ pub fn plinth_cli() -> PathBuf {
     p
 }
 
-/// Runs the CLI against `node` (its own client config) and returns stdout+stderr; panics with
-/// the output if it fails.
-pub fn plinth(node: &PreparedNode, args: &[&str]) -> String {
+/// Runs the CLI against `node` (its own client config): whether it succeeded, and
+/// stdout+stderr.
+pub fn plinth_output<S: AsRef<std::ffi::OsStr>>(node: &PreparedNode, args: &[S]) -> (bool, String) {
     let out = std::process::Command::new(plinth_cli())
         .args(args)
         .env("PLINTHCONFIG", node.spec.dir.join("plinthconfig"))
@@ -126,7 +126,13 @@ pub fn plinth(node: &PreparedNode, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "plinth {args:?} failed:\n{text}");
+    (out.status.success(), text)
+}
+
+/// [`plinth_output`] that panics with the output if the CLI fails.
+pub fn plinth(node: &PreparedNode, args: &[&str]) -> String {
+    let (ok, text) = plinth_output(node, args);
+    assert!(ok, "plinth {args:?} failed:\n{text}");
     text
 }
 

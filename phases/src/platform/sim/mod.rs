@@ -640,11 +640,10 @@ impl Platform for Sim {
                     .map_err(io("wiping", device))?;
             }
             WipeMethod::Fast => {
-                let mib = 1u64 << 20;
-                let zeros = vec![0u8; mib.min(len) as usize];
-                for at in [offset, offset + len.saturating_sub(mib)] {
-                    f.seek(SeekFrom::Start(at))
-                        .and_then(|_| f.write_all(&zeros))
+                // The first and last MiB, as the real wipe does before its discard.
+                let head = len.min(1 << 20);
+                for at in [offset, offset + len - head] {
+                    crate::platform::linux::write_zeroes(&mut f, at, head)
                         .map_err(io("wiping", device))?;
                 }
             }

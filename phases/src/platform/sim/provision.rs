@@ -40,13 +40,18 @@ impl SimImage {
 
     /// The simulated UKI for `slot`: its command line pins this image's root by size and digest.
     pub fn uki(&self, slot: Slot) -> Vec<u8> {
-        let root = self.rootfs();
+        self.uki_pinning(slot, &self.rootfs())
+    }
+
+    /// [`SimImage::uki`] for a root already made with [`SimImage::rootfs`] (a bundle needs the
+    /// root and both UKIs; with a large payload, making the root once matters).
+    pub fn uki_pinning(&self, slot: Slot, root: &[u8]) -> Vec<u8> {
         let mut cmdline = vec![
             "console=ttyS0".to_string(),
             "panic=1".into(),
             format!("plinth.slot={slot}"),
             format!("plinth.root.size={}", root.len()),
-            format!("plinth.root.blake3={}", blake3::hash(&root).to_hex()),
+            format!("plinth.root.blake3={}", blake3::hash(root).to_hex()),
         ];
         cmdline.extend(self.extra_cmdline.iter().cloned());
         format!("PLINTH-SIM-UKI\ncmdline={}\n", cmdline.join(" ")).into_bytes()
