@@ -47,7 +47,14 @@ async fn main() {
         bus: bus.clone(),
         reboots: Default::default(),
     });
-    let server = api::server::serve(listener, cfg, node, api::server::Mode::Normal).expect("serve");
+    let server = api::server::serve(
+        listener,
+        cfg,
+        node,
+        api::server::Mode::Normal,
+        Default::default(),
+    )
+    .expect("serve");
     let endpoint = server.local_addr.to_string();
     let admin = ca
         .issue_client(&ClientSpec::new("bench", Role::Admin))

@@ -132,7 +132,7 @@ mod tests {
             trusted_keys: vec![],
         })
         .expect("generate");
-        assert!(config::NodeConfig::from_yaml(&g.node.to_yaml()).is_ok());
+        assert!(config::NodeConfig::from_yaml(&g.node.to_yaml().expect("yaml")).is_ok());
         let (name, ctx) = g.client.context(None).expect("context");
         assert_eq!(name, "node-1");
         assert_eq!(ctx.endpoints, ["127.0.0.1:40123"]);

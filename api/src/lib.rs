@@ -21,6 +21,10 @@ pub mod tls;
 #[allow(missing_docs, clippy::all)]
 pub mod proto {
     tonic::include_proto!("plinth.machine.v1");
+
+    /// The encoded descriptors of the API, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/machine_descriptor.bin"));
 }
 
 pub use role::Role;

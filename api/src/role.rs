@@ -76,10 +76,25 @@ pub const RPCS: &[&str] = &[
     "Rollback",
     "ApplyConfiguration",
     "Reset",
+    "GetConfiguration",
 ];
 
 /// What a node in maintenance mode (no config, no client certificates yet) answers, to anyone.
 pub const MAINTENANCE_RPCS: &[&str] = &["Version", "Status", "Events", "ApplyConfiguration"];
+
+/// Services outside the Machine API that every caller may use: the standard gRPC health check
+/// (for load balancers) and server reflection (for grpcurl and the like). Neither changes or
+/// reveals anything of the node's.
+pub const OPEN_SERVICES: &[&str] = &[
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
+
+/// Whether `path` belongs to one of the [`OPEN_SERVICES`].
+pub fn is_open_service(path: &str) -> bool {
+    OPEN_SERVICES.iter().any(|s| path.starts_with(s))
+}
 
 /// The roles allowed to call `method` (the RPC name, e.g. `Version`).
 pub fn allowed_roles(method: &str) -> &'static [Role] {
@@ -96,8 +111,9 @@ pub fn allowed_roles(method: &str) -> &'static [Role] {
 pub fn may_call(role: Role, path: &str) -> bool {
     match path.strip_prefix(SERVICE) {
         Some(method) => allowed_roles(method).contains(&role),
-        // Other services (reflection, health) are not served; only admins get past this check
-        // to be told so by the router.
+        None if is_open_service(path) => true,
+        // Anything else is not served; only admins get past this check to be told so by the
+        // router.
         None => role == Role::Admin,
     }
 }

@@ -40,6 +40,7 @@ async fn start() -> Fixture {
             reboots: reboots.clone(),
         }),
         api::server::Mode::Normal,
+        api::server::Limits::default(),
     )
     .expect("serve");
     Fixture {

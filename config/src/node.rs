@@ -90,6 +90,17 @@ pub struct Upgrade {
     /// Checks that must pass (besides the API and every service) before a trial commits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub health_checks: Vec<HealthCheck>,
+    /// An upgrade whose bundle source (an upload or a URL) sends nothing for this many
+    /// seconds fails by itself.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_s: u64,
+    /// An upgrade that has not received its whole bundle within this many seconds fails.
+    #[serde(default = "default_receive_deadline")]
+    pub receive_deadline_s: u64,
+    /// CA certificates (PEM) that https:// bundle URLs are checked against; without them the
+    /// node refuses https:// URLs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ca: String,
 }
 
 impl Default for Upgrade {
@@ -98,12 +109,23 @@ impl Default for Upgrade {
             trusted_keys: Vec::new(),
             trial_timeout_s: default_trial_timeout(),
             health_checks: Vec::new(),
+            idle_timeout_s: default_idle_timeout(),
+            receive_deadline_s: default_receive_deadline(),
+            ca: String::new(),
         }
     }
 }
 
 fn default_trial_timeout() -> u64 {
     300
+}
+
+fn default_idle_timeout() -> u64 {
+    30
+}
+
+fn default_receive_deadline() -> u64 {
+    3600
 }
 
 /// A service: a process machined starts after its dependencies are healthy, keeps running as
@@ -208,9 +230,9 @@ impl NodeConfig {
     }
 
     /// The config as YAML.
-    pub fn to_yaml(&self) -> String {
-        // Plain structs of strings and numbers always serialise.
-        serde_norway::to_string(self).unwrap_or_default()
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        serde_norway::to_string(self)
+            .map_err(|e| ConfigError::invalid(".", format!("cannot be written as YAML: {e}")))
     }
 
     /// Checks what the schema cannot: values that parse but mean nothing.
@@ -264,10 +286,19 @@ impl NodeConfig {
                 ));
             }
         }
-        if up.trial_timeout_s == 0 {
+        for (field, value) in [
+            ("machine.upgrade.trial_timeout_s", up.trial_timeout_s),
+            ("machine.upgrade.idle_timeout_s", up.idle_timeout_s),
+            ("machine.upgrade.receive_deadline_s", up.receive_deadline_s),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(field, "must be more than 0"));
+            }
+        }
+        if !up.ca.is_empty() && !up.ca.contains("-----BEGIN CERTIFICATE-----") {
             return Err(ConfigError::invalid(
-                "machine.upgrade.trial_timeout_s",
-                "must be more than 0",
+                "machine.upgrade.ca",
+                "expected PEM certificates (-----BEGIN CERTIFICATE-----)",
             ));
         }
         for (i, HealthCheck::Tcp(addr)) in up.health_checks.iter().enumerate() {
@@ -481,12 +512,18 @@ mod tests {
     #[test]
     fn a_written_config_reads_back_identically() {
         let c = good();
-        assert_eq!(NodeConfig::from_yaml(&c.to_yaml()).expect("parses"), c);
+        assert_eq!(
+            NodeConfig::from_yaml(&c.to_yaml().expect("yaml")).expect("parses"),
+            c
+        );
     }
 
     #[test]
     fn a_missing_field_is_named_with_its_path() {
-        let yaml = good().to_yaml().replace("  name: node-1\n", "");
+        let yaml = good()
+            .to_yaml()
+            .expect("yaml")
+            .replace("  name: node-1\n", "");
         let err = NodeConfig::from_yaml(&yaml).expect_err("refused");
         assert_eq!(err.field(), Some("machine"));
         assert!(err.to_string().contains("missing field `name`"), "{err}");
@@ -496,7 +533,7 @@ mod tests {
     fn a_missing_api_key_is_named() {
         let mut c = good();
         c.machine.api.key = String::new();
-        let yaml = c.to_yaml().replace("    key: ''\n", "");
+        let yaml = c.to_yaml().expect("yaml").replace("    key: ''\n", "");
         let err = NodeConfig::from_yaml(&yaml).expect_err("refused");
         assert!(
             err.to_string().contains("machine.api") && err.to_string().contains("key"),
@@ -521,6 +558,7 @@ mod tests {
     fn an_unknown_field_is_refused_and_named() {
         let yaml = good()
             .to_yaml()
+            .expect("yaml")
             .replace("machine:\n", "machine:\n  colour: red\n");
         let err = NodeConfig::from_yaml(&yaml).expect_err("refused");
         assert!(err.to_string().contains("colour"), "{err}");
@@ -528,7 +566,10 @@ mod tests {
 
     #[test]
     fn a_bad_address_names_its_index() {
-        let yaml = good().to_yaml().replace("10.0.2.15/24", "10.0.2.300/24");
+        let yaml = good()
+            .to_yaml()
+            .expect("yaml")
+            .replace("10.0.2.15/24", "10.0.2.300/24");
         assert_eq!(
             field_of(&yaml),
             "machine.network.interfaces[0].addresses[0]"
@@ -539,19 +580,26 @@ mod tests {
     fn a_gateway_outside_the_interface_networks_is_refused() {
         let yaml = good()
             .to_yaml()
+            .expect("yaml")
             .replace("gateway: 10.0.2.2", "gateway: 192.168.1.1");
         assert_eq!(field_of(&yaml), "machine.network.interfaces[0].gateway");
     }
 
     #[test]
     fn a_bad_host_name_is_refused() {
-        let yaml = good().to_yaml().replace("name: node-1", "name: no_de");
+        let yaml = good()
+            .to_yaml()
+            .expect("yaml")
+            .replace("name: node-1", "name: no_de");
         assert_eq!(field_of(&yaml), "machine.name");
     }
 
     #[test]
     fn an_unknown_version_is_refused() {
-        let yaml = good().to_yaml().replace("version: v1alpha1", "version: v9");
+        let yaml = good()
+            .to_yaml()
+            .expect("yaml")
+            .replace("version: v1alpha1", "version: v9");
         assert_eq!(field_of(&yaml), "version");
     }
 
@@ -559,7 +607,7 @@ mod tests {
     fn a_certificate_that_is_not_pem_is_refused() {
         let mut c = good();
         c.machine.api.cert = "hello".into();
-        assert_eq!(field_of(&c.to_yaml()), "machine.api.cert");
+        assert_eq!(field_of(&c.to_yaml().expect("yaml")), "machine.api.cert");
     }
 
     fn service(name: &str, deps: &[&str]) -> Service {
@@ -578,7 +626,7 @@ mod tests {
         let mut c = good();
         c.machine.services = vec![service("a", &[]), service("b", &["a"])];
         c.machine.services[1].health = Some(HealthCheck::Tcp("127.0.0.1:8080".into()));
-        let back = NodeConfig::from_yaml(&c.to_yaml()).expect("parses");
+        let back = NodeConfig::from_yaml(&c.to_yaml().expect("yaml")).expect("parses");
         assert_eq!(back, c);
     }
 
@@ -586,14 +634,17 @@ mod tests {
     fn a_dependency_on_an_unknown_service_is_named() {
         let mut c = good();
         c.machine.services = vec![service("a", &["ghost"])];
-        assert_eq!(field_of(&c.to_yaml()), "machine.services[0].depends_on[0]");
+        assert_eq!(
+            field_of(&c.to_yaml().expect("yaml")),
+            "machine.services[0].depends_on[0]"
+        );
     }
 
     #[test]
     fn a_dependency_cycle_is_refused() {
         let mut c = good();
         c.machine.services = vec![service("a", &["b"]), service("b", &["a"])];
-        let err = NodeConfig::from_yaml(&c.to_yaml()).expect_err("cycle");
+        let err = NodeConfig::from_yaml(&c.to_yaml().expect("yaml")).expect_err("cycle");
         assert!(err.to_string().contains("cycle"), "{err}");
     }
 
@@ -602,19 +653,28 @@ mod tests {
         let mut c = good();
         c.machine.services = vec![service("a", &[])];
         c.machine.services[0].command = vec!["sleep".into()];
-        assert_eq!(field_of(&c.to_yaml()), "machine.services[0].command");
+        assert_eq!(
+            field_of(&c.to_yaml().expect("yaml")),
+            "machine.services[0].command"
+        );
     }
 
     #[test]
     fn a_trusted_key_that_is_not_hex_is_named() {
         let mut c = good();
         c.machine.upgrade.trusted_keys = vec!["nothex".into()];
-        assert_eq!(field_of(&c.to_yaml()), "machine.upgrade.trusted_keys[0]");
+        assert_eq!(
+            field_of(&c.to_yaml().expect("yaml")),
+            "machine.upgrade.trusted_keys[0]"
+        );
     }
 
     #[test]
     fn the_api_port_defaults_to_50000() {
-        let yaml = good().to_yaml().replace("    port: 50000\n", "");
+        let yaml = good()
+            .to_yaml()
+            .expect("yaml")
+            .replace("    port: 50000\n", "");
         assert_eq!(
             NodeConfig::from_yaml(&yaml)
                 .expect("parses")

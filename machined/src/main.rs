@@ -1,23 +1,10 @@
-//! machined: Plinth's PID 1.
-//!
-//! One static binary, two roles:
-//! - in the initramfs (`/init`, with `/etc/initrd-release` present) it runs the initramfs
-//!   sequence and execs `/sbin/machined` on the slot's root;
-//! - on the slot's root it is the node: boot sequence, API, and it never exits.
-//!
-//! Anything that goes wrong ends in [`fatal`]: say why on the console, wait, reboot. PID 1 must
-//! not exit (the kernel would panic) and must not panic.
-
-mod boot;
-mod console;
-mod initramfs;
-mod node;
-mod sim;
+//! machined's entry point: reads its arguments and runs a role of the library (see `lib.rs`).
 
 use std::path::Path;
 use std::time::Duration;
 
 use clap::Parser;
+use machined::{console, fatal, initramfs, node};
 
 /// Command-line arguments (the kernel passes none to init; these are for development and for
 /// the built-in helper services).
@@ -108,20 +95,7 @@ fn main() {
         pause(ignore_sigterm, listen, tick);
     }
     if args.platform == Platform::Sim {
-        let Some(dir) = args.machine else {
-            console::line("machined: --platform sim needs --machine DIR");
-            std::process::exit(2);
-        };
-        match sim::run(&dir, args.api) {
-            Ok(()) => std::process::exit(0),
-            Err(e) => {
-                console::line(&format!(
-                    "machined: {}",
-                    sequencer::runner::chain(e.as_ref())
-                ));
-                std::process::exit(1);
-            }
-        }
+        run_sim(args.machine, args.api);
     }
     let role = args
         .role
@@ -182,16 +156,27 @@ fn pause(ignore_sigterm: bool, listen: Option<std::net::SocketAddr>, tick: bool)
     }
 }
 
-/// The single fatal path: report, give the operator time to read it, reboot. Never returns.
-pub fn fatal(reason: &str) -> ! {
-    const DELAY: Duration = Duration::from_secs(10);
-    console::line(&format!("machined: fatal: {reason}"));
-    console::line(&format!("machined: rebooting in {}s", DELAY.as_secs()));
-    std::thread::sleep(DELAY);
-    nix::unistd::sync();
-    loop {
-        let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
-        console::line(&format!("machined: reboot failed: {e}"));
-        std::thread::sleep(Duration::from_secs(60));
+/// The simulated machine (built with the `sim` feature only: never in the release image).
+#[cfg(feature = "sim")]
+fn run_sim(dir: Option<std::path::PathBuf>, api: std::net::SocketAddr) -> ! {
+    let Some(dir) = dir else {
+        console::line("machined: --platform sim needs --machine DIR");
+        std::process::exit(2);
+    };
+    match machined::sim::run(&dir, api) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            console::line(&format!(
+                "machined: {}",
+                sequencer::runner::chain(e.as_ref())
+            ));
+            std::process::exit(1);
+        }
     }
+}
+
+#[cfg(not(feature = "sim"))]
+fn run_sim(_: Option<std::path::PathBuf>, _: std::net::SocketAddr) -> ! {
+    console::line("machined: this build has no simulated machine (build with --features sim)");
+    std::process::exit(2);
 }

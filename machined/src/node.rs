@@ -9,7 +9,7 @@ use phases::Runtime;
 use sequencer::{Event, EventBus, SequenceKind};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::boot::ApiStarter;
+use crate::api::ApiStarter;
 
 /// Runs the node; returns only on failure.
 pub fn run() -> anyhow::Error {
@@ -25,6 +25,8 @@ pub fn run() -> anyhow::Error {
 }
 
 async fn serve() -> anyhow::Error {
+    let nofile = crate::limits::raise_open_files();
+    tracing::info!("open-file limit {nofile}");
     let bus = EventBus::new(4096);
     // The initramfs's events come first so that Events replays the whole boot.
     match std::fs::read(paths::INITRAMFS_EVENTS) {

@@ -16,11 +16,12 @@ use phases::tasks::initramfs::InitramfsState;
 use phases::Runtime;
 use sequencer::EventBus;
 
-use crate::boot::ApiStarter;
+use crate::api::ApiStarter;
 use crate::console;
 
 /// Runs the machine until it powers off.
 pub fn run(dir: &Path, api: SocketAddr) -> anyhow::Result<()> {
+    crate::limits::raise_open_files();
     loop {
         heap_report();
         let booted = firmware::power_on(dir).context("firmware")?;

@@ -94,6 +94,7 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
             })
             .await,
         ),
+        "GetConfiguration" => code(c.get_configuration(GetConfigurationRequest {}).await),
         "Reboot" => code(c.reboot(RebootRequest {}).await),
         "Shutdown" => code(c.shutdown(ShutdownRequest { force: false }).await),
         other => panic!("no call for {other}"),
@@ -101,8 +102,9 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
 }
 
 /// The RPCs in the order they are walked: the ones that end the boot last.
-const ORDER: [&str; 12] = [
+const ORDER: [&str; 13] = [
     "ApplyConfiguration",
+    "GetConfiguration",
     "Reset",
     "Version",
     "Events",

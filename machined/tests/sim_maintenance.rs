@@ -69,7 +69,7 @@ async fn a_node_without_config_waits_in_maintenance_mode_and_boots_once_given_on
     bad.machine.network.interfaces[0].addresses = vec!["10.0.2.300/24".into()];
     let err = c
         .apply_configuration(ApplyConfigurationRequest {
-            data: bad.to_yaml(),
+            data: bad.to_yaml().expect("yaml"),
             ..Default::default()
         })
         .await
@@ -90,7 +90,7 @@ async fn a_node_without_config_waits_in_maintenance_mode_and_boots_once_given_on
 
     // The real one: the node boots with it and answers over mTLS.
     c.apply_configuration(ApplyConfigurationRequest {
-        data: config.to_yaml(),
+        data: config.to_yaml().expect("yaml"),
         ..Default::default()
     })
     .await
@@ -119,7 +119,7 @@ async fn a_config_being_tried_goes_back_by_itself_unless_confirmed() {
     let mut tried = current.clone();
     tried.machine.name = "renamed".into();
     let try_it = |c: config::NodeConfig| ApplyConfigurationRequest {
-        data: c.to_yaml(),
+        data: c.to_yaml().expect("yaml"),
         mode: ApplyMode::Try as i32,
         try_timeout_s: 1,
         confirm: false,
@@ -158,7 +158,7 @@ async fn a_config_being_tried_goes_back_by_itself_unless_confirmed() {
     moved.machine.network.interfaces[0].addresses = vec!["10.0.2.16/24".into()];
     let r = c
         .apply_configuration(ApplyConfigurationRequest {
-            data: moved.to_yaml(),
+            data: moved.to_yaml().expect("yaml"),
             ..Default::default()
         })
         .await

@@ -256,12 +256,7 @@ async fn install_fallback(j: Arc<InstallJob>) -> Result<(), TaskError> {
 
 /// META: slot A good and committed; its entry first in `BootOrder`.
 async fn commit(j: Arc<InstallJob>) -> Result<(), TaskError> {
-    let m = slots::update_meta(j.rt(), |m| {
-        m.committed = Slot::A;
-        let r = m.slot_mut(Slot::A);
-        r.state = SlotState::Good;
-        r.armed = false;
-    })?;
+    let m = slots::update_meta(j.rt(), |m| m.commit(Slot::A))?;
     let entries = slots::reconcile_entries(j.rt(), &m)?;
     let version = &m.slot(Slot::A).version;
     slots::slot_event(
@@ -287,10 +282,14 @@ async fn write_config(j: Arc<InstallJob>) -> Result<(), TaskError> {
     rt.platform.mkdir_all(Path::new(TARGET_STATE))?;
     rt.platform
         .mount(&MountSpec::new(&dev, TARGET_STATE, "ext4").restricted())?;
-    let written = rt.platform.write(
-        &Path::new(TARGET_STATE).join("config.yaml"),
-        cfg.to_yaml().as_bytes(),
-    );
+    let written = cfg.to_yaml().map_err(TaskError::from).and_then(|yaml| {
+        rt.platform
+            .replace(
+                &Path::new(TARGET_STATE).join("config.yaml"),
+                yaml.as_bytes(),
+            )
+            .map_err(TaskError::from)
+    });
     rt.platform.sync();
     let unmounted = rt.platform.unmount(Path::new(TARGET_STATE));
     let esp = rt.platform.unmount(Path::new(paths::ESP));

@@ -6,6 +6,7 @@
 //! simulated machine.
 #![warn(missing_docs)]
 
+pub mod apply;
 pub mod boot;
 pub mod dhcp;
 pub mod fetch;

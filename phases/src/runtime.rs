@@ -97,9 +97,9 @@ pub struct Runtime {
     pub reaper: Arc<Reaper>,
     /// Signalled when a node in maintenance mode has been given its config.
     pub config_applied: tokio::sync::Notify,
-    /// The revert of a config being tried (`ApplyConfiguration` in try mode), until confirmed.
-    pub pending_try: Mutex<Option<tokio_util::sync::CancellationToken>>,
+    pending_try: Mutex<Option<tokio_util::sync::CancellationToken>>,
     found: Mutex<Found>,
+    config_write: Mutex<()>,
     /// Whether this boot is a slot's trial.
     trial: std::sync::atomic::AtomicBool,
     meta: Mutex<()>,
@@ -124,6 +124,7 @@ impl Runtime {
             bus,
             api,
             found: Mutex::new(Found::default()),
+            config_write: Mutex::new(()),
             trial: std::sync::atomic::AtomicBool::new(false),
             meta: Mutex::new(()),
         })
@@ -193,8 +194,26 @@ impl Runtime {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the node config.
+    /// Records the node config (the applyConfig sequence's `writeConfig` and `loadConfig`
+    /// do, with the config lock held).
     pub fn set_config(&self, config: NodeConfig) {
         self.found().config = Some(config);
+    }
+
+    /// Held while the config is checked, written and set: the one lock under which it changes.
+    pub fn config_lock(&self) -> MutexGuard<'_, ()> {
+        self.config_write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Swaps the revert of the config being tried (try mode, until confirmed); returns the
+    /// one it replaces.
+    pub fn replace_pending_try(
+        &self,
+        next: Option<tokio_util::sync::CancellationToken>,
+    ) -> Option<tokio_util::sync::CancellationToken> {
+        std::mem::replace(
+            &mut *self.pending_try.lock().unwrap_or_else(|p| p.into_inner()),
+            next,
+        )
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::event::EventBus;
-use crate::lifecycle::{Denied, Lifecycle, NodeState, Outcome, Request, SequenceKind};
+use crate::lifecycle::{Denied, Lifecycle, NodeState, Outcome, Request, SequenceKind, Stage};
 use crate::runner::{run_with, Cancel, SequenceError};
 use crate::sequence::Sequence;
 
@@ -95,7 +95,13 @@ impl Controller {
     ) -> Result<Started, Denied> {
         let actor = actor.unwrap_or_else(Self::new_actor);
         let mut active = self.lock();
-        let moved = self.lifecycle.request(Request::Start(kind), Some(&actor))?;
+        let stage = active
+            .as_ref()
+            .filter(|a| !*a.done.borrow())
+            .map_or(Stage::Critical, |a| a.cancel.stage());
+        let moved = self
+            .lifecycle
+            .request_at(Request::Start(kind), stage, Some(&actor))?;
         let previous = active.take();
         if let (Some(p), Some(_)) = (&previous, moved.preempted) {
             if force {

@@ -17,6 +17,6 @@ pub mod trace;
 
 pub use controller::{Controller, Started};
 pub use event::{Event, EventBus, EventKind, Replay, SubscribeError};
-pub use lifecycle::{Denied, Lifecycle, Moved, NodeState, Outcome, Request, SequenceKind};
+pub use lifecycle::{Denied, Lifecycle, Moved, NodeState, Outcome, Request, SequenceKind, Stage};
 pub use runner::{run, run_with, Cancel, SequenceError};
 pub use sequence::{Phase, Sequence, Task, TaskError};

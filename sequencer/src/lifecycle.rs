@@ -3,11 +3,14 @@
 //!
 //! ```text
 //! maintenance ───────────── Start(boot|install|reboot|shutdown|reset) ──▶ …
+//!             └─────────── Start(applyConfig) ──▶ configuring_first
 //! operational ┬ booting ──── Finished(boot ok) ──▶ running
 //!             ├ installing ─ Finished(install) ──▶ booting
-//!             ├ running ──── Start(upgrade|rollback|reboot|shutdown|reset) ──▶ …
+//!             ├ running ──── Start(upgrade|rollback|applyConfig|reboot|shutdown|reset) ──▶ …
 //!             ├ upgrading ── Finished(upgrade) ──▶ running
-//!             └ rolling_back Finished(rollback) ─▶ running
+//!             ├ rolling_back Finished(rollback) ─▶ running
+//!             ├ configuring  Finished(applyConfig) ─▶ running
+//!             └ configuring_first Finished(applyConfig ok) ─▶ booting, otherwise ─▶ maintenance
 //! terminating ┬ rebooting
 //!             ├ resetting
 //!             └ shutting_down (final)
@@ -42,6 +45,8 @@ pub enum SequenceKind {
     Rollback,
     /// Wiping.
     Reset,
+    /// Validating, writing and applying a node config.
+    ApplyConfig,
     /// Orderly restart.
     Reboot,
     /// Orderly power-off.
@@ -50,13 +55,14 @@ pub enum SequenceKind {
 
 impl SequenceKind {
     /// Every kind.
-    pub const ALL: [SequenceKind; 8] = [
+    pub const ALL: [SequenceKind; 9] = [
         SequenceKind::Initialize,
         SequenceKind::Install,
         SequenceKind::Boot,
         SequenceKind::Upgrade,
         SequenceKind::Rollback,
         SequenceKind::Reset,
+        SequenceKind::ApplyConfig,
         SequenceKind::Reboot,
         SequenceKind::Shutdown,
     ];
@@ -70,6 +76,7 @@ impl SequenceKind {
             SequenceKind::Upgrade => "upgrade",
             SequenceKind::Rollback => "rollback",
             SequenceKind::Reset => "reset",
+            SequenceKind::ApplyConfig => "applyConfig",
             SequenceKind::Reboot => "reboot",
             SequenceKind::Shutdown => "shutdown",
         }
@@ -82,24 +89,42 @@ impl fmt::Display for SequenceKind {
     }
 }
 
-/// The takeover table: may `new` cancel `running`?
+/// Where the running sequence is, as far as a takeover is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// In a phase declared interruptible: it changes nothing that stopping half-way could
+    /// leave unbootable (an upgrade receiving its bundle, or writing the slot it has marked
+    /// `writing`, which nothing boots).
+    Interruptible,
+    /// Anywhere else.
+    Critical,
+}
+
+/// The takeover table: may `new` cancel `running`, which is at `stage`?
 ///
 /// | running ↓ / new → | reboot | shutdown | reset | anything else |
 /// |---|---|---|---|---|
 /// | initialize, boot | yes | yes | yes | no |
-/// | install, upgrade, rollback, reset, reboot | no | yes | no | no |
+/// | upgrade in an interruptible phase (receiving, writing, verifying) | yes | yes | yes | no |
+/// | install, upgrade (otherwise), rollback, reset, reboot, applyConfig | no | yes | no | no |
 /// | shutdown | no | no | no | no |
 ///
-/// Shutdown always wins except over itself. Nothing but a shutdown interrupts an install, an
-/// upgrade or a reset; a non-forced shutdown still lets the phase in progress (an upgrade's slot
-/// write) finish, because cancellation only happens at phase boundaries.
-pub fn may_take_over(running: SequenceKind, new: SequenceKind) -> bool {
+/// Shutdown always wins except over itself. A reboot or reset may stop an upgrade only while
+/// it receives or writes the inactive slot (a stalled download must not hold the node), never
+/// while it installs the UKI, marks the slot or arms its trial. A non-forced shutdown still
+/// lets a critical phase finish, because cancellation only happens at phase boundaries (or
+/// inside an interruptible phase).
+pub fn may_take_over(running: SequenceKind, stage: Stage, new: SequenceKind) -> bool {
     use SequenceKind::*;
     match (running, new) {
         (Shutdown, _) => false,
         (_, Shutdown) => true,
         (Initialize | Boot, Reboot | Reset) => true,
-        _ => false,
+        (Upgrade, Reboot | Reset) => stage == Stage::Interruptible,
+        (
+            Initialize | Boot | Install | Upgrade | Rollback | Reset | ApplyConfig | Reboot,
+            Initialize | Boot | Install | Upgrade | Rollback | Reset | ApplyConfig | Reboot,
+        ) => false,
     }
 }
 
@@ -118,6 +143,8 @@ pub enum NodeState {
     Upgrading,
     /// Rollback runs.
     RollingBack,
+    /// ApplyConfig runs.
+    Configuring,
     /// Reboot runs.
     Rebooting,
     /// Reset runs.
@@ -128,13 +155,14 @@ pub enum NodeState {
 
 impl NodeState {
     /// Every state.
-    pub const ALL: [NodeState; 9] = [
+    pub const ALL: [NodeState; 10] = [
         NodeState::Maintenance,
         NodeState::Booting,
         NodeState::Installing,
         NodeState::Running,
         NodeState::Upgrading,
         NodeState::RollingBack,
+        NodeState::Configuring,
         NodeState::Rebooting,
         NodeState::Resetting,
         NodeState::ShuttingDown,
@@ -149,6 +177,7 @@ impl NodeState {
             NodeState::Running => "running",
             NodeState::Upgrading => "upgrading",
             NodeState::RollingBack => "rolling_back",
+            NodeState::Configuring => "configuring",
             NodeState::Rebooting => "rebooting",
             NodeState::Resetting => "resetting",
             NodeState::ShuttingDown => "shutting_down",
@@ -163,7 +192,8 @@ impl NodeState {
             | NodeState::Installing
             | NodeState::Running
             | NodeState::Upgrading
-            | NodeState::RollingBack => "operational",
+            | NodeState::RollingBack
+            | NodeState::Configuring => "operational",
             NodeState::Rebooting | NodeState::Resetting | NodeState::ShuttingDown => "terminating",
         }
     }
@@ -176,6 +206,7 @@ impl NodeState {
             NodeState::Installing => Some(SequenceKind::Install),
             NodeState::Upgrading => Some(SequenceKind::Upgrade),
             NodeState::RollingBack => Some(SequenceKind::Rollback),
+            NodeState::Configuring => Some(SequenceKind::ApplyConfig),
             NodeState::Rebooting => Some(SequenceKind::Reboot),
             NodeState::Resetting => Some(SequenceKind::Reset),
             NodeState::ShuttingDown => Some(SequenceKind::Shutdown),
@@ -257,15 +288,16 @@ pub struct Moved {
 /// private to this module.
 mod chart {
     #![allow(missing_docs)]
-    use super::{may_take_over, Denied, NodeState, Outcome as Ended, Request, SequenceKind};
+    use super::{may_take_over, Denied, NodeState, Outcome as Ended, Request, SequenceKind, Stage};
     use statig::prelude::*;
 
     #[derive(Default)]
     pub(super) struct Machine;
 
-    /// What a dispatch decided, written by the handlers.
-    #[derive(Default)]
+    /// What a dispatch decided, written by the handlers; `stage` is its input (where the
+    /// running sequence is).
     pub(super) struct Verdict {
+        pub(super) stage: Stage,
         pub(super) denied: Option<Denied>,
         pub(super) preempted: Option<SequenceKind>,
     }
@@ -277,6 +309,7 @@ mod chart {
             SequenceKind::Install => State::installing(),
             SequenceKind::Upgrade => State::upgrading(),
             SequenceKind::Rollback => State::rolling_back(),
+            SequenceKind::ApplyConfig => State::configuring(),
             SequenceKind::Reboot => State::rebooting(),
             SequenceKind::Reset => State::resetting(),
             SequenceKind::Shutdown => State::shutting_down(),
@@ -293,7 +326,7 @@ mod chart {
 
     /// A start while `running` runs: take it over or refuse.
     fn take_over(v: &mut Verdict, running: SequenceKind, new: SequenceKind) -> Outcome<State> {
-        if may_take_over(running, new) {
+        if may_take_over(running, v.stage, new) {
             v.preempted = Some(running);
             Transition(state_for(new))
         } else {
@@ -318,7 +351,10 @@ mod chart {
                     | SequenceKind::Shutdown
                     | SequenceKind::Reset),
                 ) => Transition(state_for(*k)),
-                _ => not_allowed(context, event, NodeState::Maintenance),
+                Request::Start(SequenceKind::ApplyConfig) => Transition(State::configuring_first()),
+                Request::Start(SequenceKind::Upgrade | SequenceKind::Rollback)
+                | Request::Finished(..)
+                | Request::EnterMaintenance => not_allowed(context, event, NodeState::Maintenance),
             }
         }
 
@@ -357,9 +393,38 @@ mod chart {
                     | SequenceKind::Rollback
                     | SequenceKind::Reboot
                     | SequenceKind::Shutdown
-                    | SequenceKind::Reset),
+                    | SequenceKind::Reset
+                    | SequenceKind::ApplyConfig),
                 ) => Transition(state_for(*k)),
-                _ => not_allowed(context, event, NodeState::Running),
+                Request::Start(
+                    SequenceKind::Initialize | SequenceKind::Boot | SequenceKind::Install,
+                )
+                | Request::Finished(..)
+                | Request::EnterMaintenance => not_allowed(context, event, NodeState::Running),
+            }
+        }
+
+        /// A config being applied on a running node.
+        #[state(superstate = "operational")]
+        fn configuring(context: &mut Verdict, event: &Request) -> Outcome<State> {
+            match event {
+                Request::Finished(SequenceKind::ApplyConfig, _) => Transition(State::running()),
+                Request::Start(k) => take_over(context, SequenceKind::ApplyConfig, *k),
+                _ => Super,
+            }
+        }
+
+        /// The first config, applied in maintenance mode: the node boots with it, or waits
+        /// for another.
+        #[state(superstate = "operational")]
+        fn configuring_first(context: &mut Verdict, event: &Request) -> Outcome<State> {
+            match event {
+                Request::Finished(SequenceKind::ApplyConfig, Ended::Succeeded) => {
+                    Transition(State::booting())
+                }
+                Request::Finished(SequenceKind::ApplyConfig, _) => Transition(State::maintenance()),
+                Request::Start(k) => take_over(context, SequenceKind::ApplyConfig, *k),
+                _ => Super,
             }
         }
 
@@ -434,6 +499,7 @@ mod chart {
             State::Running {} => NodeState::Running,
             State::Upgrading {} => NodeState::Upgrading,
             State::RollingBack {} => NodeState::RollingBack,
+            State::Configuring {} | State::ConfiguringFirst {} => NodeState::Configuring,
             State::Rebooting {} => NodeState::Rebooting,
             State::Resetting {} => NodeState::Resetting,
             State::ShuttingDown {} => NodeState::ShuttingDown,
@@ -469,9 +535,23 @@ impl Lifecycle {
 
     /// Asks the machine to move. Refusals and transitions are published with `actor`.
     pub fn request(&self, request: Request, actor: Option<&str>) -> Result<Moved, Denied> {
+        self.request_at(request, Stage::Critical, actor)
+    }
+
+    /// Asks the machine to move while the running sequence is at `stage`.
+    pub fn request_at(
+        &self,
+        request: Request,
+        stage: Stage,
+        actor: Option<&str>,
+    ) -> Result<Moved, Denied> {
         let mut machine = self.lock();
         let from = node_state(machine.state());
-        let mut verdict = Verdict::default();
+        let mut verdict = Verdict {
+            stage,
+            denied: None,
+            preempted: None,
+        };
         machine.handle_with_context(&request, &mut verdict);
         let to = node_state(machine.state());
         // Published under the machine lock, so events are in the order things happened.
@@ -532,6 +612,10 @@ mod tests {
                 Request::Finished(K::Boot, Outcome::Succeeded),
                 Request::Start(K::Rollback),
             ],
+            Configuring => &[
+                Request::Finished(K::Boot, Outcome::Succeeded),
+                Request::Start(K::ApplyConfig),
+            ],
             Rebooting => &[Request::Start(K::Reboot)],
             Resetting => &[Request::Start(K::Reset)],
             ShuttingDown => &[Request::Start(K::Shutdown)],
@@ -543,40 +627,75 @@ mod tests {
         m
     }
 
-    /// The state a start request leads to from `state`, or `None` if refused: the whole
-    /// start table, written out as the rule it must follow.
-    fn expected_start(state: NodeState, kind: SequenceKind) -> Option<NodeState> {
-        let target = match kind {
+    /// The kinds each state accepts, written out literally (not derived from the code under
+    /// test): a start of any other kind is refused. Where an accepted start leads is
+    /// [`target`].
+    const ACCEPTS: &[(NodeState, &[SequenceKind])] = &[
+        (
+            Maintenance,
+            &[
+                K::Initialize,
+                K::Boot,
+                K::Install,
+                K::Reset,
+                K::ApplyConfig,
+                K::Reboot,
+                K::Shutdown,
+            ],
+        ),
+        (
+            Booting,
+            &[
+                K::Initialize,
+                K::Boot,
+                K::Install,
+                K::Reset,
+                K::Reboot,
+                K::Shutdown,
+            ],
+        ),
+        (Installing, &[K::Shutdown]),
+        (
+            Running,
+            &[
+                K::Upgrade,
+                K::Rollback,
+                K::Reset,
+                K::ApplyConfig,
+                K::Reboot,
+                K::Shutdown,
+            ],
+        ),
+        (Upgrading, &[K::Shutdown]),
+        (RollingBack, &[K::Shutdown]),
+        (Configuring, &[K::Shutdown]),
+        (Rebooting, &[K::Shutdown]),
+        (Resetting, &[K::Shutdown]),
+        (ShuttingDown, &[]),
+    ];
+
+    /// The state an accepted start of `kind` puts the node in.
+    fn target(kind: SequenceKind) -> NodeState {
+        match kind {
             K::Initialize | K::Boot => Booting,
             K::Install => Installing,
             K::Upgrade => Upgrading,
             K::Rollback => RollingBack,
+            K::ApplyConfig => Configuring,
             K::Reboot => Rebooting,
             K::Reset => Resetting,
             K::Shutdown => ShuttingDown,
-        };
-        match (state, kind) {
-            (Maintenance, K::Upgrade | K::Rollback) => None,
-            (Maintenance, _) => Some(target),
-            (Running, K::Upgrade | K::Rollback | K::Reboot | K::Shutdown | K::Reset) => {
-                Some(target)
-            }
-            (Running, _) => None,
-            (Booting, K::Install | K::Boot | K::Initialize) => Some(target),
-            (s, k) => match s.running() {
-                Some(r) if may_take_over(r, k) => Some(target),
-                _ => None,
-            },
         }
     }
 
     #[test]
     fn every_start_request_in_every_state_moves_or_is_refused_as_the_table_says() {
-        for state in NodeState::ALL {
+        assert_eq!(ACCEPTS.len(), NodeState::ALL.len());
+        for &(state, accepted) in ACCEPTS {
             for kind in SequenceKind::ALL {
                 let m = machine_in(state);
                 let got = m.request(Request::Start(kind), None).ok().map(|mv| mv.to);
-                let want = expected_start(state, kind);
+                let want = accepted.contains(&kind).then(|| target(kind));
                 assert_eq!(got, want, "{state:?} + start {kind:?}");
                 assert_eq!(
                     m.state(),
@@ -588,11 +707,82 @@ mod tests {
     }
 
     #[test]
+    fn an_upgrade_receiving_or_writing_may_be_taken_over_by_a_reboot_or_a_reset_only() {
+        for kind in SequenceKind::ALL {
+            let m = machine_in(Upgrading);
+            let got = m
+                .request_at(Request::Start(kind), Stage::Interruptible, None)
+                .ok()
+                .map(|mv| (mv.to, mv.preempted));
+            let want = matches!(kind, K::Reboot | K::Reset | K::Shutdown)
+                .then(|| (target(kind), Some(K::Upgrade)));
+            assert_eq!(got, want, "interruptible upgrade + start {kind:?}");
+        }
+    }
+
+    #[test]
+    fn the_takeover_table_reads_as_written() {
+        use Stage::*;
+        // (running, stage, new, may take over), every row literal.
+        let rows: &[(SequenceKind, Stage, SequenceKind, bool)] = &[
+            (K::Boot, Critical, K::Reboot, true),
+            (K::Boot, Critical, K::Reset, true),
+            (K::Boot, Critical, K::Upgrade, false),
+            (K::Initialize, Critical, K::Reset, true),
+            (K::Upgrade, Critical, K::Reboot, false),
+            (K::Upgrade, Interruptible, K::Reboot, true),
+            (K::Upgrade, Interruptible, K::Reset, true),
+            (K::Upgrade, Interruptible, K::Upgrade, false),
+            (K::Upgrade, Interruptible, K::ApplyConfig, false),
+            (K::Upgrade, Critical, K::Shutdown, true),
+            (K::Install, Interruptible, K::Reboot, false),
+            (K::Reset, Critical, K::Reboot, false),
+            (K::ApplyConfig, Critical, K::Reboot, false),
+            (K::ApplyConfig, Critical, K::ApplyConfig, false),
+            (K::ApplyConfig, Critical, K::Shutdown, true),
+            (K::Reboot, Critical, K::Shutdown, true),
+            (K::Shutdown, Critical, K::Shutdown, false),
+            (K::Shutdown, Interruptible, K::Reboot, false),
+        ];
+        for &(running, stage, new, want) in rows {
+            assert_eq!(
+                may_take_over(running, stage, new),
+                want,
+                "{running:?} at {stage:?}, {new:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_first_config_leads_to_booting_or_back_to_maintenance() {
+        for (outcome, after) in [
+            (Outcome::Succeeded, Booting),
+            (Outcome::Failed, Maintenance),
+            (Outcome::Cancelled, Maintenance),
+        ] {
+            let m = machine_in(Maintenance);
+            m.request(Request::Start(K::ApplyConfig), None)
+                .expect("first config");
+            assert_eq!(m.state(), Configuring);
+            // A second config while the first is applied: another sequence in the way.
+            let err = m
+                .request(Request::Start(K::ApplyConfig), None)
+                .expect_err("busy");
+            assert!(matches!(err, Denied::Busy { .. }), "{err}");
+            m.request(Request::Finished(K::ApplyConfig, outcome), None)
+                .expect("finished");
+            assert_eq!(m.state(), after, "{outcome:?}");
+        }
+    }
+
+    #[test]
     fn forbidden_transitions_are_refused_with_the_right_reason() {
         // (state, request, refusal is Busy (true) or NotAllowed (false))
         let table: &[(NodeState, Request, bool)] = &[
             (Resetting, Request::Start(K::Upgrade), true),
             (Upgrading, Request::Start(K::Reboot), true),
+            (Upgrading, Request::Start(K::ApplyConfig), true),
+            (Resetting, Request::Start(K::ApplyConfig), true),
             (Upgrading, Request::Start(K::Rollback), true),
             (Installing, Request::Start(K::Reset), true),
             (ShuttingDown, Request::Start(K::Shutdown), true),
@@ -644,6 +834,7 @@ mod tests {
             (Booting, K::Boot, Running),
             (Upgrading, K::Upgrade, Running),
             (RollingBack, K::Rollback, Running),
+            (Configuring, K::ApplyConfig, Running),
             (Installing, K::Install, Booting),
             (Rebooting, K::Reboot, Rebooting),
             (ShuttingDown, K::Shutdown, ShuttingDown),

@@ -44,6 +44,13 @@ impl SequenceError {
     pub fn is_cancelled(&self) -> bool {
         matches!(self, SequenceError::Cancelled { .. })
     }
+
+    /// The phase it failed or stopped in.
+    pub fn phase(&self) -> &str {
+        match self {
+            SequenceError::Failed { phase, .. } | SequenceError::Cancelled { phase, .. } => phase,
+        }
+    }
 }
 
 /// How a running sequence is stopped by another.
@@ -55,6 +62,8 @@ pub struct Cancel {
     soft: CancellationToken,
     hard: CancellationToken,
     by: Arc<Mutex<Option<String>>>,
+    /// Whether the phase running now is interruptible (what a takeover is allowed to cut).
+    interruptible: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cancel {
@@ -92,6 +101,20 @@ impl Cancel {
     /// Whether a cancel or abort was asked for.
     pub fn is_cancelled(&self) -> bool {
         self.soft.is_cancelled()
+    }
+
+    /// Where the sequence is now, for the takeover table.
+    pub fn stage(&self) -> crate::lifecycle::Stage {
+        if self.interruptible.load(std::sync::atomic::Ordering::SeqCst) {
+            crate::lifecycle::Stage::Interruptible
+        } else {
+            crate::lifecycle::Stage::Critical
+        }
+    }
+
+    fn set_interruptible(&self, yes: bool) {
+        self.interruptible
+            .store(yes, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -258,6 +281,7 @@ async fn run_phases<C: Clone + Send + 'static>(
             }
             .instrument(tracing::info_span!(parent: &span, "task", name = task_name))
         });
+        cancel.set_interruptible(phase.interruptible);
         let results = tokio::select! {
             results = join_all(runs).instrument(span.clone()) => results,
             _ = cancel.hard.cancelled() => {
@@ -267,6 +291,7 @@ async fn run_phases<C: Clone + Send + 'static>(
                 return Err(aborted(bus, seq_name, phase_name, phase_started, actor, cancel));
             }
         };
+        cancel.set_interruptible(false);
         let failed = results
             .into_iter()
             .find_map(|(name, r)| r.err().map(|e| (name, e)));

@@ -157,6 +157,23 @@ impl<C> Sequence<C> {
         self
     }
 
+    /// Appends a phase whose work may be dropped half-way by a takeover the table allows at
+    /// this [`Stage`](crate::Stage::Interruptible): it changes nothing that stopping in the
+    /// middle could leave unbootable (a slot already marked as being written).
+    pub fn interruptible_phase(
+        mut self,
+        name: &'static str,
+        tasks: impl IntoIterator<Item = Task<C>>,
+    ) -> Self {
+        self.phases.push(Phase {
+            name,
+            tasks: tasks.into_iter().collect(),
+            condition: None,
+            interruptible: true,
+        });
+        self
+    }
+
     /// Appends a phase that runs only when `condition` holds for the context at that point.
     pub fn phase_when(
         mut self,

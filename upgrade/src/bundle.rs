@@ -4,23 +4,33 @@
 //! "PLINTH-BUNDLE\n"
 //! u32 LE   manifest length
 //! manifest JSON
-//! 64 bytes ed25519 signature of the manifest JSON
-//! components, in manifest order (root image, UKI for slot A, UKI for slot B)
+//! 64 bytes ed25519 signature of SIGNING_CONTEXT ‖ manifest JSON
+//! components, in manifest order (UKI for slot A, UKI for slot B, root image), then nothing
 //! ```
+//!
+//! The signature covers a domain-separated message (the fixed [`SIGNING_CONTEXT`], then the
+//! manifest), so a signature this key made for anything else never verifies as a bundle; it
+//! is checked with `verify_strict` (no malleable or small-order encodings). The manifest says
+//! how long every component is, so it also says where the bundle ends: a byte after the last
+//! component is refused. It carries the bundle's monotonic `security_version` (a node never
+//! accepts one below its floor) and may carry an expiry.
 //!
 //! The manifest comes first so a node can refuse a bundle (signature, architecture, sizes)
 //! before writing a byte; the components then stream straight into place while being hashed,
 //! with no temporary copy. Keys: ed25519, PKCS#8 PEM for the private key, hex for the public
 //! key (short enough for the node config).
 
-use ed25519_dalek::{Signature, Signer, Verifier};
+use ed25519_dalek::{Signature, Signer};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 const MAGIC: &[u8; 14] = b"PLINTH-BUNDLE\n";
-/// The manifest format this build reads and writes.
-pub const FORMAT: u32 = 1;
+/// The manifest format this build reads and writes (2: security version, expiry,
+/// domain-separated signature).
+pub const FORMAT: u32 = 2;
+/// What a bundle signature signs before the manifest.
+pub const SIGNING_CONTEXT: &[u8] = b"plinth bundle manifest v2\0";
 /// The largest manifest accepted (it is a few hundred bytes; more is not a bundle).
 const MAX_MANIFEST: u32 = 64 * 1024;
 
@@ -55,6 +65,13 @@ pub struct Manifest {
     pub arch: String,
     /// The root digest the UKIs' command lines pin (`plinth.root.blake3`).
     pub uki_root_blake3: String,
+    /// Monotonic: raised by the release that fixes a vulnerability. A node refuses a bundle
+    /// below the highest security version it has committed.
+    pub security_version: u64,
+    /// After this (seconds since the epoch) the bundle is refused: a stale release cannot be
+    /// replayed forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_s: Option<u64>,
     /// The components, in stream order.
     pub components: Vec<Component>,
 }
@@ -64,6 +81,32 @@ impl Manifest {
     pub fn component(&self, name: &str) -> Option<&Component> {
         self.components.iter().find(|c| c.name == name)
     }
+}
+
+/// What a release says about itself, beyond its images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// Version string.
+    pub version: String,
+    /// Machine architecture.
+    pub arch: String,
+    /// See [`Manifest::security_version`].
+    pub security_version: u64,
+    /// See [`Manifest::expires_unix_s`].
+    pub expires_unix_s: Option<u64>,
+}
+
+/// The digest that names a bundle: blake3 of its signed manifest (which pins every
+/// component's digest), hex. `plinth upgrade --digest` pins it.
+pub fn digest(manifest_json: &[u8]) -> String {
+    blake3::hash(manifest_json).to_hex().to_string()
+}
+
+/// The message a bundle signature signs.
+fn signed_message(json: &[u8]) -> Vec<u8> {
+    let mut m = SIGNING_CONTEXT.to_vec();
+    m.extend_from_slice(json);
+    m
 }
 
 /// A bundle was refused or could not be made.
@@ -148,12 +191,29 @@ async fn read_full<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// A bundle head that verified: the manifest and its digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// [`digest`] of it.
+    pub digest: String,
+}
+
 /// Reads and checks the bundle's head: magic, manifest, signature by one of `trusted`. The
 /// reader is left at the first component.
 pub async fn read_head<R: AsyncRead + Unpin>(
     r: &mut R,
     trusted: &[VerifyingKey],
 ) -> Result<Manifest, BundleError> {
+    Ok(read_signed_head(r, trusted).await?.manifest)
+}
+
+/// [`read_head`], with the manifest's digest.
+pub async fn read_signed_head<R: AsyncRead + Unpin>(
+    r: &mut R,
+    trusted: &[VerifyingKey],
+) -> Result<Head, BundleError> {
     if trusted.is_empty() {
         return Err(BundleError::NoTrustedKeys);
     }
@@ -173,11 +233,18 @@ pub async fn read_head<R: AsyncRead + Unpin>(
     let mut sig = [0u8; 64];
     read_full(r, &mut sig, "the signature").await?;
     let sig = Signature::from_bytes(&sig);
-    if !trusted.iter().any(|k| k.verify(&json, &sig).is_ok()) {
+    let message = signed_message(&json);
+    if !trusted
+        .iter()
+        .any(|k| k.verify_strict(&message, &sig).is_ok())
+    {
         return Err(BundleError::BadSignature(trusted.len()));
     }
     // Parsed only once signed: unsigned input never reaches the parser.
-    parse_manifest(&json)
+    Ok(Head {
+        manifest: parse_manifest(&json)?,
+        digest: digest(&json),
+    })
 }
 
 /// Parses and checks a (signed) manifest: format, exactly the three components.
@@ -226,7 +293,7 @@ pub fn check_fits(m: &Manifest, arch: &str, slot_capacity: u64) -> Result<(), Bu
 /// Builds the bundle head for `manifest`, signed with `key`.
 pub fn head(manifest: &Manifest, key: &SigningKey) -> Result<Vec<u8>, BundleError> {
     let json = serde_json::to_vec(manifest).map_err(|e| BundleError::BadManifest(e.to_string()))?;
-    let sig = key.sign(&json);
+    let sig = key.sign(&signed_message(&json));
     let mut out = MAGIC.to_vec();
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
     out.extend_from_slice(&json);
@@ -234,10 +301,27 @@ pub fn head(manifest: &Manifest, key: &SigningKey) -> Result<Vec<u8>, BundleErro
     Ok(out)
 }
 
-/// A whole bundle, in memory: the components are hashed, the manifest signed with `key`.
+/// A whole bundle, in memory, at security version 0 and without expiry (see [`build_release`]).
 pub fn build(
     version: &str,
     arch: &str,
+    uki_a: &[u8],
+    uki_b: &[u8],
+    rootfs: &[u8],
+    key: &SigningKey,
+) -> Result<Vec<u8>, BundleError> {
+    let release = Release {
+        version: version.into(),
+        arch: arch.into(),
+        security_version: 0,
+        expires_unix_s: None,
+    };
+    build_release(&release, uki_a, uki_b, rootfs, key)
+}
+
+/// A whole bundle, in memory: the components are hashed, the manifest signed with `key`.
+pub fn build_release(
+    release: &Release,
     uki_a: &[u8],
     uki_b: &[u8],
     rootfs: &[u8],
@@ -251,9 +335,11 @@ pub fn build(
     let root = component(ROOTFS, rootfs);
     let manifest = Manifest {
         format: FORMAT,
-        version: version.into(),
-        arch: arch.into(),
+        version: release.version.clone(),
+        arch: release.arch.clone(),
         uki_root_blake3: root.blake3.clone(),
+        security_version: release.security_version,
+        expires_unix_s: release.expires_unix_s,
         components: vec![component(UKI_A, uki_a), component(UKI_B, uki_b), root],
     };
     let mut out = head(&manifest, key)?;
@@ -323,6 +409,8 @@ mod tests {
             version: "2.0".into(),
             arch: "x86_64".into(),
             uki_root_blake3: "00".repeat(32),
+            security_version: 3,
+            expires_unix_s: None,
             components: vec![c(ROOTFS, 100), c(UKI_A, 10), c(UKI_B, 10)],
         }
     }
@@ -350,6 +438,31 @@ mod tests {
             .await
             .expect_err("refused");
         assert!(matches!(err, BundleError::BadSignature(1)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_signature_of_the_bare_manifest_is_not_a_bundle_signature() {
+        // What a signer without domain separation would have made (bundle format 1).
+        let json = serde_json::to_vec(&manifest()).expect("json");
+        let sig = key().sign(&json);
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&json);
+        bytes.extend_from_slice(&sig.to_bytes());
+        let err = read_head(&mut bytes.as_slice(), &[key().verifying_key()])
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, BundleError::BadSignature(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_digest_names_the_signed_manifest() {
+        let bytes = head(&manifest(), &key()).expect("head");
+        let h = read_signed_head(&mut bytes.as_slice(), &[key().verifying_key()])
+            .await
+            .expect("valid");
+        let json = serde_json::to_vec(&manifest()).expect("json");
+        assert_eq!(h.digest, blake3::hash(&json).to_hex().to_string());
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 pub mod bundle;
 pub mod layout;
 pub mod meta;
+pub mod policy;
 pub mod slot;
 
 pub use layout::{DiskPartition, LayoutError, PartitionSpec, Size, LAYOUT};

@@ -74,9 +74,12 @@ pub struct SlotRecord {
     /// Trial boots attempted.
     #[serde(default)]
     pub attempts: u32,
-    /// How far its trial got (phase names, in order).
+    /// How far its trial got, in order.
     #[serde(default)]
-    pub breadcrumbs: Vec<String>,
+    pub breadcrumbs: Vec<Breadcrumb>,
+    /// The bundle's security version.
+    #[serde(default)]
+    pub security_version: u64,
     /// Why it failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
@@ -96,10 +99,124 @@ impl SlotRecord {
             root_size: 0,
             attempts: 0,
             breadcrumbs: Vec::new(),
+            security_version: 0,
             failure: None,
             armed: false,
         }
     }
+
+    /// Why a trial that stopped here failed, from its last breadcrumb.
+    pub fn failure_reason(&self) -> String {
+        match (self.state, self.breadcrumbs.last()) {
+            (SlotState::Pending, _) | (_, None) => {
+                "failed before machined started (the kernel or initramfs never reached it)".into()
+            }
+            (_, Some(Breadcrumb::Failed(reason))) => reason.clone(),
+            (_, Some(last)) => {
+                format!("stopped after {last} (no further progress: hang, crash or reset)")
+            }
+        }
+    }
+}
+
+/// A step a trial boot passed, kept in META so that the next boot can say where a trial that
+/// died stopped. On disk each is a string (`machined started`, `boot/network`,
+/// `failed: …`, `committed`), readable in a dump of the partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
+pub enum Breadcrumb {
+    /// machined started on the slot.
+    Started,
+    /// A phase of a boot sequence passed.
+    Passed {
+        /// The sequence (`initialize`, `boot`).
+        sequence: String,
+        /// The phase.
+        phase: String,
+    },
+    /// The trial failed, for this reason (a missed health gate).
+    Failed(String),
+    /// The trial passed and the slot was committed.
+    Committed,
+}
+
+impl std::fmt::Display for Breadcrumb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Breadcrumb::Started => f.write_str("machined started"),
+            Breadcrumb::Passed { sequence, phase } => write!(f, "{sequence}/{phase}"),
+            Breadcrumb::Failed(reason) => write!(f, "failed: {reason}"),
+            Breadcrumb::Committed => f.write_str("committed"),
+        }
+    }
+}
+
+impl From<Breadcrumb> for String {
+    fn from(b: Breadcrumb) -> String {
+        b.to_string()
+    }
+}
+
+impl From<String> for Breadcrumb {
+    fn from(s: String) -> Breadcrumb {
+        match s.as_str() {
+            "machined started" => Breadcrumb::Started,
+            "committed" => Breadcrumb::Committed,
+            _ => match s.strip_prefix("failed:") {
+                Some(reason) => Breadcrumb::Failed(reason.trim().to_string()),
+                None => {
+                    let (sequence, phase) = s.split_once('/').unwrap_or(("", &s));
+                    Breadcrumb::Passed {
+                        sequence: sequence.into(),
+                        phase: phase.into(),
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// What a verified image is, as [`Meta::mark_written`] records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Its version.
+    pub version: String,
+    /// blake3 of its root image.
+    pub root_blake3: String,
+    /// Size of its root image.
+    pub root_size: u64,
+    /// The bundle's security version.
+    pub security_version: u64,
+}
+
+/// What a boot is, as [`Meta::on_boot`] decides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootKind {
+    /// The booted slot is on trial: its health decides whether it is committed.
+    Trial,
+    /// A normal boot; the other slot's trial failed if this says so.
+    Normal(Option<TrialFailure>),
+}
+
+/// A META rule refused a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    /// Only a pending slot can be armed.
+    #[error("slot {slot} is {state}, not pending: there is no trial to arm")]
+    NotPending {
+        /// The slot.
+        slot: Slot,
+        /// Its state.
+        state: &'static str,
+    },
+    /// Rollback goes only to a good slot.
+    #[error("slot {slot} is {state}: rollback needs a good slot")]
+    NotGood {
+        /// The slot.
+        slot: Slot,
+        /// Its state.
+        state: &'static str,
+    },
 }
 
 /// The last trial that failed, for the API to report.
@@ -127,6 +244,10 @@ pub struct Meta {
     /// The last failed trial.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure: Option<TrialFailure>,
+    /// The lowest security version a bundle may have: the highest one ever committed. Only
+    /// ever raised.
+    #[serde(default)]
+    pub security_floor: u64,
 }
 
 impl Meta {
@@ -146,7 +267,117 @@ impl Meta {
             a,
             b,
             last_failure: None,
+            security_floor: 0,
         }
+    }
+
+    // The rules: every change an upgrade, a trial, an install or a rollback makes to META,
+    // as pure functions on the record (the callers read, apply one, and write).
+
+    /// An image is about to be written into `slot`: whatever it held is gone, and until it is
+    /// verified nothing boots it (`writing` is kept out of `BootOrder`).
+    pub fn begin_write(&mut self, slot: Slot, version: &str) {
+        let r = self.slot_mut(slot);
+        *r = SlotRecord::empty();
+        r.state = SlotState::Writing;
+        r.version = version.into();
+    }
+
+    /// The write into `slot` stopped before the image was verified: the slot is empty.
+    pub fn abandon_write(&mut self, slot: Slot) {
+        let r = self.slot_mut(slot);
+        if r.state == SlotState::Writing {
+            *r = SlotRecord::empty();
+        }
+    }
+
+    /// `slot` holds a verified image, pending its trial (not yet armed).
+    pub fn mark_written(&mut self, slot: Slot, w: &Written) {
+        let r = self.slot_mut(slot);
+        *r = SlotRecord {
+            state: SlotState::Pending,
+            version: w.version.clone(),
+            root_blake3: w.root_blake3.clone(),
+            root_size: w.root_size,
+            security_version: w.security_version,
+            ..SlotRecord::empty()
+        };
+    }
+
+    /// The firmware was told to try `slot` next (`BootNext`).
+    pub fn arm(&mut self, slot: Slot) -> Result<(), RuleError> {
+        let r = self.slot_mut(slot);
+        if r.state != SlotState::Pending {
+            return Err(RuleError::NotPending {
+                slot,
+                state: r.state.as_str(),
+            });
+        }
+        r.armed = true;
+        Ok(())
+    }
+
+    /// The node booted `booted` (running `version`) at `now_ms`: a slot that is not good
+    /// is on trial (again, if a trial rebooted itself); a good one booting while the other was
+    /// on trial, or armed for one, means that trial failed, for the reason its breadcrumbs give.
+    pub fn on_boot(&mut self, booted: Slot, version: &str, now_ms: u64) -> BootKind {
+        let me = self.slot_mut(booted);
+        if me.state != SlotState::Good {
+            me.state = SlotState::Trial;
+            me.attempts += 1;
+            me.breadcrumbs = vec![Breadcrumb::Started];
+            me.version = version.into();
+            return BootKind::Trial;
+        }
+        let other = booted.other();
+        let o = self.slot_mut(other);
+        let tried = o.state == SlotState::Trial || (o.state == SlotState::Pending && o.armed);
+        if !tried {
+            return BootKind::Normal(None);
+        }
+        let reason = o.failure_reason();
+        o.state = SlotState::Failed;
+        o.failure = Some(reason.clone());
+        o.armed = false;
+        let failure = TrialFailure {
+            slot: other,
+            version: o.version.clone(),
+            reason,
+            unix_ms: now_ms,
+        };
+        self.last_failure = Some(failure.clone());
+        BootKind::Normal(Some(failure))
+    }
+
+    /// The trial of `slot` passed `crumb`.
+    pub fn breadcrumb(&mut self, slot: Slot, crumb: Breadcrumb) {
+        self.slot_mut(slot).breadcrumbs.push(crumb);
+    }
+
+    /// `slot` passed its trial (or was installed): good, committed, and the security floor
+    /// rises to its security version.
+    pub fn commit(&mut self, slot: Slot) {
+        self.committed = slot;
+        let r = self.slot_mut(slot);
+        r.state = SlotState::Good;
+        r.failure = None;
+        r.armed = false;
+        r.breadcrumbs.push(Breadcrumb::Committed);
+        let sv = r.security_version;
+        self.security_floor = self.security_floor.max(sv);
+    }
+
+    /// The committed slot becomes `to`, which must be good.
+    pub fn rollback(&mut self, to: Slot) -> Result<(), RuleError> {
+        let state = self.slot(to).state;
+        if state != SlotState::Good {
+            return Err(RuleError::NotGood {
+                slot: to,
+                state: state.as_str(),
+            });
+        }
+        self.committed = to;
+        Ok(())
     }
 
     /// A slot's record.
@@ -383,5 +614,238 @@ mod tests {
         let mut buf = encode_copy(1, &Meta::initial(Slot::A, "x")).expect("encode");
         buf[20] = 0xff;
         assert!(decode_copy(&buf).is_err());
+    }
+
+    fn written(v: &str, sv: u64) -> Written {
+        Written {
+            version: v.into(),
+            root_blake3: "ab".repeat(32),
+            root_size: 4096,
+            security_version: sv,
+        }
+    }
+
+    /// A record of A committed (version 1, security version 1) with B as given.
+    fn with_b(state: SlotState, armed: bool, crumbs: &[&str]) -> Meta {
+        let mut m = Meta::initial(Slot::A, "1");
+        m.a.security_version = 1;
+        m.security_floor = 1;
+        m.b = SlotRecord {
+            state,
+            version: "2".into(),
+            armed,
+            breadcrumbs: crumbs
+                .iter()
+                .map(|c| Breadcrumb::from(c.to_string()))
+                .collect(),
+            security_version: 2,
+            ..SlotRecord::empty()
+        };
+        m
+    }
+
+    #[test]
+    fn writing_a_slot_forgets_it_and_a_verified_image_is_pending_unarmed() {
+        let mut m = with_b(SlotState::Good, false, &["committed"]);
+        m.begin_write(Slot::B, "3");
+        assert_eq!(m.b.state, SlotState::Writing);
+        assert_eq!((m.b.version.as_str(), m.b.breadcrumbs.len()), ("3", 0));
+        m.mark_written(Slot::B, &written("3", 4));
+        assert_eq!(
+            (m.b.state, m.b.armed, m.b.attempts, m.b.security_version),
+            (SlotState::Pending, false, 0, 4)
+        );
+        // The floor moves only at a commit.
+        assert_eq!(m.security_floor, 1);
+        let mut again = m.clone();
+        again.begin_write(Slot::B, "5");
+        again.abandon_write(Slot::B);
+        assert_eq!(again.b, SlotRecord::empty());
+    }
+
+    #[test]
+    fn only_a_pending_slot_is_armed() {
+        // (state of B, arm allowed)
+        let table = [
+            (SlotState::Empty, false),
+            (SlotState::Writing, false),
+            (SlotState::Pending, true),
+            (SlotState::Trial, false),
+            (SlotState::Good, false),
+            (SlotState::Failed, false),
+        ];
+        for (state, ok) in table {
+            let mut m = with_b(state, false, &[]);
+            assert_eq!(m.arm(Slot::B).is_ok(), ok, "{state:?}");
+            assert_eq!(m.b.armed, ok, "{state:?}");
+        }
+    }
+
+    #[test]
+    fn what_a_boot_is_follows_from_both_slots() {
+        // (booted, B's state, B armed, B's crumbs, expected kind, B's state after, reason)
+        let table: &[(
+            Slot,
+            SlotState,
+            bool,
+            &[&str],
+            bool,
+            SlotState,
+            Option<&str>,
+        )] = &[
+            // B pending and armed, booted: its trial.
+            (
+                Slot::B,
+                SlotState::Pending,
+                true,
+                &[],
+                true,
+                SlotState::Trial,
+                None,
+            ),
+            // A trial that rebooted itself is tried again.
+            (
+                Slot::B,
+                SlotState::Trial,
+                false,
+                &["machined started"],
+                true,
+                SlotState::Trial,
+                None,
+            ),
+            // A booted while B was armed: B never reached machined.
+            (
+                Slot::A,
+                SlotState::Pending,
+                true,
+                &[],
+                false,
+                SlotState::Failed,
+                Some("failed before machined started (the kernel or initramfs never reached it)"),
+            ),
+            // A booted while B was on trial: B stopped after its last crumb.
+            (
+                Slot::A,
+                SlotState::Trial,
+                false,
+                &["machined started", "boot/network"],
+                false,
+                SlotState::Failed,
+                Some("stopped after boot/network (no further progress: hang, crash or reset)"),
+            ),
+            // B failed its gates and said why.
+            (
+                Slot::A,
+                SlotState::Trial,
+                false,
+                &[
+                    "machined started",
+                    "failed: health gates not passed within 5s: services not healthy: web",
+                ],
+                false,
+                SlotState::Failed,
+                Some("health gates not passed within 5s: services not healthy: web"),
+            ),
+            // A staged upgrade (pending, not armed) has not failed.
+            (
+                Slot::A,
+                SlotState::Pending,
+                false,
+                &[],
+                false,
+                SlotState::Pending,
+                None,
+            ),
+            (
+                Slot::A,
+                SlotState::Good,
+                false,
+                &["committed"],
+                false,
+                SlotState::Good,
+                None,
+            ),
+            (
+                Slot::A,
+                SlotState::Empty,
+                false,
+                &[],
+                false,
+                SlotState::Empty,
+                None,
+            ),
+        ];
+        for &(booted, state, armed, crumbs, trial, after, reason) in table {
+            let mut m = with_b(state, armed, crumbs);
+            let kind = m.on_boot(booted, "2", 77);
+            assert_eq!(
+                kind == BootKind::Trial,
+                trial,
+                "{booted} booted, B {state:?}"
+            );
+            assert_eq!(m.b.state, after, "{booted} booted, B {state:?}");
+            match (kind, reason) {
+                (BootKind::Normal(Some(f)), Some(r)) => {
+                    assert_eq!((f.slot, f.reason.as_str(), f.unix_ms), (Slot::B, r, 77));
+                    assert_eq!(m.last_failure, Some(f));
+                    assert!(!m.b.armed);
+                }
+                (BootKind::Normal(None), None) | (BootKind::Trial, None) => {}
+                (k, r) => panic!("{booted} booted, B {state:?}: {k:?}, expected {r:?}"),
+            }
+            if trial {
+                assert_eq!(m.b.breadcrumbs, [Breadcrumb::Started]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_commit_makes_the_slot_good_and_first_and_raises_the_floor_only() {
+        let mut m = with_b(SlotState::Trial, false, &["machined started"]);
+        m.commit(Slot::B);
+        assert_eq!(
+            (m.committed, m.b.state, m.security_floor),
+            (Slot::B, SlotState::Good, 2)
+        );
+        assert_eq!(m.b.breadcrumbs.last(), Some(&Breadcrumb::Committed));
+        // Committing a slot with a lower security version never lowers it.
+        m.a.security_version = 0;
+        m.commit(Slot::A);
+        assert_eq!((m.committed, m.security_floor), (Slot::A, 2));
+    }
+
+    #[test]
+    fn rollback_goes_only_to_a_good_slot() {
+        for (state, ok) in [
+            (SlotState::Good, true),
+            (SlotState::Failed, false),
+            (SlotState::Pending, false),
+            (SlotState::Writing, false),
+            (SlotState::Empty, false),
+        ] {
+            let mut m = with_b(state, false, &[]);
+            assert_eq!(m.rollback(Slot::B).is_ok(), ok, "{state:?}");
+            assert_eq!(m.committed, if ok { Slot::B } else { Slot::A });
+        }
+    }
+
+    #[test]
+    fn breadcrumbs_are_strings_on_disk_and_read_back_typed() {
+        let crumbs = vec![
+            Breadcrumb::Started,
+            Breadcrumb::Passed {
+                sequence: "boot".into(),
+                phase: "network".into(),
+            },
+            Breadcrumb::Failed("gates".into()),
+            Breadcrumb::Committed,
+        ];
+        let json = serde_json::to_string(&crumbs).expect("json");
+        assert_eq!(
+            json,
+            r#"["machined started","boot/network","failed: gates","committed"]"#
+        );
+        let back: Vec<Breadcrumb> = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back, crumbs);
     }
 }

@@ -59,6 +59,9 @@ pub enum HarnessError {
     /// Building the image failed.
     #[error(transparent)]
     Image(#[from] imager::ImageError),
+    /// The node config could not be written.
+    #[error("the node config: {0}")]
+    Config(#[from] config::ConfigError),
     /// Other failures with a message.
     #[error("{0}")]
     Other(String),

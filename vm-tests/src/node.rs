@@ -107,7 +107,7 @@ pub fn prepare(spec: &NodeSpec, artifacts: &Artifacts) -> Result<PreparedNode, H
     };
     write("ca.crt", generated.ca.cert_pem())?;
     write("ca.key", &generated.ca.0.key_pem)?;
-    let node_yaml = generated.node.to_yaml();
+    let node_yaml = generated.node.to_yaml()?;
     write("node.yaml", &node_yaml)?;
     generated
         .client

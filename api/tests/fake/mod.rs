@@ -45,7 +45,7 @@ impl Node for FakeNode {
     async fn upgrade(
         &self,
         _: String,
-        _: bool,
+        _: api::proto::UpgradeOptions,
         _: api::server::BundleSource,
     ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
@@ -65,8 +65,12 @@ impl Node for FakeNode {
     async fn apply_configuration(
         &self,
         _: String,
+        _: api::server::Admission,
         _: api::proto::ApplyConfigurationRequest,
     ) -> Result<api::proto::ApplyConfigurationResponse, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    fn get_configuration(&self) -> Result<api::proto::GetConfigurationResponse, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
 }

@@ -187,7 +187,7 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
             )?;
             write(
                 &output_dir.join("node.yaml"),
-                &generated.node.to_yaml(),
+                &generated.node.to_yaml()?,
                 force,
             )?;
             let client_path = output_dir.join("plinthconfig");

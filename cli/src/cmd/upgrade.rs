@@ -20,6 +20,14 @@ pub struct UpgradeArgs {
     /// Write and verify it, but leave the trial to the next reboot.
     #[arg(long)]
     stage: bool,
+    /// The bundle digest to insist on (`plinth image bundle` prints it): the node refuses any
+    /// other bundle before writing a byte. Worth it for URLs, whose content can change.
+    #[arg(long, value_name = "BLAKE3")]
+    digest: Option<String>,
+    /// Accept a lower version than the running one at the same security version (a bundle
+    /// below the node's security floor is refused whatever this says).
+    #[arg(long)]
+    allow_downgrade: bool,
     /// Follow the node through its reboot to the commit, or the fall back and its reason.
     #[arg(long)]
     wait: bool,
@@ -75,17 +83,22 @@ async fn wait_back(
     }
 }
 
+fn options(args: &UpgradeArgs, url: &str) -> UpgradeRequest {
+    UpgradeRequest {
+        msg: Some(Msg::Options(UpgradeOptions {
+            stage: args.stage,
+            url: url.into(),
+            expected_digest: args.digest.clone().unwrap_or_default(),
+            allow_downgrade: args.allow_downgrade,
+        })),
+    }
+}
+
 async fn send_url(
     target: &Target,
     url: &str,
-    stage: bool,
+    first: UpgradeRequest,
 ) -> anyhow::Result<api::proto::UpgradeResponse> {
-    let first = UpgradeRequest {
-        msg: Some(Msg::Options(UpgradeOptions {
-            stage,
-            url: url.into(),
-        })),
-    };
     let (endpoint, mut c) = target.connect().await?;
     eprintln!("the node is pulling {url}");
     Ok(c.upgrade(futures::stream::iter([first]))
@@ -97,9 +110,9 @@ async fn send_url(
 pub async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
     let before = boot_id(target).await?;
     let reply = if args.image.starts_with("http://") || args.image.starts_with("https://") {
-        send_url(target, &args.image, args.stage).await?
+        send_url(target, &args.image, options(&args, &args.image)).await?
     } else {
-        send_file(target, &PathBuf::from(&args.image), args.stage).await?
+        send_file(target, &PathBuf::from(&args.image), options(&args, "")).await?
     };
     report(target, &before, reply, &args).await
 }
@@ -107,7 +120,7 @@ pub async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
 async fn send_file(
     target: &Target,
     image: &PathBuf,
-    stage: bool,
+    first: UpgradeRequest,
 ) -> anyhow::Result<api::proto::UpgradeResponse> {
     let file = tokio::fs::File::open(image)
         .await
@@ -119,12 +132,6 @@ async fn send_file(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("sending");
-    let first = UpgradeRequest {
-        msg: Some(Msg::Options(UpgradeOptions {
-            stage,
-            url: String::new(),
-        })),
-    };
     let progress = bar.clone();
     let chunks = futures::stream::unfold(Some(file), move |f| {
         let progress = progress.clone();

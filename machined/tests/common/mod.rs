@@ -160,7 +160,7 @@ fn start_inner_env(
         payload_bytes: 0,
     };
     let machine = dir.path().join("machine");
-    let yaml = g.node.to_yaml();
+    let yaml = g.node.to_yaml().expect("yaml");
     match disk {
         Disk::Installed(configured, slot_bytes) => {
             provision(
@@ -288,7 +288,7 @@ impl SimNode {
         let mut msgs = vec![UpgradeRequest {
             msg: Some(Msg::Options(UpgradeOptions {
                 stage,
-                url: String::new(),
+                ..Default::default()
             })),
         }];
         msgs.extend(bundle.chunks(64 * 1024).map(|c| UpgradeRequest {
@@ -308,8 +308,8 @@ impl SimNode {
         use api::proto::{upgrade_request::Msg, UpgradeOptions, UpgradeRequest};
         let msgs = vec![UpgradeRequest {
             msg: Some(Msg::Options(UpgradeOptions {
-                stage: false,
                 url: url.into(),
+                ..Default::default()
             })),
         }];
         let mut c = self.client().await;

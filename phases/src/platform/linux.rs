@@ -84,6 +84,21 @@ impl Platform for Linux {
             .map_err(|e| PlatformError::io("writing", path, e))
     }
 
+    fn replace(&self, path: &Path, data: &[u8]) -> Result<(), PlatformError> {
+        let tmp = temp_beside(path);
+        self.write(&tmp, data)?;
+        std::fs::rename(&tmp, path).map_err(|e| PlatformError::io("renaming into", path, e))?;
+        sync_parent(path)
+    }
+
+    fn remove(&self, path: &Path) -> Result<(), PlatformError> {
+        match std::fs::remove_file(path) {
+            Ok(()) => sync_parent(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(PlatformError::io("removing", path, e)),
+        }
+    }
+
     fn mkdir_all(&self, path: &Path) -> Result<(), PlatformError> {
         std::fs::create_dir_all(path).map_err(|e| PlatformError::io("creating directory", path, e))
     }
@@ -845,4 +860,19 @@ mod tests {
         assert!(data[..9_000].iter().all(|&b| b == 0));
         assert!(data[9_000..].iter().all(|&b| b == 0xa5));
     }
+}
+
+/// The temporary name a file is written under before it replaces `path`.
+fn temp_beside(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Syncs the directory holding `path`, so a rename or removal in it is on the disk.
+fn sync_parent(path: &Path) -> Result<(), PlatformError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| PlatformError::io("syncing directory", dir, e))
 }

@@ -216,6 +216,15 @@ pub trait Platform: Send + Sync + 'static {
     /// Writes a whole file (created with mode 0600).
     fn write(&self, path: &Path, data: &[u8]) -> Result<(), PlatformError>;
 
+    /// Replaces a file atomically and durably: the data goes to a temporary file beside it
+    /// (mode 0600), which is synced, renamed over `path`, and the directory synced. A power cut
+    /// at any point leaves the old file or the new one, never a torn or empty one.
+    fn replace(&self, path: &Path, data: &[u8]) -> Result<(), PlatformError>;
+
+    /// Removes a file (durably: the directory is synced); one that is not there is not an
+    /// error.
+    fn remove(&self, path: &Path) -> Result<(), PlatformError>;
+
     /// Creates a directory and its parents.
     fn mkdir_all(&self, path: &Path) -> Result<(), PlatformError>;
 

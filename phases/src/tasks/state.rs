@@ -138,6 +138,11 @@ pub async fn mount_scratch(ctx: Arc<Runtime>) -> Result<(), TaskError> {
 
 /// Reads and validates the node config from STATE.
 pub async fn load_config(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    if crate::apply::revert_unconfirmed(&ctx)? {
+        tracing::warn!(
+            "a config was being tried when the node went down: the previous one is back"
+        );
+    }
     let path = Path::new(paths::CONFIG);
     let text = match ctx.platform.read(path) {
         Ok(t) => t,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use config::HealthCheck;
 use sequencer::{Event, EventKind, TaskError};
-use upgrade::meta::{SlotState, TrialFailure};
+use upgrade::meta::{BootKind, Breadcrumb, SlotState};
 
 use crate::platform::MountSpec;
 use crate::runtime::{paths, Runtime};
@@ -19,64 +19,21 @@ pub async fn mount_esp(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     Ok(ctx.platform.mount(&spec)?)
 }
 
-/// What the last breadcrumb says about where a trial stopped.
-fn failure_reason(record: &upgrade::meta::SlotRecord) -> String {
-    match (record.state, record.breadcrumbs.last()) {
-        (SlotState::Pending, _) | (_, None) => {
-            "failed before machined started (the kernel or initramfs never reached it)".into()
-        }
-        (_, Some(last)) if last.starts_with("failed:") => {
-            last.trim_start_matches("failed:").trim().to_string()
-        }
-        (_, Some(last)) => {
-            format!("stopped after {last} (no further progress: hang, crash or reset)")
-        }
-    }
-}
-
 /// Reads META and works out what this boot is: a trial of the booted slot, or a normal boot
 /// (which may reveal that the other slot's trial failed). Then the boot entries are made to
 /// agree with META.
 pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let booted = ctx.boot().ok_or(slots::SlotError::NoBootInfo)?.slot;
-    let other = booted.other();
     let version = slots::running_version(&ctx);
-    let mut failed: Option<TrialFailure> = None;
-    let mut trial = false;
+    let mut kind = BootKind::Normal(None);
     let m = slots::update_meta(&ctx, |m| {
-        let now = sequencer::clock::unix_ms();
-        let me = m.slot_mut(booted);
-        match me.state {
-            SlotState::Good => {}
-            // Pending is the first boot of a written slot; Trial a trial that was interrupted
-            // by a reboot it asked for itself. Anything else booted by the firmware must prove
-            // itself too.
-            _ => {
-                trial = true;
-                me.state = SlotState::Trial;
-                me.attempts += 1;
-                me.breadcrumbs = vec!["machined started".into()];
-                me.version = version.clone();
-            }
-        }
-        if !trial {
-            let o = m.slot_mut(other);
-            let tried = o.state == SlotState::Trial || (o.state == SlotState::Pending && o.armed);
-            if tried {
-                let reason = failure_reason(o);
-                o.state = SlotState::Failed;
-                o.failure = Some(reason.clone());
-                o.armed = false;
-                failed = Some(TrialFailure {
-                    slot: other,
-                    version: o.version.clone(),
-                    reason,
-                    unix_ms: now,
-                });
-                m.last_failure = failed.clone();
-            }
-        }
+        kind = m.on_boot(booted, &version, sequencer::clock::unix_ms());
     })?;
+    let trial = kind == BootKind::Trial;
+    let failed = match kind {
+        BootKind::Normal(f) => f,
+        BootKind::Trial => None,
+    };
     if let Some(f) = &failed {
         tracing::warn!(
             "the trial of slot {} ({}) failed: {}",
@@ -131,8 +88,11 @@ fn install_breadcrumbs(ctx: &Arc<Runtime>) {
         let Some(slot) = rt.boot().map(|b| b.slot) else {
             return;
         };
-        let crumb = format!("{sequence}/{phase}");
-        if let Err(e) = slots::update_meta(&rt, |m| m.slot_mut(slot).breadcrumbs.push(crumb)) {
+        let crumb = Breadcrumb::Passed {
+            sequence: sequence.clone(),
+            phase: phase.clone(),
+        };
+        if let Err(e) = slots::update_meta(&rt, |m| m.breadcrumb(slot, crumb)) {
             tracing::warn!("writing a breadcrumb: {e}");
         }
     }));
@@ -186,8 +146,8 @@ pub async fn health_gates(ctx: Arc<Runtime>) -> Result<(), TaskError> {
                 deadline.as_secs()
             );
             if let Some(slot) = ctx.boot().map(|b| b.slot) {
-                let crumb = format!("failed: {reason}");
-                let _ = slots::update_meta(&ctx, |m| m.slot_mut(slot).breadcrumbs.push(crumb));
+                let crumb = Breadcrumb::Failed(reason.clone());
+                let _ = slots::update_meta(&ctx, |m| m.breadcrumb(slot, crumb));
             }
             return Err(reason.into());
         }
@@ -206,18 +166,10 @@ pub async fn commit(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let mut next = slots::read_meta(&ctx)?
         .map(|l| l.meta)
         .unwrap_or_else(|| upgrade::meta::Meta::initial(slot, ""));
-    next.committed = slot;
-    next.slot_mut(slot).state = SlotState::Good;
+    next.commit(slot);
     slots::reconcile_entries(&ctx, &next)?;
     slots::follow_committed(&ctx, slot)?;
-    let m = slots::update_meta(&ctx, |m| {
-        m.committed = slot;
-        let me = m.slot_mut(slot);
-        me.state = SlotState::Good;
-        me.failure = None;
-        me.armed = false;
-        me.breadcrumbs.push("committed".into());
-    })?;
+    let m = slots::update_meta(&ctx, |m| m.commit(slot))?;
     ctx.set_trial(false);
     slot_event(
         &ctx,
@@ -226,26 +178,4 @@ pub async fn commit(ctx: Arc<Runtime>) -> Result<(), TaskError> {
         format!("committed {}", m.slot(slot).version),
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use upgrade::meta::SlotRecord;
-
-    #[test]
-    fn the_reason_comes_from_the_last_breadcrumb() {
-        let mut r = SlotRecord::empty();
-        r.state = SlotState::Pending;
-        assert!(failure_reason(&r).contains("before machined started"));
-        r.state = SlotState::Trial;
-        r.breadcrumbs = vec!["machined started".into(), "boot/network".into()];
-        assert!(failure_reason(&r).contains("stopped after boot/network"));
-        r.breadcrumbs
-            .push("failed: health gates not passed within 5s: services not healthy: web".into());
-        assert_eq!(
-            failure_reason(&r),
-            "health gates not passed within 5s: services not healthy: web"
-        );
-    }
 }

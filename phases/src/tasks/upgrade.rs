@@ -7,21 +7,30 @@ use std::sync::Arc;
 use sequencer::{EventKind, TaskError};
 use tokio::io::AsyncReadExt;
 use upgrade::bundle::{self, BundleError, Component, ROOTFS, UKI_A, UKI_B};
-use upgrade::meta::SlotState;
+use upgrade::meta::{SlotState, Written};
+use upgrade::policy::PolicyError;
 use upgrade::Slot;
 
 use crate::platform::PlatformError;
 use crate::runtime::Runtime;
 use crate::slots::{self, slot_event};
 use crate::tasks::initramfs::hash_prefix;
-use crate::upgrade::UpgradeJob;
+use crate::upgrade::{UpgradeError, UpgradeJob};
 
 /// Bytes between progress events.
 const PROGRESS_EVERY: u64 = 16 << 20;
 
-/// Reads the bundle's head: signature by a trusted key, architecture, room in the target slot.
-pub async fn read_bundle(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
-    let cfg = job.rt.config().ok_or("the node config is not loaded")?;
+fn node_err(e: impl Into<TaskError>) -> UpgradeError {
+    UpgradeError::Node(e.into())
+}
+
+/// Reads the bundle's head: signature by a trusted key, the caller's pinned digest, the
+/// security floor, expiry and downgrade rules, architecture, room in the target slot.
+pub async fn read_bundle(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
+    let cfg = job
+        .rt
+        .config()
+        .ok_or_else(|| node_err("the node config is not loaded"))?;
     let trusted = cfg
         .machine
         .upgrade
@@ -29,7 +38,16 @@ pub async fn read_bundle(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
         .iter()
         .map(|k| bundle::public_from_hex(k))
         .collect::<Result<Vec<_>, _>>()?;
-    let manifest = bundle::read_head(&mut *job.source.lock().await, &trusted).await?;
+    let head = bundle::read_signed_head(&mut *job.source.lock().await, &trusted).await?;
+    let expected = &job.options.expected_digest;
+    if !expected.is_empty() && !expected.eq_ignore_ascii_case(&head.digest) {
+        return Err(PolicyError::NotExpected {
+            expected: expected.clone(),
+            actual: head.digest,
+        }
+        .into());
+    }
+    let manifest = head.manifest;
     let order: Vec<&str> = manifest
         .components
         .iter()
@@ -41,11 +59,25 @@ pub async fn read_bundle(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
         ))
         .into());
     }
-    let (root, _) = slots::partition(&job.rt, job.target.root_label())?;
+    // The installer writes a blank disk: there is no floor and nothing running to compare.
+    if let Some(m) = slots::read_meta(&job.rt).map_err(node_err)?.map(|l| l.meta) {
+        let running = m.slot(job.target.other());
+        upgrade::policy::admit(
+            &manifest,
+            &upgrade::policy::Node {
+                floor: m.security_floor,
+                running: (&running.version, running.security_version),
+                now_s: sequencer::clock::unix_ms() / 1000,
+                allow_downgrade: job.options.allow_downgrade,
+            },
+        )?;
+    }
+    let (root, _) = slots::partition(&job.rt, job.target.root_label()).map_err(node_err)?;
     bundle::check_fits(&manifest, std::env::consts::ARCH, root.len)?;
     tracing::info!(
-        "bundle {} for {} is signed by a trusted key; writing slot {}",
+        "bundle {} (security version {}) for {} is signed by a trusted key; writing slot {}",
         manifest.version,
+        manifest.security_version,
         manifest.arch,
         job.target
     );
@@ -53,19 +85,26 @@ pub async fn read_bundle(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
     Ok(())
 }
 
-fn component(job: &UpgradeJob, name: &str) -> Result<Component, TaskError> {
+fn component(job: &UpgradeJob, name: &str) -> Result<Component, UpgradeError> {
     job.manifest()
         .and_then(|m| m.component(name).cloned())
-        .ok_or_else(|| format!("the bundle has no {name}").into())
+        .ok_or_else(|| {
+            UpgradeError::Bundle(BundleError::BadManifest(format!("no {name} component")))
+        })
 }
 
 /// Reads a component into memory, checking size and digest.
-async fn read_component(job: &UpgradeJob, c: &Component) -> Result<Vec<u8>, TaskError> {
-    let mut data = vec![0u8; usize::try_from(c.size).map_err(|_| "component too large")?];
+async fn read_component(job: &UpgradeJob, c: &Component) -> Result<Vec<u8>, UpgradeError> {
+    let len = usize::try_from(c.size)
+        .map_err(|_| UpgradeError::Uki(format!("{} is too large", c.name)))?;
+    let mut data = vec![0u8; len];
     let mut src = job.source.lock().await;
     let mut got = 0usize;
     while got < data.len() {
-        let n = src.read(&mut data[got..]).await.map_err(BundleError::Io)?;
+        let n = src
+            .read(&mut data[got..])
+            .await
+            .map_err(UpgradeError::from_source)?;
         if n == 0 {
             return Err(BundleError::Truncated {
                 what: c.name.clone(),
@@ -90,22 +129,23 @@ async fn read_component(job: &UpgradeJob, c: &Component) -> Result<Vec<u8>, Task
 
 /// Receives both UKIs (they come first, so they are checked before the slot is touched) and
 /// keeps the target slot's: its command line must name the slot and pin the bundle's root.
-pub async fn receive_uki(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
+pub async fn receive_uki(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
     let root = component(&job, ROOTFS)?;
     let mut keep = None;
     for (name, slot) in [(UKI_A, Slot::A), (UKI_B, Slot::B)] {
         let c = component(&job, name)?;
         let data = read_component(&job, &c).await?;
         let cmdline = bootloader::uki::cmdline(&data)
-            .ok_or_else(|| format!("{name} is not a UKI with a command line"))?;
+            .ok_or_else(|| UpgradeError::Uki(format!("{name} is not a UKI with a command line")))?;
         if Slot::from_cmdline(&cmdline) != Some(slot) {
-            return Err(
-                format!("{name}'s command line does not boot slot {slot}: {cmdline:?}").into(),
-            );
+            return Err(UpgradeError::Uki(format!(
+                "{name}'s command line does not boot slot {slot}: {cmdline:?}"
+            )));
         }
-        let (size, digest) = crate::tasks::initramfs::pinned_root(&cmdline)?;
+        let (size, digest) = crate::tasks::initramfs::pinned_root(&cmdline)
+            .map_err(|e| UpgradeError::Uki(format!("{name}: {e}")))?;
         if size != root.size || digest != root.blake3 {
-            return Err(format!("{name} pins a root image ({size} bytes, {digest}) that is not the bundle's ({}, {})", root.size, root.blake3).into());
+            return Err(UpgradeError::Uki(format!("{name} pins a root image ({size} bytes, {digest}) that is not the bundle's ({}, {})", root.size, root.blake3)));
         }
         if slot == job.target {
             keep = Some(data);
@@ -131,23 +171,34 @@ async fn read_full<R: tokio::io::AsyncRead + Unpin + ?Sized>(
     Ok(n)
 }
 
-/// Streams the root image into the target slot's partition, hashing as it goes.
-pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
+/// Streams the root image into the target slot's partition, hashing as it goes; then the
+/// bundle must end.
+pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
+    let target = job.target;
+    let result = write_root(&job).await;
+    if result.is_err() {
+        // The slot holds part of an image: empty, and never booted.
+        if let Err(e) = slots::update_meta(&job.rt, |m| m.abandon_write(target)) {
+            tracing::warn!("marking slot {target} empty after a failed write: {e}");
+        }
+    }
+    result
+}
+
+async fn write_root(job: &UpgradeJob) -> Result<(), UpgradeError> {
     let rt = &job.rt;
-    let c = component(&job, ROOTFS)?;
-    let version = job.manifest().map(|m| m.version).unwrap_or_default();
+    let c = component(job, ROOTFS)?;
+    let manifest = job
+        .manifest()
+        .ok_or_else(|| node_err("the manifest was not read"))?;
+    let version = manifest.version.clone();
     let target = job.target;
     // Marked before the first byte, and out of BootOrder: a crash mid-write (or a bundle that
     // turns out bad) leaves a slot nobody will boot, not even the firmware falling back.
-    let m = slots::update_meta(rt, |m| {
-        let r = m.slot_mut(target);
-        *r = upgrade::meta::SlotRecord::empty();
-        r.state = SlotState::Writing;
-        r.version = version.clone();
-    })?;
-    slots::reconcile_entries(rt, &m)?;
+    let m = slots::update_meta(rt, |m| m.begin_write(target, &version)).map_err(node_err)?;
+    slots::reconcile_entries(rt, &m).map_err(node_err)?;
     slot_event(rt, target, SlotState::Writing, format!("writing {version}"));
-    let (_, dev) = slots::partition(rt, target.root_label())?;
+    let (_, dev) = slots::partition(rt, target.root_label()).map_err(node_err)?;
     let (mut file, base) = rt.platform.open_partition(&dev, true)?;
     file.seek(SeekFrom::Start(base))
         .map_err(|e| PlatformError::io("seeking in", &dev, e))?;
@@ -160,9 +211,8 @@ pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
         let want = usize::try_from((c.size - done).min(buf.len() as u64)).unwrap_or(buf.len());
         let n = read_full(&mut *src, &mut buf[..want])
             .await
-            .map_err(BundleError::Io)?;
+            .map_err(UpgradeError::from_source)?;
         if n == 0 {
-            let _ = slots::update_meta(rt, |m| m.slot_mut(target).state = SlotState::Empty);
             return Err(BundleError::Truncated {
                 what: ROOTFS.into(),
                 expected: c.size,
@@ -179,7 +229,7 @@ pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
             (file, buf, r)
         })
         .await
-        .map_err(|e| format!("the slot writer stopped: {e}"))?;
+        .map_err(|e| node_err(format!("the slot writer stopped: {e}")))?;
         (file, buf) = (f, b);
         written.map_err(|e| PlatformError::io("writing", &dev, e))?;
         done += n as u64;
@@ -196,13 +246,24 @@ pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
             );
         }
     }
+    // The signed manifest says where the bundle ends: anything after it is not this bundle.
+    let mut one = [0u8; 1];
+    if job.source_is_bundle
+        && src
+            .read(&mut one)
+            .await
+            .map_err(UpgradeError::from_source)?
+            != 0
+    {
+        let total = manifest.components.iter().map(|c| c.size).sum::<u64>();
+        return Err(UpgradeError::Trailing(total));
+    }
     tokio::task::spawn_blocking(move || file.sync_all())
         .await
-        .map_err(|e| format!("the slot writer stopped: {e}"))?
+        .map_err(|e| node_err(format!("the slot writer stopped: {e}")))?
         .map_err(|e| PlatformError::io("syncing", &dev, e))?;
     let actual = hasher.finalize().to_hex().to_string();
     if actual != c.blake3 {
-        let _ = slots::update_meta(rt, |m| m.slot_mut(target).state = SlotState::Empty);
         return Err(BundleError::Digest {
             component: ROOTFS.into(),
             expected: c.blake3,
@@ -214,9 +275,9 @@ pub async fn write_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
 }
 
 /// Reads the slot back and hashes it again: what is on the disk, not what was sent.
-pub async fn verify_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
+pub async fn verify_slot(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
     let c = component(&job, ROOTFS)?;
-    let (_, dev) = slots::partition(&job.rt, job.target.root_label())?;
+    let (_, dev) = slots::partition(&job.rt, job.target.root_label()).map_err(node_err)?;
     let (mut file, base) = job.rt.platform.open_partition(&dev, false)?;
     // The pages just written are still cached (clean, since writeSlot synced them): drop them,
     // or the read-back would hash the page cache instead of what the device kept.
@@ -234,45 +295,50 @@ pub async fn verify_slot(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
         .map_err(|e| PlatformError::io("seeking in", &dev, e))?;
     let size = c.size;
     let d = dev.clone();
-    let actual = tokio::task::spawn_blocking(move || hash_prefix(file, &d, size)).await??;
+    let actual = tokio::task::spawn_blocking(move || hash_prefix(file, &d, size))
+        .await
+        .map_err(|e| node_err(format!("the slot reader stopped: {e}")))?
+        .map_err(node_err)?;
     if actual != c.blake3 {
-        return Err(format!(
-            "slot {} reads back as {actual}, not {}: the disk did not keep what was written",
-            job.target, c.blake3
-        )
-        .into());
+        return Err(UpgradeError::Verify {
+            slot: job.target,
+            expected: c.blake3,
+            actual,
+        });
     }
     Ok(())
 }
 
 /// Writes the target slot's UKI to the ESP (atomically).
-pub async fn install_uki(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
-    let uki = job.state().uki.take().ok_or("the UKI was not received")?;
-    slots::write_esp_file(&job.rt, &slots::uki_file(job.target), &uki)?;
+pub async fn install_uki(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
+    let uki = job
+        .state()
+        .uki
+        .take()
+        .ok_or_else(|| node_err("the UKI was not received"))?;
+    slots::write_esp_file(&job.rt, &slots::uki_file(job.target), &uki).map_err(node_err)?;
     Ok(())
 }
 
 /// META: the slot holds a verified image, pending its trial.
-pub async fn mark_pending(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
+pub async fn mark_pending(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
     let root = component(&job, ROOTFS)?;
-    let version = job.manifest().map(|m| m.version).unwrap_or_default();
+    let manifest = job
+        .manifest()
+        .ok_or_else(|| node_err("the manifest was not read"))?;
+    let written = Written {
+        version: manifest.version.clone(),
+        root_blake3: root.blake3,
+        root_size: root.size,
+        security_version: manifest.security_version,
+    };
     let target = job.target;
-    slots::update_meta(&job.rt, |m| {
-        let r = m.slot_mut(target);
-        r.state = SlotState::Pending;
-        r.version = version.clone();
-        r.root_blake3 = root.blake3.clone();
-        r.root_size = root.size;
-        r.attempts = 0;
-        r.breadcrumbs.clear();
-        r.failure = None;
-        r.armed = false;
-    })?;
+    slots::update_meta(&job.rt, |m| m.mark_written(target, &written)).map_err(node_err)?;
     slot_event(
         &job.rt,
         target,
         SlotState::Pending,
-        format!("{version} written and verified"),
+        format!("{} written and verified", manifest.version),
     );
     Ok(())
 }
@@ -289,7 +355,9 @@ pub fn arm(rt: &Runtime, target: Slot) -> Result<(), TaskError> {
         .efivars()
         .set_boot_next(entry)
         .map_err(slots::SlotError::from)?;
-    slots::update_meta(rt, |m| m.slot_mut(target).armed = true)?;
+    let mut rule = Ok(());
+    slots::update_meta(rt, |m| rule = m.arm(target))?;
+    rule?;
     slot_event(
         rt,
         target,
@@ -300,8 +368,8 @@ pub fn arm(rt: &Runtime, target: Slot) -> Result<(), TaskError> {
 }
 
 /// Arms the trial of the slot just written.
-pub async fn arm_trial(job: Arc<UpgradeJob>) -> Result<(), TaskError> {
-    arm(&job.rt, job.target)
+pub async fn arm_trial(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
+    arm(&job.rt, job.target).map_err(node_err)
 }
 
 /// Before a reboot: a staged upgrade (pending, not yet armed) gets its trial now.
@@ -325,10 +393,12 @@ pub async fn switch_slot(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let mut next = slots::read_meta(&ctx)?
         .map(|l| l.meta)
         .ok_or("META holds no slot record")?;
-    next.committed = to;
+    next.rollback(to)?;
     slots::reconcile_entries(&ctx, &next)?;
     slots::follow_committed(&ctx, to)?;
-    let m = slots::update_meta(&ctx, |m| m.committed = to)?;
+    let mut rule = Ok(());
+    let m = slots::update_meta(&ctx, |m| rule = m.rollback(to))?;
+    rule?;
     slot_event(
         &ctx,
         to,

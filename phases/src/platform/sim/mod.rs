@@ -314,8 +314,14 @@ impl Platform for Sim {
     }
 
     fn write(&self, path: &Path, data: &[u8]) -> Result<(), PlatformError> {
-        fault::step(&format!("write {}", path.display()));
         let p = self.resolve(path);
+        // Writing over a file in place truncates it first: a power cut between the two leaves
+        // it empty, as on a real disk. Only `replace` is safe for files that must survive.
+        if p.exists() {
+            fault::step(&format!("truncate {}", path.display()));
+            File::create(&p).map_err(io("truncating", path))?;
+        }
+        fault::step(&format!("write {}", path.display()));
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d).map_err(io("creating directory for", path))?;
         }
@@ -323,6 +329,23 @@ impl Platform for Sim {
         f.write_all(data)
             .and_then(|_| f.sync_all())
             .map_err(io("writing", path))
+    }
+
+    fn replace(&self, path: &Path, data: &[u8]) -> Result<(), PlatformError> {
+        let mut tmp = path.as_os_str().to_os_string();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        self.write(&tmp, data)?;
+        self.rename(&tmp, path)
+    }
+
+    fn remove(&self, path: &Path) -> Result<(), PlatformError> {
+        let p = self.resolve(path);
+        if !p.exists() {
+            return Ok(());
+        }
+        fault::step(&format!("remove {}", path.display()));
+        std::fs::remove_file(&p).map_err(io("removing", path))
     }
 
     fn mkdir_all(&self, path: &Path) -> Result<(), PlatformError> {

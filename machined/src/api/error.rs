@@ -1,0 +1,173 @@
+//! Every way an RPC can be refused or fail, and the one place each becomes a gRPC code.
+//!
+//! | error | code |
+//! |---|---|
+//! | a request field the node does not understand, an invalid config, a bad bundle | `INVALID_ARGUMENT` |
+//! | another sequence in the way, a sequence taken over | `ABORTED` |
+//! | the node's state forbids it (not committed, nothing to roll back to, below the security floor) | `FAILED_PRECONDITION` |
+//! | a maintenance call after the node got its config | `PERMISSION_DENIED` |
+//! | an unknown service | `NOT_FOUND` |
+//! | a source that stalled or ran out of time | `DEADLINE_EXCEEDED` |
+//! | an upload that broke off, a log that cannot be opened | `UNAVAILABLE` |
+//! | the disk did not keep what was written | `DATA_LOSS` |
+//! | the node's own I/O failed | `INTERNAL` |
+
+use phases::apply::ApplyError;
+use phases::upgrade::{AdmitError, UpgradeError};
+use sequencer::{Denied, SequenceError};
+use tonic::{Code, Status};
+use upgrade::policy::PolicyError;
+
+/// An RPC's refusal or failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A request field is not one the node understands.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The lifecycle machine refused the sequence.
+    #[error("{denied} (actor id {actor})")]
+    Denied {
+        /// Why.
+        denied: Denied,
+        /// The request's actor id.
+        actor: String,
+    },
+    /// The sequence was taken over before it finished.
+    #[error("{error} (actor id {actor})")]
+    Cancelled {
+        /// What took it over.
+        error: SequenceError,
+        /// The request's actor id.
+        actor: String,
+    },
+    /// An upgrade or rollback may not start now.
+    #[error("{0}")]
+    Admit(#[from] AdmitError),
+    /// An upgrade failed; `changed` says what it had changed by then.
+    #[error("upgrade refused: {error}; {changed} (actor id {actor})")]
+    Upgrade {
+        /// Why.
+        error: UpgradeError,
+        /// What changed on the disk before it stopped.
+        changed: String,
+        /// The request's actor id.
+        actor: String,
+    },
+    /// A config was not applied.
+    #[error("{error} (actor id {actor})")]
+    Apply {
+        /// Why.
+        error: ApplyError,
+        /// The request's actor id.
+        actor: String,
+    },
+    /// A reset names what the node does not have.
+    #[error("{0}")]
+    Reset(String),
+    /// No such thing.
+    #[error("{0}")]
+    NotFound(String),
+    /// Something the call needs is not there now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The node failed at its own work.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The gRPC code: every variant, and every inner error that decides, named here.
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::BadRequest(_) | ApiError::Reset(_) => Code::InvalidArgument,
+            ApiError::Denied { denied, .. } => match denied {
+                Denied::Busy { .. } => Code::Aborted,
+                Denied::NotAllowed { .. } => Code::FailedPrecondition,
+            },
+            ApiError::Cancelled { .. } => Code::Aborted,
+            ApiError::Admit(e) => match e {
+                AdmitError::NotBooted
+                | AdmitError::NoConfig
+                | AdmitError::NoTrustedKeys
+                | AdmitError::NotCommitted { .. }
+                | AdmitError::NoGoodSlot { .. }
+                | AdmitError::NoMeta => Code::FailedPrecondition,
+                AdmitError::Meta(_) => Code::Internal,
+                AdmitError::Source(_) => Code::InvalidArgument,
+            },
+            ApiError::Upgrade { error, .. } => match error {
+                UpgradeError::Bundle(_)
+                | UpgradeError::Uki(_)
+                | UpgradeError::Trailing(_)
+                | UpgradeError::Policy(PolicyError::NotExpected { .. }) => Code::InvalidArgument,
+                UpgradeError::Policy(
+                    PolicyError::BelowFloor { .. }
+                    | PolicyError::Expired { .. }
+                    | PolicyError::Downgrade { .. },
+                ) => Code::FailedPrecondition,
+                UpgradeError::Stalled(_) => Code::DeadlineExceeded,
+                UpgradeError::Source(_) => Code::Unavailable,
+                UpgradeError::Verify { .. } => Code::DataLoss,
+                UpgradeError::Node(_) => Code::Internal,
+            },
+            ApiError::Apply { error, .. } => match error {
+                ApplyError::AlreadyConfigured => Code::PermissionDenied,
+                ApplyError::NotConfigured
+                | ApplyError::Unusable(_)
+                | ApplyError::NothingToConfirm => Code::FailedPrecondition,
+                ApplyError::Yaml(_) | ApplyError::Write(_) => Code::Internal,
+            },
+            ApiError::NotFound(_) => Code::NotFound,
+            ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// A lifecycle refusal for `actor`.
+    pub fn denied(actor: &str) -> impl FnOnce(Denied) -> ApiError + '_ {
+        move |denied| ApiError::Denied {
+            denied,
+            actor: actor.to_string(),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+/// How a sequence's failure reached the caller: its typed task error, if it has one of type
+/// `E`, or the whole sequence error.
+pub enum Failure<E> {
+    /// A task failed with `E`.
+    Typed(E),
+    /// It was taken over.
+    Cancelled(SequenceError),
+    /// A task failed with something else (a bug: every task of the sequence returns `E`).
+    Other(SequenceError),
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> Failure<E> {
+    /// Sorts a sequence's result.
+    pub fn of(error: SequenceError) -> Failure<E> {
+        match error {
+            SequenceError::Failed {
+                sequence,
+                phase,
+                task,
+                source,
+            } => match source.downcast::<E>() {
+                Ok(typed) => Failure::Typed(*typed),
+                Err(source) => Failure::Other(SequenceError::Failed {
+                    sequence,
+                    phase,
+                    task,
+                    source,
+                }),
+            },
+            cancelled @ SequenceError::Cancelled { .. } => Failure::Cancelled(cancelled),
+        }
+    }
+}

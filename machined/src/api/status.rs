@@ -1,0 +1,145 @@
+//! Version and Status: what the node runs, its lifecycle state, its slots and boot entries.
+
+use std::path::Path;
+
+use api::proto::{StatusResponse, VersionResponse};
+use phases::runtime::paths;
+use phases::tasks::system::release_version;
+use phases::Runtime;
+
+/// The facts of this boot, read once when the API starts.
+pub fn fixed_version(runtime: &Runtime) -> VersionResponse {
+    let p = &runtime.platform;
+    let (root_fstype, root_source) = p
+        .mounts()
+        .ok()
+        .and_then(|m| m.into_iter().rev().find(|m| m.target == Path::new("/")))
+        .map(|m| (m.fstype, m.source))
+        .unwrap_or_default();
+    let release = p
+        .read(Path::new(paths::RELEASE))
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    VersionResponse {
+        version: release_version(&release).unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string()),
+        node_name: String::new(),
+        slot: runtime
+            .boot()
+            .map(|b| b.slot.to_string())
+            .unwrap_or_default(),
+        machined_pid: std::process::id(),
+        root_fstype,
+        root_source,
+        boot_id: p.boot_id(),
+        arch: std::env::consts::ARCH.into(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        state: String::new(),
+    }
+}
+
+/// The Version reply: the fixed facts, the node's name and its state now.
+pub fn version(runtime: &Runtime, fixed: &VersionResponse) -> VersionResponse {
+    VersionResponse {
+        state: runtime.controller.state().to_string(),
+        node_name: runtime.config().map(|c| c.machine.name).unwrap_or_default(),
+        ..fixed.clone()
+    }
+}
+
+fn slot_status(slot: upgrade::Slot, r: &upgrade::meta::SlotRecord) -> api::proto::SlotStatus {
+    api::proto::SlotStatus {
+        slot: slot.to_string(),
+        state: r.state.as_str().into(),
+        version: r.version.clone(),
+        attempts: r.attempts,
+        failure: r.failure.clone().unwrap_or_default(),
+        breadcrumbs: r.breadcrumbs.iter().map(ToString::to_string).collect(),
+        security_version: r.security_version,
+    }
+}
+
+/// The Status reply: state, running sequence, both slots' records from META, the boot entries.
+pub fn status(runtime: &Runtime, fixed: &VersionResponse) -> StatusResponse {
+    let state = runtime.controller.state();
+    let (running_sequence, running_actor_id) = runtime
+        .controller
+        .running()
+        .map(|(k, a)| (k.to_string(), a))
+        .unwrap_or_default();
+    let meta = phases::slots::read_meta(runtime)
+        .ok()
+        .flatten()
+        .map(|l| l.meta);
+    let vars = runtime.platform.efivars();
+    let boot_entries = vars
+        .boot_entries()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(n, o)| api::proto::BootEntry {
+            number: u32::from(n),
+            description: o.description.to_string_lossy(),
+            path: o.file_path_list.to_string(),
+            active: o.is_active(),
+        })
+        .collect();
+    StatusResponse {
+        state: state.to_string(),
+        superstate: state.superstate().into(),
+        running_sequence,
+        running_actor_id,
+        slot: fixed.slot.clone(),
+        boot_id: fixed.boot_id.clone(),
+        slots: meta
+            .as_ref()
+            .map(|m| {
+                upgrade::Slot::ALL
+                    .iter()
+                    .map(|s| slot_status(*s, m.slot(*s)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        committed: meta
+            .as_ref()
+            .map(|m| m.committed.to_string())
+            .unwrap_or_default(),
+        security_floor: meta.as_ref().map_or(0, |m| m.security_floor),
+        boot_entries,
+        boot_order: vars
+            .boot_order()
+            .unwrap_or_default()
+            .into_iter()
+            .map(u32::from)
+            .collect(),
+        boot_current: vars.boot_current().ok().flatten().map(u32::from),
+        boot_next: vars.boot_next().ok().flatten().map(u32::from),
+        last_failure: meta
+            .and_then(|m| m.last_failure)
+            .map(|f| api::proto::TrialFailure {
+                slot: f.slot.to_string(),
+                version: f.version,
+                reason: f.reason,
+                unix_ms: f.unix_ms,
+            }),
+        trial: runtime.trial(),
+    }
+}
+
+/// The supervised services.
+pub fn services(runtime: &Runtime) -> Vec<api::proto::ServiceInfo> {
+    runtime
+        .services
+        .list()
+        .into_iter()
+        .map(|s| api::proto::ServiceInfo {
+            name: s.name,
+            state: s.state.as_str().into(),
+            pid: s.pid.unwrap_or(0),
+            restarts: s.restarts,
+            healthy: s.healthy,
+            last_exit: s.last_exit.unwrap_or_default(),
+            depends_on: s.depends_on,
+        })
+        .collect()
+}
