@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod raw_h2;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -240,6 +242,17 @@ impl SimNode {
         }
     }
 
+    /// The node config on STATE, as the node keeps it (`None` when there is none).
+    pub fn config_on_state(&self) -> Option<config::NodeConfig> {
+        let path = std::fs::read_dir(self.machine().join("volumes"))
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("config.yaml"))
+            .find(|p| p.exists())?;
+        let text = std::fs::read_to_string(path).expect("read config");
+        Some(config::NodeConfig::from_yaml(&text).expect("the config on STATE is valid"))
+    }
+
     /// The console so far.
     pub fn console(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
@@ -443,4 +456,18 @@ impl Drop for SimNode {
 /// Names of sequences stopped with an error containing `needle`.
 pub fn stopped_with(events: &[Event], sequence: &str, needle: &str) -> bool {
     events.iter().any(|e| matches!(&e.kind, EventKind::SequenceStop { sequence: s, error: Some(err), .. } if s == sequence && err.contains(needle)))
+}
+
+/// A config for the same node made by someone else: its own name, CA and node key.
+pub fn foreign_config(name: &str, endpoint: &str) -> config::NodeConfig {
+    let g = generate(&GenOptions {
+        name: name.into(),
+        endpoint: endpoint.into(),
+        interface: "eth0".into(),
+        address: Some("10.0.2.99/24".into()),
+        gateway: None,
+        trusted_keys: vec![],
+    })
+    .expect("configs");
+    g.node
 }
