@@ -31,7 +31,10 @@ async fn runs_with(node: &SimNode, want: &config::NodeConfig) {
     let v = node.version_after(None).await;
     assert_eq!(v.node_name, want.machine.name);
     let on_state = node.config_on_state().expect("a config on STATE");
-    assert_eq!(&on_state, want, "the config on STATE is not the one applied first");
+    assert_eq!(
+        &on_state, want,
+        "the config on STATE is not the one applied first"
+    );
 }
 
 async fn operator_applies(node: &SimNode, fp: &str, cfg: &config::NodeConfig) {
@@ -54,7 +57,9 @@ async fn a_maintenance_call_held_open_across_the_handoff_cannot_replace_the_oper
     let tls = api::tls::insecure_client_config(Some(fp.clone())).expect("tls");
 
     // The attacker opens its call while the node has no config: headers, no body.
-    let mut raw = RawH2::connect(&node.endpoint, tls, None).await.expect("raw h2");
+    let mut raw = RawH2::connect(&node.endpoint, tls, None)
+        .await
+        .expect("raw h2");
     raw.open_call(1, APPLY).await.expect("headers");
 
     // The operator gives the node its config; the node says goodbye to maintenance clients.
@@ -72,14 +77,11 @@ async fn a_maintenance_call_held_open_across_the_handoff_cannot_replace_the_oper
             .expect("an answer or the end of the connection within 10 s"),
         Err(_) => None,
     };
-    match &answer {
-        // PERMISSION_DENIED: the handler knew the call came in through maintenance mode.
-        Some((code, msg)) => {
-            assert_eq!(code, "7", "{msg}");
-            assert!(msg.contains("already has its config"), "{msg}");
-        }
-        // Or the connection was gone before the call could be answered.
-        None => {}
+    // PERMISSION_DENIED: the handler knew the call came in through maintenance mode. (Or the
+    // connection was gone before the call could be answered: `None`.)
+    if let Some((code, msg)) = &answer {
+        assert_eq!(code, "7", "{msg}");
+        assert!(msg.contains("already has its config"), "{msg}");
     }
     eprintln!("the held call got: {answer:?}");
     runs_with(&node, &operator).await;
@@ -91,7 +93,9 @@ async fn a_peer_that_never_answers_pings_and_opens_a_call_after_the_config_is_in
     let fp = node.maintenance_fingerprint().await;
     let attacker = foreign_config("attacker", &node.endpoint);
     let tls = api::tls::insecure_client_config(Some(fp.clone())).expect("tls");
-    let mut raw = RawH2::connect(&node.endpoint, tls, None).await.expect("raw h2");
+    let mut raw = RawH2::connect(&node.endpoint, tls, None)
+        .await
+        .expect("raw h2");
 
     operator_applies(&node, &fp, &operator).await;
     node.version_after(None).await;
@@ -151,14 +155,20 @@ async fn of_two_racing_first_configs_exactly_one_is_applied_and_kept() {
         let winner = match (&ra, &rb) {
             (Ok(_), Err(e)) => {
                 assert!(
-                    matches!(e.code(), tonic::Code::Aborted | tonic::Code::PermissionDenied),
+                    matches!(
+                        e.code(),
+                        tonic::Code::Aborted | tonic::Code::PermissionDenied
+                    ),
                     "round {round}: the loser got {e:?}"
                 );
                 &first
             }
             (Err(e), Ok(_)) => {
                 assert!(
-                    matches!(e.code(), tonic::Code::Aborted | tonic::Code::PermissionDenied),
+                    matches!(
+                        e.code(),
+                        tonic::Code::Aborted | tonic::Code::PermissionDenied
+                    ),
                     "round {round}: the loser got {e:?}"
                 );
                 &second
@@ -170,7 +180,10 @@ async fn of_two_racing_first_configs_exactly_one_is_applied_and_kept() {
             // certificate's successor only through what the node reports on its console.
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while node.config_on_state().as_ref() != Some(winner) {
-                assert!(std::time::Instant::now() < deadline, "STATE never got the winner's config");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "STATE never got the winner's config"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         } else {

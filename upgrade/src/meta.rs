@@ -683,16 +683,17 @@ mod tests {
 
     #[test]
     fn what_a_boot_is_follows_from_both_slots() {
-        // (booted, B's state, B armed, B's crumbs, expected kind, B's state after, reason)
-        let table: &[(
+        // (booted, B's state, B armed, B's crumbs, a trial?, B's state after, reason)
+        type Row = (
             Slot,
             SlotState,
             bool,
-            &[&str],
+            &'static [&'static str],
             bool,
             SlotState,
-            Option<&str>,
-        )] = &[
+            Option<&'static str>,
+        );
+        let table: &[Row] = &[
             // B pending and armed, booted: its trial.
             (
                 Slot::B,

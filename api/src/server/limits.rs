@@ -12,11 +12,13 @@ use std::time::Duration;
 /// The server's caps and timeouts.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Open connections (handshaking or established), all peers together.
+    /// Established (handshake done) connections, all peers together.
     pub max_connections: usize,
-    /// Open connections from one IP address.
+    /// Open connections (handshaking or established) from one IP address.
     pub max_connections_per_peer: usize,
-    /// TLS handshakes in progress at once.
+    /// Connections whose peer has sent nothing yet; a new one beyond it evicts the oldest.
+    pub max_silent: usize,
+    /// TLS handshakes in progress at once; a new one beyond it evicts the oldest.
     pub max_handshakes: usize,
     /// A handshake that takes longer is dropped.
     pub handshake_timeout: Duration,
@@ -49,6 +51,7 @@ impl Default for Limits {
         Limits {
             max_connections: 256,
             max_connections_per_peer: 32,
+            max_silent: 512,
             max_handshakes: 64,
             handshake_timeout: Duration::from_secs(5),
             max_streams: 16,

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -16,23 +15,39 @@ use tonic::service::Routes;
 use super::authorize::{admission, Activity, Authorize, StreamCaps};
 use super::{Limits, Mode, PeerInfo};
 
-/// Open connections, all together and per peer address.
+/// Open connections: from each peer address (handshaking or established), and established.
 #[derive(Default)]
 struct Tracker {
-    total: usize,
+    established: usize,
     per_peer: HashMap<IpAddr, usize>,
 }
 
-/// A connection's place under the caps, given back when it closes.
+/// A connection's place under the per-peer cap, given back when it closes.
 struct Slot {
     tracker: Arc<Mutex<Tracker>>,
     ip: IpAddr,
+    established: bool,
+}
+
+impl Slot {
+    /// Counts the connection as established, unless the cap on those is reached.
+    fn establish(&mut self, limits: &Limits) -> bool {
+        let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        if t.established >= limits.max_connections {
+            return false;
+        }
+        t.established += 1;
+        self.established = true;
+        true
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-        t.total = t.total.saturating_sub(1);
+        if self.established {
+            t.established = t.established.saturating_sub(1);
+        }
         if let Some(n) = t.per_peer.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -42,29 +57,90 @@ impl Drop for Slot {
     }
 }
 
-/// Why a connection was turned away before its handshake.
+/// Why a connection was turned away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Over {
-    Total,
+    Established,
     Peer,
-    Handshakes,
+    Silent,
+    Evicted,
 }
 
 fn admit(tracker: &Arc<Mutex<Tracker>>, ip: IpAddr, limits: &Limits) -> Result<Slot, Over> {
     let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
-    if t.total >= limits.max_connections {
-        return Err(Over::Total);
-    }
     let n = t.per_peer.entry(ip).or_insert(0);
     if *n >= limits.max_connections_per_peer {
         return Err(Over::Peer);
     }
     *n += 1;
-    t.total += 1;
     Ok(Slot {
         tracker: tracker.clone(),
         ip,
+        established: false,
     })
+}
+
+/// Connections waiting on their peer, oldest first, at most `max`: when full, a newcomer
+/// evicts the oldest. There are two: connections whose peer has not sent a byte yet, and
+/// TLS handshakes in progress. A peer that opens connections and never speaks can only push
+/// out others like it; a client's ClientHello moves it on at once, to compete only with
+/// peers that handshake.
+struct Pool {
+    max: usize,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    next: u64,
+    waiting: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
+/// A place in a [`Pool`]; given back when dropped.
+struct Place {
+    pool: Arc<Pool>,
+    id: u64,
+    evicted: CancellationToken,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut p = self.pool.state.lock().unwrap_or_else(|p| p.into_inner());
+        p.waiting.retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl Pool {
+    fn new(max: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            max: max.max(1),
+            state: Mutex::new(PoolState::default()),
+        })
+    }
+
+    /// A place, evicting the oldest when there is none; says whether one was evicted.
+    fn enter(self: &Arc<Self>) -> (Place, bool) {
+        let mut p = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut evicted = false;
+        while p.waiting.len() >= self.max {
+            if let Some((_, oldest)) = p.waiting.pop_front() {
+                oldest.cancel();
+                evicted = true;
+            }
+        }
+        p.next += 1;
+        let id = p.next;
+        let token = CancellationToken::new();
+        p.waiting.push_back((id, token.clone()));
+        (
+            Place {
+                pool: self.clone(),
+                id,
+                evicted: token,
+            },
+            evicted,
+        )
+    }
 }
 
 /// Says at most once a second that connections are being turned away (a flood must not turn
@@ -84,11 +160,12 @@ impl RefusalLog {
             return;
         }
         let what = match why {
-            Over::Total => "the server's connection cap",
-            Over::Peer => "the cap on connections from one address",
-            Over::Handshakes => "the cap on TLS handshakes in progress",
+            Over::Established => "the cap on established connections is reached",
+            Over::Peer => "the cap on connections from one address is reached",
+            Over::Silent => "the oldest connection that had sent nothing made room for a newer one",
+            Over::Evicted => "the oldest TLS handshake in progress made room for a newer one",
         };
-        tracing::warn!(%remote, "connection closed at once: {what} is reached ({} turned away since the last report)", self.since);
+        tracing::warn!(%remote, "connection closed: {what} ({} since the last report)", self.since);
         self.last = Some(Instant::now());
         self.since = 0;
     }
@@ -105,13 +182,20 @@ pub(super) async fn run(
     stop: CancellationToken,
 ) {
     let tracker = Arc::new(Mutex::new(Tracker::default()));
-    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+    let silent = Pool::new(limits.max_silent);
+    let handshakes = Pool::new(limits.max_handshakes);
     let caps = Arc::new(StreamCaps::new(&limits));
     let drain = CancellationToken::new();
     let mut conns = JoinSet::new();
-    let mut refused = RefusalLog {
+    let refused = Arc::new(Mutex::new(RefusalLog {
         last: None,
         since: 0,
+    }));
+    let note = |remote, why| {
+        refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(remote, why)
     };
     loop {
         let accepted = tokio::select! {
@@ -131,14 +215,14 @@ pub(super) async fn run(
         let slot = match admit(&tracker, remote.ip(), &limits) {
             Ok(s) => s,
             Err(why) => {
-                refused.note(remote, why);
+                note(remote, why);
                 continue;
             }
         };
-        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-            refused.note(remote, Over::Handshakes);
-            continue;
-        };
+        let (place, evicted) = silent.enter();
+        if evicted {
+            note(remote, Over::Silent);
+        }
         let conn = Connection {
             acceptor: acceptor.clone(),
             routes: routes.clone(),
@@ -146,11 +230,10 @@ pub(super) async fn run(
             limits: limits.clone(),
             caps: caps.clone(),
             drain: drain.clone(),
+            refused: refused.clone(),
+            handshakes: handshakes.clone(),
         };
-        conns.spawn(async move {
-            let _slot = slot;
-            conn.serve(tcp, remote, handshake).await;
-        });
+        conns.spawn(conn.serve(tcp, remote, slot, place));
     }
     // Stopped: no more accepts (the listener closes here), GOAWAY to every connection; the
     // caller's grace period ends the rest by dropping this future.
@@ -175,18 +258,39 @@ struct Connection {
     limits: Arc<Limits>,
     caps: Arc<StreamCaps>,
     drain: CancellationToken,
+    refused: Arc<Mutex<RefusalLog>>,
+    handshakes: Arc<Pool>,
 }
 
 impl Connection {
-    async fn serve(
-        self,
-        tcp: TcpStream,
-        remote: SocketAddr,
-        handshake: tokio::sync::OwnedSemaphorePermit,
-    ) {
+    async fn serve(self, tcp: TcpStream, remote: SocketAddr, mut slot: Slot, silent: Place) {
         let _ = tcp.set_nodelay(true);
+        let deadline = tokio::time::Instant::now() + self.limits.handshake_timeout;
+        // Wait for the peer's first bytes among the silent; then handshake among those who do.
+        let mut first = [0u8; 1];
+        tokio::select! {
+            // `peek`, not `readable`: readiness can be reported without a byte to read.
+            r = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => match r {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return,
+                Err(_) => {
+                    tracing::info!(%remote, "TLS handshake timed out (nothing sent)");
+                    return;
+                }
+            },
+            _ = self.drain.cancelled() => return,
+            _ = silent.evicted.cancelled() => return,
+        }
+        drop(silent);
+        let (handshake, evicted) = self.handshakes.enter();
+        if evicted {
+            self.refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .note(remote, Over::Evicted);
+        }
         let tls = tokio::select! {
-            r = tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(tcp)) => match r {
+            r = tokio::time::timeout_at(deadline, self.acceptor.accept(tcp)) => match r {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::info!(%remote, "TLS handshake refused: {e}");
@@ -198,8 +302,16 @@ impl Connection {
                 }
             },
             _ = self.drain.cancelled() => return,
+            _ = handshake.evicted.cancelled() => return,
         };
         drop(handshake);
+        if !slot.establish(&self.limits) {
+            self.refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .note(remote, Over::Established);
+            return;
+        }
         let peer = peer_info(remote, &tls);
         let activity = Arc::new(Activity::default());
         let gate = Authorize {
@@ -294,21 +406,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn connections_are_capped_in_all_and_per_peer_and_the_caps_free_up() {
+    fn connections_are_capped_per_peer_and_established_and_the_caps_free_up() {
         let limits = Limits {
-            max_connections: 3,
+            max_connections: 2,
             max_connections_per_peer: 2,
             ..Limits::default()
         };
         let t = Arc::new(Mutex::new(Tracker::default()));
         let a: IpAddr = [10, 0, 0, 1].into();
         let b: IpAddr = [10, 0, 0, 2].into();
-        let a1 = admit(&t, a, &limits).expect("a1");
-        let _a2 = admit(&t, a, &limits).expect("a2");
+        let mut a1 = admit(&t, a, &limits).expect("a1");
+        let mut a2 = admit(&t, a, &limits).expect("a2");
         assert_eq!(admit(&t, a, &limits).err(), Some(Over::Peer));
-        let _b1 = admit(&t, b, &limits).expect("b1");
-        assert_eq!(admit(&t, b, &limits).err(), Some(Over::Total));
+        let mut b1 = admit(&t, b, &limits).expect("b1");
+        assert!(a1.establish(&limits) && a2.establish(&limits));
+        assert!(!b1.establish(&limits), "over the established cap");
         drop(a1);
-        assert!(admit(&t, b, &limits).is_ok());
+        assert!(b1.establish(&limits));
+        assert!(admit(&t, a, &limits).is_ok());
+    }
+
+    #[test]
+    fn a_full_pool_evicts_its_oldest_not_the_newcomer() {
+        let pool = Pool::new(2);
+        let (p1, e1) = pool.enter();
+        let (p2, e2) = pool.enter();
+        assert!(!e1 && !e2);
+        let (p3, e3) = pool.enter();
+        assert!(e3, "the third made room");
+        assert!(p1.evicted.is_cancelled() && !p2.evicted.is_cancelled());
+        drop((p1, p2));
+        let (_p4, e4) = pool.enter();
+        assert!(!e4, "places given back are free again");
+        assert!(!p3.evicted.is_cancelled());
     }
 }

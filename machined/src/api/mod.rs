@@ -4,7 +4,7 @@
 //! - [`status`]: Version and Status (slots, boot entries, the last failed trial);
 //! - [`power`]: Reboot and Shutdown;
 //! - [`upgrade`]: Upgrade and Rollback;
-//! - [`reset`]: Reset;
+//! - [`reset`]: the Reset RPC;
 //! - [`config`]: ApplyConfiguration and GetConfiguration;
 //! - [`logs`]: Dmesg and Logs.
 //!

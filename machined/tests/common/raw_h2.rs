@@ -104,9 +104,7 @@ impl RawH2 {
             tls,
             hpack: hpack::Decoder::new(),
         };
-        c.tls
-            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-            .await?;
+        c.tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
         c.frame(SETTINGS, 0, 0, &[]).await?;
         Ok(c)
     }
@@ -148,7 +146,9 @@ impl RawH2 {
         // Within the peer's default maximum frame size (16 KiB).
         let mut chunks = bytes.chunks(16 << 10).peekable();
         if chunks.peek().is_none() {
-            return self.frame(DATA, if end { END_STREAM } else { 0 }, stream, &[]).await;
+            return self
+                .frame(DATA, if end { END_STREAM } else { 0 }, stream, &[])
+                .await;
         }
         while let Some(c) = chunks.next() {
             let last = chunks.peek().is_none();

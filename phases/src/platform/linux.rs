@@ -99,6 +99,15 @@ impl Platform for Linux {
         }
     }
 
+    fn rotate(&self, log: &Path, keep: &Path) -> Result<(), PlatformError> {
+        std::fs::copy(log, keep).map_err(|e| PlatformError::io("copying", log, e))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(log)
+            .and_then(|f| f.set_len(0))
+            .map_err(|e| PlatformError::io("emptying", log, e))
+    }
+
     fn mkdir_all(&self, path: &Path) -> Result<(), PlatformError> {
         std::fs::create_dir_all(path).map_err(|e| PlatformError::io("creating directory", path, e))
     }
@@ -843,6 +852,21 @@ async fn wait_for_link(handle: &rtnetlink::Handle, name: &str) -> Result<u32, Pl
     }
 }
 
+/// The temporary name a file is written under before it replaces `path`.
+fn temp_beside(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Syncs the directory holding `path`, so a rename or removal in it is on the disk.
+fn sync_parent(path: &Path) -> Result<(), PlatformError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| PlatformError::io("syncing directory", dir, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -860,19 +884,4 @@ mod tests {
         assert!(data[..9_000].iter().all(|&b| b == 0));
         assert!(data[9_000..].iter().all(|&b| b == 0xa5));
     }
-}
-
-/// The temporary name a file is written under before it replaces `path`.
-fn temp_beside(path: &Path) -> std::path::PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-/// Syncs the directory holding `path`, so a rename or removal in it is on the disk.
-fn sync_parent(path: &Path) -> Result<(), PlatformError> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| PlatformError::io("syncing directory", dir, e))
 }

@@ -225,6 +225,10 @@ pub trait Platform: Send + Sync + 'static {
     /// error.
     fn remove(&self, path: &Path) -> Result<(), PlatformError>;
 
+    /// Rotates a log that a process appends to: copies it to `keep` (replacing it), then
+    /// empties it; the writer goes on appending at the new end.
+    fn rotate(&self, log: &Path, keep: &Path) -> Result<(), PlatformError>;
+
     /// Creates a directory and its parents.
     fn mkdir_all(&self, path: &Path) -> Result<(), PlatformError>;
 

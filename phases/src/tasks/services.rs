@@ -10,7 +10,37 @@ use crate::runtime::Runtime;
 pub async fn start_services(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let cfg = ctx.config().ok_or("the node config is not loaded")?;
     ctx.services.start(&cfg.machine.services);
+    spawn_log_rotation(
+        &ctx,
+        cfg.machine
+            .services
+            .iter()
+            .map(|s| s.name.clone())
+            .collect(),
+    );
     Ok(())
+}
+
+/// Keeps every service's log under [`crate::logs::MAX_SERVICE_LOG`] (checked every few
+/// seconds; EPHEMERAL must not fill up with one chatty service's output).
+fn spawn_log_rotation(ctx: &Arc<Runtime>, names: Vec<String>) {
+    if names.is_empty() {
+        return;
+    }
+    let weak = Arc::downgrade(ctx);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            let Some(rt) = weak.upgrade() else { return };
+            for name in &names {
+                match crate::logs::rotate_if_large(rt.platform.as_ref(), name) {
+                    Ok(true) => tracing::info!("rotated the log of service {name}"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("rotating the log of service {name}: {e}"),
+                }
+            }
+        }
+    });
 }
 
 /// How long the boot waits for every service to be healthy.

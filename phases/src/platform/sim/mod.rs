@@ -348,6 +348,16 @@ impl Platform for Sim {
         std::fs::remove_file(&p).map_err(io("removing", path))
     }
 
+    fn rotate(&self, log: &Path, keep: &Path) -> Result<(), PlatformError> {
+        let (from, to) = (self.resolve(log), self.resolve(keep));
+        std::fs::copy(&from, &to).map_err(io("copying", log))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&from)
+            .and_then(|f| f.set_len(0))
+            .map_err(io("emptying", log))
+    }
+
     fn mkdir_all(&self, path: &Path) -> Result<(), PlatformError> {
         std::fs::create_dir_all(self.resolve(path)).map_err(io("creating directory", path))
     }
