@@ -89,6 +89,15 @@ pub fn boot_entry_number(name: &VarName) -> Option<u16> {
     u16::from_str_radix(hex, 16).ok()
 }
 
+/// The `Boot####` entries, split by whether they decode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BootEntries {
+    /// Those that decode, ascending by number.
+    pub readable: Vec<(u16, LoadOption)>,
+    /// The numbers of those that do not.
+    pub unreadable: Vec<u16>,
+}
+
 impl VarStore {
     /// `BootCurrent`, the entry booted this time; `None` if the firmware did not set it.
     pub fn boot_current(&self) -> Result<Option<u16>, BootVarError> {
@@ -215,6 +224,22 @@ impl VarStore {
             }
         }
         Ok(entries)
+    }
+
+    /// Every `Boot####` entry that decodes, and the numbers of those that do not (a firmware
+    /// or another OS may write entries this codec cannot read: they are not ours to fail on,
+    /// nor to delete).
+    pub fn readable_boot_entries(&self) -> Result<BootEntries, BootVarError> {
+        let mut out = BootEntries::default();
+        for number in self.boot_entry_numbers()? {
+            match self.boot_entry(number) {
+                Ok(Some(option)) => out.readable.push((number, option)),
+                Ok(None) => {}
+                Err(BootVarError::DecodeLoadOption { .. }) => out.unreadable.push(number),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Any variable holding an `EFI_LOAD_OPTION` (`Boot####`, `PlatformRecovery####`, …).

@@ -20,7 +20,7 @@ pub mod load_option;
 pub mod slots;
 pub mod uki;
 
-pub use boot_vars::BootVarError;
+pub use boot_vars::{BootEntries, BootVarError};
 pub use device_path::{DevicePath, DevicePathError, DevicePathNode, HardDrive};
 pub use efivarfs::{VarName, VarStore, VarStoreError, Variable};
 pub use load_option::{EfiString, LoadOption, LoadOptionError};

@@ -79,9 +79,11 @@ fn boots(option: &LoadOption, esp: &Esp, path: &str) -> bool {
 
 /// Decides the entries and `BootOrder` for `wanted` (first = committed slot). Entries of
 /// `retired` slots (being rewritten, or empty) are deleted: the firmware must never fall back
-/// into a slot whose image is not whole.
+/// into a slot whose image is not whole. Entries that could not be read (`unreadable`) are left
+/// alone: their numbers are not reused and they keep their place in `BootOrder` after ours.
 pub fn plan(
     existing: &[(u16, LoadOption)],
+    unreadable: &[u16],
     order: &[u16],
     esp: &Esp,
     wanted: &[Wanted],
@@ -89,6 +91,7 @@ pub fn plan(
 ) -> Plan {
     let mut plan = Plan::default();
     let mut used: Vec<u16> = existing.iter().map(|(n, _)| *n).collect();
+    used.extend_from_slice(unreadable);
     for w in wanted {
         let mut matching: Vec<u16> = existing
             .iter()
@@ -149,7 +152,7 @@ pub fn plan(
             .iter()
             .copied()
             .filter(|n| !ours.contains(n) && !plan.delete.contains(n))
-            .filter(|n| existing.iter().any(|(m, _)| m == n)),
+            .filter(|n| existing.iter().any(|(m, _)| m == n) || unreadable.contains(n)),
     );
     plan.delete.sort_unstable();
     plan.delete.dedup();
@@ -221,7 +224,7 @@ mod tests {
     #[test]
     fn a_blank_store_gets_both_entries_committed_first_and_firmware_entries_after() {
         let existing = vec![(0, firmware()), (2, firmware())];
-        let p = plan(&existing, &[0, 2], &ESP, &wanted(true, false), &[]);
+        let p = plan(&existing, &[], &[0, 2], &ESP, &wanted(true, false), &[]);
         assert_eq!(p.create.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(p.entries, [1, 3]);
         // B is not in BootOrder: only BootNext may boot it.
@@ -236,7 +239,7 @@ mod tests {
             (10, entry("Plinth B", "\\EFI\\plinth\\B.efi")),
             (0, firmware()),
         ];
-        let p = plan(&existing, &[9, 10, 0], &ESP, &wanted(true, true), &[]);
+        let p = plan(&existing, &[], &[9, 10, 0], &ESP, &wanted(true, true), &[]);
         assert!(p.is_noop(&[9, 10, 0]), "{p:?}");
     }
 
@@ -258,7 +261,14 @@ mod tests {
                 ),
             ),
         ];
-        let p = plan(&existing, &[12, 9, 11, 10], &ESP, &wanted(false, true), &[]);
+        let p = plan(
+            &existing,
+            &[],
+            &[12, 9, 11, 10],
+            &ESP,
+            &wanted(false, true),
+            &[],
+        );
         assert_eq!(p.entries, [10, 9]);
         assert_eq!(p.delete, [11, 12]);
         assert_eq!(p.order, [10, 9]);
@@ -271,7 +281,7 @@ mod tests {
             (10, entry("Plinth B", "\\EFI\\plinth\\B.efi")),
             (0, firmware()),
         ];
-        let p = plan(&existing, &[9, 0], &ESP, &wanted(false, true), &[]);
+        let p = plan(&existing, &[], &[9, 0], &ESP, &wanted(false, true), &[]);
         assert_eq!(p.order, [10, 9, 0]);
     }
 
@@ -283,14 +293,14 @@ mod tests {
             (0, firmware()),
         ];
         let w = wanted(true, true);
-        let p = plan(&existing, &[9, 10, 0], &ESP, &w[..1], &w[1..]);
+        let p = plan(&existing, &[], &[9, 10, 0], &ESP, &w[..1], &w[1..]);
         assert_eq!(p.delete, [10]);
         assert_eq!(p.order, [9, 0]);
     }
 
     #[test]
     fn the_created_entry_is_byte_for_byte_what_efibootmgr_writes() {
-        let p = plan(&[], &[], &ESP, &wanted(true, false), &[]);
+        let p = plan(&[], &[], &[], &ESP, &wanted(true, false), &[]);
         let a = p.create[0].1.encode().expect("encode");
         let fixture = include_bytes!("../tests/data/ovmf-efivars/after-efibootmgr-create/Boot0009-8be4df61-93ca-11d2-aa0d-00e098032b8c");
         assert_eq!(a, fixture[4..]);
@@ -300,11 +310,25 @@ mod tests {
     fn applying_a_plan_to_a_store_gives_what_it_says() {
         let dir = tempfile::tempdir().expect("tmp");
         let vars = VarStore::new(dir.path());
-        let p = plan(&[], &[], &ESP, &wanted(true, true), &[]);
+        let p = plan(&[], &[], &[], &ESP, &wanted(true, true), &[]);
         apply(&vars, &p).expect("apply");
         assert_eq!(vars.boot_order().expect("order"), p.order);
         let entries = vars.boot_entries().expect("entries");
-        let again = plan(&entries, &p.order, &ESP, &wanted(true, true), &[]);
+        let again = plan(&entries, &[], &p.order, &ESP, &wanted(true, true), &[]);
         assert!(again.is_noop(&p.order), "{again:?}");
+    }
+
+    #[test]
+    fn an_unreadable_entry_keeps_its_number_and_its_place_after_ours() {
+        // Boot0000 is ours-to-be; Boot0001 could not be decoded.
+        let p = plan(&[], &[0, 1], &[1], &ESP, &wanted(true, false), &[]);
+        assert_eq!(p.create.len(), 1);
+        let created = p.create[0].0;
+        assert!(
+            created != 0 && created != 1,
+            "reused an unreadable entry's number: {created}"
+        );
+        assert_eq!(p.order, [created, 1]);
+        assert!(p.delete.is_empty());
     }
 }

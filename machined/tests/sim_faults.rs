@@ -7,7 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use api::proto::{ResetRequest, StatusRequest, StatusResponse, WipeMethod};
+use api::proto::{
+    ApplyConfigurationRequest, ApplyMode, ResetRequest, StatusRequest, StatusResponse, WipeMethod,
+};
 use common::{sim_bundle, start_env, SimNode};
 
 /// The power-cut exit status (`phases::platform::sim::fault::POWER_CUT_STATUS`).
@@ -222,6 +224,72 @@ async fn a_power_cut_at_any_write_step_of_a_reset_leaves_a_node_that_boots() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// Applies the node's own config renamed to `name`, in `mode` (a try lasts long enough to
+/// outlive the test).
+async fn apply_renamed(node: SimNode, name: &str, mode: ApplyMode) -> SimNode {
+    let mut cfg = node.config_on_state().expect("config");
+    cfg.machine.name = name.into();
+    let mut c = node.client().await;
+    let _ = c
+        .apply_configuration(ApplyConfigurationRequest {
+            data: cfg.to_yaml().expect("yaml"),
+            mode: mode as i32,
+            try_timeout_s: 3600,
+            confirm: false,
+        })
+        .await;
+    node
+}
+
+/// The write steps of applying a config in `mode`, numbered by a reference run.
+async fn apply_steps(mode: ApplyMode) -> Vec<(u64, String)> {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = dir.path().join("steps");
+    let node = start_env(&[("PLINTH_SIM_STEP_LOG", log.display().to_string())]);
+    node.version_after(None).await;
+    let booted = steps(&log).len();
+    let node = apply_renamed(node, "renamed", mode).await;
+    assert_eq!(
+        node.config_on_state().expect("config").machine.name,
+        "renamed"
+    );
+    let all = steps(&log);
+    drop(node);
+    all[booted..].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_cut_at_any_write_step_of_applying_a_config_leaves_the_old_or_the_new_one() {
+    for (mode, new_may_survive) in [(ApplyMode::NoReboot, true), (ApplyMode::Try, false)] {
+        let under_test = apply_steps(mode).await;
+        assert!(
+            under_test.iter().any(|(_, w)| w.contains("config.yaml")),
+            "{mode:?}: no write of config.yaml among the steps: {under_test:#?}"
+        );
+        let mut failures = Vec::new();
+        for (n, what) in &under_test {
+            let (node, back) = cut_at(*n, what, |node| apply_renamed(node, "renamed", mode)).await;
+            let name = node.config_on_state().map(|c| c.machine.name);
+            let verdict = match (&back, name.as_deref()) {
+                (Back::Maintenance(_), _) => Err("lost its config (maintenance mode)".to_string()),
+                (Back::Running(_), Some("sim")) => Ok(()),
+                (Back::Running(_), Some("renamed")) if new_may_survive => Ok(()),
+                // A try that a power cut interrupted was never confirmed: the boot reverts it.
+                (Back::Running(_), other) => Err(format!("STATE holds {other:?}")),
+            };
+            if let Err(e) = verdict {
+                failures.push(format!("{mode:?}: cut at step {n} ({what}): {e}"));
+            }
+        }
+        println!(
+            "power cuts while applying a config ({mode:?}): {} steps, {} passed",
+            under_test.len(),
+            under_test.len() - failures.len()
+        );
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+}
+
 /// Pulls the plug, lets `quirk` change the NVRAM, powers on, and returns the running node's
 /// status once it has repaired its entries.
 async fn after_quirk(quirk: impl FnOnce(&bootloader::VarStore)) -> (SimNode, StatusResponse) {
@@ -286,4 +354,32 @@ async fn a_node_whose_variable_store_was_reset_to_blank_boots_and_repairs_its_en
     .await;
     assert!(node.console().contains("\\EFI\\BOOT\\BOOTX64.EFI"));
     entry_first(&s).expect("repaired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_variable_that_cannot_be_decoded_is_kept_and_the_node_boots_past_it() {
+    let (node, s) = after_quirk(|vars| {
+        // Another OS's entry in a layout nobody decodes, first in BootOrder.
+        let garbage = bootloader::boot_vars::boot_entry_name(0x0007);
+        vars.set(
+            &garbage,
+            bootloader::boot_vars::BOOT_VAR_ATTRIBUTES,
+            &[0xde, 0xad, 0xbe],
+        )
+        .expect("garbage entry");
+        let mut order = vars.boot_order().expect("order");
+        order.insert(0, 0x0007);
+        vars.set_boot_order(&order).expect("order");
+    })
+    .await;
+    entry_first(&s).expect("our slot first");
+    // Kept, after ours, and reported as what it is.
+    assert!(s.boot_order.contains(&7), "{:?}", s.boot_order);
+    let e = s.boot_entries.iter().find(|e| e.number == 7).expect("kept");
+    assert_eq!(e.description, "(cannot be decoded)");
+    let vars = phases::platform::sim::Sim::vars(&node.machine());
+    assert!(vars
+        .get(&bootloader::boot_vars::boot_entry_name(7))
+        .expect("read")
+        .is_some());
 }

@@ -156,9 +156,20 @@ pub fn reconcile_entries(rt: &Runtime, m: &Meta) -> Result<[Option<u16>; 2], Tas
     } else {
         want.push(wanted(other, other_state == SlotState::Good));
     }
-    let existing = vars.boot_entries().map_err(SlotError::from)?;
+    let entries = vars.readable_boot_entries().map_err(SlotError::from)?;
+    for n in &entries.unreadable {
+        tracing::warn!("Boot{n:04X} could not be decoded: kept as it is, and not ours");
+    }
+    let existing = entries.readable;
     let order = vars.boot_order().map_err(SlotError::from)?;
-    let plan = bootloader::slots::plan(&existing, &order, &esp, &want, &retired);
+    let plan = bootloader::slots::plan(
+        &existing,
+        &entries.unreadable,
+        &order,
+        &esp,
+        &want,
+        &retired,
+    );
     if !plan.is_noop(&order) {
         bootloader::slots::apply(&vars, &plan).map_err(SlotError::from)?;
         tracing::info!("boot entries reconciled: BootOrder {:04X?}", plan.order);

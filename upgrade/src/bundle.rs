@@ -102,6 +102,14 @@ pub fn digest(manifest_json: &[u8]) -> String {
     blake3::hash(manifest_json).to_hex().to_string()
 }
 
+/// The [`digest`] of a bundle held in memory (or of a file's first bytes: the head), without
+/// checking its signature; `None` if it does not start like a bundle.
+pub fn head_digest(bundle: &[u8]) -> Option<String> {
+    let rest = bundle.strip_prefix(MAGIC.as_slice())?;
+    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    Some(digest(rest.get(4..4 + len)?))
+}
+
 /// The message a bundle signature signs.
 fn signed_message(json: &[u8]) -> Vec<u8> {
     let mut m = SIGNING_CONTEXT.to_vec();

@@ -88,13 +88,16 @@ pub fn machined(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if !Path::new("machined/Cargo.toml").is_file() {
         bail!("no machined binary: pass --machined PATH, or run from the Plinth source tree to build it");
     }
-    eprintln!("building a static machined (cargo build --release -p machined)...");
+    eprintln!(
+        "building a static machined (cargo build --release -p machined --no-default-features)..."
+    );
     let status = Command::new("cargo")
         .args([
             "build",
             "--release",
             "-p",
             "machined",
+            "--no-default-features",
             "--target",
             "x86_64-unknown-linux-gnu",
         ])

@@ -73,9 +73,9 @@ pub fn status(runtime: &Runtime, fixed: &VersionResponse) -> StatusResponse {
         .flatten()
         .map(|l| l.meta);
     let vars = runtime.platform.efivars();
-    let boot_entries = vars
-        .boot_entries()
-        .unwrap_or_default()
+    let entries = vars.readable_boot_entries().unwrap_or_default();
+    let mut boot_entries: Vec<api::proto::BootEntry> = entries
+        .readable
         .into_iter()
         .map(|(n, o)| api::proto::BootEntry {
             number: u32::from(n),
@@ -84,6 +84,18 @@ pub fn status(runtime: &Runtime, fixed: &VersionResponse) -> StatusResponse {
             active: o.is_active(),
         })
         .collect();
+    boot_entries.extend(
+        entries
+            .unreadable
+            .into_iter()
+            .map(|n| api::proto::BootEntry {
+                number: u32::from(n),
+                description: "(cannot be decoded)".into(),
+                path: String::new(),
+                active: false,
+            }),
+    );
+    boot_entries.sort_by_key(|e| e.number);
     StatusResponse {
         state: state.to_string(),
         superstate: state.superstate().into(),

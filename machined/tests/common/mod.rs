@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod raw_h2;
+pub mod serve;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -45,6 +46,29 @@ pub fn sim_bundle(version: &str, extra_cmdline: &[&str]) -> Vec<u8> {
         extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
         payload_bytes: 0,
     })
+}
+
+/// A signed bundle of `version` at `security_version`, expiring at `expires_unix_s`.
+pub fn sim_release(version: &str, security_version: u64, expires_unix_s: Option<u64>) -> Vec<u8> {
+    let image = SimImage {
+        version: version.into(),
+        extra_cmdline: vec![],
+        payload_bytes: 0,
+    };
+    let root = image.rootfs();
+    upgrade::bundle::build_release(
+        &upgrade::bundle::Release {
+            version: version.into(),
+            arch: std::env::consts::ARCH.into(),
+            security_version,
+            expires_unix_s,
+        },
+        &image.uki_pinning(upgrade::Slot::A, &root),
+        &image.uki_pinning(upgrade::Slot::B, &root),
+        &root,
+        &signing_key(),
+    )
+    .expect("bundle")
 }
 
 /// A signed bundle of `image`.
@@ -303,6 +327,25 @@ impl SimNode {
                 stage,
                 ..Default::default()
             })),
+        }];
+        msgs.extend(bundle.chunks(64 * 1024).map(|c| UpgradeRequest {
+            msg: Some(Msg::Chunk(c.to_vec())),
+        }));
+        let mut c = self.client().await;
+        c.upgrade(tokio_stream::iter(msgs))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Streams `bundle` with `options` (its `url` must be empty).
+    pub async fn upgrade_with(
+        &self,
+        bundle: &[u8],
+        options: api::proto::UpgradeOptions,
+    ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
+        use api::proto::{upgrade_request::Msg, UpgradeRequest};
+        let mut msgs = vec![UpgradeRequest {
+            msg: Some(Msg::Options(options)),
         }];
         msgs.extend(bundle.chunks(64 * 1024).map(|c| UpgradeRequest {
             msg: Some(Msg::Chunk(c.to_vec())),

@@ -1,10 +1,11 @@
 //! The one trait through which sequences touch the machine.
 //!
 //! [`linux::Linux`] is the real machine, used by machined as PID 1 and as the initramfs `/init`;
-//! [`sim::Sim`] is an unprivileged model of one (a disk image file, a directory of UEFI
+//! `sim::Sim` (feature `sim`, never in the release image) is an unprivileged model of one (a disk image file, a directory of UEFI
 //! variables, an emulated firmware), where the same sequences run in seconds.
 
 pub mod linux;
+#[cfg(feature = "sim")]
 pub mod sim;
 
 use std::path::{Path, PathBuf};

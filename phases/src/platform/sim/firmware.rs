@@ -222,7 +222,8 @@ pub fn power_on(sim_dir: &Path) -> Result<Booted, FirmwareError> {
         }
     }
     // 2. The firmware's own entries exist and are in BootOrder.
-    let mut entries = vars.boot_entries().map_err(vars_err)?;
+    // An entry it cannot decode, OVMF skips (it reports it and boots the next).
+    let mut entries = vars.readable_boot_entries().map_err(vars_err)?.readable;
     if !entries.iter().any(|(_, o)| firmware_owned(o)) {
         for (n, o) in own_entries() {
             let n = (n..=0xffff)
