@@ -75,8 +75,22 @@ fn copy_into(
     Ok(())
 }
 
+/// A new file for a disk or partition image, readable by its owner only: a node's STATE holds
+/// its private key, and an installer's bundle is nobody else's business.
+fn private_file(path: &Path) -> Result<File, ImageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(ImageError::io("creating", path))
+}
+
 fn sized_file(path: &Path, bytes: u64) -> Result<(), ImageError> {
-    let f = File::create(path).map_err(ImageError::io("creating", path))?;
+    let f = private_file(path)?;
     f.set_len(bytes).map_err(ImageError::io("sizing", path))
 }
 
@@ -152,13 +166,7 @@ pub fn assemble(
 
     // Build into a temporary file and rename: a half-written disk never has the final name.
     let tmp = opts.out.with_extension("partial");
-    let mut disk = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(ImageError::io("creating", &tmp))?;
+    let mut disk = private_file(&tmp)?;
     disk.set_len(opts.disk_bytes)
         .map_err(ImageError::io("sizing", &tmp))?;
     layout::write_table(&mut disk, opts.disk_bytes, &parts)?;
@@ -237,13 +245,7 @@ pub fn installer(
     let esp_img = work_dir.join("installer-esp.img");
     esp_image(&esp_img, INSTALLER_ESP_BYTES, artifacts)?;
     let tmp = out.with_extension("partial");
-    let mut disk = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(ImageError::io("creating", &tmp))?;
+    let mut disk = private_file(&tmp)?;
     disk.set_len(disk_bytes)
         .map_err(ImageError::io("sizing", &tmp))?;
     layout::write_table(&mut disk, disk_bytes, &parts)?;
@@ -260,4 +262,17 @@ pub fn installer(
     std::fs::rename(&tmp, out).map_err(ImageError::io("renaming", &tmp))?;
     let _ = std::fs::remove_file(&esp_img);
     Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn image_files_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("disk.raw");
+        super::sized_file(&p, 4096).expect("create");
+        let mode = std::fs::metadata(&p).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }

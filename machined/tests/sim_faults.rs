@@ -383,3 +383,34 @@ async fn a_boot_variable_that_cannot_be_decoded_is_kept_and_the_node_boots_past_
         .expect("read")
         .is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloned_system_disk_beside_the_original_stops_the_boot_and_says_why() {
+    let mut node = common::start(vec![], &[]);
+    node.version_after(None).await;
+    node.wait_exit_quiet();
+    let machine = node.machine();
+    let original = std::fs::read(machine.join("disk.img")).expect("disk");
+    // The clone, attached as the second disk: every GUID the same.
+    std::fs::copy(machine.join("disk.img"), machine.join("media.img")).expect("clone");
+    let offset = node.console().len();
+    node.launch(&[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let console = node.console();
+        let fresh = &console[offset..];
+        if fresh.contains("both carry the ESP partition GUID") {
+            assert!(fresh.contains("a cloned disk?"), "{fresh}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refusal on the console:\n{fresh}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.wait_exit_quiet();
+    // Neither disk was touched.
+    assert!(std::fs::read(machine.join("disk.img")).expect("disk") == original);
+    assert!(std::fs::read(machine.join("media.img")).expect("clone") == original);
+}

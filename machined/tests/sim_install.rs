@@ -39,6 +39,24 @@ async fn a_blank_disk_is_installed_from_media_and_the_node_boots_it() {
     });
     let err = apply(&node, &cfg).await.expect_err("the media");
     assert!(err.contains("is the installer media itself"), "{err}");
+    // ... under another name either (as /dev/disk/by-id links name disks).
+    let alias = machine.join("alias.img");
+    std::os::unix::fs::symlink(&media, &alias).expect("symlink");
+    cfg.machine.install = Some(config::node::Install {
+        disk: alias.display().to_string(),
+        wipe: true,
+    });
+    let err = apply(&node, &cfg)
+        .await
+        .expect_err("the media by another name");
+    assert!(err.contains("is the installer media itself"), "{err}");
+    // A partition is not a target.
+    cfg.machine.install = Some(config::node::Install {
+        disk: format!("{media}#2"),
+        wipe: true,
+    });
+    let err = apply(&node, &cfg).await.expect_err("a partition");
+    assert!(err.contains("is a partition"), "{err}");
 
     cfg.machine.install = Some(config::node::Install {
         disk: disk.clone(),

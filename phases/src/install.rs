@@ -119,13 +119,28 @@ pub fn admit(rt: &Runtime, cfg: &config::NodeConfig) -> Result<(PathBuf, bool), 
     if cfg.machine.upgrade.trusted_keys.is_empty() {
         return Err("machine.upgrade.trusted_keys: empty; the installer checks the bundle's signature like an upgrade, so list the key that signed it".into());
     }
-    let disk = PathBuf::from(&install.disk);
-    if rt.boot().is_some_and(|b| b.disk == disk) {
+    let named = PathBuf::from(&install.disk);
+    let target = rt
+        .platform
+        .block_device(&named)
+        .map_err(|e| format!("machine.install.disk: {e}"))?;
+    if target.partition {
         return Err(format!(
-            "machine.install.disk: {} is the installer media itself",
-            disk.display()
+            "machine.install.disk: {} is a partition; name the whole disk (the install lays out its own partitions)",
+            named.display()
         ));
     }
+    // The same device, however it is named (a by-id symlink, another path).
+    let media = rt
+        .boot()
+        .and_then(|b| rt.platform.block_device(&b.disk).ok());
+    if media.is_some_and(|m| m.id == target.id) {
+        return Err(format!(
+            "machine.install.disk: {} is the installer media itself",
+            named.display()
+        ));
+    }
+    let disk = target.path;
     let (found, size) =
         inspect(rt, &disk).map_err(|e| format!("machine.install.disk: {}: {e}", disk.display()))?;
     if found != Found::Blank && !install.wipe {

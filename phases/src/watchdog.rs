@@ -77,9 +77,21 @@ pub fn adopt(fd: RawFd) {
         // SAFETY: the descriptor was inherited across exec from our own initramfs, which opened
         // it for this purpose; nothing else in this process owns it.
         let file = unsafe { File::from_raw_fd(fd) };
+        // It crossed one exec on purpose; it must not cross another into a service (which
+        // could then keep the node alive, or reset it, by writing to it).
+        if let Err(e) = close_on_exec(&file) {
+            tracing::warn!("marking the watchdog close-on-exec: {e}");
+        }
         let _ = WATCHDOG.set(Mutex::new(file));
         feed();
     }
+}
+
+/// Sets `FD_CLOEXEC` on `file`.
+pub fn close_on_exec(file: &File) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let flags = FdFlag::from_bits_truncate(fcntl(file, FcntlArg::F_GETFD)?);
+    fcntl(file, FcntlArg::F_SETFD(flags | FdFlag::FD_CLOEXEC)).map(|_| ())
 }
 
 /// Feeds the watchdog, if one is armed.
@@ -93,4 +105,19 @@ pub fn feed() {
 /// Whether a watchdog is armed in this process.
 pub fn armed() -> bool {
     WATCHDOG.get().is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adopted_descriptor_is_marked_close_on_exec() {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        let f = tempfile::tempfile().expect("file");
+        fcntl(&f, FcntlArg::F_SETFD(FdFlag::empty())).expect("clear");
+        close_on_exec(&f).expect("set");
+        let flags = FdFlag::from_bits_truncate(fcntl(&f, FcntlArg::F_GETFD).expect("get"));
+        assert!(flags.contains(FdFlag::FD_CLOEXEC));
+    }
 }

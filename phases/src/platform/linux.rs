@@ -14,7 +14,8 @@ use nix::mount::MsFlags;
 use crate::dhcp::Lease;
 
 use super::{
-    Disk, Mkfs, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction, WipeMethod,
+    BlockDevice, Disk, Mkfs, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError,
+    PowerAction, WipeMethod,
 };
 
 /// Where efivarfs is mounted.
@@ -206,6 +207,28 @@ impl Platform for Linux {
             .open(device)
             .map_err(|e| PlatformError::io("opening", device, e))?;
         Ok((f, 0))
+    }
+
+    fn block_device(&self, path: &Path) -> Result<BlockDevice, PlatformError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::metadata(path).map_err(|e| PlatformError::io("looking up", path, e))?;
+        if !meta.file_type().is_block_device() {
+            return Err(PlatformError::io(
+                "using",
+                path,
+                std::io::Error::other("not a block device"),
+            ));
+        }
+        let rdev = meta.rdev();
+        let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+        let canonical =
+            std::fs::canonicalize(path).map_err(|e| PlatformError::io("resolving", path, e))?;
+        Ok(BlockDevice {
+            id: (major, minor),
+            path: canonical,
+            // The kernel says so for every partition of a disk.
+            partition: Path::new(&format!("/sys/dev/block/{major}:{minor}/partition")).exists(),
+        })
     }
 
     fn reread_partitions(&self, disk: &Path) -> Result<(), PlatformError> {
@@ -773,41 +796,88 @@ async fn dhcp_link(
 }
 
 async fn dhcp_exchange(link: &str) -> Result<Lease, PlatformError> {
+    dhcp_client(link, None).await
+}
+
+/// A DHCP exchange on `link`: a renewal of `renew` with its server, or a new lease.
+async fn dhcp_client(link: &str, renew: Option<&Lease>) -> Result<Lease, PlatformError> {
     let mac = mac_address(link)?;
     let socket = dhcp_socket(link).map_err(|e| PlatformError::Network {
         interface: link.into(),
         reason: format!("opening the DHCP socket: {e}"),
     })?;
-    crate::dhcp::Client {
+    let client = crate::dhcp::Client {
         socket: &socket,
         server: std::net::SocketAddr::from(([255, 255, 255, 255], crate::dhcp::SERVER_PORT)),
         link,
         mac,
         retry: crate::dhcp::Retry::default(),
-    }
-    .acquire()
-    .await
-    .map_err(|e| PlatformError::Network {
+    };
+    let got = match renew {
+        Some(lease) => match client.renew(lease).await {
+            Ok(l) => Ok(l),
+            Err(e) => {
+                tracing::warn!("{link}: renewing with {}: {e}; asking anew", lease.server);
+                client.acquire().await
+            }
+        },
+        None => client.acquire().await,
+    };
+    got.map_err(|e| PlatformError::Network {
         interface: link.into(),
         reason: e.to_string(),
     })
 }
 
-/// Renews the lease at half its time, for as long as machined runs; a changed address is
-/// added (the old one stays until the link goes down, so connections on it survive).
+/// Removes `address` from link `index` (a lease that moved).
+async fn del_address(
+    handle: &rtnetlink::Handle,
+    index: u32,
+    address: std::net::Ipv4Addr,
+) -> Result<(), rtnetlink::Error> {
+    use futures::TryStreamExt;
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut found = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
+    while let Some(msg) = found.try_next().await? {
+        let ours = msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(v4)) if *v4 == address));
+        if ours {
+            handle.address().del(msg).execute().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Renews the lease at half its time, for as long as machined runs; a lease that moved
+/// replaces the old address (the link holds one leased address, not one per renewal).
 fn spawn_renewal(link: String, index: u32, mut lease: Lease) {
     tokio::spawn(async move {
         loop {
             let half = Duration::from_secs(u64::from(lease.lease_secs.max(60)) / 2);
             tokio::time::sleep(half).await;
-            match dhcp_exchange(&link).await {
+            match dhcp_client(&link, Some(&lease)).await {
                 Ok(new) if new.address == lease.address => lease = new,
                 Ok(new) => {
-                    tracing::warn!("{link}: DHCP moved the address to {new}");
+                    tracing::warn!(
+                        "{link}: DHCP moved the address from {} to {new}",
+                        lease.address
+                    );
                     if let Ok(h) = Netlink::open() {
                         if let Ok(net) = ipnet::IpNet::new(IpAddr::V4(new.address), new.prefix_len)
                         {
-                            let _ = add_addresses(&h.0, index, &link, &[net], None).await;
+                            let router = new.router.map(IpAddr::V4);
+                            if let Err(e) = add_addresses(&h.0, index, &link, &[net], router).await
+                            {
+                                tracing::warn!("{link}: adding {new}: {e}");
+                            } else if let Err(e) = del_address(&h.0, index, lease.address).await {
+                                tracing::warn!("{link}: removing {}: {e}", lease.address);
+                            }
                         }
                     }
                     lease = new;

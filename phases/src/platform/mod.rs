@@ -79,6 +79,18 @@ impl Disk {
     }
 }
 
+/// What a path names as a block device: which device (however it was named: a symlink under
+/// `/dev/disk/by-id` is the same disk as `/dev/nvme0n1`) and whether it is a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDevice {
+    /// The device's identity (its device number on Linux).
+    pub id: (u64, u64),
+    /// The path it is known by in the disk list (symlinks resolved).
+    pub path: PathBuf,
+    /// It is a partition of a disk, not a whole disk.
+    pub partition: bool,
+}
+
 /// A mounted file system.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
@@ -256,6 +268,9 @@ pub trait Platform: Send + Sync + 'static {
         device: &Path,
         write: bool,
     ) -> Result<(std::fs::File, u64), PlatformError>;
+
+    /// What `path` names as a block device (an error if it names none).
+    fn block_device(&self, path: &Path) -> Result<BlockDevice, PlatformError>;
 
     /// Has the kernel read `disk`'s partition table again (after the installer wrote it).
     fn reread_partitions(&self, disk: &Path) -> Result<(), PlatformError>;

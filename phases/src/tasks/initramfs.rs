@@ -59,6 +59,16 @@ pub enum InitramfsError {
         /// The disks that were there.
         seen: String,
     },
+    /// Two disks carry the ESP the firmware booted from (a cloned disk).
+    #[error("disks {first} and {second} both carry the ESP partition GUID {esp} the firmware booted from (a cloned disk?): refusing to guess which one is the system disk; detach one, or give its partitions new GUIDs (sgdisk -G)")]
+    TwoBootDisks {
+        /// The ESP's GUID.
+        esp: uuid::Uuid,
+        /// One disk.
+        first: String,
+        /// The other.
+        second: String,
+    },
     /// The kernel command line does not name a slot.
     #[error("the kernel command line names no slot (plinth.slot=A or B): {cmdline:?}")]
     NoSlot {
@@ -202,9 +212,20 @@ pub async fn find_boot_disk(ctx: Initramfs) -> Result<(), sequencer::TaskError> 
     let started = Instant::now();
     loop {
         let disks = ctx.platform.disks()?;
-        let found = disks
+        let mut carriers = disks
             .iter()
-            .find(|d| d.partitions.iter().any(|(p, _)| p.guid == esp));
+            .filter(|d| d.partitions.iter().any(|(p, _)| p.guid == esp));
+        let found = carriers.next();
+        // A cloned disk carries the same GUIDs: which of the two the firmware booted cannot be
+        // told, and writing the wrong one's META or slots would be worse than not booting.
+        if let (Some(a), Some(b)) = (found, carriers.next()) {
+            return Err(InitramfsError::TwoBootDisks {
+                esp,
+                first: a.device.display().to_string(),
+                second: b.device.display().to_string(),
+            }
+            .into());
+        }
         if let Some(disk) = found {
             let label = slot.root_label();
             let (_, root) =

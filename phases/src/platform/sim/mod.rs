@@ -30,7 +30,8 @@ use bootloader::efivarfs::VarStore;
 use tokio::sync::mpsc;
 
 use super::{
-    Disk, Mkfs, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError, PowerAction, WipeMethod,
+    BlockDevice, Disk, Mkfs, ModuleLoad, MountEntry, MountSpec, Platform, PlatformError,
+    PowerAction, WipeMethod,
 };
 
 /// Marks a partition as holding a (simulated) file system.
@@ -477,6 +478,25 @@ impl Platform for Sim {
             .open(&disk)
             .map_err(io("opening", device))?;
         Ok((f, offset))
+    }
+
+    fn block_device(&self, path: &Path) -> Result<BlockDevice, PlatformError> {
+        use std::os::unix::fs::MetadataExt;
+        // The simulated disks are host files; a partition is `disk.img#N`.
+        let (file, partition) = match path.to_str().and_then(|s| s.rsplit_once('#')) {
+            Some((disk, _)) => (PathBuf::from(disk), true),
+            None => (path.to_path_buf(), false),
+        };
+        let meta = std::fs::metadata(&file).map_err(io("looking up", path))?;
+        Ok(BlockDevice {
+            id: (meta.dev(), meta.ino()),
+            path: if partition {
+                path.to_path_buf()
+            } else {
+                std::fs::canonicalize(&file).map_err(io("resolving", path))?
+            },
+            partition,
+        })
     }
 
     fn reread_partitions(&self, _disk: &Path) -> Result<(), PlatformError> {

@@ -5,6 +5,7 @@
 //! a client that runs on a caller's socket (we bind it to the link, before it has an address).
 //! The broadcast flag is set, so servers (and QEMU's slirp) answer to 255.255.255.255, which an
 //! address-less link can receive.
+#![warn(missing_docs)]
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -184,15 +185,10 @@ impl Client<'_> {
                 let Ok(got) = recv.await else { break };
                 let (n, _) = got.map_err(io("receiving"))?;
                 // Other clients' traffic and garbage are ignored, not errors.
-                let Ok(reply) = Message::from_bytes(&buf[..n]) else {
-                    continue;
-                };
-                if reply.opcode() == Opcode::BootReply
-                    && reply.xid() == msg.xid()
-                    && reply.chaddr().get(..6) == Some(&self.mac[..])
-                    && accept(&reply)
-                {
-                    return Ok(reply);
+                if let Some(reply) = reply_to(&buf[..n], msg.xid(), &self.mac) {
+                    if accept(&reply) {
+                        return Ok(reply);
+                    }
                 }
             }
             waited += wait;
@@ -216,10 +212,7 @@ impl Client<'_> {
             })
             .await?;
         let address = offer.yiaddr();
-        let server = match offer.opts().get(OptionCode::ServerIdentifier) {
-            Some(DhcpOption::ServerIdentifier(s)) => *s,
-            _ => offer.siaddr(),
-        };
+        let server = server_id(&offer);
 
         let mut request = self.message(xid, MessageType::Request);
         request
@@ -228,12 +221,33 @@ impl Client<'_> {
         request
             .opts_mut()
             .insert(DhcpOption::ServerIdentifier(server));
+        self.acknowledged(&request, server, address).await
+    }
+
+    /// Renews `lease` with its server (RFC 2131 §4.3.2, RENEWING: a REQUEST carrying the
+    /// address as `ciaddr`, no server identifier); the caller falls back to [`Self::acquire`]
+    /// when this fails.
+    pub async fn renew(&self, lease: &Lease) -> Result<Lease, DhcpError> {
+        let mut request = self.message(rand_xid(), MessageType::Request);
+        request.set_ciaddr(lease.address);
+        self.acknowledged(&request, lease.server, lease.address)
+            .await
+    }
+
+    /// Sends `request` and waits for `server`'s ACK (or NAK); another server's answer to the
+    /// same transaction is not ours to take.
+    async fn acknowledged(
+        &self,
+        request: &Message,
+        server: Ipv4Addr,
+        address: Ipv4Addr,
+    ) -> Result<Lease, DhcpError> {
         let ack = self
-            .transact(&request, "acknowledgement", |m| {
+            .transact(request, "acknowledgement", |m| {
                 matches!(
                     m.opts().msg_type(),
                     Some(MessageType::Ack | MessageType::Nak)
-                )
+                ) && server_id(m) == server
             })
             .await?;
         if ack.opts().msg_type() == Some(MessageType::Nak) {
@@ -247,7 +261,36 @@ impl Client<'_> {
     }
 }
 
-fn lease_from(ack: &Message, server: Ipv4Addr) -> Lease {
+/// A server's answer to transaction `xid` for `mac`, or `None` for anything else (another
+/// client's traffic, garbage): the one parser of what the network sends.
+pub fn reply_to(bytes: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Message> {
+    let reply = decode(bytes)?;
+    (reply.opcode() == Opcode::BootReply
+        && reply.xid() == xid
+        && reply.chaddr().get(..6) == Some(&mac[..]))
+    .then_some(reply)
+}
+
+/// A DHCP message, if `bytes` is one.
+pub fn decode(bytes: &[u8]) -> Option<Message> {
+    Message::from_bytes(bytes).ok()
+}
+
+/// A message as bytes (for the fuzzer's round trip).
+pub fn encode(m: &Message) -> Option<Vec<u8>> {
+    m.to_vec().ok()
+}
+
+/// The server a reply says it came from (its server identifier, else `siaddr`).
+pub fn server_id(m: &Message) -> Ipv4Addr {
+    match m.opts().get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(s)) => *s,
+        _ => m.siaddr(),
+    }
+}
+
+/// The lease an acknowledgement from `server` grants.
+pub fn lease_from(ack: &Message, server: Ipv4Addr) -> Lease {
     let opts = ack.opts();
     let prefix_len = match opts.get(OptionCode::SubnetMask) {
         Some(DhcpOption::SubnetMask(m)) => u32::from(*m).leading_ones() as u8,
@@ -290,6 +333,20 @@ mod tests {
 
     /// A server on loopback answering like slirp: offers 10.0.2.15/24 via 10.0.2.2.
     async fn server(sock: UdpSocket, nak: bool) {
+        answer(sock, nak, [10, 0, 2, 2].into()).await
+    }
+
+    /// The same, saying it is `id`.
+    async fn answer(sock: UdpSocket, nak: bool, id: Ipv4Addr) {
+        answer_as(sock, nak, id, false).await
+    }
+
+    /// The slirp-like server, with a rogue's ACK sent ahead of each of its own.
+    async fn answer_with_rogue(sock: UdpSocket) {
+        answer_as(sock, false, [10, 0, 2, 2].into(), true).await
+    }
+
+    async fn answer_as(sock: UdpSocket, nak: bool, id: Ipv4Addr, rogue: bool) {
         let mut buf = vec![0u8; 1500];
         loop {
             let Ok((n, from)) = sock.recv_from(&mut buf).await else {
@@ -300,10 +357,12 @@ mod tests {
                 Some(MessageType::Discover) => MessageType::Offer,
                 Some(MessageType::Request) if nak => MessageType::Nak,
                 Some(MessageType::Request) => {
-                    assert_eq!(
-                        req.opts().get(OptionCode::RequestedIpAddress),
-                        Some(&DhcpOption::RequestedIpAddress([10, 0, 2, 15].into()))
-                    );
+                    // Selecting names the address; renewing carries it as ciaddr.
+                    let asked = match req.opts().get(OptionCode::RequestedIpAddress) {
+                        Some(DhcpOption::RequestedIpAddress(a)) => *a,
+                        _ => req.ciaddr(),
+                    };
+                    assert_eq!(asked, Ipv4Addr::from([10, 0, 2, 15]));
                     MessageType::Ack
                 }
                 other => panic!("unexpected {other:?}"),
@@ -319,12 +378,21 @@ mod tests {
             reply.set_opcode(Opcode::BootReply);
             let o = reply.opts_mut();
             o.insert(DhcpOption::MessageType(kind));
-            o.insert(DhcpOption::ServerIdentifier([10, 0, 2, 2].into()));
+            o.insert(DhcpOption::ServerIdentifier(id));
             o.insert(DhcpOption::SubnetMask([255, 255, 255, 0].into()));
             o.insert(DhcpOption::Router(vec![[10, 0, 2, 2].into()]));
             o.insert(DhcpOption::DomainNameServer(vec![[10, 0, 2, 3].into()]));
             o.insert(DhcpOption::AddressLeaseTime(86400));
             // A stray reply for another transaction first: the client must skip it.
+            if rogue && kind == MessageType::Ack {
+                let mut r = reply.clone();
+                r.set_yiaddr([10, 0, 2, 99]);
+                r.opts_mut()
+                    .insert(DhcpOption::ServerIdentifier([10, 0, 2, 66].into()));
+                sock.send_to(&r.to_vec().expect("encodes"), from)
+                    .await
+                    .expect("send");
+            }
             let mut stray = reply.clone();
             stray.set_xid(req.xid().wrapping_add(1));
             sock.send_to(&stray.to_vec().expect("encodes"), from)
@@ -400,5 +468,61 @@ mod tests {
             "DHCP on eth0: no offer after 2 tries (0.6 s)"
         );
         drop(s);
+    }
+
+    #[tokio::test]
+    async fn an_acknowledgement_from_another_server_is_not_taken() {
+        // Every request is answered first by a rogue (server id 10.0.2.66, address .99).
+        let (s, c) = pair().await;
+        let to = s.local_addr().expect("addr");
+        tokio::spawn(answer_with_rogue(s));
+        let lease = client(&c, to).acquire().await.expect("lease");
+        assert_eq!(
+            (lease.server, lease.address),
+            ([10, 0, 2, 2].into(), [10, 0, 2, 15].into())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_renewed_with_its_server() {
+        let (s, c) = pair().await;
+        let to = s.local_addr().expect("addr");
+        tokio::spawn(server(s, false));
+        let cl = client(&c, to);
+        let lease = cl.acquire().await.expect("lease");
+        let renewed = cl.renew(&lease).await.expect("renewed");
+        assert_eq!(renewed, lease);
+    }
+
+    #[test]
+    fn only_replies_to_our_transaction_and_hardware_address_parse() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let mut m = Message::new_with_id(
+            7,
+            Ipv4Addr::UNSPECIFIED,
+            [10, 0, 2, 15].into(),
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &mac,
+        );
+        m.set_opcode(Opcode::BootReply);
+        let bytes = m.to_vec().expect("encode");
+        assert!(reply_to(&bytes, 7, &mac).is_some());
+        assert!(reply_to(&bytes, 8, &mac).is_none());
+        assert!(reply_to(&bytes, 7, &[0; 6]).is_none());
+        assert!(reply_to(&bytes[..10], 7, &mac).is_none());
+    }
+
+    #[test]
+    fn the_fuzzer_seeds_are_replies_it_would_take() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/dhcp");
+        let ack = std::fs::read(dir.join("ack")).expect("seed");
+        let m = decode(&ack).expect("decodes");
+        let lease = lease_from(&m, server_id(&m));
+        assert_eq!(
+            lease.to_string(),
+            "10.0.2.15/24 via 10.0.2.2 from 10.0.2.2 for 86400 s"
+        );
+        assert!(reply_to(&ack, 0x1234abcd, &[0x52, 0x54, 0, 0x12, 0x34, 0x56]).is_some());
     }
 }
