@@ -82,6 +82,27 @@ pub async fn connect(
     endpoint: &str,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<MachineClient<Channel>, ClientError> {
+    connect_with(endpoint, tls, Some(CALL_TIMEOUT)).await
+}
+
+/// Like [`connect`], with no limit on how long a call may take (an upload of a large bundle):
+/// HTTP/2 keepalive PINGs notice a node that is gone instead. The node bounds the call itself
+/// (its upgrade deadlines).
+pub async fn connect_context_long(
+    endpoint: &str,
+    ctx: &config::Context,
+) -> Result<MachineClient<Channel>, ClientError> {
+    if ctx.cert.is_none() || ctx.key.is_none() {
+        return Err(ClientError::NoClientCertificate);
+    }
+    connect_with(endpoint, context_tls(ctx)?, None).await
+}
+
+async fn connect_with(
+    endpoint: &str,
+    tls: Arc<rustls::ClientConfig>,
+    call_timeout: Option<Duration>,
+) -> Result<MachineClient<Channel>, ClientError> {
     let (host, port) = split_endpoint(endpoint)?;
     let server_name = ServerName::try_from(host.clone())
         .map_err(|_| ClientError::BadEndpoint(endpoint.into()))?;
@@ -95,7 +116,14 @@ pub async fn connect(
     let channel = Endpoint::from_shared(uri)
         .map_err(|_| ClientError::BadEndpoint(endpoint.into()))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(CALL_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let channel = match call_timeout {
+        Some(t) => channel.timeout(t),
+        None => channel,
+    };
+    let channel = channel
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
             let connector = connector.clone();
             let server_name = server_name.clone();
@@ -136,6 +164,38 @@ pub async fn connect_insecure(
     connect(endpoint, tls::insecure_client_config(fingerprint)?).await
 }
 
+/// The SHA-256 fingerprint of the certificate the node at `endpoint` presents (one TLS
+/// handshake, nothing sent): what an operator compares with the node's console before trusting
+/// it.
+pub async fn server_fingerprint(endpoint: &str) -> Result<String, ClientError> {
+    let (host, port) = split_endpoint(endpoint)?;
+    let (tls, seen) = tls::recording_client_config()?;
+    let server_name = ServerName::try_from(host.clone())
+        .map_err(|_| ClientError::BadEndpoint(endpoint.into()))?;
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let failed = |reason: String| ClientError::Connect {
+        endpoint: endpoint.into(),
+        reason,
+    };
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| failed("TCP connect timed out".into()))?
+        .map_err(|e| failed(describe(&e)))?;
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(tls).connect(server_name, tcp),
+    )
+    .await
+    .map_err(|_| failed("TLS handshake timed out".into()))?
+    .map_err(|e| failed(describe(&e)))?;
+    let fp = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    fp.ok_or_else(|| failed("the node presented no certificate".into()))
+}
+
 /// Connects with a client context, refusing early (and saying why) when it lacks a certificate.
 pub async fn connect_context(
     endpoint: &str,
@@ -170,6 +230,8 @@ pub fn describe(err: &(dyn std::error::Error + 'static)) -> String {
         Some("the node's certificate is not signed by the CA in this client config")
     } else if chain.contains("Connection refused") {
         Some("nothing is listening there (is the node up?)")
+    } else if chain.contains("TimeoutExpired") || chain.contains("Timeout expired") {
+        Some("the node did not answer within the call's 60 s")
     } else {
         None
     };

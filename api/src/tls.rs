@@ -195,6 +195,84 @@ impl rustls::client::danger::ServerCertVerifier for Insecure {
     }
 }
 
+/// Records the certificate a server presents (and accepts any): the first look at a node in
+/// maintenance mode, whose fingerprint the operator then confirms (trust on first use).
+#[derive(Debug)]
+struct Recording {
+    seen: Arc<std::sync::Mutex<Option<String>>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Recording {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(crate::pki::fingerprint_der(end_entity));
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config that accepts any server certificate and records its SHA-256 fingerprint in
+/// the returned cell (for `plinth apply-config --insecure` without `--cert-fingerprint`).
+pub fn recording_client_config(
+) -> Result<(Arc<ClientConfig>, Arc<std::sync::Mutex<Option<String>>>), TlsError> {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls {
+            what: "selecting TLS 1.3",
+            source,
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Recording {
+            seen: seen.clone(),
+            provider: provider(),
+        }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(config), seen))
+}
+
 /// A client config for a node in maintenance mode (`plinth apply-config --insecure`).
 pub fn insecure_client_config(fingerprint: Option<String>) -> Result<Arc<ClientConfig>, TlsError> {
     let mut config = ClientConfig::builder_with_provider(provider())

@@ -28,6 +28,15 @@ impl Target {
 
     /// Connects to the first endpoint of the selected context.
     pub async fn connect(&self) -> anyhow::Result<(String, MachineClient<Channel>)> {
+        self.connect_as(false).await
+    }
+
+    /// Like [`Self::connect`], for a call with no time limit (an upgrade: the node bounds it).
+    pub async fn connect_long(&self) -> anyhow::Result<(String, MachineClient<Channel>)> {
+        self.connect_as(true).await
+    }
+
+    async fn connect_as(&self, long: bool) -> anyhow::Result<(String, MachineClient<Channel>)> {
         let path = self.config_path();
         let cfg = ClientConfig::load_or_default(&path)?;
         let (name, ctx) = cfg
@@ -42,7 +51,11 @@ impl Target {
             .first()
             .ok_or_else(|| anyhow!("context {name:?} has no endpoints: pass -e/--endpoints"))?
             .clone();
-        let client = api::client::connect_context(&endpoint, ctx).await?;
+        let client = if long {
+            api::client::connect_context_long(&endpoint, ctx).await?
+        } else {
+            api::client::connect_context(&endpoint, ctx).await?
+        };
         Ok((endpoint, client))
     }
 }

@@ -51,6 +51,12 @@ enum Cmd {
     Rollback(cmd::upgrade::RollbackArgs),
     /// Give a node its config (a new node in maintenance mode with --insecure).
     ApplyConfig(cmd::apply::Args),
+    /// Show the node's running config (`plinth get config`).
+    Get(cmd::config::GetArgs),
+    /// Change the node's config with a JSON merge or RFC 6902 patch (`--dry-run` shows the diff).
+    Patch(cmd::config::PatchArgs),
+    /// Edit the node's config in $EDITOR and apply it.
+    Edit(cmd::config::EditArgs),
     /// Wipe the node (STATE and EPHEMERAL by default) and reboot or power off.
     Reset(cmd::reset::Args),
     /// Print the node's kernel log.
@@ -111,6 +117,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Upgrade(a) => cmd::upgrade::upgrade(&target, a).await,
         Cmd::Rollback(a) => cmd::upgrade::rollback(&target, a).await,
         Cmd::ApplyConfig(a) => cmd::apply::run(&target, a).await,
+        Cmd::Get(a) => cmd::config::get(&target, a).await,
+        Cmd::Patch(a) => cmd::config::patch(&target, a).await,
+        Cmd::Edit(a) => cmd::config::edit(&target, a).await,
         Cmd::Reset(a) => cmd::reset::run(&target, a).await,
         Cmd::Dmesg(a) => cmd::logs::dmesg(&target, a).await,
         Cmd::Logs(a) => cmd::logs::logs(&target, a).await,

@@ -210,15 +210,30 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
     Ok(artifacts)
 }
 
-/// The signed upgrade bundle of a build (both UKIs and the root image).
+/// The signed upgrade bundle of a build (both UKIs and the root image), at security version 0
+/// and without expiry.
 pub fn bundle(
     artifacts: &Artifacts,
     key: &upgrade::bundle::SigningKey,
 ) -> Result<Vec<u8>, ImageError> {
+    bundle_release(artifacts, key, 0, None)
+}
+
+/// The signed upgrade bundle of a build at `security_version`, expiring at `expires_unix_s`.
+pub fn bundle_release(
+    artifacts: &Artifacts,
+    key: &upgrade::bundle::SigningKey,
+    security_version: u64,
+    expires_unix_s: Option<u64>,
+) -> Result<Vec<u8>, ImageError> {
     let read = |p: &Path| std::fs::read(p).map_err(ImageError::io("reading", p));
-    upgrade::bundle::build(
-        &artifacts.version,
-        std::env::consts::ARCH,
+    upgrade::bundle::build_release(
+        &upgrade::bundle::Release {
+            version: artifacts.version.clone(),
+            arch: std::env::consts::ARCH.into(),
+            security_version,
+            expires_unix_s,
+        },
         &read(&artifacts.uki_a)?,
         &read(&artifacts.uki_b)?,
         &read(&artifacts.rootfs)?,

@@ -41,6 +41,17 @@ pub struct Args {
     confirm: bool,
 }
 
+impl Mode {
+    /// The request's mode.
+    pub fn proto(self) -> ApplyMode {
+        match self {
+            Mode::NoReboot => ApplyMode::NoReboot,
+            Mode::Reboot => ApplyMode::Reboot,
+            Mode::Try => ApplyMode::Try,
+        }
+    }
+}
+
 pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
     let data = match (&args.file, args.confirm) {
         (Some(f), _) => {
@@ -57,11 +68,7 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
     }
     let request = ApplyConfigurationRequest {
         data,
-        mode: match args.mode {
-            Mode::NoReboot => ApplyMode::NoReboot,
-            Mode::Reboot => ApplyMode::Reboot,
-            Mode::Try => ApplyMode::Try,
-        } as i32,
+        mode: args.mode.proto() as i32,
         try_timeout_s: args.timeout,
         confirm: args.confirm,
     };
@@ -69,15 +76,40 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
         let endpoint = target.endpoints.first().cloned().context(
             "--insecure needs -e/--endpoints (a node in maintenance mode has no context yet)",
         )?;
-        let c = api::client::connect_insecure(&endpoint, args.cert_fingerprint.clone()).await?;
+        let fingerprint = match args.cert_fingerprint.clone() {
+            Some(fp) => fp,
+            None => {
+                let seen = api::client::server_fingerprint(&endpoint).await?;
+                let stdin = std::io::stdin();
+                trust_on_first_use(
+                    &endpoint,
+                    &seen,
+                    std::io::IsTerminal::is_terminal(&stdin),
+                    &mut stdin.lock(),
+                    &mut std::io::stderr(),
+                )?;
+                seen
+            }
+        };
+        // Pinned: the connection that sends the config talks to the certificate confirmed.
+        let c = api::client::connect_insecure(&endpoint, Some(fingerprint)).await?;
         (endpoint, c)
     } else {
         target.connect().await?
     };
+    send(&endpoint, &mut c, request).await
+}
+
+/// Sends a config and says what the node did with it.
+pub async fn send(
+    endpoint: &str,
+    c: &mut api::proto::machine_client::MachineClient<tonic::transport::Channel>,
+    request: ApplyConfigurationRequest,
+) -> anyhow::Result<()> {
     let reply = c
         .apply_configuration(request)
         .await
-        .map_err(|s| status_error(&endpoint, s))?
+        .map_err(|s| status_error(endpoint, s))?
         .into_inner();
     println!("{} (actor {})", reply.summary, reply.actor_id);
     if !reply.needs_reboot.is_empty() {
@@ -87,4 +119,62 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Trust on first use: shows the certificate the node presented and asks whether it is the one
+/// on the node's console; refuses when there is nobody to ask (not a terminal).
+fn trust_on_first_use(
+    endpoint: &str,
+    fingerprint: &str,
+    terminal: bool,
+    input: &mut impl std::io::BufRead,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    if !terminal {
+        bail!(
+            "{endpoint} presents a certificate with SHA-256 {fingerprint}; not on a terminal, so nobody can confirm it is the node's: compare it with the node's console and pass --cert-fingerprint {fingerprint}"
+        );
+    }
+    writeln!(
+        out,
+        "{endpoint} presents a certificate with SHA-256\n  {fingerprint}\nThe node prints its fingerprint on its console. Is it the same? [y/N] "
+    )?;
+    out.flush()?;
+    let mut answer = String::new();
+    input.read_line(&mut answer)?;
+    match answer.trim() {
+        "y" | "Y" | "yes" | "YES" | "Yes" => Ok(()),
+        _ => bail!("not confirmed: nothing was sent to {endpoint}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: &str = "ab12";
+
+    #[test]
+    fn off_a_terminal_the_fingerprint_is_shown_and_nothing_is_trusted() {
+        let err = trust_on_first_use("n:1", FP, false, &mut "y\n".as_bytes(), &mut Vec::new())
+            .expect_err("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("SHA-256 ab12") && msg.contains("--cert-fingerprint ab12"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn on_a_terminal_only_a_yes_trusts_it() {
+        let mut shown = Vec::new();
+        trust_on_first_use("n:1", FP, true, &mut "y\n".as_bytes(), &mut shown).expect("yes");
+        assert!(String::from_utf8_lossy(&shown).contains("ab12"));
+        for no in ["\n", "n\n", "yess\n", ""] {
+            assert!(
+                trust_on_first_use("n:1", FP, true, &mut no.as_bytes(), &mut Vec::new()).is_err(),
+                "{no:?}"
+            );
+        }
+    }
 }

@@ -87,6 +87,15 @@ pub async fn run(target: &Target, c: Cluster) -> anyhow::Result<()> {
                     ensure_artifacts(&image_dir, &m, env!("CARGO_PKG_VERSION"))?
                 }
             };
+            // The cluster's own signing key, trusted by its node: `plinth upgrade` works from
+            // the start with bundles signed by it.
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let key = upgrade::bundle::generate_key()?;
+            let key_path = dir.join("signing.key");
+            config::client::write_private(&key_path, upgrade::bundle::key_to_pem(&key)?.as_bytes())
+                .with_context(|| format!("writing {}", key_path.display()))?;
+            let public = upgrade::bundle::public_hex(&key.verifying_key());
+            std::fs::write(dir.join("signing.pub"), format!("{public}\n"))?;
             let node = prepare(
                 &NodeSpec {
                     name: name.clone(),
@@ -94,7 +103,7 @@ pub async fn run(target: &Target, c: Cluster) -> anyhow::Result<()> {
                     image_dir,
                     memory_mb: memory,
                     services: Vec::new(),
-                    trusted_keys: Vec::new(),
+                    trusted_keys: vec![public],
                 },
                 &artifacts,
             )?;
@@ -131,6 +140,11 @@ pub async fn run(target: &Target, c: Cluster) -> anyhow::Result<()> {
                 after.as_secs_f64(),
                 version.version,
                 version.slot
+            );
+            eprintln!(
+                "it trusts bundles signed with {}: plinth image bundle --key {} -o bundle.plinth",
+                key_path.display(),
+                key_path.display()
             );
             Ok(())
         }

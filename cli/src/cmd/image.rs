@@ -51,6 +51,13 @@ pub enum Image {
         /// The bundle to write.
         #[arg(short = 'o', long)]
         out: PathBuf,
+        /// The release's security version: raise it with a release that fixes a
+        /// vulnerability, and nodes that commit it refuse every bundle below it.
+        #[arg(long, default_value_t = 0)]
+        security_version: u64,
+        /// After this moment (seconds since the epoch) nodes refuse the bundle.
+        #[arg(long, value_name = "UNIX_SECONDS")]
+        expires: Option<u64>,
     },
     /// Write a system disk (GPT, slot A installed) from a build, with a node config on STATE.
     Disk {
@@ -159,16 +166,21 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             image_dir,
             key,
             out,
+            security_version,
+            expires,
         } => {
             let a = Artifacts::load(&image_dir).context("run `plinth image build` first")?;
-            let bytes = imager::bundle(&a, &read_key(&key)?)?;
+            let bytes = imager::bundle_release(&a, &read_key(&key)?, security_version, expires)?;
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             println!(
-                "wrote {} (Plinth {}, {} bytes)",
+                "wrote {} (Plinth {}, security version {security_version}, {} bytes)",
                 out.display(),
                 a.version,
                 bytes.len()
             );
+            if let Some(d) = upgrade::bundle::head_digest(&bytes) {
+                println!("  digest {d} (pin it: plinth upgrade --digest {d})");
+            }
             Ok(())
         }
         Image::Disk {

@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod bootchart;
 pub mod cluster;
+pub mod config;
 pub mod events;
 pub mod gen;
 pub mod image;

@@ -99,12 +99,12 @@ async fn send_url(
     url: &str,
     first: UpgradeRequest,
 ) -> anyhow::Result<api::proto::UpgradeResponse> {
-    let (endpoint, mut c) = target.connect().await?;
+    let (endpoint, mut c) = target.connect_long().await?;
     eprintln!("the node is pulling {url}");
-    Ok(c.upgrade(futures::stream::iter([first]))
-        .await
-        .map_err(|s| status_error(&endpoint, s))?
-        .into_inner())
+    match c.upgrade(futures::stream::iter([first])).await {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s) => Err(with_node_state(target, status_error(&endpoint, s)).await),
+    }
 }
 
 pub async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
@@ -154,13 +154,30 @@ async fn send_file(
         }
     });
     let stream = futures::StreamExt::chain(futures::stream::iter([first]), chunks);
-    let (endpoint, mut c) = target.connect().await?;
-    let reply = c
-        .upgrade(stream)
-        .await
-        .map_err(|s| status_error(&endpoint, s));
+    let (endpoint, mut c) = target.connect_long().await?;
+    let reply = c.upgrade(stream).await;
     bar.finish_and_clear();
-    Ok(reply?.into_inner())
+    match reply {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s) => Err(with_node_state(target, status_error(&endpoint, s)).await),
+    }
+}
+
+/// An upgrade call that failed, with what the node is doing now: a broken connection does not
+/// stop the node, and the operator must know whether it is still upgrading.
+async fn with_node_state(target: &Target, error: anyhow::Error) -> anyhow::Error {
+    let now = async {
+        let (_, mut c) = target.connect().await?;
+        anyhow::Ok(c.status(StatusRequest {}).await?.into_inner())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), now).await {
+        Ok(Ok(s)) if !s.running_sequence.is_empty() => error.context(format!(
+            "the node is still {} (sequence {}, actor {}): `plinth status` follows it, `plinth reboot` stops it while it receives or writes the slot",
+            s.state, s.running_sequence, s.running_actor_id
+        )),
+        Ok(Ok(s)) => error.context(format!("the node is {} and runs no sequence now", s.state)),
+        _ => error.context("the node could not be asked what it is doing now"),
+    }
 }
 
 /// Says what the node did with the bundle and, with --wait, how its trial ended.
