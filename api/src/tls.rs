@@ -199,7 +199,7 @@ impl rustls::client::danger::ServerCertVerifier for Insecure {
 /// maintenance mode, whose fingerprint the operator then confirms (trust on first use).
 #[derive(Debug)]
 struct Recording {
-    seen: Arc<std::sync::Mutex<Option<String>>>,
+    seen: SeenFingerprint,
     provider: Arc<CryptoProvider>,
 }
 
@@ -252,10 +252,12 @@ impl rustls::client::danger::ServerCertVerifier for Recording {
     }
 }
 
+/// Where [`recording_client_config`] puts the fingerprint it saw.
+pub type SeenFingerprint = Arc<std::sync::Mutex<Option<String>>>;
+
 /// A client config that accepts any server certificate and records its SHA-256 fingerprint in
 /// the returned cell (for `plinth apply-config --insecure` without `--cert-fingerprint`).
-pub fn recording_client_config(
-) -> Result<(Arc<ClientConfig>, Arc<std::sync::Mutex<Option<String>>>), TlsError> {
+pub fn recording_client_config() -> Result<(Arc<ClientConfig>, SeenFingerprint), TlsError> {
     let seen = Arc::new(std::sync::Mutex::new(None));
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -2,10 +2,11 @@
 //! its peer in the same run: `dd oflag=direct conv=fsync` of the same root image into a file of
 //! the same size, then `b3sum` of that file.
 //!
-//! `cargo bench -p machined --bench slot_write [-- MIB [RUNS]]` (default 200 MiB, 3 runs).
-//! Plinth's figures are the upgrade's own `writeSlot` (receive over the API, hash, write, fsync)
-//! and `verifySlot` (drop the cached pages, read back, hash) phases, read from its trace. The
-//! upgrade is staged, so the node stays up and keeps its trace.
+//! `cargo bench -p machined --bench slot_write [-- MIB [RUNS] [upload|http|https]]` (default
+//! 200 MiB, 3 runs, the bundle uploaded in the call; `http`/`https`: the node pulls it from a
+//! server on 127.0.0.1). Plinth's figures are the upgrade's own `writeSlot` (receive, hash,
+//! write, fsync) and `verifySlot` (drop the cached pages, read back, hash) phases, read from its
+//! trace. The upgrade is staged, so the node stays up and keeps its trace.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -68,17 +69,21 @@ fn peer(image: &Path, dir: &Path, slot: u64, threads: &str) -> (Duration, Durati
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let mut args = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse::<u64>().ok());
+    let words: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = words.iter().filter_map(|a| a.parse::<u64>().ok());
     let mib = args.next().unwrap_or(200);
     let runs = args.next().unwrap_or(3) as usize;
+    let source = words
+        .iter()
+        .find(|w| matches!(w.as_str(), "upload" | "http" | "https"))
+        .map_or("upload", String::as_str);
     if Command::new("b3sum").arg("--version").output().is_err() {
         eprintln!("b3sum is missing: apt-get install b3sum");
         std::process::exit(2);
     }
     let slot = (mib + 16) << 20;
-    let node = common::start_with_slots(slot);
+    let (ca, tls) = common::serve::https_identity();
+    let node = common::start_with_slots_and(slot, |c| c.machine.upgrade.ca = ca);
     let work = tempfile::tempdir().expect("tmp");
 
     let (mut write, mut verify, mut dd, mut b3, mut b3_one) =
@@ -94,7 +99,19 @@ async fn main() {
         size = root.len() as u64;
         let bundle = common::sim_bundle_of(image);
         let before = node.events().await.last().map(|e| e.id).unwrap_or(0);
-        node.upgrade(&bundle, true).await.expect("staged upgrade");
+        let staged = api::proto::UpgradeOptions {
+            stage: true,
+            ..Default::default()
+        };
+        match source {
+            "upload" => node.upgrade_with(&bundle, staged).await,
+            scheme => {
+                let tls = (scheme == "https").then(|| tls.clone());
+                let url = common::serve::serve(bundle, common::serve::Behaviour::Whole, tls).await;
+                node.upgrade_url_with(&url, staged).await
+            }
+        }
+        .expect("staged upgrade");
         let phase = |name: &str, events: &[sequencer::Event]| {
             events
                 .iter()
@@ -131,7 +148,7 @@ async fn main() {
         let (d, h) = peer(&path, work.path(), slot, "0");
         let (_, h1) = peer(&path, work.path(), slot, "1");
         println!(
-            "run {run}: {mib} MiB: Plinth write {} ({}), verify {} ({}) | dd {} ({}), b3sum {} ({}), b3sum 1 thread {} ({})",
+            "run {run}: {mib} MiB ({source}): Plinth write {} ({}), verify {} ({}) | dd {} ({}), b3sum {} ({}), b3sum 1 thread {} ({})",
             ms(w), mib_s(size, w), ms(v), mib_s(size, v),
             ms(d), mib_s(size, d), ms(h), mib_s(size, h), ms(h1), mib_s(size, h1)
         );
@@ -149,7 +166,7 @@ async fn main() {
         median(b3_one),
     );
     println!(
-        "median of {runs}, {size} bytes: Plinth write+verify {} ({}) vs dd+b3sum {} ({}); write {} vs dd {}; verify {} vs b3sum {} (1 thread: {})",
+        "median of {runs}, {size} bytes ({source}): Plinth write+verify {} ({}) vs dd+b3sum {} ({}); write {} vs dd {}; verify {} vs b3sum {} (1 thread: {})",
         ms(w + v),
         mib_s(size, w + v),
         ms(d + h),

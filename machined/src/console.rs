@@ -12,9 +12,13 @@ pub fn init() {
         .with_ansi(false)
         .with_target(false)
         .with_timer(tracing_subscriber::fmt::time::uptime())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PLINTH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        // One level for everything (PLINTH_LOG=debug|info|warn|error): per-target filters
+        // would bring a regex engine into PID 1 for a knob nobody turns on a node.
+        .with_max_level(
+            std::env::var("PLINTH_LOG")
+                .ok()
+                .and_then(|l| l.parse::<tracing::Level>().ok())
+                .unwrap_or(tracing::Level::INFO),
         )
         .try_init();
     std::panic::set_hook(Box::new(|info| {

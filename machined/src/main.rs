@@ -48,6 +48,9 @@ enum Helper {
         /// Print a numbered line every 200 ms (something for `plinth logs -f` to follow).
         #[arg(long)]
         tick: bool,
+        /// First print the file descriptors it was started with (what a service inherits).
+        #[arg(long)]
+        list_fds: bool,
     },
 }
 
@@ -59,20 +62,6 @@ enum Role {
 
 fn main() {
     console::init();
-    // The boot benchmark's floor: the same firmware, kernel and initramfs, and an /init that
-    // only says it was reached and powers off (the kernel hands `plinth_floor=1` to init as an
-    // environment variable; a name with a dot would be taken for a module parameter).
-    if std::process::id() == 1 && std::env::var_os("plinth_floor").is_some() {
-        // With the kernel's clock, so the benchmark can split the floor's boot as it does the
-        // node's (firmware, stub and kernel load, kernel start → /init).
-        console::line(&format!(
-            "plinth-floor: init reached boot_us={}",
-            sequencer::clock::boot_us()
-        ));
-        nix::unistd::sync();
-        let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
-        console::line(&format!("plinth-floor: power off failed: {e}"));
-    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         // The kernel passes init arguments it did not understand; never refuse to start over
@@ -90,8 +79,12 @@ fn main() {
         ignore_sigterm,
         listen,
         tick,
+        list_fds,
     }) = args.helper
     {
+        if list_fds {
+            print_fds();
+        }
         pause(ignore_sigterm, listen, tick);
     }
     if args.platform == Platform::Sim {
@@ -118,6 +111,24 @@ fn main() {
     };
     // Only failures come back.
     fatal(&sequencer::runner::chain(outcome.as_ref()));
+}
+
+/// One line: `fds: 0=/dev/null 1=/var/log/...`.
+fn print_fds() {
+    let mut fds: Vec<(u32, String)> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_str()?.parse().ok()?;
+                    let target = std::fs::read_link(e.path()).ok()?;
+                    Some((n, target.display().to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort();
+    let list: Vec<String> = fds.iter().map(|(n, t)| format!("{n}={t}")).collect();
+    console::line(&format!("fds: {}", list.join(" ")));
 }
 
 /// The pause helper: sleeps until killed.

@@ -53,9 +53,9 @@ pub enum ApplyError {
     /// A change to a configured node with no config loaded.
     #[error("the node has no config to change")]
     NotConfigured,
-    /// The config cannot be used on this node.
-    #[error("{0}")]
-    Unusable(String),
+    /// The config's install target cannot be installed on.
+    #[error(transparent)]
+    Install(#[from] crate::install::AdmitError),
     /// Nothing is being tried.
     #[error("no config is being tried")]
     NothingToConfirm,
@@ -135,7 +135,7 @@ pub fn confirm_sequence() -> Sequence<Arc<Runtime>> {
 async fn validate(job: Arc<ApplyJob>) -> Result<(), ApplyError> {
     let rt = &job.rt;
     if job.first && rt.installer() {
-        crate::install::admit(rt, &job.config).map_err(ApplyError::Unusable)?;
+        crate::install::admit(rt, &job.config)?;
     }
     if !job.first && rt.config().is_none() {
         return Err(ApplyError::NotConfigured);

@@ -108,53 +108,100 @@ pub fn inspect(rt: &Runtime, disk: &Path) -> Result<(Found, u64), TaskError> {
     Ok((Found::Blank, size))
 }
 
-/// Why an install onto `install.disk` may not start (answered before anything is written).
-pub fn admit(rt: &Runtime, cfg: &config::NodeConfig) -> Result<(PathBuf, bool), String> {
+/// Why an install onto `machine.install.disk` may not start (answered before anything is
+/// written, while the config that names it is applied).
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    /// Not on installer media.
+    #[error("the node did not boot from installer media")]
+    NotMedia,
+    /// No target.
+    #[error("machine.install: the node booted from installer media and needs a target disk (machine.install.disk)")]
+    NoTarget,
+    /// Nothing to check the bundle with.
+    #[error("machine.upgrade.trusted_keys: empty; the installer checks the bundle's signature like an upgrade, so list the key that signed it")]
+    NoTrustedKeys,
+    /// The target is not a block device (or cannot be looked at).
+    #[error("machine.install.disk: {0}")]
+    NotADisk(PlatformError),
+    /// A partition, not a disk.
+    #[error("machine.install.disk: {0} is a partition; name the whole disk (the install lays out its own partitions)")]
+    Partition(String),
+    /// The media itself.
+    #[error("machine.install.disk: {0} is the installer media itself")]
+    Media(String),
+    /// The target could not be read.
+    #[error("machine.install.disk: {disk}: {source}")]
+    Unreadable {
+        /// The disk.
+        disk: String,
+        /// Why.
+        #[source]
+        source: TaskError,
+    },
+    /// It holds something and wiping was not allowed.
+    #[error(
+        "machine.install.disk: {disk} holds {found}; set machine.install.wipe to install over it"
+    )]
+    NotBlank {
+        /// The disk.
+        disk: String,
+        /// What it holds.
+        found: Found,
+    },
+    /// Too small.
+    #[error("machine.install.disk: {disk} has {size} bytes; the layout needs at least {need}")]
+    TooSmall {
+        /// The disk.
+        disk: String,
+        /// Its size.
+        size: u64,
+        /// The layout's minimum.
+        need: u64,
+    },
+}
+
+/// Whether the config's install target can be installed on; the disk (as the disk list
+/// names it) and whether it may be wiped.
+pub fn admit(rt: &Runtime, cfg: &config::NodeConfig) -> Result<(PathBuf, bool), AdmitError> {
     if !rt.installer() {
-        return Err("the node did not boot from installer media".into());
+        return Err(AdmitError::NotMedia);
     }
-    let install = cfg.machine.install.as_ref().ok_or(
-        "machine.install: the node booted from installer media and needs a target disk (machine.install.disk)",
-    )?;
+    let install = cfg.machine.install.as_ref().ok_or(AdmitError::NoTarget)?;
     if cfg.machine.upgrade.trusted_keys.is_empty() {
-        return Err("machine.upgrade.trusted_keys: empty; the installer checks the bundle's signature like an upgrade, so list the key that signed it".into());
+        return Err(AdmitError::NoTrustedKeys);
     }
     let named = PathBuf::from(&install.disk);
     let target = rt
         .platform
         .block_device(&named)
-        .map_err(|e| format!("machine.install.disk: {e}"))?;
+        .map_err(AdmitError::NotADisk)?;
     if target.partition {
-        return Err(format!(
-            "machine.install.disk: {} is a partition; name the whole disk (the install lays out its own partitions)",
-            named.display()
-        ));
+        return Err(AdmitError::Partition(named.display().to_string()));
     }
     // The same device, however it is named (a by-id symlink, another path).
     let media = rt
         .boot()
         .and_then(|b| rt.platform.block_device(&b.disk).ok());
     if media.is_some_and(|m| m.id == target.id) {
-        return Err(format!(
-            "machine.install.disk: {} is the installer media itself",
-            named.display()
-        ));
+        return Err(AdmitError::Media(named.display().to_string()));
     }
     let disk = target.path;
-    let (found, size) =
-        inspect(rt, &disk).map_err(|e| format!("machine.install.disk: {}: {e}", disk.display()))?;
+    let shown = disk.display().to_string();
+    let (found, size) = inspect(rt, &disk).map_err(|source| AdmitError::Unreadable {
+        disk: shown.clone(),
+        source,
+    })?;
     if found != Found::Blank && !install.wipe {
-        return Err(format!(
-            "machine.install.disk: {} holds {found}; set machine.install.wipe to install over it",
-            disk.display()
-        ));
+        return Err(AdmitError::NotBlank { disk: shown, found });
     }
     let need = layout::min_disk_bytes(SLOT_BYTES);
     if size < need {
-        return Err(format!(
-            "machine.install.disk: {} has {size} bytes; the layout needs at least {need}",
-            disk.display()
-        ));
+        return Err(AdmitError::TooSmall {
+            disk: shown,
+            size,
+            need,
+        });
     }
     Ok((disk, install.wipe))
 }

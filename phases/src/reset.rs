@@ -40,10 +40,24 @@ pub struct ResetJob {
     pub reboot: bool,
 }
 
+/// Why a reset request is refused before anything runs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResetError {
+    /// Both a list of labels and the whole disk.
+    #[error("wipe either partitions by label or the whole system disk, not both")]
+    LabelsAndDisk,
+    /// A label a reset does not wipe.
+    #[error("unknown partition label {label:?}: a reset wipes {} by label, or the whole system disk", WIPEABLE.join(", "))]
+    UnknownLabel {
+        /// As given.
+        label: String,
+    },
+}
+
 /// Checks the request before anything runs: known labels only, not both a list and the disk.
-pub fn admit(labels: &[String], system_disk: bool) -> Result<WipeTarget, String> {
+pub fn admit(labels: &[String], system_disk: bool) -> Result<WipeTarget, ResetError> {
     if system_disk && !labels.is_empty() {
-        return Err("wipe either partitions by label or the whole system disk, not both".into());
+        return Err(ResetError::LabelsAndDisk);
     }
     if system_disk {
         return Ok(WipeTarget::SystemDisk);
@@ -55,10 +69,7 @@ pub fn admit(labels: &[String], system_disk: bool) -> Result<WipeTarget, String>
     for l in labels {
         let up = l.to_ascii_uppercase();
         if !WIPEABLE.contains(&up.as_str()) {
-            return Err(format!(
-                "unknown partition label {l:?}: a reset wipes {} by label, or the whole system disk",
-                WIPEABLE.join(", ")
-            ));
+            return Err(ResetError::UnknownLabel { label: l.clone() });
         }
         if !out.contains(&up) {
             out.push(up);
@@ -190,7 +201,7 @@ mod tests {
             admit(&["state".into(), "META".into()], false),
             Ok(WipeTarget::Labels(vec!["STATE".into(), "META".into()]))
         );
-        assert!(admit(&["ROOT-A".into()], false).is_err_and(|e| e.contains("ROOT-A")));
+        assert!(admit(&["ROOT-A".into()], false).is_err_and(|e| e.to_string().contains("ROOT-A")));
         assert!(admit(&["STATE".into()], true).is_err());
         assert_eq!(admit(&[], true), Ok(WipeTarget::SystemDisk));
     }

@@ -1,5 +1,5 @@
 //! Boot time through OVMF under TCG, against its floor: the same firmware, kernel and
-//! initramfs with an `/init` that only says it was reached and powers off (`plinth_floor=1`).
+//! initramfs with an `/init` that only says it was reached and powers off (`plinth-floor`, a binary of its own in machined's place).
 //! Prints, per run and as medians: QEMU start → `Version` answered over mTLS for a Plinth node,
 //! QEMU start → floor `/init` reached, their ratio, and machined's own share (PID 1 start →
 //! API listening), then one node's timeline.
@@ -55,7 +55,7 @@ async fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(3);
-    let floor_image = common::image("floor", "0.1.0-floor", &["plinth_floor=1"]);
+    let floor_image = common::image_with("floor", "0.1.0-floor", &[], 0, "plinth-floor");
 
     let mut node_ready = Vec::new();
     let mut machined_share = Vec::new();

@@ -35,7 +35,7 @@ async fn services_start_in_dependency_order_restart_on_failure_and_a_service_ign
     web.health = Some(HealthCheck::Tcp("127.0.0.1:8080".into()));
     let mut flaky = service("flaky", &["pause", "--no-such-flag"]);
     flaky.restart = RestartPolicy::OnFailure;
-    let ticker = service("ticker", &["pause", "--tick"]);
+    let ticker = service("ticker", &["pause", "--tick", "--list-fds"]);
     let node = node_with_services("services", vec![stubborn, web, flaky, ticker]);
     let ctx = node.context().expect("context").clone();
     let mut vm = node.boot().expect("launch");
@@ -68,9 +68,6 @@ async fn services_start_in_dependency_order_restart_on_failure_and_a_service_ign
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let names: Vec<&str> = list.iter().map(|s| s.name.as_str()).collect();
-    let pos = |n: &str| names.iter().position(|x| *x == n).expect(n);
-    assert!(pos("stubborn") < pos("web"), "start order {names:?}");
     let flaky = list.iter().find(|s| s.name == "flaky").expect("flaky");
     assert!(flaky.last_exit.contains("exit code 2"), "{flaky:?}");
 
@@ -83,7 +80,7 @@ async fn services_start_in_dependency_order_restart_on_failure_and_a_service_ign
             "ticker",
             "-f",
             "--tail",
-            "1",
+            "0",
         ])
         .env("PLINTHCONFIG", node.spec.dir.join("plinthconfig"))
         .stdout(std::process::Stdio::piped())
@@ -92,17 +89,34 @@ async fn services_start_in_dependency_order_restart_on_failure_and_a_service_ign
     let stdout = follow.stdout.take().expect("stdout");
     let ticks = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
-        std::io::BufReader::new(stdout)
+        let mut fds = None;
+        let mut ticks = Vec::new();
+        for l in std::io::BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
-            .filter_map(|l| l.strip_prefix("tick ").and_then(|n| n.parse::<u64>().ok()))
-            .take(4)
-            .collect::<Vec<_>>()
+        {
+            if let Some(list) = l.strip_prefix("fds: ") {
+                fds.get_or_insert(list.to_string());
+            } else if let Some(n) = l.strip_prefix("tick ").and_then(|n| n.parse::<u64>().ok()) {
+                ticks.push(n);
+                if ticks.len() == 4 {
+                    break;
+                }
+            }
+        }
+        (fds, ticks)
     });
-    let ticks = tokio::time::timeout(Duration::from_secs(30), ticks)
+    let (fds, ticks) = tokio::time::timeout(Duration::from_secs(30), ticks)
         .await
         .expect("lines in time")
         .expect("reader");
+    // The watchdog crossed machined's own exec, and no further: a service does not hold it.
+    let fds = fds.expect("the ticker listed its descriptors");
+    assert!(
+        !fds.contains("watchdog"),
+        "a service inherited the watchdog: {fds}"
+    );
+    assert!(fds.starts_with("0=/dev/null 1="), "{fds}");
     let _ = follow.kill();
     let _ = follow.wait();
     assert_eq!(ticks.len(), 4);
@@ -135,6 +149,13 @@ async fn services_start_in_dependency_order_restart_on_failure_and_a_service_ign
             _ => None,
         })
     };
+    // Started in dependency order, as the trace shows it (not as the supervisor sorts it).
+    let stubborn_up = service_event("stubborn", "running").expect("stubborn ran");
+    let web_up = service_event("web", "running").expect("web ran");
+    assert!(
+        stubborn_up.id < web_up.id,
+        "web started before the service it depends on"
+    );
     let web_stopped = service_event("web", "stopped").expect("web stopped");
     let stubborn_term = service_event("stubborn", "SIGTERM").expect("stubborn got SIGTERM");
     let stubborn_kill = service_event("stubborn", "SIGKILL").expect("stubborn got SIGKILL");

@@ -63,7 +63,7 @@ pub enum ApiError {
     },
     /// A reset names what the node does not have.
     #[error("{0}")]
-    Reset(String),
+    Reset(#[from] phases::reset::ResetError),
     /// No such thing.
     #[error("{0}")]
     NotFound(String),
@@ -79,7 +79,11 @@ impl ApiError {
     /// The gRPC code: every variant, and every inner error that decides, named here.
     pub fn code(&self) -> Code {
         match self {
-            ApiError::BadRequest(_) | ApiError::Reset(_) => Code::InvalidArgument,
+            ApiError::BadRequest(_) => Code::InvalidArgument,
+            ApiError::Reset(e) => match e {
+                phases::reset::ResetError::LabelsAndDisk
+                | phases::reset::ResetError::UnknownLabel { .. } => Code::InvalidArgument,
+            },
             ApiError::Denied { denied, .. } => match denied {
                 Denied::Busy { .. } => Code::Aborted,
                 Denied::NotAllowed { .. } => Code::FailedPrecondition,
@@ -112,9 +116,20 @@ impl ApiError {
             },
             ApiError::Apply { error, .. } => match error {
                 ApplyError::AlreadyConfigured => Code::PermissionDenied,
-                ApplyError::NotConfigured
-                | ApplyError::Unusable(_)
-                | ApplyError::NothingToConfirm => Code::FailedPrecondition,
+                ApplyError::NotConfigured | ApplyError::NothingToConfirm => {
+                    Code::FailedPrecondition
+                }
+                ApplyError::Install(e) => match e {
+                    phases::install::AdmitError::NotMedia
+                    | phases::install::AdmitError::NoTarget
+                    | phases::install::AdmitError::NoTrustedKeys
+                    | phases::install::AdmitError::NotADisk(_)
+                    | phases::install::AdmitError::Partition(_)
+                    | phases::install::AdmitError::Media(_)
+                    | phases::install::AdmitError::NotBlank { .. }
+                    | phases::install::AdmitError::TooSmall { .. } => Code::FailedPrecondition,
+                    phases::install::AdmitError::Unreadable { .. } => Code::Internal,
+                },
                 ApplyError::Yaml(_) | ApplyError::Write(_) => Code::Internal,
             },
             ApiError::NotFound(_) => Code::NotFound,

@@ -13,7 +13,7 @@ pub fn reset(
     actor: String,
     r: api::proto::ResetRequest,
 ) -> Result<(), ApiError> {
-    let target = phases::reset::admit(&r.labels, r.system_disk).map_err(ApiError::Reset)?;
+    let target = phases::reset::admit(&r.labels, r.system_disk)?;
     let method = match api::proto::WipeMethod::try_from(r.method) {
         Ok(api::proto::WipeMethod::Fast) => phases::platform::WipeMethod::Fast,
         Ok(api::proto::WipeMethod::Zero) => phases::platform::WipeMethod::Zero,

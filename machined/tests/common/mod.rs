@@ -128,7 +128,15 @@ pub fn start_installer(version: &str) -> (SimNode, config::NodeConfig) {
 
 /// A configured node whose slots are `slot_bytes` long (the tests' default is [`SLOT_BYTES`]).
 pub fn start_with_slots(slot_bytes: u64) -> SimNode {
-    start_inner_env(vec![], &[], |_| {}, Disk::Installed(true, slot_bytes), &[])
+    start_with_slots_and(slot_bytes, |_| {})
+}
+
+/// [`start_with_slots`], with a last word on the node config.
+pub fn start_with_slots_and(
+    slot_bytes: u64,
+    tweak: impl FnOnce(&mut config::NodeConfig),
+) -> SimNode {
+    start_inner_env(vec![], &[], tweak, Disk::Installed(true, slot_bytes), &[])
 }
 
 /// The simulated machine's slot size: room for the simulated images, and quick to provision.
@@ -350,6 +358,25 @@ impl SimNode {
         msgs.extend(bundle.chunks(64 * 1024).map(|c| UpgradeRequest {
             msg: Some(Msg::Chunk(c.to_vec())),
         }));
+        let mut c = self.client().await;
+        c.upgrade(tokio_stream::iter(msgs))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Asks the node to pull its bundle from `url`, with `options` (their `url` is set here).
+    pub async fn upgrade_url_with(
+        &self,
+        url: &str,
+        options: api::proto::UpgradeOptions,
+    ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
+        use api::proto::{upgrade_request::Msg, UpgradeOptions, UpgradeRequest};
+        let msgs = vec![UpgradeRequest {
+            msg: Some(Msg::Options(UpgradeOptions {
+                url: url.into(),
+                ..options
+            })),
+        }];
         let mut c = self.client().await;
         c.upgrade(tokio_stream::iter(msgs))
             .await

@@ -235,6 +235,18 @@ pub fn image_filled(
     extra_cmdline: &[&str],
     filler_bytes: u64,
 ) -> imager::Artifacts {
+    image_with(name, version, extra_cmdline, filler_bytes, "machined")
+}
+
+/// [`image_filled`] with another static binary of this workspace as `/init` (the boot
+/// benchmark's floor, `plinth-floor`).
+pub fn image_with(
+    name: &str,
+    version: &str,
+    extra_cmdline: &[&str],
+    filler_bytes: u64,
+    init: &str,
+) -> imager::Artifacts {
     let base = artifacts();
     let out_dir = workspace().join("target/vm-tests/images").join(name);
     let cache = std::env::var_os("PLINTH_IMAGE_DIR")
@@ -244,7 +256,9 @@ pub fn image_filled(
     imager::build(&imager::BuildOptions {
         out_dir,
         cache_dir: cache,
-        machined: workspace().join("target/x86_64-unknown-linux-gnu/release/machined"),
+        machined: workspace()
+            .join("target/x86_64-unknown-linux-gnu/release")
+            .join(init),
         version: version.into(),
         kernel_package: Some(format!("linux-image-{}", base.kernel_release)),
         extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
