@@ -271,9 +271,12 @@ pub fn reply_to(bytes: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Message> {
     .then_some(reply)
 }
 
-/// A DHCP message, if `bytes` is one.
+/// A DHCP message, if `bytes` is one. A hardware address length over the 16 bytes `chaddr`
+/// holds is refused here: `dhcproto` decodes it, and then panics when the address is read
+/// (found by the fuzzer; any host on the link can send such a reply).
 pub fn decode(bytes: &[u8]) -> Option<Message> {
-    Message::from_bytes(bytes).ok()
+    let m = Message::from_bytes(bytes).ok()?;
+    (m.hlen() <= 16).then_some(m)
 }
 
 /// A message as bytes (for the fuzzer's round trip).
@@ -524,5 +527,14 @@ mod tests {
             "10.0.2.15/24 via 10.0.2.2 from 10.0.2.2 for 86400 s"
         );
         assert!(reply_to(&ack, 0x1234abcd, &[0x52, 0x54, 0, 0x12, 0x34, 0x56]).is_some());
+    }
+
+    #[test]
+    fn a_reply_claiming_a_hardware_address_longer_than_chaddr_is_refused_not_a_panic() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/dhcp");
+        let mut bytes = std::fs::read(dir.join("ack")).expect("seed");
+        bytes[2] = 250; // hlen
+        assert!(decode(&bytes).is_none());
+        assert!(reply_to(&bytes, 0x1234abcd, &[0x52, 0x54, 0, 0x12, 0x34, 0x56]).is_none());
     }
 }

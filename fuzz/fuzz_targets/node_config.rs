@@ -10,7 +10,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(cfg) = NodeConfig::from_yaml(text) {
-        let again = NodeConfig::from_yaml(&cfg.to_yaml()).expect("a written config reads back");
+        let yaml = cfg.to_yaml().expect("an accepted config writes out");
+        let again = NodeConfig::from_yaml(&yaml).expect("a written config reads back");
         assert_eq!(again, cfg);
     }
 });

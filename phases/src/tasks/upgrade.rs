@@ -19,6 +19,10 @@ use crate::upgrade::{UpgradeError, UpgradeJob};
 
 /// Bytes between progress events.
 const PROGRESS_EVERY: u64 = 16 << 20;
+/// The slot is written in buffers of this size.
+const CHUNK: usize = 1 << 20;
+/// Buffers between the receiver and the disk writer.
+const IN_FLIGHT: usize = 4;
 
 fn node_err(e: impl Into<TaskError>) -> UpgradeError {
     UpgradeError::Node(e.into())
@@ -202,66 +206,93 @@ async fn write_root(job: &UpgradeJob) -> Result<(), UpgradeError> {
     let (mut file, base) = rt.platform.open_partition(&dev, true)?;
     file.seek(SeekFrom::Start(base))
         .map_err(|e| PlatformError::io("seeking in", &dev, e))?;
+    // The disk writer runs on a blocking thread of its own, fed full buffers and handing them
+    // back empty, so the next MiB is received and hashed while the last one is written (and the
+    // API and the watchdog keep their async workers while a slow disk takes its time).
+    let (full_tx, mut full_rx) = tokio::sync::mpsc::channel::<(Vec<u8>, usize)>(IN_FLIGHT);
+    let (empty_tx, mut empty_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(IN_FLIGHT);
+    for _ in 0..IN_FLIGHT {
+        let _ = empty_tx.try_send(vec![0u8; CHUNK]);
+    }
+    let d = dev.clone();
+    let writer = tokio::task::spawn_blocking(move || -> Result<(), PlatformError> {
+        while let Some((buf, n)) = full_rx.blocking_recv() {
+            file.write_all(&buf[..n])
+                .map_err(|e| PlatformError::io("writing", &d, e))?;
+            let _ = empty_tx.blocking_send(buf);
+        }
+        file.sync_all()
+            .map_err(|e| PlatformError::io("syncing", &d, e))
+    });
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     let mut next_report = PROGRESS_EVERY;
     let mut src = job.source.lock().await;
-    while done < c.size {
-        let want = usize::try_from((c.size - done).min(buf.len() as u64)).unwrap_or(buf.len());
-        let n = read_full(&mut *src, &mut buf[..want])
-            .await
-            .map_err(UpgradeError::from_source)?;
-        if n == 0 {
-            return Err(BundleError::Truncated {
-                what: ROOTFS.into(),
-                expected: c.size,
-                got: done,
+    let received: Result<(), UpgradeError> = async {
+        while done < c.size {
+            // No empty buffer coming back means the writer stopped: its error is the one to
+            // report (below).
+            let Some(mut buf) = empty_rx.recv().await else {
+                return Ok(());
+            };
+            let want = usize::try_from((c.size - done).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let n = read_full(&mut *src, &mut buf[..want])
+                .await
+                .map_err(UpgradeError::from_source)?;
+            if n == 0 {
+                return Err(BundleError::Truncated {
+                    what: ROOTFS.into(),
+                    expected: c.size,
+                    got: done,
+                }
+                .into());
             }
-            .into());
+            hasher.update(&buf[..n]);
+            if full_tx.send((buf, n)).await.is_err() {
+                return Ok(());
+            }
+            done += n as u64;
+            if done >= next_report || done == c.size {
+                next_report += PROGRESS_EVERY;
+                rt.bus.publish(
+                    EventKind::Progress {
+                        sequence: "upgrade".into(),
+                        what: format!("slot {target}"),
+                        done,
+                        total: c.size,
+                    },
+                    None,
+                );
+            }
         }
-        hasher.update(&buf[..n]);
-        // Disk writes block: off the async workers, so the API and the watchdog keep going
-        // while a slow disk takes its time. File and buffer travel to the blocking thread and
-        // back.
-        let (f, b, written) = tokio::task::spawn_blocking(move || {
-            let r = file.write_all(&buf[..n]);
-            (file, buf, r)
-        })
+        // The signed manifest says where the bundle ends: anything after it is not this
+        // bundle.
+        let mut one = [0u8; 1];
+        if job.source_is_bundle
+            && src
+                .read(&mut one)
+                .await
+                .map_err(UpgradeError::from_source)?
+                != 0
+        {
+            let total = manifest.components.iter().map(|c| c.size).sum::<u64>();
+            return Err(UpgradeError::Trailing(total));
+        }
+        Ok(())
+    }
+    .await;
+    // The writer finishes what it was given and syncs.
+    drop(full_tx);
+    let written = writer
         .await
         .map_err(|e| node_err(format!("the slot writer stopped: {e}")))?;
-        (file, buf) = (f, b);
-        written.map_err(|e| PlatformError::io("writing", &dev, e))?;
-        done += n as u64;
-        if done >= next_report || done == c.size {
-            next_report += PROGRESS_EVERY;
-            rt.bus.publish(
-                EventKind::Progress {
-                    sequence: "upgrade".into(),
-                    what: format!("slot {target}"),
-                    done,
-                    total: c.size,
-                },
-                None,
-            );
-        }
+    received?;
+    written?;
+    if done < c.size {
+        return Err(node_err(
+            "the slot writer stopped before the image was written",
+        ));
     }
-    // The signed manifest says where the bundle ends: anything after it is not this bundle.
-    let mut one = [0u8; 1];
-    if job.source_is_bundle
-        && src
-            .read(&mut one)
-            .await
-            .map_err(UpgradeError::from_source)?
-            != 0
-    {
-        let total = manifest.components.iter().map(|c| c.size).sum::<u64>();
-        return Err(UpgradeError::Trailing(total));
-    }
-    tokio::task::spawn_blocking(move || file.sync_all())
-        .await
-        .map_err(|e| node_err(format!("the slot writer stopped: {e}")))?
-        .map_err(|e| PlatformError::io("syncing", &dev, e))?;
     let actual = hasher.finalize().to_hex().to_string();
     if actual != c.blake3 {
         return Err(BundleError::Digest {
