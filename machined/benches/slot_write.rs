@@ -7,6 +7,10 @@
 //! server on 127.0.0.1). Plinth's figures are the upgrade's own `writeSlot` (receive, hash,
 //! write, fsync) and `verifySlot` (drop the cached pages, read back, hash) phases, read from its
 //! trace. The upgrade is staged, so the node stays up and keeps its trace.
+//!
+//! With `rauc` among the arguments, RAUC 1.8 (Debian's `rauc`) then installs a plain bundle of
+//! the same size into a file-backed slot with the noop bootloader, in the same run
+//! (`benches/rauc-install.sh`, as root: it loop-mounts the bundle).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -28,6 +32,11 @@ fn mib_s(bytes: u64, d: Duration) -> String {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
+}
+
+/// The median of the runs' sums.
+fn median_of(a: &[Duration], b: &[Duration]) -> Duration {
+    median(a.iter().zip(b).map(|(x, y)| *x + *y).collect())
 }
 
 /// Runs `cmd` and returns how long it took; panics with its output if it fails.
@@ -159,12 +168,46 @@ async fn main() {
         b3_one.push(h1);
     }
     let (w, v, d, h, h1) = (
-        median(write),
-        median(verify),
-        median(dd),
-        median(b3),
+        median(write.clone()),
+        median(verify.clone()),
+        median(dd.clone()),
+        median(b3.clone()),
         median(b3_one),
     );
+    let rauc = words.iter().any(|w| w == "rauc").then(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/rauc-install.sh");
+        let out = Command::new(script)
+            .arg(mib.to_string())
+            .arg(work.path().join("rauc"))
+            .env("RUNS", runs.to_string())
+            .output()
+            .expect("run the RAUC benchmark");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{script}: {}\n{text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        print!("{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix("rauc install: "))
+            .and_then(|l| l.split(" in ").nth(1))
+            .and_then(|l| l.split(" s").next())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .map(Duration::from_secs_f64)
+            .expect("rauc install time")
+    });
+    if let Some(r) = rauc {
+        println!(
+            "side by side ({source}): Plinth write+verify {} vs RAUC install {} ({:.2}x faster) vs dd+b3sum {} ({:.2}x the floor)",
+            ms(median_of(&write, &verify)),
+            ms(r),
+            r.as_secs_f64() / median_of(&write, &verify).as_secs_f64(),
+            ms(median_of(&dd, &b3)),
+            median_of(&write, &verify).as_secs_f64() / median_of(&dd, &b3).as_secs_f64(),
+        );
+    }
     println!(
         "median of {runs}, {size} bytes ({source}): Plinth write+verify {} ({}) vs dd+b3sum {} ({}); write {} vs dd {}; verify {} vs b3sum {} (1 thread: {})",
         ms(w + v),
