@@ -134,6 +134,8 @@ pub fn server_config_without_client_auth(
 #[derive(Debug)]
 struct Insecure {
     fingerprint: Option<String>,
+    /// Where the certificate's fingerprint is recorded (trust on first use), if anywhere.
+    seen: Option<SeenFingerprint>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -146,6 +148,10 @@ impl rustls::client::danger::ServerCertVerifier for Insecure {
         _ocsp: &[u8],
         _now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if let Some(seen) = &self.seen {
+            *seen.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(crate::pki::fingerprint_der(end_entity));
+        }
         match &self.fingerprint {
             Some(want)
                 if crate::pki::fingerprint_der(end_entity)
@@ -158,63 +164,6 @@ impl rustls::client::danger::ServerCertVerifier for Insecure {
             }
             _ => Ok(rustls::client::danger::ServerCertVerified::assertion()),
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// Records the certificate a server presents (and accepts any): the first look at a node in
-/// maintenance mode, whose fingerprint the operator then confirms (trust on first use).
-#[derive(Debug)]
-struct Recording {
-    seen: SeenFingerprint,
-    provider: Arc<CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for Recording {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(crate::pki::fingerprint_der(end_entity));
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -266,8 +215,9 @@ pub fn recording_client_config() -> Result<(Arc<ClientConfig>, SeenFingerprint),
             source,
         })?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Recording {
-            seen: seen.clone(),
+        .with_custom_certificate_verifier(Arc::new(Insecure {
+            fingerprint: None,
+            seen: Some(seen.clone()),
             provider: provider(),
         }))
         .with_no_client_auth();
@@ -286,6 +236,7 @@ pub fn insecure_client_config(fingerprint: Option<String>) -> Result<Arc<ClientC
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(Insecure {
             fingerprint,
+            seen: None,
             provider: provider(),
         }))
         .with_no_client_auth();

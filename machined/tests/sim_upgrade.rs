@@ -273,77 +273,14 @@ async fn a_staged_upgrade_waits_for_the_next_reboot_and_rollback_returns_to_the_
     );
 }
 
-/// An HTTP server for `data` whose first response breaks off half-way; later requests get the
-/// range they ask for. Returns the URL and the `Range` headers seen.
-async fn flaky_server(data: Vec<u8>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = seen.clone();
-    tokio::spawn(async move {
-        let mut first = true;
-        while let Ok((mut s, _)) = listener.accept().await {
-            let mut req = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
-            }
-            let text = String::from_utf8_lossy(&req).to_lowercase();
-            let range = text
-                .lines()
-                .find_map(|l| l.strip_prefix("range: bytes="))
-                .and_then(|r| r.trim().trim_end_matches('-').parse::<usize>().ok());
-            let len = data.len();
-            let response = match (first, range) {
-                (true, _) => {
-                    first = false;
-                    let mut r = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
-                    )
-                    .into_bytes();
-                    r.extend_from_slice(&data[..len / 2]);
-                    r
-                }
-                (false, Some(n)) => {
-                    log.lock().expect("log").push(format!("bytes={n}-"));
-                    let mut r = format!(
-                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {n}-{}/{len}\r\nConnection: close\r\n\r\n",
-                        len - n,
-                        len - 1
-                    )
-                    .into_bytes();
-                    r.extend_from_slice(&data[n..]);
-                    r
-                }
-                (false, None) => {
-                    let mut r = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
-                    )
-                    .into_bytes();
-                    r.extend_from_slice(&data);
-                    r
-                }
-            };
-            let _ = s.write_all(&response).await;
-            let _ = s.shutdown().await;
-        }
-    });
-    (format!("http://{addr}/bundle.plinth"), seen)
-}
-
 #[tokio::test]
 async fn an_upgrade_pulled_from_a_url_resumes_where_the_connection_broke_off() {
     let node = start(vec![], &[]);
     let v1 = node.version_after(None).await;
     let bundle = sim_bundle("2.0-url", &[]);
     let half = bundle.len() / 2;
-    let (url, ranges) = flaky_server(bundle).await;
+    let (url, ranges) =
+        common::serve::serve_logged(bundle, common::serve::Behaviour::BreakOnce, None).await;
     let reply = node.upgrade_url(&url).await.expect("pulled and written");
     assert_eq!(
         (reply.slot.as_str(), reply.version.as_str()),

@@ -130,48 +130,45 @@ impl<C> Sequence<C> {
         }
     }
 
-    /// Appends a phase that always runs.
-    pub fn phase(mut self, name: &'static str, tasks: impl IntoIterator<Item = Task<C>>) -> Self {
-        self.phases.push(Phase {
-            name,
-            tasks: tasks.into_iter().collect(),
-            condition: None,
-            interruptible: false,
-        });
-        self
-    }
-
-    /// Appends a phase that only waits (for health, for a deadline) and changes nothing, so a
-    /// cancel may interrupt it instead of waiting for its end.
-    pub fn waiting_phase(
+    fn push(
         mut self,
         name: &'static str,
         tasks: impl IntoIterator<Item = Task<C>>,
+        interruptible: bool,
     ) -> Self {
         self.phases.push(Phase {
             name,
             tasks: tasks.into_iter().collect(),
             condition: None,
-            interruptible: true,
+            interruptible,
         });
         self
+    }
+
+    /// Appends a phase that always runs.
+    pub fn phase(self, name: &'static str, tasks: impl IntoIterator<Item = Task<C>>) -> Self {
+        self.push(name, tasks, false)
+    }
+
+    /// Appends a phase that only waits (for health, for a deadline) and changes nothing, so a
+    /// cancel may interrupt it instead of waiting for its end.
+    pub fn waiting_phase(
+        self,
+        name: &'static str,
+        tasks: impl IntoIterator<Item = Task<C>>,
+    ) -> Self {
+        self.push(name, tasks, true)
     }
 
     /// Appends a phase whose work may be dropped half-way by a takeover the table allows at
     /// this [`Stage`](crate::Stage::Interruptible): it changes nothing that stopping in the
     /// middle could leave unbootable (a slot already marked as being written).
     pub fn interruptible_phase(
-        mut self,
+        self,
         name: &'static str,
         tasks: impl IntoIterator<Item = Task<C>>,
     ) -> Self {
-        self.phases.push(Phase {
-            name,
-            tasks: tasks.into_iter().collect(),
-            condition: None,
-            interruptible: true,
-        });
-        self
+        self.push(name, tasks, true)
     }
 
     /// Appends a phase that runs only when `condition` holds for the context at that point.

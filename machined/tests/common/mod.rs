@@ -329,20 +329,11 @@ impl SimNode {
         bundle: &[u8],
         stage: bool,
     ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
-        use api::proto::{upgrade_request::Msg, UpgradeOptions, UpgradeRequest};
-        let mut msgs = vec![UpgradeRequest {
-            msg: Some(Msg::Options(UpgradeOptions {
-                stage,
-                ..Default::default()
-            })),
-        }];
-        msgs.extend(bundle.chunks(64 * 1024).map(|c| UpgradeRequest {
-            msg: Some(Msg::Chunk(c.to_vec())),
-        }));
-        let mut c = self.client().await;
-        c.upgrade(tokio_stream::iter(msgs))
-            .await
-            .map(|r| r.into_inner())
+        let options = api::proto::UpgradeOptions {
+            stage,
+            ..Default::default()
+        };
+        self.upgrade_with(bundle, options).await
     }
 
     /// Streams `bundle` with `options` (its `url` must be empty).
@@ -388,17 +379,7 @@ impl SimNode {
         &self,
         url: &str,
     ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
-        use api::proto::{upgrade_request::Msg, UpgradeOptions, UpgradeRequest};
-        let msgs = vec![UpgradeRequest {
-            msg: Some(Msg::Options(UpgradeOptions {
-                url: url.into(),
-                ..Default::default()
-            })),
-        }];
-        let mut c = self.client().await;
-        c.upgrade(tokio_stream::iter(msgs))
-            .await
-            .map(|r| r.into_inner())
+        self.upgrade_url_with(url, Default::default()).await
     }
 
     /// Status, once the node answers.

@@ -16,13 +16,19 @@ pub enum Behaviour {
     Trickle(Duration),
     /// The first response breaks off half-way; a resume answers from the wrong offset.
     BadResume,
+    /// The first response breaks off half-way; later requests get the range they ask for.
+    BreakOnce,
 }
+
+/// The `Range` headers a server was sent.
+pub type Ranges = Arc<std::sync::Mutex<Vec<String>>>;
 
 async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     data: &[u8],
     how: Behaviour,
     first: bool,
+    ranges: Ranges,
 ) {
     let mut req = Vec::new();
     let mut buf = [0u8; 1024];
@@ -37,6 +43,9 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         .lines()
         .find_map(|l| l.strip_prefix("range: bytes="))
         .and_then(|r| r.trim().trim_end_matches('-').parse::<usize>().ok());
+    if let Some(n) = range {
+        ranges.lock().expect("ranges").push(format!("bytes={n}-"));
+    }
     let len = data.len();
     match (how, range) {
         (Behaviour::Trickle(every), _) => {
@@ -61,7 +70,7 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = s.write_all(head.as_bytes()).await;
             let _ = s.write_all(&data[..len - n]).await;
         }
-        (Behaviour::BadResume, None) if first => {
+        (Behaviour::BadResume | Behaviour::BreakOnce, None) if first => {
             let head =
                 format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n");
             let _ = s.write_all(head.as_bytes()).await;
@@ -92,6 +101,17 @@ pub async fn serve(
     how: Behaviour,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> String {
+    serve_logged(data, how, tls).await.0
+}
+
+/// [`serve`], and the `Range` headers it is sent.
+pub async fn serve_logged(
+    data: Vec<u8>,
+    how: Behaviour,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> (String, Ranges) {
+    let ranges = Ranges::default();
+    let seen = ranges.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -102,21 +122,21 @@ pub async fn serve(
     tokio::spawn(async move {
         let mut first = true;
         while let Ok((tcp, _)) = listener.accept().await {
-            let (data, acceptor) = (data.clone(), acceptor.clone());
+            let (data, acceptor, seen) = (data.clone(), acceptor.clone(), seen.clone());
             let was_first = std::mem::replace(&mut first, false);
             tokio::spawn(async move {
                 match acceptor {
                     Some(a) => {
                         if let Ok(s) = a.accept(tcp).await {
-                            answer(s, &data, how, was_first).await;
+                            answer(s, &data, how, was_first, seen).await;
                         }
                     }
-                    None => answer(tcp, &data, how, was_first).await,
+                    None => answer(tcp, &data, how, was_first, seen).await,
                 }
             });
         }
     });
-    format!("{scheme}://{addr}/bundle.plinth")
+    (format!("{scheme}://{addr}/bundle.plinth"), ranges)
 }
 
 /// A CA and a TLS server config for 127.0.0.1 signed by it: (CA PEM, config).
