@@ -203,3 +203,42 @@ async fn wiping_the_system_disk_leaves_a_machine_that_needs_media() {
         "the partition table is gone"
     );
 }
+
+#[tokio::test]
+async fn a_config_is_refused_at_once_while_a_reset_runs() {
+    // A service that ignores SIGTERM holds the graceful reset for its 3 s stop timeout.
+    let stubborn = Service {
+        name: "stubborn".into(),
+        command: vec![
+            "/sbin/machined".into(),
+            "pause".into(),
+            "--ignore-sigterm".into(),
+        ],
+        ..ticker()
+    };
+    let node = start(vec![stubborn], &[]);
+    node.version_after(None).await;
+    let mut cfg = node.config_on_state().expect("config");
+    cfg.machine.name = "during-reset".into();
+    let mut c = node.client().await;
+    c.reset(reset(&["EPHEMERAL"], true, WipeMethod::Fast))
+        .await
+        .expect("reset");
+    let err = c
+        .apply_configuration(api::proto::ApplyConfigurationRequest {
+            data: cfg.to_yaml().expect("yaml"),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused while the reset runs");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert!(
+        err.message().contains("reset is running"),
+        "{}",
+        err.message()
+    );
+    // The reset goes on; the config on STATE is the one the node had.
+    let v = node.version_after(None).await;
+    assert_eq!(v.node_name, "sim");
+    assert_eq!(node.config_on_state().expect("config").machine.name, "sim");
+}

@@ -250,3 +250,57 @@ async fn a_resume_that_does_not_start_where_the_download_stopped_is_refused() {
     assert_eq!((s.committed.as_str(), s.boot_next), ("A", None));
     assert_ne!(slot(&s, "B").state, "pending");
 }
+
+#[tokio::test]
+async fn a_config_is_refused_at_once_while_an_upgrade_writes_the_slot_and_runs_as_a_sequence_otherwise(
+) {
+    let node = node_with_deadlines(600, 3600);
+    node.version_after(None).await;
+    let cfg = node.config_on_state().expect("config");
+    let apply = |name: &str| {
+        let mut c = cfg.clone();
+        c.machine.name = name.into();
+        api::proto::ApplyConfigurationRequest {
+            data: c.to_yaml().expect("yaml"),
+            ..Default::default()
+        }
+    };
+    let bundle = big_bundle();
+    let (call, open) = held_upload(&node, &bundle, bundle.len() / 2);
+    writing(&node).await;
+    let mut c = node.client().await;
+    let err = c
+        .apply_configuration(apply("during-upgrade"))
+        .await
+        .expect_err("refused while the upgrade runs");
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("upgrade is running; applyConfig may not interrupt it"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(node.config_on_state().expect("config").machine.name, "sim");
+    // Once the upgrade is over (the upload ends short), the same config goes in, as the
+    // applyConfig sequence in the trace.
+    drop(open);
+    let _ = call.await;
+    c.apply_configuration(apply("after-upgrade"))
+        .await
+        .expect("applied");
+    assert_eq!(
+        node.config_on_state().expect("config").machine.name,
+        "after-upgrade"
+    );
+    let events = node.events().await;
+    let phases: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            sequencer::EventKind::PhaseStart {
+                sequence, phase, ..
+            } if sequence == "applyConfig" => Some(phase.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(phases, ["validate", "writeConfig", "applyLive"]);
+}
