@@ -32,9 +32,11 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                 "boot_id": s.boot_id,
                 "trial": s.trial,
                 "committed": s.committed,
+                "security_floor": s.security_floor,
                 "slots": s.slots.iter().map(|x| serde_json::json!({
                     "slot": x.slot, "state": x.state, "version": x.version, "attempts": x.attempts,
                     "failure": x.failure, "breadcrumbs": x.breadcrumbs,
+                    "security_version": x.security_version,
                 })).collect::<Vec<_>>(),
                 "last_failure": s.last_failure.as_ref().map(|f| serde_json::json!({
                     "slot": f.slot, "version": f.version, "reason": f.reason, "unix_ms": f.unix_ms,
@@ -63,10 +65,11 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
             );
             println!("Committed: slot {}", s.committed);
             println!("Boot ID:  {}", s.boot_id);
+            println!("Security floor: {} (bundles below it are refused)", s.security_floor);
             println!();
             println!(
-                "{:<5} {:<8} {:<20} {:>8}  DETAIL",
-                "SLOT", "STATE", "VERSION", "ATTEMPTS"
+                "{:<5} {:<8} {:<20} {:>8} {:>8}  DETAIL",
+                "SLOT", "STATE", "VERSION", "SECURITY", "ATTEMPTS"
             );
             for slot in &s.slots {
                 let detail = if slot.failure.is_empty() {
@@ -75,8 +78,8 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                     slot.failure.clone()
                 };
                 println!(
-                    "{:<5} {:<8} {:<20} {:>8}  {detail}",
-                    slot.slot, slot.state, slot.version, slot.attempts
+                    "{:<5} {:<8} {:<20} {:>8} {:>8}  {detail}",
+                    slot.slot, slot.state, slot.version, slot.security_version, slot.attempts
                 );
             }
             if let Some(f) = &s.last_failure {
