@@ -65,7 +65,10 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
             );
             println!("Committed: slot {}", s.committed);
             println!("Boot ID:  {}", s.boot_id);
-            println!("Security floor: {} (bundles below it are refused)", s.security_floor);
+            println!(
+                "Security floor: {} (bundles below it are refused)",
+                s.security_floor
+            );
             println!();
             println!(
                 "{:<5} {:<8} {:<20} {:>8} {:>8}  DETAIL",
