@@ -103,6 +103,24 @@ async fn connect_with(
     tls: Arc<rustls::ClientConfig>,
     call_timeout: Option<Duration>,
 ) -> Result<MachineClient<Channel>, ClientError> {
+    Ok(MachineClient::new(
+        channel_with(endpoint, tls, call_timeout).await?,
+    ))
+}
+
+/// A channel to `endpoint` over `tls`, for any of the node's services (health, reflection).
+pub async fn channel(
+    endpoint: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Channel, ClientError> {
+    channel_with(endpoint, tls, Some(CALL_TIMEOUT)).await
+}
+
+async fn channel_with(
+    endpoint: &str,
+    tls: Arc<rustls::ClientConfig>,
+    call_timeout: Option<Duration>,
+) -> Result<Channel, ClientError> {
     let (host, port) = split_endpoint(endpoint)?;
     let server_name = ServerName::try_from(host.clone())
         .map_err(|_| ClientError::BadEndpoint(endpoint.into()))?;
@@ -152,7 +170,7 @@ async fn connect_with(
             endpoint: endpoint.into(),
             reason: describe(&e),
         })?;
-    Ok(MachineClient::new(channel))
+    Ok(channel)
 }
 
 /// Connects to a node in maintenance mode: no client certificate, the node's self-signed

@@ -286,13 +286,26 @@ impl NodeConfig {
                 ));
             }
         }
-        for (field, value) in [
-            ("machine.upgrade.trial_timeout_s", up.trial_timeout_s),
-            ("machine.upgrade.idle_timeout_s", up.idle_timeout_s),
-            ("machine.upgrade.receive_deadline_s", up.receive_deadline_s),
+        // (field, value, most): a deadline beyond any sensible one is a typo, and would
+        // overflow the clock arithmetic.
+        for (field, value, most) in [
+            (
+                "machine.upgrade.trial_timeout_s",
+                up.trial_timeout_s,
+                86_400,
+            ),
+            ("machine.upgrade.idle_timeout_s", up.idle_timeout_s, 86_400),
+            (
+                "machine.upgrade.receive_deadline_s",
+                up.receive_deadline_s,
+                7 * 86_400,
+            ),
         ] {
-            if value == 0 {
-                return Err(ConfigError::invalid(field, "must be more than 0"));
+            if value == 0 || value > most {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("must be between 1 and {most} seconds, not {value}"),
+                ));
             }
         }
         if !up.ca.is_empty() && !up.ca.contains("-----BEGIN CERTIFICATE-----") {

@@ -1,7 +1,8 @@
-//! Validly signed bundles a node must still refuse, each before a byte is written: one below its
+//! Validly signed bundles a node must still refuse: before a byte is written, one below its
 //! security floor (whatever the caller says), one past its expiry, a lower version at the same
-//! security version unless the caller allows it, one that is not the bundle the caller pinned,
-//! and one with bytes after its last component.
+//! security version unless the caller allows it, and one that is not the bundle the caller
+//! pinned; and, once the slot is written (that is where the bundle ends), one with bytes after
+//! its last component, the reply saying what changed.
 
 mod common;
 
@@ -73,6 +74,20 @@ async fn a_bundle_below_the_security_floor_is_refused_whatever_the_caller_says()
         );
         unchanged(&node, &before, "A", "below the floor").await;
     }
+
+    // Slot A (security version 0) is good, but going back to it would run below the floor.
+    let mut c = node.client().await;
+    let err = c
+        .rollback(api::proto::RollbackRequest {})
+        .await
+        .expect_err("rollback below the floor");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("security version 0, below this node's floor 2"),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test]

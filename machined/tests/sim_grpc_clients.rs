@@ -75,3 +75,59 @@ async fn a_third_party_grpc_client_reflects_calls_and_checks_health_over_mtls() 
         );
     }
 }
+
+#[tokio::test]
+async fn health_watches_are_capped_like_the_other_open_streams() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let node = start(vec![], &[]);
+    node.version_after(None).await;
+    let channel = |_| async {
+        let tls = api::client::context_tls(&node.ctx).expect("tls");
+        api::client::channel(&node.endpoint, tls)
+            .await
+            .expect("channel")
+    };
+    // Sixteen watches (the cap for health and reflection together) hold; the next is refused.
+    let mut held = Vec::new();
+    for i in 0..16 {
+        let mut h = HealthClient::new(channel(i).await);
+        let s = h
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("watch {i}: {e:?}"))
+            .into_inner();
+        held.push(s);
+    }
+    let mut h = HealthClient::new(channel(16).await);
+    let err = h
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect_err("over the cap");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    // A watch given up frees its place.
+    held.pop();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match h
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the place was never freed"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}

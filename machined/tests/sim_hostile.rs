@@ -100,7 +100,8 @@ async fn a_peer_that_never_answers_pings_and_opens_a_call_after_the_config_is_in
     operator_applies(&node, &fp, &operator).await;
     node.version_after(None).await;
 
-    // A new call on the old maintenance connection, PINGs never acknowledged.
+    // A new call on the old maintenance connection, PINGs never acknowledged (which does not
+    // matter: the node ends every maintenance connection once maintenance is over).
     let sent = async {
         raw.open_call(1, APPLY).await?;
         raw.data(1, &apply_body(&attacker), true).await

@@ -153,6 +153,39 @@ async fn a_config_being_tried_goes_back_by_itself_unless_confirmed() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(on_state().machine.name, "renamed");
 
+    // A normal apply while a try is pending keeps the new config: the try's revert is gone.
+    let mut third = tried.clone();
+    third.machine.name = "third".into();
+    c.apply_configuration(try_it(current.clone()))
+        .await
+        .expect("try");
+    c.apply_configuration(ApplyConfigurationRequest {
+        data: third.to_yaml().expect("yaml"),
+        ..Default::default()
+    })
+    .await
+    .expect("no-reboot over a try");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(on_state().machine.name, "third");
+
+    // A try over a try goes back to the config before both.
+    let mut first_try = third.clone();
+    first_try.machine.name = "try-one".into();
+    let mut second_try = third.clone();
+    second_try.machine.name = "try-two".into();
+    c.apply_configuration(ApplyConfigurationRequest {
+        try_timeout_s: 30,
+        ..try_it(first_try)
+    })
+    .await
+    .expect("try one");
+    c.apply_configuration(try_it(second_try))
+        .await
+        .expect("try two");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(on_state().machine.name, "third");
+    let tried = third;
+
     // A change that only a boot can apply says so.
     let mut moved = tried.clone();
     moved.machine.network.interfaces[0].addresses = vec!["10.0.2.16/24".into()];

@@ -158,17 +158,35 @@ async fn write_config(job: Arc<ApplyJob>) -> Result<(), ApplyError> {
     }
     let yaml = job.config.to_yaml()?;
     let p = &rt.platform;
-    if let Some(old) = &current {
+    let trying = exists(p.as_ref(), TRYING)?;
+    // While a try is pending, PREVIOUS is the config it reverts to: a second try, or a normal
+    // apply on top of it, must not make the unconfirmed one the fallback.
+    if let (Some(old), false) = (&current, trying) {
         p.replace(Path::new(PREVIOUS), old.to_yaml()?.as_bytes())?;
     }
-    match job.mode {
-        Mode::Try(_) => p.replace(Path::new(TRYING), b"a config is being tried\n")?,
-        // Applying over a config being tried keeps the new one for good.
-        Mode::NoReboot | Mode::Reboot => p.remove(Path::new(TRYING))?,
+    if let Mode::Try(_) = job.mode {
+        p.replace(Path::new(TRYING), b"a config is being tried\n")?;
     }
     p.replace(Path::new(paths::CONFIG), yaml.as_bytes())?;
+    if !matches!(job.mode, Mode::Try(_)) {
+        // Applying over a config being tried keeps the new one for good: its revert is
+        // cancelled, and the marker goes only now that the new config is in place.
+        if let Some(pending) = rt.replace_pending_try(None) {
+            pending.cancel();
+        }
+        p.remove(Path::new(TRYING))?;
+    }
+    // A try over a try goes back to the config before both.
+    let current = match (&job.mode, trying) {
+        (Mode::Try(_), true) => read_previous(p.as_ref()).or(current),
+        _ => current,
+    };
     rt.set_config(job.config.clone());
     *job.replaced.lock().unwrap_or_else(|p| p.into_inner()) = current;
+    if job.first {
+        // The boot goes on with it even if the caller is gone by now.
+        rt.config_applied.notify_one();
+    }
     Ok(())
 }
 
@@ -223,6 +241,9 @@ async fn arm_revert(job: Arc<ApplyJob>) -> Result<(), ApplyError> {
 /// sequence is in the way, until it runs or the try is confirmed.
 async fn revert(rt: Arc<Runtime>, old: NodeConfig, token: tokio_util::sync::CancellationToken) {
     loop {
+        if token.is_cancelled() {
+            return;
+        }
         let job = ApplyJob::new(rt.clone(), old.clone(), Mode::NoReboot, false);
         match rt.controller.start(
             SequenceKind::ApplyConfig,
@@ -265,17 +286,26 @@ async fn confirm(rt: Arc<Runtime>) -> Result<(), ApplyError> {
     Ok(())
 }
 
+fn exists(p: &dyn crate::platform::Platform, path: &str) -> Result<bool, PlatformError> {
+    match p.read(Path::new(path)) {
+        Ok(_) => Ok(true),
+        Err(PlatformError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The config kept as PREVIOUS, if it reads as one.
+fn read_previous(p: &dyn crate::platform::Platform) -> Option<NodeConfig> {
+    let bytes = p.read(Path::new(PREVIOUS)).ok()?;
+    NodeConfig::from_yaml(&String::from_utf8_lossy(&bytes)).ok()
+}
+
 /// At boot: a config tried and never confirmed (the node went down first) is reverted.
 pub fn revert_unconfirmed(rt: &Runtime) -> Result<bool, PlatformError> {
     let p = &rt.platform;
-    let trying = match p.read(Path::new(TRYING)) {
-        Ok(_) => true,
-        Err(PlatformError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            false
-        }
-        Err(e) => return Err(e),
-    };
-    if !trying {
+    if !exists(p.as_ref(), TRYING)? {
         return Ok(false);
     }
     match p.read(Path::new(PREVIOUS)) {

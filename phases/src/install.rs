@@ -271,6 +271,10 @@ async fn partition(j: Arc<InstallJob>) -> Result<(), TaskError> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     rt.set_system_disk(j.disk.clone());
+    // The new layout puts META where a previous install had it, and a fast wipe of the disk
+    // leaves it: a record of slots (and a security floor) that are not this install's.
+    let (meta, meta_dev) = slots::partition(rt, layout::LABEL_META)?;
+    rt.platform.wipe(&meta_dev, meta.len, WipeMethod::Zero)?;
     tracing::info!(
         "partitioned {}: {}",
         j.disk.display(),

@@ -15,7 +15,7 @@ use crate::slots;
 use crate::tasks::{services, teardown};
 
 /// Partitions a reset may wipe by label (slots and the ESP go only with the whole disk).
-pub const WIPEABLE: &[&str] = &["STATE", "EPHEMERAL", "META"];
+pub const WIPEABLE: &[&str] = &["STATE", "EPHEMERAL"];
 
 /// What to wipe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,8 +198,15 @@ mod tests {
             Ok(WipeTarget::Labels(vec!["STATE".into(), "EPHEMERAL".into()]))
         );
         assert_eq!(
-            admit(&["state".into(), "META".into()], false),
-            Ok(WipeTarget::Labels(vec!["STATE".into(), "META".into()]))
+            admit(&["state".into(), "EPHEMERAL".into()], false),
+            Ok(WipeTarget::Labels(vec!["STATE".into(), "EPHEMERAL".into()]))
+        );
+        // META holds the security floor: it goes only with the whole disk.
+        assert_eq!(
+            admit(&["META".into()], false),
+            Err(ResetError::UnknownLabel {
+                label: "META".into()
+            })
         );
         assert!(admit(&["ROOT-A".into()], false).is_err_and(|e| e.to_string().contains("ROOT-A")));
         assert!(admit(&["STATE".into()], true).is_err());

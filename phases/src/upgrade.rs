@@ -62,6 +62,16 @@ pub enum AdmitError {
     /// No slot record yet.
     #[error("META holds no slot record yet")]
     NoMeta,
+    /// Rolling back would run a slot below the security floor.
+    #[error("slot {slot} has security version {security_version}, below this node's floor {floor}: rollback would run a release the node has left behind for a security fix")]
+    BelowFloor {
+        /// The other slot.
+        slot: Slot,
+        /// Its security version.
+        security_version: u64,
+        /// The floor.
+        floor: u64,
+    },
     /// META could not be read.
     #[error("reading META: {0}")]
     Meta(TaskError),
@@ -249,6 +259,14 @@ pub fn admit_rollback(rt: &Runtime) -> Result<Slot, AdmitError> {
         return Err(AdmitError::NoGoodSlot {
             slot: other,
             state: state.as_str(),
+        });
+    }
+    let security_version = m.slot(other).security_version;
+    if security_version < m.security_floor {
+        return Err(AdmitError::BelowFloor {
+            slot: other,
+            security_version,
+            floor: m.security_floor,
         });
     }
     Ok(other)

@@ -31,6 +31,9 @@ pub(super) struct StreamCaps {
     events: Arc<Semaphore>,
     dmesg: Arc<Semaphore>,
     logs: Arc<Semaphore>,
+    /// Health (its `Watch` never ends) and reflection (a stream both ways): open to every
+    /// caller, so capped like the followers.
+    open_services: Arc<Semaphore>,
 }
 
 impl StreamCaps {
@@ -40,11 +43,15 @@ impl StreamCaps {
             events: Arc::new(Semaphore::new(l.max_event_streams)),
             dmesg: Arc::new(Semaphore::new(l.max_dmesg_streams)),
             logs: Arc::new(Semaphore::new(l.max_log_streams)),
+            open_services: Arc::new(Semaphore::new(l.max_open_service_streams)),
         }
     }
 
-    /// The cap for `method`, if it has one.
-    fn of(&self, method: &str) -> Option<(&Arc<Semaphore>, &'static str)> {
+    /// The cap for the call at `path` (`method` is its Machine method), if it has one.
+    fn of(&self, path: &str, method: &str) -> Option<(&Arc<Semaphore>, &'static str)> {
+        if crate::role::is_open_service(path) {
+            return Some((&self.open_services, "health or reflection"));
+        }
         match method {
             "Upgrade" => Some((&self.upgrade, "Upgrade")),
             "Events" => Some((&self.events, "Events")),
@@ -167,7 +174,7 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for Authorize {
             tracing::warn!(remote = %self.peer.remote, path, "refused: {}", status.message());
             return Box::pin(async move { Ok(status.into_http()) });
         }
-        let permit = match self.caps.of(&method) {
+        let permit = match self.caps.of(&path, &method) {
             Some((sem, name)) => match sem.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
@@ -177,7 +184,8 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for Authorize {
                             "Upgrade" => self.limits.max_upgrades,
                             "Events" => self.limits.max_event_streams,
                             "Dmesg" => self.limits.max_dmesg_streams,
-                            _ => self.limits.max_log_streams,
+                            "Logs" => self.limits.max_log_streams,
+                            _ => self.limits.max_open_service_streams,
                         }
                     ));
                     tracing::warn!(remote = %self.peer.remote, path, "refused: {}", status.message());

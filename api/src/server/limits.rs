@@ -38,6 +38,8 @@ pub struct Limits {
     pub max_dmesg_streams: usize,
     /// `Logs` streams open at once.
     pub max_log_streams: usize,
+    /// Health and reflection calls open at once (health's `Watch` never ends).
+    pub max_open_service_streams: usize,
     /// A PING is sent after this long without a frame from the peer.
     pub keepalive_interval: Duration,
     /// A PING not acknowledged within this closes the connection.
@@ -64,6 +66,7 @@ impl Default for Limits {
             max_event_streams: 64,
             max_dmesg_streams: 16,
             max_log_streams: 32,
+            max_open_service_streams: 16,
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),

@@ -20,7 +20,7 @@ pub struct Args {
     /// Reboot afterwards (otherwise power off).
     #[arg(long)]
     reboot: bool,
-    /// What to wipe: partition labels (STATE, EPHEMERAL, META), or system-disk.
+    /// What to wipe: partition labels (STATE, EPHEMERAL), or system-disk.
     #[arg(long, value_delimiter = ',', default_value = "STATE,EPHEMERAL")]
     wipe: Vec<String>,
     /// How.

@@ -95,6 +95,7 @@ impl ApiError {
                 | AdmitError::NoTrustedKeys
                 | AdmitError::NotCommitted { .. }
                 | AdmitError::NoGoodSlot { .. }
+                | AdmitError::BelowFloor { .. }
                 | AdmitError::NoMeta => Code::FailedPrecondition,
                 AdmitError::Meta(_) => Code::Internal,
                 AdmitError::Source(_) => Code::InvalidArgument,

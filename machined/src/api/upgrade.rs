@@ -67,24 +67,34 @@ pub async fn upgrade(
             false,
         )
         .map_err(ApiError::denied(&actor))?;
-    match started.handle.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            let phase = e.phase().to_string();
-            return Err(match Failure::<UpgradeError>::of(e) {
-                Failure::Typed(error) => ApiError::Upgrade {
-                    error,
-                    changed: changed(job.target, &phase),
-                    actor,
-                },
-                Failure::Cancelled(error) => ApiError::Cancelled { error, actor },
-                Failure::Other(e) => ApiError::Internal(format!("upgrade: {e}")),
-            });
+    // What follows the sequence (the reboot into the trial) runs in a task of its own, so it
+    // happens even if the caller hangs up once the slot is written.
+    let target = job.target;
+    let task_rt = rt.clone();
+    let task_actor = actor.clone();
+    let rebooting = tokio::spawn(async move {
+        let actor = task_actor;
+        match started.handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let phase = e.phase().to_string();
+                return Err(match Failure::<UpgradeError>::of(e) {
+                    Failure::Typed(error) => ApiError::Upgrade {
+                        error,
+                        changed: changed(target, &phase),
+                        actor,
+                    },
+                    Failure::Cancelled(error) => ApiError::Cancelled { error, actor },
+                    Failure::Other(e) => ApiError::Internal(format!("upgrade: {e}")),
+                });
+            }
+            Err(e) => return Err(ApiError::Internal(format!("upgrade task: {e}"))),
         }
-        Err(e) => return Err(ApiError::Internal(format!("upgrade task: {e}"))),
-    }
-    let rebooting = !stage
-        && phases::power::request(rt, SequenceKind::Reboot, Some(actor.clone()), false).is_ok();
+        Ok(!stage
+            && phases::power::request(&task_rt, SequenceKind::Reboot, Some(actor), false).is_ok())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("upgrade task: {e}")))??;
     Ok(api::proto::UpgradeResponse {
         actor_id: actor,
         slot: job.target.to_string(),

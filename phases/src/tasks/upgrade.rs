@@ -22,6 +22,8 @@ const PROGRESS_EVERY: u64 = 16 << 20;
 /// The slot is written in buffers of this size (4 MiB: fewer, larger writes kept the write
 /// closest to `dd`'s speed; BENCHMARKS.md).
 const CHUNK: usize = 4 << 20;
+/// The largest UKI a bundle may carry (a quarter of the ESP; ours are about 20 MiB).
+const MAX_UKI: u64 = 64 << 20;
 /// Buffers between the receiver and the disk writer.
 const IN_FLIGHT: usize = 3;
 
@@ -64,21 +66,43 @@ pub async fn read_bundle(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
         ))
         .into());
     }
-    // The installer writes a blank disk: there is no floor and nothing running to compare.
-    if let Some(m) = slots::read_meta(&job.rt).map_err(node_err)?.map(|l| l.meta) {
-        let running = m.slot(job.target.other());
-        upgrade::policy::admit(
-            &manifest,
-            &upgrade::policy::Node {
-                floor: m.security_floor,
-                running: (&running.version, running.security_version),
-                now_s: sequencer::clock::unix_ms() / 1000,
-                allow_downgrade: job.options.allow_downgrade,
-            },
-        )?;
-    }
+    // The installer writes a blank disk: no floor and nothing running to compare, but the
+    // expiry still holds (policy::admit with a zero floor). A node with no META record at all
+    // is refused: its floor would be unknown.
+    let meta = slots::read_meta(&job.rt).map_err(node_err)?.map(|l| l.meta);
+    let m = match meta {
+        Some(m) => m,
+        None if job.source_is_bundle => {
+            return Err(node_err(
+                "META holds no slot record, so this node's security floor is unknown: refusing to upgrade",
+            ))
+        }
+        None => upgrade::meta::Meta::initial(job.target.other(), ""),
+    };
+    let running = m.slot(job.target.other());
+    upgrade::policy::admit(
+        &manifest,
+        &upgrade::policy::Node {
+            floor: m.security_floor,
+            running: (&running.version, running.security_version),
+            now_s: sequencer::clock::unix_ms() / 1000,
+            allow_downgrade: job.options.allow_downgrade || !job.source_is_bundle,
+        },
+    )?;
     let (root, _) = slots::partition(&job.rt, job.target.root_label()).map_err(node_err)?;
     bundle::check_fits(&manifest, std::env::consts::ARCH, root.len)?;
+    // The UKIs are held in memory until the slot is written: bounded by what an ESP holds.
+    for name in [UKI_A, UKI_B] {
+        let size = manifest.component(name).map_or(0, |c| c.size);
+        if size > MAX_UKI {
+            return Err(BundleError::TooBig {
+                component: name.into(),
+                size,
+                capacity: MAX_UKI,
+            }
+            .into());
+        }
+    }
     tracing::info!(
         "bundle {} (security version {}) for {} is signed by a trusted key; writing slot {}",
         manifest.version,
