@@ -208,25 +208,18 @@ pub type SeenFingerprint = Arc<std::sync::Mutex<Option<String>>>;
 /// the returned cell (for `plinth apply-config --insecure` without `--cert-fingerprint`).
 pub fn recording_client_config() -> Result<(Arc<ClientConfig>, SeenFingerprint), TlsError> {
     let seen = Arc::new(std::sync::Mutex::new(None));
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| TlsError::Rustls {
-            what: "selecting TLS 1.3",
-            source,
-        })?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Insecure {
-            fingerprint: None,
-            seen: Some(seen.clone()),
-            provider: provider(),
-        }))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok((Arc::new(config), seen))
+    Ok((insecure(None, Some(seen.clone()))?, seen))
 }
 
 /// A client config for a node in maintenance mode (`plinth apply-config --insecure`).
 pub fn insecure_client_config(fingerprint: Option<String>) -> Result<Arc<ClientConfig>, TlsError> {
+    insecure(fingerprint, None)
+}
+
+fn insecure(
+    fingerprint: Option<String>,
+    seen: Option<SeenFingerprint>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls {
@@ -236,7 +229,7 @@ pub fn insecure_client_config(fingerprint: Option<String>) -> Result<Arc<ClientC
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(Insecure {
             fingerprint,
-            seen: None,
+            seen,
             provider: provider(),
         }))
         .with_no_client_auth();

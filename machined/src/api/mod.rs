@@ -69,19 +69,34 @@ impl ApiStarter {
         let addr = self
             .bind
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], ::config::node::DEFAULT_API_PORT)));
+        let endpoint = self
+            .serve(addr, tls, runtime, api::server::Mode::Maintenance)
+            .await
+            .map_err(|e| anyhow::anyhow!("the maintenance API: {e}"))?;
+        Ok((endpoint, fingerprint))
+    }
+
+    /// Binds `addr` and serves there in `mode`; returns where it listens.
+    async fn serve(
+        &self,
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        runtime: Arc<Runtime>,
+        mode: api::server::Mode,
+    ) -> Result<String, TaskError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|e| anyhow::anyhow!("binding the maintenance API to {addr}: {e}"))?;
+            .map_err(|e| format!("binding the API to {addr}: {e}"))?;
         let handle = api::server::serve(
             listener,
             tls,
             Arc::new(NodeApi::new(runtime)),
-            api::server::Mode::Maintenance,
+            mode,
             api::server::Limits::default(),
         )?;
         let endpoint = handle.local_addr.to_string();
         self.keep(handle);
-        Ok((endpoint, fingerprint))
+        Ok(endpoint)
     }
 
     /// Stops the server, if it runs, ending every connection it has (maintenance mode ends
@@ -102,19 +117,8 @@ impl ApiLauncher for ApiStarter {
         let addr = self
             .bind
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], a.port)));
-        let listener = tokio::net::TcpListener::bind(addr)
+        self.serve(addr, tls, runtime, api::server::Mode::Normal)
             .await
-            .map_err(|e| format!("binding the API to {addr}: {e}"))?;
-        let handle = api::server::serve(
-            listener,
-            tls,
-            Arc::new(NodeApi::new(runtime)),
-            api::server::Mode::Normal,
-            api::server::Limits::default(),
-        )?;
-        let endpoint = handle.local_addr.to_string();
-        self.keep(handle);
-        Ok(endpoint)
     }
 }
 
