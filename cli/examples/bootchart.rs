@@ -68,7 +68,7 @@ fn made_up_boot() -> Vec<Event> {
                 ("loadModules", &[("loadModules", 62_000)]),
                 ("mountEfivarfs", &[("mountEfivarfs", 900)]),
                 ("findBootDisk", &[("findBootDisk", 140_000)]),
-                ("verifyRoot", &[("verifyRoot", 410_000)]),
+                ("mapRoot", &[("mapRoot", 410_000)]),
                 ("mountRoot", &[("mountRoot", 5_000)]),
                 ("switchRoot", &[("switchRoot", 2_500)]),
             ],

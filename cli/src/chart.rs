@@ -1218,7 +1218,7 @@ mod tests {
         ),
         ("loadModules", &[("loadModules", 45_000)]),
         ("findBootDisk", &[("findBootDisk", 120_000)]),
-        ("verifyRoot", &[("verifyRoot", 380_000)]),
+        ("mapRoot", &[("mapRoot", 380_000)]),
         ("mountRoot", &[("mountRoot", 4_000)]),
         ("switchRoot", &[("switchRoot", 2_000)]),
     ];

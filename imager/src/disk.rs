@@ -109,6 +109,24 @@ fn esp_image(path: &Path, bytes: u64, artifacts: &Artifacts) -> Result<(), Image
     Ok(())
 }
 
+/// Where installer media carry the signed Secure Boot lists the install enrols (`db.auth`,
+/// `KEK.auth`, `PK.auth`), on their ESP.
+pub const KEYS_DIR: &str = "EFI/plinth/keys";
+
+/// Puts the signed Secure Boot lists on an ESP image.
+fn esp_keys(path: &Path, keys: &Path) -> Result<(), ImageError> {
+    let keys = crate::secureboot::Keys::load(keys)?;
+    let img = path.display().to_string();
+    run(Command::new("mmd").args(["-i", &img, &format!("::/{KEYS_DIR}")]))?;
+    for var in crate::secureboot::ENROL_ORDER {
+        run(Command::new("mcopy")
+            .args(["-i", &img])
+            .arg(keys.auth(var))
+            .arg(format!("::/{KEYS_DIR}/{var}.auth")))?;
+    }
+    Ok(())
+}
+
 /// Builds an ext4 image, populated from `content` if given.
 fn ext4_image(
     path: &Path,
@@ -196,8 +214,9 @@ fn round_mib(n: u64) -> u64 {
 }
 
 /// Makes installer media: an ESP with slot A's UKI (at the removable-media path, so any
-/// firmware boots it), `ROOT-A` holding the root image (the media boots like a system disk)
-/// and `INSTALL` holding the signed bundle the Install sequence writes to the target.
+/// firmware boots it) and, for a signed image, the Secure Boot lists the install enrols,
+/// `ROOT-A` holding the root image (the media boots like a system disk) and `INSTALL` holding
+/// the signed bundle the Install sequence writes to the target.
 pub fn installer(
     artifacts: &Artifacts,
     bundle: &Path,
@@ -244,6 +263,9 @@ pub fn installer(
 
     let esp_img = work_dir.join("installer-esp.img");
     esp_image(&esp_img, INSTALLER_ESP_BYTES, artifacts)?;
+    if let Some(keys) = &artifacts.secureboot {
+        esp_keys(&esp_img, keys)?;
+    }
     let tmp = out.with_extension("partial");
     let mut disk = private_file(&tmp)?;
     disk.set_len(disk_bytes)

@@ -86,7 +86,7 @@ pub fn write(
     out: &Path,
     machined: &Path,
     kernel: &Kernel,
-    modules: &[String],
+    modules: &[crate::kernel::Module],
 ) -> Result<(), ImageError> {
     let file = File::create(out).map_err(ImageError::io("creating", out))?;
     let mut a = Archive {
@@ -112,7 +112,7 @@ pub fn write(
         Member::Bytes(b"NAME=\"Plinth initramfs\"\nID=plinth\n", 0o644),
     )?;
     a.add("init", Member::File(machined, 0o755))?;
-    let order = modules.join("\n") + "\n";
+    let order = crate::kernel::order_text(modules);
     a.add(
         "lib/modules/plinth.order",
         Member::Bytes(order.as_bytes(), 0o644),
@@ -120,7 +120,7 @@ pub fn write(
 
     let base = format!("lib/modules/{}", kernel.release);
     let mut dirs: Vec<String> = vec![base.clone()];
-    for m in modules {
+    for m in modules.iter().map(|m| &m.path) {
         let mut parent = Path::new(m).parent();
         let mut chain = Vec::new();
         while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
@@ -136,7 +136,7 @@ pub fn write(
     for d in &dirs {
         a.add(d, Member::Dir)?;
     }
-    for m in modules {
+    for m in modules.iter().map(|m| &m.path) {
         a.add(
             &format!("{base}/{m}"),
             Member::File(&kernel.modules_dir().join(m), 0o644),
@@ -173,7 +173,11 @@ mod tests {
             vmlinuz: dir.path().join("vmlinuz"),
         };
         let out = dir.path().join("initrd.cpio");
-        write(&out, &machined, &kernel, &["kernel/fs/a.ko".into()]).expect("write");
+        let modules = [crate::kernel::Module {
+            path: "kernel/fs/a.ko".into(),
+            after: vec![],
+        }];
+        write(&out, &machined, &kernel, &modules).expect("write");
 
         let mut names = Vec::new();
         let mut f = File::open(&out).expect("open");

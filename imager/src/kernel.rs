@@ -7,15 +7,25 @@ use std::process::Command;
 use crate::tools::run;
 use crate::ImageError;
 
-/// Modules every node loads, by name. Their dependencies are added from `modules.dep`.
+/// Modules loaded before every other one, by name.
 ///
-/// The crypto ones come first on purpose: ext4, crc-t10dif and t10-pi ask the crypto API for
-/// crc32c / crct10dif / crc64-rocksoft, which would make the kernel call modprobe; the node has
-/// none, so the generic implementations are loaded up front.
-pub const NODE_MODULES: &[&str] = &[
+/// ext4, crc-t10dif and t10-pi ask the crypto API for crc32c / crct10dif / crc64-rocksoft,
+/// which would make the kernel call modprobe; the node has none, so the generic
+/// implementations go in first.
+///
+/// The CPU's SHA-256 (`sha256_ssse3`: SHA-NI, AVX2 or SSSE3) goes in first too: the kernel
+/// checks every module's signature with SHA-256 over the whole file, and every later module
+/// (5 MiB of them, ext4 alone 2 MiB) is then hashed with it instead of the generic C code.
+pub const EARLY_MODULES: &[&str] = &[
+    "sha256_ssse3",
     "crc32c_generic",
     "crct10dif_generic",
     "crc64_rocksoft_generic",
+];
+
+/// Modules every node loads, by name. Their dependencies are added from `modules.dep`; the
+/// node loads them in parallel, each once its dependencies (and the early ones) are in.
+pub const NODE_MODULES: &[&str] = &[
     // Buses and disks.
     "virtio_pci",
     "virtio_blk",
@@ -27,7 +37,13 @@ pub const NODE_MODULES: &[&str] = &[
     "nls_ascii",
     "squashfs",
     "ext4",
-    "loop",
+    // The verified root and the encrypted volumes, with the CPU's SHA-256 and AES
+    // instructions (a CPU without them refuses these with ENODEV, and the generic code
+    // built into the kernel does the work).
+    "dm_verity",
+    "dm_crypt",
+    "aesni_intel",
+    "xts",
     // Network, entropy (without it getrandom, and so TLS, waits for the CRNG) and watchdog.
     "virtio_net",
     "virtio-rng",
@@ -36,6 +52,30 @@ pub const NODE_MODULES: &[&str] = &[
     "button",
     "evdev",
 ];
+
+/// A module to load: its path under `lib/modules/<release>/` and the modules that must be in
+/// before it (paths too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    /// Relative path of the `.ko`.
+    pub path: String,
+    /// What it needs loaded first.
+    pub after: Vec<String>,
+}
+
+/// The node's module list as the initramfs reads it: one module per line, `path: after...`.
+pub fn order_text(modules: &[Module]) -> String {
+    modules
+        .iter()
+        .map(|m| {
+            if m.after.is_empty() {
+                format!("{}\n", m.path)
+            } else {
+                format!("{}: {}\n", m.path, m.after.join(" "))
+            }
+        })
+        .collect()
+}
 
 /// An unpacked kernel package.
 #[derive(Debug, Clone)]
@@ -138,9 +178,15 @@ fn module_name(path: &str) -> String {
     stem.replace('-', "_")
 }
 
-/// The load order for `wanted` from a `modules.dep` text: each module after its dependencies,
-/// which are loaded in the reverse of the order `modules.dep` lists them (as modprobe does).
-pub fn order_from_dep(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>, ImageError> {
+/// The modules for `early` then `wanted` from a `modules.dep` text, in a load order (each after
+/// its dependencies, which are listed in the reverse of the order `modules.dep` gives, as
+/// modprobe loads them), each naming what must be loaded before it: its dependencies, and
+/// every early module.
+pub fn order_from_dep(
+    modules_dep: &str,
+    early: &[&str],
+    wanted: &[&str],
+) -> Result<Vec<Module>, ImageError> {
     let mut deps: HashMap<String, (String, Vec<String>)> = HashMap::new();
     for line in modules_dep.lines() {
         let Some((path, rest)) = line.split_once(':') else {
@@ -149,8 +195,9 @@ pub fn order_from_dep(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>,
         let list = rest.split_whitespace().map(str::to_owned).collect();
         deps.insert(module_name(path), (path.to_string(), list));
     }
-    let mut order: Vec<String> = Vec::new();
-    for name in wanted {
+    let mut order: Vec<Module> = Vec::new();
+    let mut early_paths: Vec<String> = Vec::new();
+    for (i, name) in early.iter().chain(wanted).enumerate() {
         let key = name.replace('-', "_");
         let (path, needs) = deps.get(&key).ok_or_else(|| {
             ImageError::Invalid(format!(
@@ -158,19 +205,40 @@ pub fn order_from_dep(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>,
             ))
         })?;
         for dep in needs.iter().rev().chain(std::iter::once(path)) {
-            if !order.contains(dep) {
-                order.push(dep.clone());
+            if order.iter().any(|m| &m.path == dep) {
+                continue;
             }
+            let own = deps
+                .get(&module_name(dep))
+                .map(|(_, n)| n.clone())
+                .unwrap_or_default();
+            let mut after: Vec<String> = if i < early.len() {
+                Vec::new()
+            } else {
+                early_paths.clone()
+            };
+            for d in own {
+                if !after.contains(&d) {
+                    after.push(d);
+                }
+            }
+            order.push(Module {
+                path: dep.clone(),
+                after,
+            });
+        }
+        if i < early.len() {
+            early_paths = order.iter().map(|m| m.path.clone()).collect();
         }
     }
     Ok(order)
 }
 
-/// The load order of the node's modules for this kernel.
-pub fn module_order(kernel: &Kernel, wanted: &[&str]) -> Result<Vec<String>, ImageError> {
+/// The node's modules for this kernel.
+pub fn module_order(kernel: &Kernel) -> Result<Vec<Module>, ImageError> {
     let p = kernel.modules_dir().join("modules.dep");
     let text = std::fs::read_to_string(&p).map_err(ImageError::io("reading", &p))?;
-    order_from_dep(&text, wanted)
+    order_from_dep(&text, EARLY_MODULES, NODE_MODULES)
 }
 
 #[cfg(test)]
@@ -185,11 +253,15 @@ kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/
 kernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko
 ";
 
+    fn paths(order: &[Module]) -> Vec<&str> {
+        order.iter().map(|m| m.path.as_str()).collect()
+    }
+
     #[test]
     fn dependencies_load_first_in_reverse_listed_order_and_once() {
-        let order = order_from_dep(DEP, &["virtio_pci", "virtio_net"]).expect("order");
+        let order = order_from_dep(DEP, &[], &["virtio_pci", "virtio_net"]).expect("order");
         assert_eq!(
-            order,
+            paths(&order),
             [
                 "kernel/drivers/virtio/virtio_ring.ko",
                 "kernel/drivers/virtio/virtio.ko",
@@ -201,20 +273,49 @@ kernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko
                 "kernel/drivers/net/virtio_net.ko",
             ]
         );
+        let virtio = &order[1];
+        assert_eq!(virtio.after, ["kernel/drivers/virtio/virtio_ring.ko"]);
+    }
+
+    #[test]
+    fn every_module_waits_for_the_early_ones() {
+        let order = order_from_dep(DEP, &["crc64-rocksoft"], &["virtio"]).expect("order");
+        assert_eq!(
+            paths(&order),
+            [
+                "kernel/lib/crc64.ko",
+                "kernel/lib/crc64-rocksoft.ko",
+                "kernel/drivers/virtio/virtio_ring.ko",
+                "kernel/drivers/virtio/virtio.ko",
+            ]
+        );
+        assert_eq!(order[1].after, ["kernel/lib/crc64.ko"]);
+        assert_eq!(
+            order[3].after,
+            [
+                "kernel/lib/crc64.ko",
+                "kernel/lib/crc64-rocksoft.ko",
+                "kernel/drivers/virtio/virtio_ring.ko"
+            ]
+        );
+        assert_eq!(
+            order_text(&order[..2]),
+            "kernel/lib/crc64.ko\nkernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko\n"
+        );
     }
 
     #[test]
     fn module_names_match_with_dashes_or_underscores() {
-        let order = order_from_dep(DEP, &["crc64-rocksoft"]).expect("order");
+        let order = order_from_dep(DEP, &[], &["crc64-rocksoft"]).expect("order");
         assert_eq!(
-            order.last().map(String::as_str),
+            order.last().map(|m| m.path.as_str()),
             Some("kernel/lib/crc64-rocksoft.ko")
         );
     }
 
     #[test]
     fn an_unknown_module_is_named_in_the_error() {
-        let err = order_from_dep(DEP, &["nvme"]).expect_err("unknown");
+        let err = order_from_dep(DEP, &[], &["nvme"]).expect_err("unknown");
         assert!(err.to_string().contains("nvme"), "{err}");
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! [`build`] makes the parts of a release: the Debian kernel and the modules the node needs
 //! (with their load order worked out here, so the node needs no modprobe), an initramfs holding
-//! `machined` as `/init`, a SquashFS root holding `machined`, and one UKI per slot whose command
-//! line pins the root image's size and blake3 digest. [`disk::assemble`] lays them out on a raw
+//! `machined` as `/init`, a SquashFS root holding `machined` with its dm-verity hash tree
+//! appended, and one UKI per slot whose command line pins the root's verity root hash. [`disk::assemble`] lays them out on a raw
 //! GPT disk with the layout of [`upgrade::layout`].
 //!
 //! The host tools are Debian's (apt, dpkg, kmod, squashfs-tools, binutils, systemd-boot-efi,
@@ -14,6 +14,7 @@ pub mod disk;
 pub mod initramfs;
 pub mod kernel;
 pub mod rootfs;
+pub mod secureboot;
 pub mod tools;
 pub mod uki;
 
@@ -87,6 +88,9 @@ pub struct BuildOptions {
     /// Bytes of incompressible filler in the root image (`/usr/share/plinth/filler`), so
     /// throughput benchmarks can move a root of realistic size; 0 for a real image.
     pub filler_bytes: u64,
+    /// Secure Boot keys (`plinth gen secureboot-keys`): the UKIs are signed with db's key, and
+    /// installer media carry the signed lists that enrol them.
+    pub secureboot: Option<PathBuf>,
 }
 
 /// What a build made.
@@ -96,16 +100,21 @@ pub struct Artifacts {
     pub version: String,
     /// The kernel release (`6.1.0-NN-amd64`).
     pub kernel_release: String,
-    /// The SquashFS root image.
+    /// The root partition image: SquashFS, then its dm-verity hash tree.
     pub rootfs: PathBuf,
     /// Its size in bytes.
     pub rootfs_size: u64,
     /// Its blake3 digest (hex).
     pub rootfs_blake3: String,
+    /// What the UKIs pin: the SquashFS's size, the tree's salt and root hash.
+    pub verity: upgrade::verity::VerityRoot,
     /// The UKI for slot A.
     pub uki_a: PathBuf,
     /// The UKI for slot B.
     pub uki_b: PathBuf,
+    /// The Secure Boot keys the UKIs are signed with, if they are.
+    #[serde(default)]
+    pub secureboot: Option<PathBuf>,
 }
 
 impl Artifacts {
@@ -131,8 +140,15 @@ impl Artifacts {
     }
 }
 
-/// Builds the release parts into `opts.out_dir`.
+/// Builds the release parts into `opts.out_dir`. The artifacts name their files by absolute
+/// paths, so they can be found from any working directory.
 pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
+    let absolute = |p: &Path| std::path::absolute(p).map_err(ImageError::io("resolving", p));
+    let opts = &BuildOptions {
+        out_dir: absolute(&opts.out_dir)?,
+        secureboot: opts.secureboot.as_deref().map(absolute).transpose()?,
+        ..opts.clone()
+    };
     tools::require(&[
         ("apt-get", "apt"),
         ("dpkg", "dpkg"),
@@ -141,6 +157,11 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
         ("objcopy", "binutils"),
     ])?;
     uki::require_stub()?;
+    let keys = opts
+        .secureboot
+        .as_deref()
+        .map(secureboot::Keys::load)
+        .transpose()?;
     if !opts.machined.is_file() {
         return Err(ImageError::Invalid(format!(
             "machined binary {} does not exist: build it first (RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p machined --target x86_64-unknown-linux-gnu)",
@@ -149,7 +170,7 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
     }
     std::fs::create_dir_all(&opts.out_dir).map_err(ImageError::io("creating", &opts.out_dir))?;
     let kernel = kernel::fetch(&opts.cache_dir, opts.kernel_package.as_deref())?;
-    let modules = kernel::module_order(&kernel, kernel::NODE_MODULES)?;
+    let modules = kernel::module_order(&kernel)?;
     tracing::info!(
         "kernel {}: {} modules to load",
         kernel.release,
@@ -159,14 +180,16 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
     let initrd = opts.out_dir.join("initramfs.cpio");
     initramfs::write(&initrd, &opts.machined, &kernel, &modules)?;
 
-    let rootfs = opts.out_dir.join("rootfs.squashfs");
+    let squashfs = opts.out_dir.join("rootfs.squashfs");
     rootfs::build(
-        &rootfs,
+        &squashfs,
         &opts.machined,
         &opts.version,
         &opts.out_dir.join("rootfs"),
         opts.filler_bytes,
     )?;
+    let rootfs = opts.out_dir.join("rootfs.img");
+    let verity = rootfs::with_hash_tree(&squashfs, &rootfs)?;
     let (rootfs_size, rootfs_blake3) = rootfs::digest(&rootfs)?;
 
     let mut ukis = Vec::new();
@@ -176,9 +199,8 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
             "panic=1".into(),
             "quiet".into(),
             format!("plinth.slot={slot}"),
-            format!("plinth.root.size={rootfs_size}"),
-            format!("plinth.root.blake3={rootfs_blake3}"),
         ];
+        cmdline.extend(verity.cmdline_args());
         cmdline.extend(opts.extra_cmdline.iter().cloned());
         let path = opts.out_dir.join(format!("plinth-{slot}.efi"));
         uki::build(&uki::UkiParts {
@@ -189,6 +211,9 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
             work_dir: &opts.out_dir,
             out: &path,
         })?;
+        if let Some(keys) = &keys {
+            secureboot::sign_pe(keys, &path)?;
+        }
         ukis.push(path);
     }
     let [uki_a, uki_b]: [PathBuf; 2] = ukis
@@ -200,8 +225,10 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
         rootfs,
         rootfs_size,
         rootfs_blake3,
+        verity,
         uki_a,
         uki_b,
+        secureboot: keys.map(|k| k.dir),
     };
     let manifest = Artifacts::manifest_path(&opts.out_dir);
     let json =

@@ -139,6 +139,19 @@ pub fn build(
     Ok(())
 }
 
+/// Writes the root partition image `out`: the SquashFS `squashfs` (padded to whole 4 KiB
+/// blocks), then its dm-verity hash tree. Returns what the UKI pins.
+pub fn with_hash_tree(
+    squashfs: &Path,
+    out: &Path,
+) -> Result<upgrade::verity::VerityRoot, ImageError> {
+    let data = std::fs::read(squashfs).map_err(ImageError::io("reading", squashfs))?;
+    let (image, root) = upgrade::verity::image(data)
+        .map_err(|e| ImageError::Invalid(format!("{}: {e}", squashfs.display())))?;
+    std::fs::write(out, image).map_err(ImageError::io("writing", out))?;
+    Ok(root)
+}
+
 /// Size and blake3 digest (hex) of a file.
 pub fn digest(path: &Path) -> Result<(u64, String), ImageError> {
     let mut hasher = blake3::Hasher::new();

@@ -1,6 +1,11 @@
-//! The initramfs role: run the initramfs sequence, hand over, exec machined on the new root.
+//! The initramfs role: run the initramfs sequence, hand over, and go on as the node's PID 1 on
+//! the new root.
+//!
+//! The node role runs in this same process rather than an `exec` of the root's
+//! `/sbin/machined`: both are the same build (the signed UKI carries this binary and pins the
+//! root by its verity hash), and reading 7.5 MiB back through SquashFS and dm-verity cost a
+//! second of boot under TCG (BENCHMARKS.md).
 
-use std::ffi::CString;
 use std::path::Path;
 
 use anyhow::{anyhow, Context};
@@ -38,16 +43,11 @@ fn try_run() -> anyhow::Result<std::convert::Infallible> {
     std::fs::write(paths::INITRAMFS_EVENTS, events)
         .with_context(|| format!("writing {}", paths::INITRAMFS_EVENTS))?;
     drop(rt);
-    let prog = CString::new(paths::MACHINED).context("machined path")?;
-    let argv = [prog.clone()];
-    let env: [CString; 0] = [];
     if !Path::new(paths::MACHINED).exists() {
         return Err(anyhow!(
             "{} is missing from the root image",
             paths::MACHINED
         ));
     }
-    let never = nix::unistd::execve(&prog, &argv, &env)
-        .with_context(|| format!("executing {}", paths::MACHINED))?;
-    match never {}
+    Err(crate::node::run())
 }

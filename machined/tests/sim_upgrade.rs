@@ -154,6 +154,7 @@ async fn bad_bundles_are_refused_with_the_cause_and_nothing_bootable_changes() {
     // A root image bigger than the slot (16 MiB).
     let mut fat = root.clone();
     fat.resize(17 << 20, 0);
+    let (fat, _) = upgrade::verity::image(fat).expect("fat root");
     let big_image = upgrade::bundle::build(
         "2.0",
         std::env::consts::ARCH,

@@ -27,7 +27,7 @@ pub fn sequence() -> Sequence<Initramfs> {
             "findBootDisk",
             [Task::new("findBootDisk", t::find_boot_disk)],
         )
-        .phase("verifyRoot", [Task::new("verifyRoot", t::verify_root)])
+        .phase("mapRoot", [Task::new("mapRoot", t::map_root)])
         .phase("mountRoot", [Task::new("mountRoot", t::mount_root)])
         .phase("switchRoot", [Task::new("switchRoot", t::switch_root)])
 }
@@ -44,7 +44,7 @@ mod tests {
                 "armWatchdog",
                 "mountEfivarfs",
                 "findBootDisk",
-                "verifyRoot",
+                "mapRoot",
                 "mountRoot",
                 "switchRoot"
             ]

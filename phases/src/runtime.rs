@@ -54,6 +54,20 @@ pub struct BootInfo {
     /// The boot disk is installer media (it has an `INSTALL` partition holding a bundle).
     #[serde(default)]
     pub installer: bool,
+    /// The dm-verity root the UKI pins, and the mapped device the root is mounted from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<MappedRoot>,
+}
+
+/// The slot's root as the initramfs mapped it through dm-verity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappedRoot {
+    /// The pinned root (size, salt, root hash).
+    pub root: upgrade::verity::VerityRoot,
+    /// The device-mapper name.
+    pub name: String,
+    /// The mapped device mounted as `/`.
+    pub device: PathBuf,
 }
 
 impl BootInfo {

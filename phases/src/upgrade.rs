@@ -103,14 +103,12 @@ pub enum UpgradeError {
     #[error("{0}")]
     Source(String),
     /// The slot did not keep what was written.
-    #[error("slot {slot} reads back as {actual}, not {expected}: the disk did not keep what was written")]
+    #[error("slot {slot} does not read back as written: {reason}")]
     Verify {
         /// The slot.
         slot: Slot,
-        /// The manifest's digest.
-        expected: String,
-        /// What the disk gave back.
-        actual: String,
+        /// What differs.
+        reason: String,
     },
     /// The node's own work failed (disk I/O, META, boot entries).
     #[error(transparent)]

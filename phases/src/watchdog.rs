@@ -70,6 +70,15 @@ pub fn handoff_fd() -> Option<RawFd> {
 
 /// Takes over the descriptor the initramfs left open.
 pub fn adopt(fd: RawFd) {
+    // The initramfs went on as the node in this same process: the device is already ours, and
+    // a second owner of the descriptor would close it.
+    if let Some(w) = WATCHDOG.get() {
+        let file = w.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = close_on_exec(&file) {
+            tracing::warn!("marking the watchdog close-on-exec: {e}");
+        }
+        return;
+    }
     // Only an fd that is open and really the watchdog is adopted.
     let is_wd =
         std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok_and(|p| p == Path::new(DEVICE));

@@ -25,12 +25,15 @@ pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::verity::{self, VerityRoot};
+
 const MAGIC: &[u8; 14] = b"PLINTH-BUNDLE\n";
 /// The manifest format this build reads and writes (2: security version, expiry,
-/// domain-separated signature).
-pub const FORMAT: u32 = 2;
+/// domain-separated signature; 3: the root image carries its dm-verity hash tree, and the
+/// manifest the root hash the UKIs pin).
+pub const FORMAT: u32 = 3;
 /// What a bundle signature signs before the manifest.
-pub const SIGNING_CONTEXT: &[u8] = b"plinth bundle manifest v2\0";
+pub const SIGNING_CONTEXT: &[u8] = b"plinth bundle manifest v3\0";
 /// The largest manifest accepted (it is a few hundred bytes; more is not a bundle).
 const MAX_MANIFEST: u32 = 64 * 1024;
 
@@ -63,8 +66,9 @@ pub struct Manifest {
     pub version: String,
     /// Machine architecture (`x86_64`).
     pub arch: String,
-    /// The root digest the UKIs' command lines pin (`plinth.root.blake3`).
-    pub uki_root_blake3: String,
+    /// The dm-verity root the UKIs' command lines pin (the rootfs component is its data and
+    /// hash tree).
+    pub root_verity: VerityRoot,
     /// Monotonic: raised by the release that fixes a vulnerability. A node refuses a bundle
     /// below the highest security version it has committed.
     pub security_version: u64,
@@ -275,6 +279,16 @@ pub fn parse_manifest(json: &[u8]) -> Result<Manifest, BundleError> {
             "expected exactly rootfs, uki-A and uki-B".into(),
         ));
     }
+    let v = &manifest.root_verity;
+    let root_size = manifest.component(ROOTFS).map_or(0, |c| c.size);
+    if v.data_size == 0 || !v.data_size.is_multiple_of(verity::BLOCK) || root_size != v.image_size()
+    {
+        return Err(BundleError::BadManifest(format!(
+            "the rootfs component is {root_size} bytes, but its verity root says {} bytes of data and {} of hash tree",
+            v.data_size,
+            v.tree_size()
+        )));
+    }
     Ok(manifest)
 }
 
@@ -328,6 +342,7 @@ pub fn build(
 }
 
 /// A whole bundle, in memory: the components are hashed, the manifest signed with `key`.
+/// `rootfs` is a partition image made by [`verity::image`] (data, then its hash tree).
 pub fn build_release(
     release: &Release,
     uki_a: &[u8],
@@ -340,12 +355,14 @@ pub fn build_release(
         size: data.len() as u64,
         blake3: blake3::hash(data).to_hex().to_string(),
     };
+    let root_verity = verity::pinned_by(rootfs)
+        .map_err(|e| BundleError::BadManifest(format!("the root image: {e}")))?;
     let root = component(ROOTFS, rootfs);
     let manifest = Manifest {
         format: FORMAT,
         version: release.version.clone(),
         arch: release.arch.clone(),
-        uki_root_blake3: root.blake3.clone(),
+        root_verity,
         security_version: release.security_version,
         expires_unix_s: release.expires_unix_s,
         components: vec![component(UKI_A, uki_a), component(UKI_B, uki_b), root],
@@ -416,10 +433,14 @@ mod tests {
             format: FORMAT,
             version: "2.0".into(),
             arch: "x86_64".into(),
-            uki_root_blake3: "00".repeat(32),
+            root_verity: VerityRoot {
+                data_size: 4096,
+                root: "00".repeat(32),
+                salt: "00".repeat(32),
+            },
             security_version: 3,
             expires_unix_s: None,
-            components: vec![c(ROOTFS, 100), c(UKI_A, 10), c(UKI_B, 10)],
+            components: vec![c(ROOTFS, 4096), c(UKI_A, 10), c(UKI_B, 10)],
         }
     }
 
@@ -508,9 +529,34 @@ mod tests {
         let err = check_fits(&m, "x86_64", 50).expect_err("too big");
         assert_eq!(
             err.to_string(),
-            "rootfs is 100 bytes but its partition holds 50"
+            "rootfs is 4096 bytes but its partition holds 50"
         );
-        assert!(check_fits(&m, "x86_64", 100).is_ok());
+        assert!(check_fits(&m, "x86_64", 4096).is_ok());
+    }
+
+    #[test]
+    fn a_root_whose_size_is_not_its_verity_roots_is_refused() {
+        let mut m = manifest();
+        m.components[0].size = 8192;
+        let json = serde_json::to_vec(&m).expect("json");
+        let err = parse_manifest(&json).expect_err("refused");
+        assert!(
+            err.to_string().contains("verity root says 4096 bytes"),
+            "{err}"
+        );
+        let json = serde_json::to_vec(&manifest()).expect("json");
+        assert!(parse_manifest(&json).is_ok());
+    }
+
+    #[test]
+    fn a_bundle_needs_a_root_image_with_its_tree() {
+        let (root, pin) = verity::image(vec![7u8; 3 * 4096]).expect("image");
+        let b = build("1", "x86_64", b"a", b"b", &root, &key()).expect("bundle");
+        let len = u32::from_le_bytes(b[14..18].try_into().expect("len")) as usize;
+        let m = parse_manifest(&b[18..18 + len]).expect("manifest");
+        assert_eq!(m.root_verity, pin);
+        let err = build("1", "x86_64", b"a", b"b", &[7u8; 4096 * 2], &key()).expect_err("no tree");
+        assert!(err.to_string().contains("the root image"), "{err}");
     }
 
     #[test]

@@ -139,7 +139,11 @@ mod tests {
             format: crate::bundle::FORMAT,
             version: version.into(),
             arch: "x86_64".into(),
-            uki_root_blake3: String::new(),
+            root_verity: crate::verity::VerityRoot {
+                data_size: 4096,
+                root: String::new(),
+                salt: String::new(),
+            },
             security_version: sv,
             expires_unix_s: expires,
             components: vec![],

@@ -1,8 +1,10 @@
 //! Booting Plinth nodes in QEMU with real UEFI firmware (OVMF), and reading what they did.
 //!
-//! - [`qemu`]: launch a VM (per-VM copy of the firmware variable store, NVMe system disk, user
+//! - [`qemu`]: launch a VM (OVMF's Secure Boot build on q35, a per-VM copy of the firmware
+//!   variable store, a software TPM (swtpm) with per-VM state, NVMe system disk, user
 //!   networking with the API forwarded to a free 127.0.0.1 port, the i6300esb watchdog, serial
 //!   console to a file); it is torn down when dropped unless detached.
+//! - [`firmware`]: variable stores with Plinth's Secure Boot keys enrolled.
 //! - [`serial`]: the console log with the host time each line arrived.
 //! - [`timeline`]: the boot timeline (firmware → kernel → initramfs phases → machined phases →
 //!   API ready) from the serial log's trace lines.
@@ -11,6 +13,7 @@
 //! Every VM runs under TCG: KVM is not usable on the machines this runs on.
 #![warn(missing_docs)]
 
+pub mod firmware;
 pub mod node;
 pub mod qemu;
 pub mod serial;

@@ -11,7 +11,7 @@ use config::{ClientConfig, Context};
 use imager::disk::{DiskOptions, DEFAULT_DISK_BYTES, DEFAULT_SLOT_BYTES};
 use imager::Artifacts;
 
-use crate::qemu::{free_port, Vm, VmSpec};
+use crate::qemu::{free_port, Firmware, Vm, VmSpec};
 use crate::HarnessError;
 
 /// QEMU user networking: the guest's address and gateway.
@@ -47,6 +47,8 @@ pub struct PreparedNode {
     pub client: ClientConfig,
     /// Its system disk.
     pub disk: PathBuf,
+    /// Its firmware: Secure Boot with the image's keys enrolled when the image is signed.
+    pub firmware: Firmware,
 }
 
 impl PreparedNode {
@@ -72,6 +74,8 @@ impl PreparedNode {
             api_port: self.api_port,
             memory_mb: self.spec.memory_mb,
             media: None,
+            firmware: self.firmware.clone(),
+            tpm: Some(self.spec.dir.join("vm/tpm")),
         }
     }
 
@@ -129,6 +133,18 @@ pub fn prepare(spec: &NodeSpec, artifacts: &Artifacts) -> Result<PreparedNode, H
         api_port,
         client: generated.client,
         disk,
+        firmware: firmware_for(artifacts)?,
+    })
+}
+
+/// The firmware that boots `artifacts`: OVMF's Secure Boot build with their keys enrolled if
+/// they are signed, plain OVMF otherwise.
+pub fn firmware_for(artifacts: &Artifacts) -> Result<Firmware, HarnessError> {
+    Ok(match &artifacts.secureboot {
+        Some(keys) => Firmware::SecureBoot {
+            vars: crate::firmware::enrolled_vars(keys)?,
+        },
+        None => Firmware::Plain,
     })
 }
 
@@ -191,7 +207,18 @@ pub async fn wait_for_version(
     }
 }
 
-/// The built image in `image_dir`, building it with `machined` if there is none yet.
+/// The Secure Boot keys for images built in `image_dir` (`IMAGE_DIR/secureboot`), generated
+/// the first time.
+pub fn image_keys(image_dir: &Path) -> Result<PathBuf, HarnessError> {
+    let dir = image_dir.join("secureboot");
+    if imager::secureboot::Keys::load(&dir).is_err() {
+        imager::secureboot::generate(&dir, "Plinth dev")?;
+    }
+    Ok(dir)
+}
+
+/// The built image in `image_dir` (signed with [`image_keys`]), building it with `machined` if
+/// there is none yet.
 pub fn ensure_artifacts(
     image_dir: &Path,
     machined: &Path,
@@ -201,10 +228,11 @@ pub fn ensure_artifacts(
         // Rebuilt when machined changed since: a test must never boot a stale binary.
         let newer = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         let fresh = matches!((newer(machined), newer(&a.rootfs)), (Some(m), Some(r)) if m <= r);
-        if a.uki_a.is_file() && a.uki_b.is_file() && fresh {
+        if a.uki_a.is_file() && a.uki_b.is_file() && fresh && a.secureboot.is_some() {
             return Ok(a);
         }
     }
+    let keys = image_keys(image_dir)?;
     let cache_dir = image_dir.join("cache");
     Ok(imager::build(&imager::BuildOptions {
         out_dir: image_dir.to_path_buf(),
@@ -214,5 +242,6 @@ pub fn ensure_artifacts(
         kernel_package: None,
         extra_cmdline: Vec::new(),
         filler_bytes: 0,
+        secureboot: Some(keys),
     })?)
 }

@@ -9,10 +9,28 @@ use std::time::{Duration, Instant};
 use crate::serial::{Line, SerialLog};
 use crate::HarnessError;
 
-/// OVMF's code (read-only flash).
+/// OVMF's code (read-only flash), without Secure Boot.
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// OVMF's Secure Boot build (needs q35 with SMM).
+pub const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
 /// OVMF's blank variable store, copied once per VM.
-pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+pub const OVMF_VARS: &str = crate::firmware::OVMF_VARS;
+/// The software TPM.
+pub const SWTPM: &str = "swtpm";
+
+/// The firmware a VM runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Firmware {
+    /// OVMF without Secure Boot, on QEMU's default machine.
+    Plain,
+    /// OVMF's Secure Boot build on q35 (SMM protects the variable store), its NVRAM first
+    /// copied from `vars`: a store with Plinth's keys enrolled, or OVMF's blank one (Setup
+    /// Mode).
+    SecureBoot {
+        /// The variable store template.
+        vars: PathBuf,
+    },
+}
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
 /// The port the node's API listens on inside the VM.
@@ -33,6 +51,11 @@ pub struct VmSpec {
     pub memory_mb: u32,
     /// Installer media (raw), attached read-only as a virtio disk that boots first.
     pub media: Option<PathBuf>,
+    /// The firmware.
+    pub firmware: Firmware,
+    /// A TPM 2.0 (swtpm) whose state lives in this directory: the TPM of this machine, kept
+    /// across its reboots and relaunches like its NVRAM.
+    pub tpm: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -49,6 +72,51 @@ impl VmSpec {
     /// QEMU's control socket (QMP).
     pub fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")
+    }
+
+    /// The software TPM's control socket.
+    fn tpm_socket(&self) -> Option<PathBuf> {
+        self.tpm.as_ref().map(|d| d.join("swtpm.sock"))
+    }
+
+    fn firmware_args(&self) -> Vec<String> {
+        let vars = format!("if=pflash,format=raw,file={}", self.vars().display());
+        match &self.firmware {
+            Firmware::Plain => vec![
+                "-drive".into(),
+                format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+                "-drive".into(),
+                vars,
+            ],
+            Firmware::SecureBoot { .. } => vec![
+                "-machine".into(),
+                "q35,smm=on".into(),
+                // Only code running in SMM may write the variable store: the OS cannot
+                // change the Secure Boot keys behind the firmware's back.
+                "-global".into(),
+                "driver=cfi.pflash01,property=secure,value=on".into(),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE_SECBOOT}"),
+                "-drive".into(),
+                format!("{vars},unit=1"),
+            ],
+        }
+    }
+
+    fn tpm_args(&self) -> Vec<String> {
+        let Some(sock) = self.tpm_socket() else {
+            return Vec::new();
+        };
+        vec![
+            "-chardev".into(),
+            format!("socket,id=chrtpm,path={}", sock.display()),
+            "-tpmdev".into(),
+            "emulator,id=tpm0,chardev=chrtpm".into(),
+            "-device".into(),
+            // CRB: the command goes in one buffer (TIS moves it a byte per register access,
+            // slow under TCG).
+            "tpm-crb,tpmdev=tpm0".into(),
+        ]
     }
 
     /// The QEMU arguments for this VM.
@@ -73,14 +141,14 @@ impl VmSpec {
             s("-m"),
             self.memory_mb.to_string(),
             s("-smp"),
-            s("1"),
+            std::env::var("PLINTH_VM_SMP").unwrap_or_else(|_| "2".into()),
+            // Every instruction TCG emulates, AES-NI and SHA-NI among them: dm-verity and
+            // dm-crypt use them (the generic C code is several times slower under TCG).
+            s("-cpu"),
+            s("max"),
             s("-nodefaults"),
             s("-display"),
             s("none"),
-            s("-drive"),
-            format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
-            s("-drive"),
-            format!("if=pflash,format=raw,file={}", self.vars().display()),
             s("-drive"),
             format!(
                 "file={},format=raw,if=none,id=d0,cache=unsafe{}",
@@ -112,6 +180,8 @@ impl VmSpec {
             s("chardev:ser0"),
         ];
         args.extend(media);
+        args.extend(self.firmware_args());
+        args.extend(self.tpm_args());
         args
     }
 }
@@ -143,7 +213,7 @@ pub fn check_host() -> Result<(), HarnessError> {
             hint: "apt-get install qemu-system-x86".into(),
         });
     }
-    for f in [OVMF_CODE, OVMF_VARS] {
+    for f in [OVMF_CODE, OVMF_CODE_SECBOOT, OVMF_VARS] {
         if !Path::new(f).is_file() {
             return Err(HarnessError::Missing {
                 what: f.into(),
@@ -152,6 +222,56 @@ pub fn check_host() -> Result<(), HarnessError> {
         }
     }
     Ok(())
+}
+
+/// Starts the VM's software TPM on its state directory and waits for its socket. It ends by
+/// itself when QEMU disconnects (`--terminate`).
+fn start_tpm(spec: &VmSpec) -> Result<Option<Child>, HarnessError> {
+    let (Some(dir), Some(sock)) = (&spec.tpm, spec.tpm_socket()) else {
+        return Ok(None);
+    };
+    if !imager::tools::which(SWTPM) {
+        return Err(HarnessError::Missing {
+            what: SWTPM.into(),
+            hint: "apt-get install swtpm swtpm-tools".into(),
+        });
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(HarnessError::io(format!("creating {}", dir.display())))?;
+    let _ = std::fs::remove_file(&sock);
+    let log = std::fs::File::create(dir.join("swtpm.out"))
+        .map_err(HarnessError::io("creating swtpm.out"))?;
+    let err = log.try_clone().map_err(HarnessError::io("swtpm.out"))?;
+    let mut child = Command::new(SWTPM)
+        .args(["socket", "--tpm2", "--terminate", "--tpmstate"])
+        .arg(format!("dir={}", dir.display()))
+        .arg("--ctrl")
+        .arg(format!("type=unixio,path={}", sock.display()))
+        .arg("--log")
+        .arg(format!("file={},level=1", dir.join("swtpm.log").display()))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(HarnessError::io(format!("starting {SWTPM}")))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(HarnessError::Other(format!(
+                "swtpm exited ({status}): {}",
+                std::fs::read_to_string(dir.join("swtpm.out")).unwrap_or_default()
+            )));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(HarnessError::Other(
+                "swtpm did not create its socket in 10 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Some(child))
 }
 
 /// A running VM. Dropping it kills QEMU, unless it was detached.
@@ -163,6 +283,7 @@ pub struct Vm {
     /// When QEMU was started.
     pub started: Instant,
     child: Option<Child>,
+    tpm: Option<Child>,
 }
 
 impl Vm {
@@ -173,9 +294,14 @@ impl Vm {
         std::fs::create_dir_all(&spec.dir)
             .map_err(HarnessError::io(format!("creating {}", spec.dir.display())))?;
         if !spec.vars().exists() {
-            std::fs::copy(OVMF_VARS, spec.vars())
+            let template = match &spec.firmware {
+                Firmware::Plain => Path::new(OVMF_VARS),
+                Firmware::SecureBoot { vars } => vars.as_path(),
+            };
+            std::fs::copy(template, spec.vars())
                 .map_err(HarnessError::io("copying the OVMF variable store"))?;
         }
+        let tpm = start_tpm(&spec)?;
         let serial = spec.serial_log();
         std::fs::write(&serial, b"")
             .map_err(HarnessError::io(format!("creating {}", serial.display())))?;
@@ -199,6 +325,7 @@ impl Vm {
             spec,
             started,
             child: Some(child),
+            tpm,
         })
     }
 
@@ -207,8 +334,10 @@ impl Vm {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Lets the VM outlive this handle (for `plinth cluster create`); returns QEMU's PID.
+    /// Lets the VM outlive this handle (for `plinth cluster create`); returns QEMU's PID. Its
+    /// TPM ends when QEMU does.
     pub fn detach(mut self) -> Option<u32> {
+        self.tpm.take();
         self.child.take().map(|c| c.id())
     }
 
@@ -317,9 +446,9 @@ impl Vm {
         Ok(())
     }
 
-    /// Kills QEMU (a power cut) and waits for it.
+    /// Kills QEMU (a power cut) and waits for it, and its TPM.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        for mut c in [self.child.take(), self.tpm.take()].into_iter().flatten() {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -31,14 +31,13 @@ async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls()
     assert_eq!(version.slot, "A");
     assert_eq!(version.machined_pid, 1);
     assert_eq!(version.root_fstype, "squashfs");
-    assert!(
-        version.root_source.starts_with("/dev/nvme0n1p"),
-        "{}",
-        version.root_source
-    );
     assert_eq!(
-        version.root_source, "/dev/nvme0n1p3",
-        "ROOT-A is partition 3"
+        (
+            version.root_source.as_str(),
+            version.root_partition.as_str()
+        ),
+        ("/dev/dm-0", "/dev/nvme0n1p3"),
+        "the root is the dm-verity mapping of ROOT-A (partition 3)"
     );
     assert_eq!(version.node_name, "boot");
 
@@ -91,7 +90,7 @@ async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls()
             "initramfs/armWatchdog",
             "initramfs/mountEfivarfs",
             "initramfs/findBootDisk",
-            "initramfs/verifyRoot",
+            "initramfs/mapRoot",
             "initramfs/mountRoot",
             "initramfs/switchRoot",
             "initialize/handover",

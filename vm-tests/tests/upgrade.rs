@@ -79,7 +79,7 @@ async fn an_upgrade_boots_b_by_boot_next_commits_it_and_a_second_upgrade_goes_ba
         (
             v2.slot.as_str(),
             v2.version.as_str(),
-            v2.root_source.as_str()
+            v2.root_partition.as_str()
         ),
         ("B", "0.2.0-test", "/dev/nvme0n1p4")
     );

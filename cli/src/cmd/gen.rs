@@ -72,6 +72,18 @@ pub enum Gen {
         #[arg(long)]
         force: bool,
     },
+    /// Generate UEFI Secure Boot keys: PK, KEK and db (RSA-2048 keys and certificates), the
+    /// signed signature lists a firmware enrols (PK.auth, KEK.auth, db.auth), and the key that
+    /// signs PCR 11 policies for TPM-sealed disks. `plinth image build --secureboot-keys DIR`
+    /// signs UKIs with db's key; installer media enrol the lists on a machine in Setup Mode.
+    SecurebootKeys {
+        /// Directory to write into (keys already there are never replaced).
+        #[arg(short = 'o', long = "output-dir")]
+        output_dir: PathBuf,
+        /// Name in the certificates (e.g. the cluster's).
+        #[arg(long, default_value = "Plinth")]
+        name: String,
+    },
 }
 
 fn write(path: &Path, data: &str, force: bool) -> anyhow::Result<()> {
@@ -116,6 +128,24 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
             }
             cfg.save(&out)?;
             println!("wrote {} for {name} with role {role}", out.display());
+            Ok(())
+        }
+        Gen::SecurebootKeys { output_dir, name } => {
+            let keys = imager::secureboot::generate(&output_dir, &name)?;
+            println!(
+                "wrote Secure Boot keys for {name:?} to {}",
+                keys.dir.display()
+            );
+            for var in imager::secureboot::ENROL_ORDER {
+                println!(
+                    "  {var:<4} {} (key {}, enrolled from {})",
+                    keys.cert(var).display(),
+                    keys.key(var).display(),
+                    keys.auth(var).display()
+                );
+            }
+            println!("  PCR policy signing key {}", keys.pcr_key().display());
+            println!("keep the .key files secret: whoever holds db.key can sign what these machines boot");
             Ok(())
         }
         Gen::SigningKey { output_dir, force } => {

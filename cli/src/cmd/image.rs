@@ -39,6 +39,10 @@ pub enum Image {
         /// The key that signs the installer's bundle (`plinth gen signing-key`).
         #[arg(long)]
         signing_key: Option<PathBuf>,
+        /// Sign the UKIs for UEFI Secure Boot with these keys (`plinth gen secureboot-keys`);
+        /// installer media then carry the lists that enrol them.
+        #[arg(long)]
+        secureboot_keys: Option<PathBuf>,
     },
     /// Make a signed upgrade bundle from a build.
     Bundle {
@@ -128,6 +132,7 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             cache,
             installer,
             signing_key,
+            secureboot_keys,
         } => {
             let machined = machined(m)?;
             // Read the key before the long build: a bad path fails at once.
@@ -141,6 +146,7 @@ pub fn run(i: Image) -> anyhow::Result<()> {
                 kernel_package,
                 extra_cmdline: cmdline_extra,
                 filler_bytes: 0,
+                secureboot: secureboot_keys,
             })?;
             println!("Plinth {} (kernel {})", a.version, a.kernel_release);
             println!(
@@ -149,8 +155,12 @@ pub fn run(i: Image) -> anyhow::Result<()> {
                 a.rootfs_size,
                 a.rootfs_blake3
             );
-            println!("  UKI slot A  {}", a.uki_a.display());
-            println!("  UKI slot B  {}", a.uki_b.display());
+            let signed = match &a.secureboot {
+                Some(k) => format!(" (signed for Secure Boot with {})", k.display()),
+                None => " (unsigned)".into(),
+            };
+            println!("  UKI slot A  {}{signed}", a.uki_a.display());
+            println!("  UKI slot B  {}{signed}", a.uki_b.display());
             if let (true, Some(key)) = (installer, key) {
                 let bundle = out_dir.join("bundle.plinth");
                 std::fs::write(&bundle, imager::bundle(&a, &key)?)

@@ -45,6 +45,7 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                     "machined_pid": v.machined_pid,
                     "root_fstype": v.root_fstype,
                     "root_source": v.root_source,
+                    "root_partition": v.root_partition,
                     "boot_id": v.boot_id,
                     "arch": v.arch,
                     "kernel": v.kernel,
@@ -59,7 +60,14 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
             println!("Version:  Plinth {}", v.version);
             println!("Slot:     {}", v.slot);
             println!("machined: PID {}", v.machined_pid);
-            println!("Root:     {} on {}", v.root_fstype, v.root_source);
+            if v.root_partition.is_empty() {
+                println!("Root:     {} on {}", v.root_fstype, v.root_source);
+            } else {
+                println!(
+                    "Root:     {} on {} (dm-verity over {})",
+                    v.root_fstype, v.root_source, v.root_partition
+                );
+            }
             println!("Kernel:   {} ({})", v.kernel, v.arch);
             println!("State:    {}", v.state);
             println!("Boot ID:  {}", v.boot_id);

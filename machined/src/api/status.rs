@@ -36,6 +36,10 @@ pub fn fixed_version(runtime: &Runtime) -> VersionResponse {
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
         state: String::new(),
+        root_partition: runtime
+            .boot()
+            .map(|b| b.root_device.display().to_string())
+            .unwrap_or_default(),
     }
 }
 

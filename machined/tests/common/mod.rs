@@ -55,7 +55,7 @@ pub fn sim_release(version: &str, security_version: u64, expires_unix_s: Option<
         extra_cmdline: vec![],
         payload_bytes: 0,
     };
-    let root = image.rootfs();
+    let (root, pin) = image.root();
     upgrade::bundle::build_release(
         &upgrade::bundle::Release {
             version: version.into(),
@@ -63,8 +63,8 @@ pub fn sim_release(version: &str, security_version: u64, expires_unix_s: Option<
             security_version,
             expires_unix_s,
         },
-        &image.uki_pinning(upgrade::Slot::A, &root),
-        &image.uki_pinning(upgrade::Slot::B, &root),
+        &image.uki_pinning(upgrade::Slot::A, &pin),
+        &image.uki_pinning(upgrade::Slot::B, &pin),
         &root,
         &signing_key(),
     )
@@ -73,12 +73,12 @@ pub fn sim_release(version: &str, security_version: u64, expires_unix_s: Option<
 
 /// A signed bundle of `image`.
 pub fn sim_bundle_of(image: SimImage) -> Vec<u8> {
-    let root = image.rootfs();
+    let (root, pin) = image.root();
     upgrade::bundle::build(
         &image.version,
         std::env::consts::ARCH,
-        &image.uki_pinning(upgrade::Slot::A, &root),
-        &image.uki_pinning(upgrade::Slot::B, &root),
+        &image.uki_pinning(upgrade::Slot::A, &pin),
+        &image.uki_pinning(upgrade::Slot::B, &pin),
         &root,
         &signing_key(),
     )

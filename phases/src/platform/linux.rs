@@ -154,6 +154,7 @@ impl Platform for Linux {
         match nix::kmod::finit_module(&file, &no_params, nix::kmod::ModuleInitFlags::empty()) {
             Ok(()) => Ok(ModuleLoad::Loaded),
             Err(nix::Error::EEXIST) => Ok(ModuleLoad::AlreadyLoaded),
+            Err(nix::Error::ENODEV) => Ok(ModuleLoad::NoSuchHardware),
             Err(errno) => Err(PlatformError::Module {
                 path: path.display().to_string(),
                 errno,
@@ -163,6 +164,40 @@ impl Platform for Linux {
 
     fn efivars(&self) -> VarStore {
         VarStore::new(EFIVARS)
+    }
+
+    fn map_verity(
+        &self,
+        name: &str,
+        device: &Path,
+        root: &upgrade::verity::VerityRoot,
+    ) -> Result<PathBuf, PlatformError> {
+        let st = nix::sys::stat::stat(device).map_err(|errno| PlatformError::Sys {
+            what: format!("reading the device number of {}", device.display()),
+            errno,
+        })?;
+        let dev = format!(
+            "{}:{}",
+            nix::sys::stat::major(st.st_rdev),
+            nix::sys::stat::minor(st.st_rdev)
+        );
+        let target = super::dm::Target {
+            sectors: root.data_size / 512,
+            kind: "verity",
+            params: root.table_params(&dev, &["panic_on_corruption"]),
+        };
+        Ok(super::dm::create(name, &target, super::dm::READONLY)?.path)
+    }
+
+    fn mapping_status(&self, name: &str) -> Result<Option<String>, PlatformError> {
+        match super::dm::status(name) {
+            Ok(s) => Ok(Some(s)),
+            Err(PlatformError::Sys {
+                errno: nix::Error::ENXIO,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn disks(&self) -> Result<Vec<Disk>, PlatformError> {

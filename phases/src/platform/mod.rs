@@ -4,6 +4,7 @@
 //! `sim::Sim` (feature `sim`, never in the release image) is an unprivileged model of one (a disk image file, a directory of UEFI
 //! variables, an emulated firmware), where the same sequences run in seconds.
 
+pub mod dm;
 pub mod linux;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -136,6 +137,9 @@ pub enum ModuleLoad {
     Loaded,
     /// It was already there (built in or loaded before).
     AlreadyLoaded,
+    /// It refused to load because what it drives is not there (`ENODEV`: a CPU without the
+    /// instructions an accelerated cipher uses).
+    NoSuchHardware,
 }
 
 /// A platform operation failed; every variant says what it was doing to what.
@@ -256,6 +260,20 @@ pub trait Platform: Send + Sync + 'static {
 
     /// The UEFI variable store.
     fn efivars(&self) -> VarStore;
+
+    /// Maps `device` through dm-verity as `name`, data and hash tree both read from it and
+    /// checked against `root`; a corrupted block read later panics the machine. Returns the
+    /// device to mount.
+    fn map_verity(
+        &self,
+        name: &str,
+        device: &Path,
+        root: &upgrade::verity::VerityRoot,
+    ) -> Result<PathBuf, PlatformError>;
+
+    /// The status line of the device-mapper device `name` (for verity: `V` or `C`), `None`
+    /// if there is no such device.
+    fn mapping_status(&self, name: &str) -> Result<Option<String>, PlatformError>;
 
     /// Whole disks with a readable GPT.
     fn disks(&self) -> Result<Vec<Disk>, PlatformError>;

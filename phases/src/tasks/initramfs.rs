@@ -1,15 +1,15 @@
 //! Tasks of the initramfs: pseudo file systems, kernel modules, finding and checking the slot's
 //! root image, and switching to it.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use upgrade::verity::VerityRoot;
 use upgrade::Slot;
 
 use crate::platform::{ModuleLoad, MountSpec, Platform};
-use crate::runtime::{paths, BootInfo};
+use crate::runtime::{paths, BootInfo, MappedRoot};
 
 /// How long to wait for the boot disk to appear (NVMe probing runs after the driver loads).
 const DISK_WAIT: Duration = Duration::from_secs(30);
@@ -86,45 +86,6 @@ pub enum InitramfsError {
     /// A task ran before the boot disk was found.
     #[error("the boot disk has not been found yet")]
     NoBootDisk,
-    /// The command line does not pin the root image.
-    #[error(
-        "the kernel command line does not pin the root image ({param} is missing or malformed)"
-    )]
-    RootNotPinned {
-        /// The parameter.
-        param: &'static str,
-    },
-    /// The root image is not the one the UKI was built with.
-    #[error(
-        "root image on {device} does not match the UKI: expected blake3 {expected}, found {actual}"
-    )]
-    RootMismatch {
-        /// The partition.
-        device: String,
-        /// Digest from the command line.
-        expected: String,
-        /// Digest of the partition.
-        actual: String,
-    },
-    /// The partition is shorter than the image.
-    #[error("root partition {device} ends after {read} bytes, the image is {size} bytes")]
-    RootTruncated {
-        /// The partition.
-        device: String,
-        /// Bytes read.
-        read: u64,
-        /// Image size.
-        size: u64,
-    },
-    /// Reading failed.
-    #[error("reading {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Mounts `/proc`.
@@ -155,27 +116,109 @@ pub async fn mount_run(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
         .mount(&MountSpec::new("tmpfs", "/run", "tmpfs").data("mode=0755"))?)
 }
 
-/// Loads the kernel modules the image carries, in the order computed at build time
-/// (dependencies first).
+/// One line of the module list: `path[: after...]`.
+fn parse_module_line(line: &str) -> Option<(String, Vec<String>)> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let (path, after) = line.split_once(':').unwrap_or((line, ""));
+    Some((
+        path.trim().to_string(),
+        after.split_whitespace().map(str::to_owned).collect(),
+    ))
+}
+
+/// Loads the kernel modules the image carries, as many at a time as are ready: a module goes
+/// in once the modules listed before it on its line are in (the image builder lists its
+/// dependencies and the early crypto modules there). Module init often waits on hardware
+/// (probing a controller), and the waits overlap.
 pub async fn load_modules(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
-    let order = ctx.platform.read(Path::new(paths::MODULE_ORDER))?;
+    let list = ctx.platform.read(Path::new(paths::MODULE_ORDER))?;
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .map_err(|e| format!("reading the kernel release: {e}"))?;
     let base = Path::new("/lib/modules").join(&release);
-    let (mut loaded, mut present) = (0, 0);
-    for line in String::from_utf8_lossy(&order).lines() {
-        let rel = line.trim();
-        if rel.is_empty() || rel.starts_with('#') {
-            continue;
+    let mut waiting: Vec<(String, Vec<String>)> = String::from_utf8_lossy(&list)
+        .lines()
+        .filter_map(parse_module_line)
+        .collect();
+    let known: Vec<String> = waiting.iter().map(|(p, _)| p.clone()).collect();
+    let jobs = module_jobs(&ctx.platform.cmdline()?);
+    let mut done: Vec<String> = Vec::new();
+    let mut running = tokio::task::JoinSet::new();
+    let (mut loaded, mut present, mut absent) = (0, 0, Vec::new());
+    let mut slowest: Vec<(Duration, String)> = Vec::new();
+    while !waiting.is_empty() || !running.is_empty() {
+        // Start every module whose predecessors are all in (one the list does not carry is
+        // not waited for).
+        let mut i = 0;
+        while i < waiting.len() && running.len() < jobs {
+            let ready = waiting[i]
+                .1
+                .iter()
+                .all(|d| done.contains(d) || !known.contains(d));
+            if ready {
+                let (path, _) = waiting.remove(i);
+                let platform = ctx.platform.clone();
+                let file = base.join(&path);
+                running.spawn_blocking(move || {
+                    let started = Instant::now();
+                    let r = platform.load_module(&file);
+                    (path, r, started.elapsed())
+                });
+            } else {
+                i += 1;
+            }
         }
-        match ctx.platform.load_module(&base.join(rel))? {
+        let Some(joined) = running.join_next().await else {
+            let stuck: Vec<&str> = waiting.iter().map(|(p, _)| p.as_str()).collect();
+            return Err(format!("kernel modules wait on each other: {}", stuck.join(", ")).into());
+        };
+        let (path, result, took) = joined?;
+        match result? {
             ModuleLoad::Loaded => loaded += 1,
             ModuleLoad::AlreadyLoaded => present += 1,
+            ModuleLoad::NoSuchHardware => absent.push(path.clone()),
         }
+        tracing::debug!("module {} {} ms", module_stem(&path), took.as_millis());
+        slowest.push((took, path.clone()));
+        done.push(path);
     }
-    tracing::info!("kernel modules: {loaded} loaded, {present} already present");
+    slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
+    let top: Vec<String> = slowest
+        .iter()
+        .take(5)
+        .map(|(d, p)| format!("{} {} ms", module_stem(p), d.as_millis()))
+        .collect();
+    tracing::info!(
+        "kernel modules: {loaded} loaded, {present} already present; slowest: {}",
+        top.join(", ")
+    );
+    if !absent.is_empty() {
+        let names: Vec<&str> = absent.iter().map(|p| module_stem(p)).collect();
+        tracing::info!(
+            "not for this machine (the CPU or device they drive is absent): {}",
+            names.join(", ")
+        );
+    }
     Ok(())
+}
+
+/// How many modules load at once: one more than there are CPUs (module init often waits on
+/// a device, and another module's work fills the wait), or `plinth.modules.jobs=N`.
+fn module_jobs(cmdline: &str) -> usize {
+    cmdline
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("plinth.modules.jobs="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) + 1)
+        .max(1)
+}
+
+fn module_stem(path: &str) -> &str {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split(".ko").next().unwrap_or(file)
 }
 
 /// Arms the hardware watchdog (if the machine has one): from here on, a boot that stops making
@@ -240,6 +283,7 @@ pub async fn find_boot_disk(ctx: Initramfs) -> Result<(), sequencer::TaskError> 
                 esp_guid: esp,
                 root_device: root.clone(),
                 installer: disk.by_label(upgrade::layout::LABEL_INSTALL).is_some(),
+                verity: None,
             };
             tracing::info!(
                 "booted slot {slot} from {}; root is {}",
@@ -269,73 +313,41 @@ pub async fn find_boot_disk(ctx: Initramfs) -> Result<(), sequencer::TaskError> 
     }
 }
 
-/// The root image's size and digest, as the UKI's command line pins them.
-pub fn pinned_root(cmdline: &str) -> Result<(u64, String), InitramfsError> {
-    let param = |name: &'static str| {
-        cmdline
-            .split_whitespace()
-            .find_map(|a| a.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-            .ok_or(InitramfsError::RootNotPinned { param: name })
-    };
-    let size = param("plinth.root.size")?
-        .parse()
-        .map_err(|_| InitramfsError::RootNotPinned {
-            param: "plinth.root.size",
-        })?;
-    let digest = param("plinth.root.blake3")?.to_ascii_lowercase();
-    if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(InitramfsError::RootNotPinned {
-            param: "plinth.root.blake3",
-        });
-    }
-    Ok((size, digest))
-}
+/// The device-mapper name of the slot's verified root.
+pub const ROOT_MAPPING: &str = "plinth-root";
 
-/// blake3 of the first `size` bytes of `path`.
-pub fn hash_prefix(file: std::fs::File, path: &Path, size: u64) -> Result<String, InitramfsError> {
-    let mut hasher = blake3::Hasher::new();
-    let read = hasher
-        .update_reader(file.take(size))
-        .map_err(|source| InitramfsError::Read {
-            path: path.display().to_string(),
-            source,
-        })?
-        .count();
-    if read != size {
-        return Err(InitramfsError::RootTruncated {
-            device: path.display().to_string(),
-            read,
-            size,
-        });
-    }
-    Ok(hasher.finalize().to_hex().to_string())
-}
-
-/// Checks that the slot's root partition holds exactly the image the UKI was built with, so a
-/// UKI and a root image from different builds can never run together.
-pub async fn verify_root(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
-    let boot = ctx.require_boot()?;
-    let (size, expected) = pinned_root(&ctx.platform.cmdline()?)?;
-    let (mut file, base) = ctx.platform.open_partition(&boot.root_device, false)?;
-    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(base))
-        .map_err(|e| crate::platform::PlatformError::io("seeking in", &boot.root_device, e))?;
-    let device = boot.root_device.clone();
-    let actual = tokio::task::spawn_blocking(move || hash_prefix(file, &device, size)).await??;
-    if actual != expected {
-        return Err(InitramfsError::RootMismatch {
-            device: boot.root_device.display().to_string(),
-            expected,
-            actual,
-        }
-        .into());
-    }
+/// Maps the slot's root partition through dm-verity with the root hash the (signed) UKI's
+/// command line pins: from here on the kernel checks every block it reads against the tree,
+/// and a corrupted block panics the node (a trial boot then falls back by itself).
+pub async fn map_root(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
+    let root = VerityRoot::from_cmdline(&ctx.platform.cmdline()?)?;
+    let mut boot = ctx.require_boot()?;
+    let device = ctx
+        .platform
+        .map_verity(ROOT_MAPPING, &boot.root_device, &root)?;
+    tracing::info!(
+        "root {} mapped through dm-verity as {} (root hash {})",
+        boot.root_device.display(),
+        device.display(),
+        root.root
+    );
+    boot.verity = Some(MappedRoot {
+        root,
+        name: ROOT_MAPPING.into(),
+        device,
+    });
+    *ctx.boot.lock().unwrap_or_else(|p| p.into_inner()) = Some(boot);
     Ok(())
 }
 
 /// Mounts the slot's SquashFS read-only where the new root will be.
 pub async fn mount_root(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     let boot = ctx.require_boot()?;
-    let source = boot.root_device.display().to_string();
+    let mapped = boot
+        .verity
+        .as_ref()
+        .ok_or("the root was not mapped through dm-verity")?;
+    let source = mapped.device.display().to_string();
     Ok(ctx
         .platform
         .mount(&MountSpec::new(&source, paths::NEW_ROOT, "squashfs").read_only())?)
@@ -364,34 +376,24 @@ pub async fn switch_root(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
 mod tests {
     use super::*;
 
-    const DIGEST: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
-
     #[test]
-    fn the_command_line_pins_the_root_image() {
-        let cmd = format!(
-            "console=ttyS0 plinth.slot=A plinth.root.size=4096 plinth.root.blake3={DIGEST}"
+    fn module_lines_name_what_goes_in_first() {
+        assert_eq!(
+            parse_module_line("kernel/a.ko: kernel/b.ko kernel/c.ko"),
+            Some((
+                "kernel/a.ko".into(),
+                vec!["kernel/b.ko".into(), "kernel/c.ko".into()]
+            ))
         );
-        assert_eq!(pinned_root(&cmd).ok(), Some((4096, DIGEST.to_string())));
-    }
-
-    #[test]
-    fn a_command_line_without_a_digest_does_not_pin_the_root() {
-        let err = pinned_root("plinth.slot=A plinth.root.size=4096").expect_err("unpinned");
-        assert!(err.to_string().contains("plinth.root.blake3"), "{err}");
-        assert!(pinned_root("plinth.root.size=x plinth.root.blake3=00").is_err());
-    }
-
-    #[test]
-    fn only_the_image_prefix_is_hashed_and_a_short_partition_is_refused() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let p = dir.path().join("part");
-        std::fs::write(&p, [b"image".as_slice(), &[0u8; 100]].concat()).expect("write");
-        let got = hash_prefix(std::fs::File::open(&p).expect("open"), &p, 5).expect("hash");
-        assert_eq!(got, blake3::hash(b"image").to_hex().to_string());
-        let err = hash_prefix(std::fs::File::open(&p).expect("open"), &p, 1000).expect_err("short");
-        assert!(
-            matches!(err, InitramfsError::RootTruncated { read: 105, .. }),
-            "{err}"
+        assert_eq!(
+            parse_module_line("kernel/a.ko"),
+            Some(("kernel/a.ko".into(), vec![]))
         );
+        assert_eq!(parse_module_line("  "), None);
+        assert_eq!(parse_module_line("# comment"), None);
+        assert_eq!(module_stem("kernel/drivers/md/dm-verity.ko"), "dm-verity");
+        assert_eq!(module_jobs("quiet plinth.modules.jobs=1"), 1);
+        assert_eq!(module_jobs("plinth.modules.jobs=0"), 1);
+        assert!(module_jobs("quiet") >= 2);
     }
 }

@@ -9,12 +9,12 @@ use tokio::io::AsyncReadExt;
 use upgrade::bundle::{self, BundleError, Component, ROOTFS, UKI_A, UKI_B};
 use upgrade::meta::{SlotState, Written};
 use upgrade::policy::PolicyError;
+use upgrade::verity::{self, VerityError, VerityRoot};
 use upgrade::Slot;
 
 use crate::platform::PlatformError;
 use crate::runtime::Runtime;
 use crate::slots::{self, slot_event};
-use crate::tasks::initramfs::hash_prefix;
 use crate::upgrade::{UpgradeError, UpgradeJob};
 
 /// Bytes between progress events.
@@ -157,9 +157,13 @@ async fn read_component(job: &UpgradeJob, c: &Component) -> Result<Vec<u8>, Upgr
 }
 
 /// Receives both UKIs (they come first, so they are checked before the slot is touched) and
-/// keeps the target slot's: its command line must name the slot and pin the bundle's root.
+/// keeps the target slot's: its command line must name the slot and pin the bundle's verity
+/// root.
 pub async fn receive_uki(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
-    let root = component(&job, ROOTFS)?;
+    let root = job
+        .manifest()
+        .map(|m| m.root_verity)
+        .ok_or_else(|| node_err("the manifest was not read"))?;
     let mut keep = None;
     for (name, slot) in [(UKI_A, Slot::A), (UKI_B, Slot::B)] {
         let c = component(&job, name)?;
@@ -171,10 +175,13 @@ pub async fn receive_uki(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
                 "{name}'s command line does not boot slot {slot}: {cmdline:?}"
             )));
         }
-        let (size, digest) = crate::tasks::initramfs::pinned_root(&cmdline)
+        let pinned = VerityRoot::from_cmdline(&cmdline)
             .map_err(|e| UpgradeError::Uki(format!("{name}: {e}")))?;
-        if size != root.size || digest != root.blake3 {
-            return Err(UpgradeError::Uki(format!("{name} pins a root image ({size} bytes, {digest}) that is not the bundle's ({}, {})", root.size, root.blake3)));
+        if pinned != root {
+            return Err(UpgradeError::Uki(format!(
+                "{name} pins a root image ({} bytes of data, verity root {}) that is not the bundle's ({}, {})",
+                pinned.data_size, pinned.root, root.data_size, root.root
+            )));
         }
         if slot == job.target {
             keep = Some(data);
@@ -348,9 +355,15 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
     };
 }
 
-/// Reads the slot back and hashes it again: what is on the disk, not what was sent.
+/// Reads the slot back and checks it as the kernel will: the hash tree on the disk must be the
+/// tree of the data on the disk, and its root the one the UKIs pin (which the bundle's
+/// signature covers). What is on the disk, not what was sent.
 pub async fn verify_slot(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
     let c = component(&job, ROOTFS)?;
+    let pinned = job
+        .manifest()
+        .map(|m| m.root_verity)
+        .ok_or_else(|| node_err("the manifest was not read"))?;
     let (_, dev) = slots::partition(&job.rt, job.target.root_label()).map_err(node_err)?;
     let (mut file, base) = job.rt.platform.open_partition(&dev, false)?;
     // The pages just written are still cached (clean, since writeSlot synced them): drop them,
@@ -367,20 +380,22 @@ pub async fn verify_slot(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
     }
     file.seek(SeekFrom::Start(base))
         .map_err(|e| PlatformError::io("seeking in", &dev, e))?;
-    let size = c.size;
-    let d = dev.clone();
-    let actual = tokio::task::spawn_blocking(move || hash_prefix(file, &d, size))
-        .await
-        .map_err(|e| node_err(format!("the slot reader stopped: {e}")))?
-        .map_err(node_err)?;
-    if actual != c.blake3 {
-        return Err(UpgradeError::Verify {
+    let checked = tokio::task::spawn_blocking(move || {
+        verity::verify(
+            &mut std::io::BufReader::with_capacity(1 << 20, file),
+            &pinned,
+        )
+    })
+    .await
+    .map_err(|e| node_err(format!("the slot reader stopped: {e}")))?;
+    match checked {
+        Ok(()) => Ok(()),
+        Err(VerityError::Read(e)) => Err(node_err(PlatformError::io("reading back", &dev, e))),
+        Err(e) => Err(UpgradeError::Verify {
             slot: job.target,
-            expected: c.blake3,
-            actual,
-        });
+            reason: e.to_string(),
+        }),
     }
-    Ok(())
 }
 
 /// Writes the target slot's UKI to the ESP (atomically).

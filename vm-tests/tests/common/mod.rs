@@ -263,6 +263,7 @@ pub fn image_with(
         kernel_package: Some(format!("linux-image-{}", base.kernel_release)),
         extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
         filler_bytes,
+        secureboot: base.secureboot.clone(),
     })
     .unwrap_or_else(|e| panic!("building image {name}: {e}"))
 }

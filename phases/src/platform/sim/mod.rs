@@ -129,6 +129,8 @@ struct BootState {
     children: Vec<i32>,
     hostname: String,
     network: Vec<String>,
+    /// Device-mapper devices: name and status line.
+    mappings: Vec<(String, String)>,
 }
 
 /// A simulated machine.
@@ -430,6 +432,39 @@ impl Platform for Sim {
 
     fn efivars(&self) -> VarStore {
         Self::vars(&self.dir)
+    }
+
+    fn map_verity(
+        &self,
+        name: &str,
+        device: &Path,
+        root: &upgrade::verity::VerityRoot,
+    ) -> Result<PathBuf, PlatformError> {
+        // The simulated kernel reads every block at once: a corruption anywhere fails the
+        // mapping (a real one panics when the bad block is first read).
+        let (mut f, base) = self.open_partition(device, false)?;
+        f.seek(SeekFrom::Start(base))
+            .map_err(io("seeking in", device))?;
+        upgrade::verity::verify(&mut std::io::BufReader::new(f), root).map_err(|e| {
+            PlatformError::Io {
+                what: "verifying (dm-verity)",
+                path: device.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+        let mut s = self.lock();
+        s.mappings.retain(|(n, _)| n != name);
+        s.mappings.push((name.to_string(), "V".into()));
+        Ok(device.to_path_buf())
+    }
+
+    fn mapping_status(&self, name: &str) -> Result<Option<String>, PlatformError> {
+        Ok(self
+            .lock()
+            .mappings
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, st)| st.clone()))
     }
 
     fn disks(&self) -> Result<Vec<Disk>, PlatformError> {

@@ -6,6 +6,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use upgrade::layout::{self, DiskPartition, LABEL_EPHEMERAL, LABEL_ESP, LABEL_STATE};
+use upgrade::verity::VerityRoot;
 use upgrade::Slot;
 
 use super::{root_image, FsSignature, Sim};
@@ -23,8 +24,9 @@ pub struct SimImage {
 }
 
 impl SimImage {
-    /// The simulated root image.
-    pub fn rootfs(&self) -> Vec<u8> {
+    /// The simulated root partition image (its file table, then its dm-verity hash tree, as a
+    /// real root image has) and what a UKI pins of it.
+    pub fn root(&self) -> (Vec<u8>, VerityRoot) {
         let release = format!("NAME=Plinth\nVERSION={}\n", self.version);
         let mut image = root_image(&[(crate::runtime::paths::RELEASE, &release)]);
         if let Ok(n) = usize::try_from(self.payload_bytes) {
@@ -35,24 +37,29 @@ impl SimImage {
                 .finalize_xof()
                 .fill(&mut image[start..]);
         }
-        image
+        // Never fails: the data is padded to whole blocks first and is never empty.
+        upgrade::verity::image(image).unwrap_or_default()
     }
 
-    /// The simulated UKI for `slot`: its command line pins this image's root by size and digest.
+    /// The root partition image alone.
+    pub fn rootfs(&self) -> Vec<u8> {
+        self.root().0
+    }
+
+    /// The simulated UKI for `slot`: its command line pins this image's verity root.
     pub fn uki(&self, slot: Slot) -> Vec<u8> {
-        self.uki_pinning(slot, &self.rootfs())
+        self.uki_pinning(slot, &self.root().1)
     }
 
-    /// [`SimImage::uki`] for a root already made with [`SimImage::rootfs`] (a bundle needs the
+    /// [`SimImage::uki`] for a root already made with [`SimImage::root`] (a bundle needs the
     /// root and both UKIs; with a large payload, making the root once matters).
-    pub fn uki_pinning(&self, slot: Slot, root: &[u8]) -> Vec<u8> {
+    pub fn uki_pinning(&self, slot: Slot, pin: &VerityRoot) -> Vec<u8> {
         let mut cmdline = vec![
             "console=ttyS0".to_string(),
             "panic=1".into(),
             format!("plinth.slot={slot}"),
-            format!("plinth.root.size={}", root.len()),
-            format!("plinth.root.blake3={}", blake3::hash(root).to_hex()),
         ];
+        cmdline.extend(pin.cmdline_args());
         cmdline.extend(self.extra_cmdline.iter().cloned());
         format!("PLINTH-SIM-UKI\ncmdline={}\n", cmdline.join(" ")).into_bytes()
     }
