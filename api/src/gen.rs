@@ -92,6 +92,7 @@ pub fn generate(opts: &GenOptions) -> Result<Generated, GenError> {
                 ..Default::default()
             },
             install: None,
+            encryption: Default::default(),
         },
     };
     node.validate()?;

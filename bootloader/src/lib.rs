@@ -17,6 +17,7 @@ pub mod boot_vars;
 pub mod device_path;
 pub mod efivarfs;
 pub mod load_option;
+pub mod secureboot;
 pub mod slots;
 pub mod uki;
 

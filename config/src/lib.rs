@@ -14,8 +14,8 @@ pub mod node;
 
 pub use client::{ClientConfig, Context};
 pub use node::{
-    ApiConfig, HealthCheck, Interface, Machine, Network, NodeConfig, RestartPolicy, Service,
-    Upgrade,
+    ApiConfig, Encryption, HealthCheck, Interface, Machine, Network, NodeConfig, RestartPolicy,
+    Service, Upgrade, WithoutTpm,
 };
 
 /// A configuration document could not be used.

@@ -62,6 +62,38 @@ pub struct Machine {
     /// Where to install when booted from installer media.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub install: Option<Install>,
+    /// Disk encryption of STATE and EPHEMERAL.
+    #[serde(default, skip_serializing_if = "Encryption::is_default")]
+    pub encryption: Encryption,
+}
+
+/// Disk encryption: STATE and EPHEMERAL are made encrypted (dm-crypt) with keys sealed to the
+/// TPM whenever the machine has one and boots a signed image; this says what a machine
+/// without one does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    /// Without a TPM: `refuse` (the node will not be installed or run with unencrypted
+    /// volumes) or `unencrypted` (plain ext4, and `plinth status` says so).
+    #[serde(default)]
+    pub without_tpm: WithoutTpm,
+}
+
+impl Encryption {
+    fn is_default(&self) -> bool {
+        *self == Encryption::default()
+    }
+}
+
+/// What a node without a TPM does with its volumes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WithoutTpm {
+    /// Run with plain volumes (`plinth status` shows them unencrypted).
+    #[default]
+    Unencrypted,
+    /// Refuse: no install, and no boot with unencrypted volumes.
+    Refuse,
 }
 
 /// The install target.
@@ -510,6 +542,7 @@ mod tests {
                 services: vec![],
                 upgrade: Upgrade::default(),
                 install: None,
+                encryption: Default::default(),
             },
         }
     }

@@ -210,6 +210,7 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
             os_release: &rootfs::os_release(&opts.version),
             work_dir: &opts.out_dir,
             out: &path,
+            pcr_signing: keys.as_ref(),
         })?;
         if let Some(keys) = &keys {
             secureboot::sign_pe(keys, &path)?;

@@ -174,6 +174,33 @@ pub fn generate(dir: &Path, name: &str) -> Result<Keys, ImageError> {
     Keys::load(dir)
 }
 
+/// The `.pcrsig` document approving PCR 11 = `pcr11`, signed with the PCR policy key
+/// (RSASSA-PKCS1-v1_5 with SHA-256, as systemd-measure signs).
+pub fn sign_pcr11(keys: &Keys, pcr11: &[u8; 32]) -> Result<Vec<u8>, ImageError> {
+    let path = keys.pcr_key();
+    let pem = std::fs::read(&path).map_err(ImageError::io("reading", &path))?;
+    let bad = |why: String| ImageError::Invalid(format!("{}: {why}", path.display()));
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| bad(e.to_string()))?;
+    let pair = ring::signature::RsaKeyPair::from_pkcs8(&pem.contents)
+        .map_err(|e| bad(format!("not an RSA PKCS#8 key: {e}")))?;
+    let public_path = keys.pcr_public();
+    let public = std::fs::read(&public_path).map_err(ImageError::io("reading", &public_path))?;
+    let public = tpm::policy::RsaPublic::from_pem(&public).map_err(|e| bad(e.to_string()))?;
+    let doc = tpm::policy::PcrSignature::sign(pcr11, &public, |msg| {
+        let mut sig = vec![0u8; pair.public().modulus_len()];
+        pair.sign(
+            &ring::signature::RSA_PKCS1_SHA256,
+            &ring::rand::SystemRandom::new(),
+            msg,
+            &mut sig,
+        )
+        .map_err(|_| tpm::TpmError::Key("signing the PCR policy failed".into()))?;
+        Ok(sig)
+    })
+    .map_err(|e| bad(e.to_string()))?;
+    serde_json::to_vec(&doc).map_err(|e| bad(e.to_string()))
+}
+
 /// Signs the PE image `path` in place with db's key (Authenticode, as the firmware checks it).
 pub fn sign_pe(keys: &Keys, path: &Path) -> Result<(), ImageError> {
     require(&[("sbsign", "sbsigntool")])?;
@@ -248,6 +275,20 @@ mod tests {
             generate(&dir.path().join("keys"), "again").is_err(),
             "keys are never replaced"
         );
+        // The PCR policy signature verifies with the public key the UKI carries.
+        let doc = sign_pcr11(&keys, &[3; 32]).expect("sign");
+        let doc = tpm::policy::PcrSignature::parse(&doc).expect("parse");
+        let public =
+            tpm::policy::RsaPublic::from_pem(&std::fs::read(keys.pcr_public()).expect("public"))
+                .expect("public key");
+        let pol = tpm::policy::approved_policy(&[3; 32]);
+        let sig = doc.find(&public.fingerprint, &pol).expect("signed");
+        ring::signature::RsaPublicKeyComponents {
+            n: public.modulus.as_slice(),
+            e: &public.exponent.to_be_bytes()[1..],
+        }
+        .verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256, &pol, &sig)
+        .expect("verifies");
         let mode = |p: PathBuf| {
             use std::os::unix::fs::PermissionsExt;
             std::fs::metadata(p).expect("meta").permissions().mode() & 0o777

@@ -1,5 +1,7 @@
 //! Unified kernel images: systemd-stub with the kernel, initramfs, command line and os-release
-//! as PE sections, at the addresses measured to work with Debian 12's stub.
+//! as PE sections, at the addresses measured to work with Debian 12's stub; for a signed image
+//! also `.pcrpkey` (the PCR policy key) and `.pcrsig` (its signature of the PCR 11 value the
+//! stub will measure for this UKI), which systemd-stub hands to the initramfs.
 
 use std::path::Path;
 use std::process::Command;
@@ -36,6 +38,8 @@ pub struct UkiParts<'a> {
     pub work_dir: &'a Path,
     /// Output.
     pub out: &'a Path,
+    /// Sign the PCR 11 value this UKI measures to, for TPM-sealed volumes.
+    pub pcr_signing: Option<&'a crate::secureboot::Keys>,
 }
 
 /// Builds a UKI.
@@ -56,6 +60,22 @@ pub fn build(p: &UkiParts<'_>) -> Result<(), ImageError> {
     let mut args = Vec::new();
     args.extend(section(".osrel", &osrel, "0x20000"));
     args.extend(section(".cmdline", &cmdline, "0x30000"));
+    if let Some(keys) = p.pcr_signing {
+        let pcrsig = p.work_dir.join(format!("{stem}.pcrsig"));
+        let read = |f: &Path| std::fs::read(f).map_err(ImageError::io("reading", f));
+        let pcrpkey = read(&keys.pcr_public())?;
+        let pcr11 = tpm::policy::predict_pcr11(&[
+            (".linux", &read(p.kernel)?),
+            (".osrel", p.os_release.as_bytes()),
+            (".cmdline", p.cmdline.as_bytes()),
+            (".initrd", &read(p.initrd)?),
+            (".pcrpkey", &pcrpkey),
+        ]);
+        let doc = crate::secureboot::sign_pcr11(keys, &pcr11)?;
+        std::fs::write(&pcrsig, doc).map_err(ImageError::io("writing", &pcrsig))?;
+        args.extend(section(".pcrpkey", &keys.pcr_public(), "0x40000"));
+        args.extend(section(".pcrsig", &pcrsig, "0x50000"));
+    }
     args.extend(section(".linux", p.kernel, "0x2000000"));
     args.extend(section(".initrd", p.initrd, "0x3000000"));
     run(Command::new("objcopy").args(&args).arg(STUB).arg(p.out))?;

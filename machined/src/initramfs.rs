@@ -32,6 +32,7 @@ fn try_run() -> anyhow::Result<std::convert::Infallible> {
     // Every event is progress: it feeds the watchdog (once armed).
     bus.add_sink(Box::new(|_| phases::watchdog::feed()));
     let ctx = InitramfsState::new(std::sync::Arc::new(Linux));
+    ctx.install_breadcrumbs(&bus);
     rt.block_on(sequencer::run(
         &phases::initramfs::sequence(),
         ctx,

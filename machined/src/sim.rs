@@ -97,6 +97,7 @@ async fn boot_once(dir: &Path, cmdline: &str, api: SocketAddr) -> anyhow::Result
     bus.add_sink(Box::new(console::trace_sink));
 
     let initramfs = InitramfsState::new(sim.clone());
+    initramfs.install_breadcrumbs(&bus);
     if let Err(e) = sequencer::run(&phases::initramfs::sequence(), initramfs, &bus, None).await {
         // As on the real machine: say why, then reset.
         console::line(&format!("machined: fatal: {e}"));

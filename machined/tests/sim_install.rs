@@ -108,6 +108,7 @@ async fn a_blank_disk_is_installed_from_media_and_the_node_boots_it() {
             "installUki",
             "markWritten",
             "installFallback",
+            "enrolSecureBoot",
             "commit",
             "writeConfig"
         ]

@@ -275,6 +275,56 @@ async fn a_staged_upgrade_waits_for_the_next_reboot_and_rollback_returns_to_the_
 }
 
 #[tokio::test]
+async fn a_root_changed_after_a_staged_write_fails_its_trial_in_dm_verity_and_a_says_why() {
+    let mut node = start(vec![], &[]);
+    let v1 = node.version_after(None).await;
+    node.upgrade(&sim_bundle("2.0-sim", &[]), true)
+        .await
+        .expect("staged");
+    // Powered off; someone with the disk flips one byte of B's root image.
+    node.wait_exit_quiet();
+    let disk_path = node.machine().join("disk.img");
+    let mut disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk_path)
+        .expect("disk");
+    let parts = upgrade::layout::read_table(&mut disk).expect("GPT");
+    let root_b = parts.iter().find(|p| p.label == "ROOT-B").expect("ROOT-B");
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut b = [0u8; 1];
+        disk.seek(SeekFrom::Start(root_b.offset + 5)).expect("seek");
+        disk.read_exact(&mut b).expect("read");
+        disk.seek(SeekFrom::Start(root_b.offset + 5)).expect("seek");
+        disk.write_all(&[b[0] ^ 1]).expect("write");
+        disk.sync_all().expect("sync");
+    }
+    drop(disk);
+    node.launch(&[]);
+    let v2 = node.running_on("A", &v1.boot_id).await;
+    // The reboot arms the staged trial; dm-verity refuses B's root; the firmware falls back.
+    let mut c = node.client().await;
+    c.reboot(RebootRequest {}).await.expect("reboot");
+    let v3 = node.running_on("A", &v2.boot_id).await;
+    assert_eq!(v3.slot, "A");
+    let s = node.status().await;
+    assert_eq!(slot(&s, "B").state, "failed");
+    let failure = s.last_failure.expect("last failure reported");
+    assert!(
+        failure
+            .reason
+            .contains("stopped in the initramfs after initramfs/findBootDisk"),
+        "{}",
+        failure.reason
+    );
+    assert!(
+        node.console().contains("dm-verity"),
+        "the console says why the initramfs stopped"
+    );
+}
+
+#[tokio::test]
 async fn an_upgrade_pulled_from_a_url_resumes_where_the_connection_broke_off() {
     let node = start(vec![], &[]);
     let v1 = node.version_after(None).await;

@@ -59,6 +59,14 @@ pub enum ApplyError {
     /// Nothing is being tried.
     #[error("no config is being tried")]
     NothingToConfirm,
+    /// The config refuses the node's unencrypted volumes.
+    #[error("{0}")]
+    Encryption(String),
+    /// STATE is sealed and this boot could not unseal it: no config can be written.
+    #[error(
+        "{0}; no config can be written to it (install from media over this disk to start over)"
+    )]
+    Locked(String),
     /// The config could not be written as YAML.
     #[error("writing the config as YAML: {0}")]
     Yaml(#[from] config::ConfigError),
@@ -142,6 +150,15 @@ async fn validate(job: Arc<ApplyJob>) -> Result<(), ApplyError> {
     }
     if job.first && rt.config().is_some() {
         return Err(ApplyError::AlreadyConfigured);
+    }
+    if let Some(why) = crate::volume::locked(&rt.volumes()) {
+        return Err(ApplyError::Locked(why));
+    }
+    // A node running on plain volumes cannot take a config that refuses them (installer
+    // media are checked by the install's own admission: their volumes are memory).
+    if !rt.installer() {
+        crate::volume::check_policy(job.config.machine.encryption.without_tpm, &rt.volumes())
+            .map_err(ApplyError::Encryption)?;
     }
     Ok(())
 }

@@ -28,6 +28,11 @@ pub fn initialize() -> Sequence<Arc<Runtime>> {
             ],
         )
         .phase_when(
+            "lockVolumes",
+            |rt: &Arc<Runtime>| !rt.installer(),
+            [Task::new("extendPcr11", state::lock_volumes)],
+        )
+        .phase_when(
             "mountScratch",
             |rt: &Arc<Runtime>| rt.installer(),
             [Task::new("mountScratch", state::mount_scratch)],
@@ -88,6 +93,7 @@ mod tests {
             [
                 "handover",
                 "mountPartitions",
+                "lockVolumes",
                 "mountScratch",
                 "loadConfig",
                 "checkSlots"

@@ -43,6 +43,8 @@ pub struct InstallJob {
     pub disk: PathBuf,
     /// Whether whatever is on the target may be destroyed.
     pub wipe: bool,
+    /// The target's STATE volume, once made (the mapping, when it is encrypted).
+    state: std::sync::Mutex<Option<PathBuf>>,
 }
 
 impl InstallJob {
@@ -149,6 +151,17 @@ pub enum AdmitError {
         /// What it holds.
         found: Found,
     },
+    /// The config refuses unencrypted volumes and this machine cannot encrypt them.
+    #[error("machine.encryption.without_tpm is refuse, and this machine cannot seal keys to a TPM ({0})")]
+    NoTpm(String),
+    /// The firmware holds Secure Boot keys that are not the media's.
+    #[error("this machine's firmware holds other Secure Boot keys (Secure Boot {mode}, not in Setup Mode), so it would not boot what this installer writes: enrol the db certificate the media carries ({keys}/db.auth) or put the firmware in Setup Mode")]
+    ForeignSecureBootKeys {
+        /// The firmware's mode.
+        mode: bootloader::secureboot::Mode,
+        /// Where the media keeps its keys.
+        keys: &'static str,
+    },
     /// Too small.
     #[error("machine.install.disk: {disk} has {size} bytes; the layout needs at least {need}")]
     TooSmall {
@@ -203,7 +216,93 @@ pub fn admit(rt: &Runtime, cfg: &config::NodeConfig) -> Result<(PathBuf, bool), 
             need,
         });
     }
+    if cfg.machine.encryption.without_tpm == config::WithoutTpm::Refuse {
+        let why = match rt.platform.tpm() {
+            Ok(Some(_)) => crate::volume::policy_material(rt.platform.as_ref())
+                .err()
+                .map(|w| format!("the booted image is not signed for TPM sealing: {w}")),
+            Ok(None) => Some("it has no TPM".to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = why {
+            return Err(AdmitError::NoTpm(why));
+        }
+    }
+    if let Some(keys) = media_keys(rt) {
+        let mode = bootloader::secureboot::mode(&rt.platform.efivars())
+            .unwrap_or(bootloader::secureboot::Mode::Unsupported);
+        let ours =
+            bootloader::secureboot::db_has(&rt.platform.efivars(), &keys.db_cert).unwrap_or(false);
+        if matches!(
+            mode,
+            bootloader::secureboot::Mode::On | bootloader::secureboot::Mode::Off
+        ) && !ours
+        {
+            return Err(AdmitError::ForeignSecureBootKeys {
+                mode,
+                keys: KEYS_DIR,
+            });
+        }
+    }
     Ok((disk, install.wipe))
+}
+
+/// Where installer media keep the signed Secure Boot lists, on their ESP.
+pub const KEYS_DIR: &str = "EFI/plinth/keys";
+/// Where the media's ESP is looked at.
+const MEDIA_ESP: &str = "/run/plinth/install/media-esp";
+
+/// The signed Secure Boot lists the installer media carry.
+#[derive(Debug, Clone)]
+pub struct MediaKeys {
+    /// `db.auth`, `KEK.auth`, `PK.auth`.
+    pub db: Vec<u8>,
+    /// KEK's.
+    pub kek: Vec<u8>,
+    /// PK's.
+    pub pk: Vec<u8>,
+    /// The db certificate (DER), from the end of `db.auth`'s signature list.
+    pub db_cert: Vec<u8>,
+}
+
+/// The Secure Boot lists on the media's ESP, if the media carry them (a signed image's do).
+pub fn media_keys(rt: &Runtime) -> Option<MediaKeys> {
+    let boot = rt.boot()?;
+    let disks = rt.platform.disks().ok()?;
+    let (_, esp) = disks
+        .iter()
+        .find(|d| d.device == boot.disk)?
+        .by_label(LABEL_ESP)?
+        .clone();
+    rt.platform.mkdir_all(Path::new(MEDIA_ESP)).ok()?;
+    let spec = MountSpec::new(&esp.display().to_string(), MEDIA_ESP, "vfat")
+        .read_only()
+        .restricted();
+    rt.platform.mount(&spec).ok()?;
+    let read = |v: &str| {
+        rt.platform
+            .read(
+                &Path::new(MEDIA_ESP)
+                    .join(KEYS_DIR)
+                    .join(format!("{v}.auth")),
+            )
+            .ok()
+    };
+    let found = (|| {
+        let (db, kek, pk) = (read("db")?, read("KEK")?, read("PK")?);
+        // EFI_VARIABLE_AUTHENTICATION_2: a 16-byte time, then a certificate of dwLength bytes;
+        // then the list: a 28-byte header and a 16-byte owner before the certificate.
+        let cert_len = u32::from_le_bytes(db.get(16..20)?.try_into().ok()?) as usize;
+        let db_cert = db.get(16 + cert_len + 44..)?.to_vec();
+        Some(MediaKeys {
+            db,
+            kek,
+            pk,
+            db_cert,
+        })
+    })();
+    let _ = rt.platform.unmount(Path::new(MEDIA_ESP));
+    found
 }
 
 /// A job installing from the media's bundle onto the config's target.
@@ -219,6 +318,7 @@ pub fn job(rt: Arc<Runtime>) -> Result<Arc<InstallJob>, TaskError> {
         upgrade: UpgradeJob::for_slot(rt, Slot::A, source),
         disk,
         wipe,
+        state: std::sync::Mutex::new(None),
     }))
 }
 
@@ -296,12 +396,60 @@ async fn format_esp(j: Arc<InstallJob>) -> Result<(), TaskError> {
     format_label(&j, LABEL_ESP, "vfat").await
 }
 
+/// Makes the target's `label` volume (encrypted, its key sealed to this machine's TPM, when it
+/// can be) and its file system.
+async fn format_volume(j: &InstallJob, label: &'static str) -> Result<PathBuf, TaskError> {
+    let (_, dev) = slots::partition(j.rt(), label)?;
+    let v = crate::volume::create(j.rt().platform.as_ref(), label, &dev)?;
+    state::format(j.rt(), &v.device, "ext4", label).await?;
+    tracing::info!("{label}: {}", v.protection);
+    Ok(v.device)
+}
+
 async fn format_state(j: Arc<InstallJob>) -> Result<(), TaskError> {
-    format_label(&j, LABEL_STATE, "ext4").await
+    let dev = format_volume(&j, LABEL_STATE).await?;
+    *j.state.lock().unwrap_or_else(|p| p.into_inner()) = Some(dev);
+    Ok(())
 }
 
 async fn format_ephemeral(j: Arc<InstallJob>) -> Result<(), TaskError> {
-    format_label(&j, LABEL_EPHEMERAL, "ext4").await
+    format_volume(&j, LABEL_EPHEMERAL).await?;
+    Ok(j.rt()
+        .platform
+        .unmap(&crate::volume::mapping_name(LABEL_EPHEMERAL))?)
+}
+
+/// On a machine in Setup Mode, enrols the Secure Boot keys the media carry (db, KEK, then PK,
+/// which ends Setup Mode): from the next boot the firmware starts only UKIs signed by them.
+/// Last but for the commit, so an install that fails earlier leaves the firmware as it was.
+async fn enrol_secure_boot(j: Arc<InstallJob>) -> Result<(), TaskError> {
+    use bootloader::secureboot::{self, Mode};
+    let rt = j.rt();
+    let Some(keys) = media_keys(rt) else {
+        tracing::info!("the media carry no Secure Boot keys (an unsigned image): none enrolled");
+        return Ok(());
+    };
+    let store = rt.platform.efivars();
+    match secureboot::mode(&store).map_err(bootloader::BootVarError::from)? {
+        Mode::Setup => {
+            secureboot::enrol(&store, &keys.db, &keys.kek, &keys.pk)
+                .map_err(bootloader::BootVarError::from)?;
+            tracing::info!("enrolled the media's Secure Boot keys (db, KEK, PK): Secure Boot is on from the next boot");
+            rt.bus.publish(
+                sequencer::EventKind::Slot {
+                    slot: Slot::A.to_string(),
+                    state: "installing".into(),
+                    message: "enrolled the media's Secure Boot keys; Secure Boot is on from the next boot".into(),
+                },
+                None,
+            );
+        }
+        Mode::Unsupported => {
+            tracing::info!("this firmware has no Secure Boot: no keys enrolled")
+        }
+        mode => tracing::info!("Secure Boot is {mode} with the media's keys already enrolled"),
+    }
+    Ok(())
 }
 
 /// Mounts the target's ESP where the upgrade tasks write UKIs.
@@ -343,7 +491,12 @@ async fn commit(j: Arc<InstallJob>) -> Result<(), TaskError> {
 async fn write_config(j: Arc<InstallJob>) -> Result<(), TaskError> {
     let rt = j.rt();
     let cfg = rt.config().ok_or("the node config is not loaded")?;
-    let (_, dev) = slots::partition(rt, LABEL_STATE)?;
+    let dev = j
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or("the target's STATE was not made")?;
     let dev = dev.display().to_string();
     rt.platform.mkdir_all(Path::new(TARGET_STATE))?;
     rt.platform
@@ -359,9 +512,11 @@ async fn write_config(j: Arc<InstallJob>) -> Result<(), TaskError> {
     rt.platform.sync();
     let unmounted = rt.platform.unmount(Path::new(TARGET_STATE));
     let esp = rt.platform.unmount(Path::new(paths::ESP));
+    let unmapped = rt.platform.unmap(&crate::volume::mapping_name(LABEL_STATE));
     written?;
     unmounted?;
     esp?;
+    unmapped?;
     Ok(())
 }
 
@@ -399,6 +554,10 @@ pub fn install() -> Sequence<Arc<InstallJob>> {
             "installFallback",
             [Task::new("installFallback", install_fallback)],
         )
+        .phase(
+            "enrolSecureBoot",
+            [Task::new("enrolSecureBoot", enrol_secure_boot)],
+        )
         .phase("commit", [Task::new("commit", commit)])
         .phase("writeConfig", [Task::new("writeConfig", write_config)])
 }
@@ -421,6 +580,7 @@ mod tests {
                 "installUki",
                 "markWritten",
                 "installFallback",
+                "enrolSecureBoot",
                 "commit",
                 "writeConfig"
             ]

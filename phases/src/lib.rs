@@ -24,6 +24,7 @@ pub mod shutdown;
 pub mod slots;
 pub mod tasks;
 pub mod upgrade;
+pub mod volume;
 pub mod watchdog;
 
 pub use runtime::{ApiLauncher, BootInfo, Runtime};

@@ -128,6 +128,19 @@ async fn wipe(j: Arc<ResetJob>) -> Result<(), TaskError> {
     };
     for (label, dev, len) in targets {
         let platform = rt.platform.clone();
+        if crate::volume::LABELS.contains(&label.as_str()) {
+            // Crypto-erase first: the header with the sealed key goes, then the TPM's parent
+            // keys, so the data is unreadable whatever the wipe below leaves.
+            let (p, l, d) = (platform.clone(), label.clone(), dev.clone());
+            let erased =
+                tokio::task::spawn_blocking(move || crate::volume::erase(p.as_ref(), &l, &d))
+                    .await??;
+            if erased {
+                tracing::info!(
+                    "crypto-erased {label}: its sealed key and the TPM's parent keys are gone"
+                );
+            }
+        }
         let method = j.method;
         let d = dev.clone();
         tokio::task::spawn_blocking(move || platform.wipe(&d, len, method)).await??;

@@ -117,6 +117,7 @@ pub struct Runtime {
     /// Whether this boot is a slot's trial.
     trial: std::sync::atomic::AtomicBool,
     meta: Mutex<()>,
+    volumes: Mutex<Vec<crate::volume::Volume>>,
 }
 
 impl Runtime {
@@ -141,6 +142,7 @@ impl Runtime {
             config_write: Mutex::new(()),
             trial: std::sync::atomic::AtomicBool::new(false),
             meta: Mutex::new(()),
+            volumes: Mutex::new(Vec::new()),
         })
     }
 
@@ -180,6 +182,21 @@ impl Runtime {
     /// The node config, once loaded.
     pub fn config(&self) -> Option<NodeConfig> {
         self.found().config.clone()
+    }
+
+    /// STATE and EPHEMERAL as this boot opened them.
+    pub fn volumes(&self) -> Vec<crate::volume::Volume> {
+        self.volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records an opened volume (replacing one of the same label).
+    pub fn set_volume(&self, v: crate::volume::Volume) {
+        let mut vs = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
+        vs.retain(|x| x.label != v.label);
+        vs.push(v);
     }
 
     /// Whether this boot is a slot's trial (its health decides whether it is committed).

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod meta;
 pub mod policy;
 pub mod slot;
+pub mod twocopy;
 pub mod verity;
 
 pub use layout::{DiskPartition, LayoutError, PartitionSpec, Size, LAYOUT};

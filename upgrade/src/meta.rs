@@ -10,7 +10,7 @@
 //! offset 512 KiB  copy 1: same
 //! ```
 
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Seek, Write};
 
 use serde::{Deserialize, Serialize};
 
@@ -107,17 +107,21 @@ impl SlotRecord {
 
     /// Why a trial that stopped here failed, from its last breadcrumb.
     pub fn failure_reason(&self) -> String {
-        match (self.state, self.breadcrumbs.last()) {
-            (SlotState::Pending, _) | (_, None) => {
-                "failed before machined started (the kernel or initramfs never reached it)".into()
+        match self.breadcrumbs.last() {
+            None => NEVER_STARTED.into(),
+            Some(Breadcrumb::Failed(reason)) => reason.clone(),
+            Some(last @ Breadcrumb::Passed { sequence, .. }) if sequence == "initramfs" => {
+                format!("failed before machined started: stopped in the initramfs after {last} (a kernel panic, such as dm-verity finding a corrupted block, a hang or a reset)")
             }
-            (_, Some(Breadcrumb::Failed(reason))) => reason.clone(),
-            (_, Some(last)) => {
+            Some(last) => {
                 format!("stopped after {last} (no further progress: hang, crash or reset)")
             }
         }
     }
 }
+
+/// Why a trial that left no breadcrumb failed: its initramfs never ran.
+pub const NEVER_STARTED: &str = "failed before machined started: its initramfs never ran (the firmware refused or could not load its UKI, or its kernel stopped before /init)";
 
 /// A step a trial boot passed, kept in META so that the next boot can say where a trial that
 /// died stopped. On disk each is a string (`machined started`, `boot/network`,
@@ -138,6 +142,13 @@ pub enum Breadcrumb {
     Failed(String),
     /// The trial passed and the slot was committed.
     Committed,
+}
+
+impl Breadcrumb {
+    /// Left by the initramfs (before machined started).
+    pub fn in_initramfs(&self) -> bool {
+        matches!(self, Breadcrumb::Passed { sequence, .. } if sequence == "initramfs")
+    }
 }
 
 impl std::fmt::Display for Breadcrumb {
@@ -323,9 +334,21 @@ impl Meta {
     pub fn on_boot(&mut self, booted: Slot, version: &str, now_ms: u64) -> BootKind {
         let me = self.slot_mut(booted);
         if me.state != SlotState::Good {
+            // What this boot's initramfs recorded stays; an earlier attempt's record goes.
+            let initramfs: Vec<Breadcrumb> = if me.state == SlotState::Pending {
+                std::mem::take(&mut me.breadcrumbs)
+            } else {
+                let keep_from = me
+                    .breadcrumbs
+                    .iter()
+                    .rposition(|c| !c.in_initramfs())
+                    .map_or(0, |i| i + 1);
+                me.breadcrumbs.split_off(keep_from)
+            };
             me.state = SlotState::Trial;
             me.attempts += 1;
-            me.breadcrumbs = vec![Breadcrumb::Started];
+            me.breadcrumbs = initramfs;
+            me.breadcrumbs.push(Breadcrumb::Started);
             me.version = version.into();
             return BootKind::Trial;
         }
@@ -352,6 +375,42 @@ impl Meta {
     /// The trial of `slot` passed `crumb`.
     pub fn breadcrumb(&mut self, slot: Slot, crumb: Breadcrumb) {
         self.slot_mut(slot).breadcrumbs.push(crumb);
+    }
+
+    /// A failed trial of `slot` is better explained by `reason` (the firmware refused its
+    /// UKI, which only a look at the UKI can tell).
+    pub fn explain_failure(&mut self, slot: Slot, reason: &str) {
+        let r = self.slot_mut(slot);
+        if r.state == SlotState::Failed {
+            r.failure = Some(reason.into());
+        }
+        if let Some(f) = self.last_failure.as_mut().filter(|f| f.slot == slot) {
+            f.reason = reason.into();
+        }
+    }
+
+    /// Whether booting `slot` is its trial (it is armed, or on trial already): what the
+    /// initramfs asks before it leaves breadcrumbs.
+    pub fn is_trial_boot(&self, slot: Slot) -> bool {
+        let r = self.slot(slot);
+        (r.state == SlotState::Pending && r.armed) || r.state == SlotState::Trial
+    }
+
+    /// The initramfs of `slot`'s trial passed `phase` (before machined, and so before
+    /// [`Meta::on_boot`], runs): recorded so that a trial which dies there says where. A
+    /// retried trial's breadcrumbs from earlier attempts go with its first.
+    pub fn initramfs_passed(&mut self, slot: Slot, phase: &str) {
+        if !self.is_trial_boot(slot) {
+            return;
+        }
+        let r = self.slot_mut(slot);
+        if r.breadcrumbs.last().is_some_and(|c| !c.in_initramfs()) {
+            r.breadcrumbs.clear();
+        }
+        r.breadcrumbs.push(Breadcrumb::Passed {
+            sequence: "initramfs".into(),
+            phase: phase.into(),
+        });
     }
 
     /// `slot` passed its trial (or was installed): good, committed, and the security floor
@@ -398,71 +457,24 @@ impl Meta {
 }
 
 /// META could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum MetaError {
-    /// Neither copy is valid.
-    #[error("neither META copy is valid (copy 0: {0}; copy 1: {1})")]
-    NoValidCopy(String, String),
-    /// The record does not fit a copy.
-    #[error("the META record is {0} bytes, more than a copy holds")]
-    TooBig(usize),
-    /// I/O on the partition.
-    #[error("{what}: {source}")]
-    Io {
-        /// What.
-        what: &'static str,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-}
+pub type MetaError = crate::twocopy::CopyError;
+
+/// The META record's layout on its partition.
+pub const LAYOUT: crate::twocopy::Layout = crate::twocopy::Layout {
+    magic: MAGIC,
+    format: FORMAT,
+    copy_offset: COPY_OFFSET,
+};
 
 /// Decodes one copy (at least its header, payload and checksum): its sequence number and
 /// record, or why it is not usable.
 pub fn decode_copy(buf: &[u8]) -> Result<(u64, Meta), String> {
-    if buf.len() < HEADER + 32 || &buf[..8] != MAGIC {
-        return Err("no META magic".into());
-    }
-    let u32_at = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
-    let format = u32_at(8);
-    if format != FORMAT {
-        return Err(format!("format {format} is not {FORMAT}"));
-    }
-    let mut seq = [0u8; 8];
-    seq.copy_from_slice(&buf[12..20]);
-    let seq = u64::from_le_bytes(seq);
-    let len = u32_at(20) as usize;
-    if len > MAX_PAYLOAD || HEADER + len + 32 > buf.len() {
-        return Err(format!("payload length {len} is out of range"));
-    }
-    let body = &buf[..HEADER + len];
-    let sum = &buf[HEADER + len..HEADER + len + 32];
-    if blake3::hash(body).as_bytes() != sum {
-        return Err("checksum mismatch (torn or corrupt write)".into());
-    }
-    let meta =
-        serde_json::from_slice(&buf[HEADER..HEADER + len]).map_err(|e| format!("payload: {e}"))?;
-    Ok((seq, meta))
+    crate::twocopy::decode(&LAYOUT, buf)
 }
 
 /// Encodes one copy.
 pub fn encode_copy(seq: u64, meta: &Meta) -> Result<Vec<u8>, MetaError> {
-    let payload = serde_json::to_vec(meta).map_err(|e| MetaError::Io {
-        what: "encoding META",
-        source: std::io::Error::other(e),
-    })?;
-    if payload.len() > MAX_PAYLOAD {
-        return Err(MetaError::TooBig(payload.len()));
-    }
-    let mut out = Vec::with_capacity(HEADER + payload.len() + 32);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT.to_le_bytes());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&payload);
-    let sum = blake3::hash(&out);
-    out.extend_from_slice(sum.as_bytes());
-    Ok(out)
+    crate::twocopy::encode(&LAYOUT, seq, meta)
 }
 
 /// What a read found: the newest valid record, its sequence number, and which copy it was in.
@@ -476,40 +488,14 @@ pub struct Loaded {
     pub copy: u8,
 }
 
-fn read_copy<D: std::io::Read + Seek>(
-    dev: &mut D,
-    base: u64,
-    copy: u8,
-) -> Result<(u64, Meta), String> {
-    let mut buf = vec![0u8; COPY_OFFSET as usize];
-    dev.seek(SeekFrom::Start(base + u64::from(copy) * COPY_OFFSET))
-        .and_then(|_| dev.read_exact(&mut buf))
-        .map_err(|e| format!("reading: {e}"))?;
-    decode_copy(&buf)
-}
-
 /// Reads META from a device whose META partition starts at `base`.
 pub fn read<D: std::io::Read + Seek>(dev: &mut D, base: u64) -> Result<Loaded, MetaError> {
-    let c0 = read_copy(dev, base, 0);
-    let c1 = read_copy(dev, base, 1);
-    match (c0, c1) {
-        (Ok((s0, m0)), Ok((s1, _))) if s0 >= s1 => Ok(Loaded {
-            meta: m0,
-            seq: s0,
-            copy: 0,
-        }),
-        (_, Ok((s1, m1))) => Ok(Loaded {
-            meta: m1,
-            seq: s1,
-            copy: 1,
-        }),
-        (Ok((s0, m0)), Err(_)) => Ok(Loaded {
-            meta: m0,
-            seq: s0,
-            copy: 0,
-        }),
-        (Err(e0), Err(e1)) => Err(MetaError::NoValidCopy(e0, e1)),
-    }
+    let l = crate::twocopy::read(&LAYOUT, dev, base)?;
+    Ok(Loaded {
+        meta: l.value,
+        seq: l.seq,
+        copy: l.copy,
+    })
 }
 
 /// Writes `meta` over the copy that is not `previous` (or copy 0 when there is none), with the
@@ -520,40 +506,15 @@ pub fn write<D: Write + Seek + SyncAll>(
     previous: Option<&Loaded>,
     meta: &Meta,
 ) -> Result<Loaded, MetaError> {
-    let (seq, copy) = match previous {
-        Some(p) => (p.seq + 1, 1 - p.copy),
-        None => (1, 0),
-    };
-    let bytes = encode_copy(seq, meta)?;
-    let io = |what| move |source| MetaError::Io { what, source };
-    dev.seek(SeekFrom::Start(base + u64::from(copy) * COPY_OFFSET))
-        .map_err(io("seeking to the META copy"))?;
-    dev.write_all(&bytes).map_err(io("writing the META copy"))?;
-    dev.sync_all().map_err(io("syncing META"))?;
+    let l = crate::twocopy::write(&LAYOUT, dev, base, previous.map(|p| (p.seq, p.copy)), meta)?;
     Ok(Loaded {
-        meta: meta.clone(),
-        seq,
-        copy,
+        meta: l.value,
+        seq: l.seq,
+        copy: l.copy,
     })
 }
 
-/// A device that can be flushed to stable storage.
-pub trait SyncAll {
-    /// Flushes written data to the device.
-    fn sync_all(&mut self) -> std::io::Result<()>;
-}
-
-impl SyncAll for std::fs::File {
-    fn sync_all(&mut self) -> std::io::Result<()> {
-        std::fs::File::sync_all(self)
-    }
-}
-
-impl SyncAll for std::io::Cursor<Vec<u8>> {
-    fn sync_all(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+pub use crate::twocopy::SyncAll;
 
 #[cfg(test)]
 mod tests {
@@ -714,7 +675,7 @@ mod tests {
                 SlotState::Trial,
                 None,
             ),
-            // A booted while B was armed: B never reached machined.
+            // A booted while B was armed: B's initramfs never ran.
             (
                 Slot::A,
                 SlotState::Pending,
@@ -722,7 +683,17 @@ mod tests {
                 &[],
                 false,
                 SlotState::Failed,
-                Some("failed before machined started (the kernel or initramfs never reached it)"),
+                Some(NEVER_STARTED),
+            ),
+            // ...or it ran and stopped.
+            (
+                Slot::A,
+                SlotState::Pending,
+                true,
+                &["initramfs/findBootDisk", "initramfs/mapRoot"],
+                false,
+                SlotState::Failed,
+                Some("failed before machined started: stopped in the initramfs after initramfs/mapRoot (a kernel panic, such as dm-verity finding a corrupted block, a hang or a reset)"),
             ),
             // A booted while B was on trial: B stopped after its last crumb.
             (
@@ -795,9 +766,71 @@ mod tests {
                 (k, r) => panic!("{booted} booted, B {state:?}: {k:?}, expected {r:?}"),
             }
             if trial {
-                assert_eq!(m.b.breadcrumbs, [Breadcrumb::Started]);
+                assert_eq!(m.b.breadcrumbs.last(), Some(&Breadcrumb::Started));
             }
         }
+    }
+
+    #[test]
+    fn a_failure_explained_later_replaces_only_that_slots_reason() {
+        let mut m = with_b(SlotState::Pending, true, &[]);
+        let Some(f) = (match m.on_boot(Slot::A, "1", 5) {
+            BootKind::Normal(f) => f,
+            BootKind::Trial => None,
+        }) else {
+            panic!("B's trial failed");
+        };
+        assert_eq!(f.reason, NEVER_STARTED);
+        m.explain_failure(Slot::B, "refused by the firmware");
+        assert_eq!(m.b.failure.as_deref(), Some("refused by the firmware"));
+        assert_eq!(
+            m.last_failure.as_ref().map(|f| f.reason.as_str()),
+            Some("refused by the firmware")
+        );
+        m.explain_failure(Slot::A, "no");
+        assert_eq!(m.a.failure, None, "A did not fail");
+    }
+
+    #[test]
+    fn the_initramfs_records_only_trials_and_machined_keeps_what_it_recorded() {
+        let crumbs =
+            |m: &Meta| -> Vec<String> { m.b.breadcrumbs.iter().map(ToString::to_string).collect() };
+        // Not a trial: nothing recorded.
+        for (state, armed) in [
+            (SlotState::Pending, false),
+            (SlotState::Good, false),
+            (SlotState::Failed, false),
+        ] {
+            let mut m = with_b(state, armed, &[]);
+            m.initramfs_passed(Slot::B, "mapRoot");
+            assert!(m.b.breadcrumbs.is_empty(), "{state:?}");
+        }
+        // The first attempt: the initramfs's crumbs, then machined's.
+        let mut m = with_b(SlotState::Pending, true, &[]);
+        m.initramfs_passed(Slot::B, "findBootDisk");
+        m.initramfs_passed(Slot::B, "mapRoot");
+        assert_eq!(m.on_boot(Slot::B, "2", 1), BootKind::Trial);
+        assert_eq!(
+            crumbs(&m),
+            [
+                "initramfs/findBootDisk",
+                "initramfs/mapRoot",
+                "machined started"
+            ]
+        );
+        m.breadcrumb(
+            Slot::B,
+            Breadcrumb::Passed {
+                sequence: "boot".into(),
+                phase: "network".into(),
+            },
+        );
+        // A retried attempt starts a fresh record.
+        m.initramfs_passed(Slot::B, "findBootDisk");
+        assert_eq!(crumbs(&m), ["initramfs/findBootDisk"]);
+        assert_eq!(m.on_boot(Slot::B, "2", 2), BootKind::Trial);
+        assert_eq!(crumbs(&m), ["initramfs/findBootDisk", "machined started"]);
+        assert_eq!(m.b.attempts, 2);
     }
 
     #[test]

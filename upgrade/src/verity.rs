@@ -68,12 +68,12 @@ impl VerityRoot {
 
     /// Bytes of hash tree after the data.
     pub fn tree_size(&self) -> u64 {
-        tree_blocks(self.data_blocks()) * BLOCK
+        tree_blocks(self.data_blocks()).saturating_mul(BLOCK)
     }
 
-    /// Data and tree: the partition image's size.
+    /// Data and tree: the partition image's size (saturating: a manifest may claim anything).
     pub fn image_size(&self) -> u64 {
-        self.data_size + self.tree_size()
+        self.data_size.saturating_add(self.tree_size())
     }
 
     /// The kernel command-line arguments that pin this root.

@@ -95,6 +95,7 @@ async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls()
             "initramfs/switchRoot",
             "initialize/handover",
             "initialize/mountPartitions",
+            "initialize/lockVolumes",
             "initialize/loadConfig",
             "initialize/checkSlots",
             "boot/network",

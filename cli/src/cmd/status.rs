@@ -1,5 +1,6 @@
 //! `plinth status`.
 
+use anyhow::Context as _;
 use api::proto::StatusRequest;
 
 use crate::connect::{status_error, Target};
@@ -10,10 +11,31 @@ pub struct Args {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t)]
     output: Format,
+    /// Ask a node in maintenance mode (no config yet, or its STATE locked): no client
+    /// certificate; the node's self-signed certificate is accepted and its fingerprint shown.
+    #[arg(long)]
+    insecure: bool,
+    /// With --insecure: only accept the node certificate with this SHA-256 (as its console
+    /// prints it).
+    #[arg(long, requires = "insecure")]
+    cert_fingerprint: Option<String>,
 }
 
 pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
-    let (endpoint, mut c) = target.connect().await?;
+    let (endpoint, mut c) = if args.insecure {
+        let endpoint = target.endpoints.first().cloned().context(
+            "--insecure needs -e/--endpoints (a node in maintenance mode has no context yet)",
+        )?;
+        let fingerprint = match args.cert_fingerprint.clone() {
+            Some(fp) => fp,
+            None => api::client::server_fingerprint(&endpoint).await?,
+        };
+        eprintln!("node certificate SHA-256 {fingerprint} (compare it with the node's console)");
+        let c = api::client::connect_insecure(&endpoint, Some(fingerprint)).await?;
+        (endpoint, c)
+    } else {
+        target.connect().await?
+    };
     let s = c
         .status(StatusRequest {})
         .await
@@ -47,6 +69,18 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                 "boot_entries": s.boot_entries.iter().map(|e| serde_json::json!({
                     "number": e.number, "description": e.description, "path": e.path, "active": e.active,
                 })).collect::<Vec<_>>(),
+                "trust": s.trust.as_ref().map(|t| serde_json::json!({
+                    "secure_boot": t.secure_boot,
+                    "verity_root": t.verity_root,
+                    "verity_state": t.verity_state,
+                    "tpm": t.tpm,
+                    "volumes": t.volumes.iter().map(|v| serde_json::json!({
+                        "label": v.label, "encrypted": v.encrypted, "detail": v.detail, "pcrs": v.pcrs,
+                    })).collect::<Vec<_>>(),
+                    "pcrs": t.pcrs.iter().map(|p| serde_json::json!({
+                        "index": p.index, "sha256": p.sha256,
+                    })).collect::<Vec<_>>(),
+                })),
             })
         ),
         Format::Text => {
@@ -65,6 +99,24 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
             );
             println!("Committed: slot {}", s.committed);
             println!("Boot ID:  {}", s.boot_id);
+            if let Some(t) = &s.trust {
+                println!("Secure Boot: {}", t.secure_boot);
+                if t.verity_root.is_empty() {
+                    println!("Root:     not verified (no dm-verity mapping)");
+                } else {
+                    println!(
+                        "Root:     dm-verity {}, root hash {}",
+                        t.verity_state, t.verity_root
+                    );
+                }
+                println!("TPM:      {}", t.tpm);
+                for v in &t.volumes {
+                    println!("{:<9} {}", format!("{}:", v.label), v.detail);
+                }
+                for p in &t.pcrs {
+                    println!("PCR {:<5} {}", p.index, p.sha256);
+                }
+            }
             println!(
                 "Security floor: {} (bundles below it are refused)",
                 s.security_floor

@@ -117,9 +117,10 @@ impl ApiError {
             },
             ApiError::Apply { error, .. } => match error {
                 ApplyError::AlreadyConfigured => Code::PermissionDenied,
-                ApplyError::NotConfigured | ApplyError::NothingToConfirm => {
-                    Code::FailedPrecondition
-                }
+                ApplyError::NotConfigured
+                | ApplyError::NothingToConfirm
+                | ApplyError::Encryption(_)
+                | ApplyError::Locked(_) => Code::FailedPrecondition,
                 ApplyError::Install(e) => match e {
                     phases::install::AdmitError::NotMedia
                     | phases::install::AdmitError::NoTarget
@@ -128,6 +129,8 @@ impl ApiError {
                     | phases::install::AdmitError::Partition(_)
                     | phases::install::AdmitError::Media(_)
                     | phases::install::AdmitError::NotBlank { .. }
+                    | phases::install::AdmitError::NoTpm(_)
+                    | phases::install::AdmitError::ForeignSecureBootKeys { .. }
                     | phases::install::AdmitError::TooSmall { .. } => Code::FailedPrecondition,
                     phases::install::AdmitError::Unreadable { .. } => Code::Internal,
                 },

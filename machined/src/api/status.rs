@@ -139,6 +139,68 @@ pub fn status(runtime: &Runtime, fixed: &VersionResponse) -> StatusResponse {
                 unix_ms: f.unix_ms,
             }),
         trial: runtime.trial(),
+        trust: Some(trust(runtime)),
+    }
+}
+
+/// The chain of trust as this boot has it.
+fn trust(runtime: &Runtime) -> api::proto::Trust {
+    let p = &runtime.platform;
+    let secure_boot = bootloader::secureboot::mode(&p.efivars())
+        .map(|m| m.to_string())
+        .unwrap_or_else(|e| format!("unknown: {e}"));
+    let mapped = runtime.boot().and_then(|b| b.verity);
+    let verity_state = mapped
+        .as_ref()
+        .map(|m| match p.mapping_status(&m.name) {
+            // dm-verity's status: V while every block read verified, C once one did not.
+            Ok(Some(s)) if s.trim() == "V" => "verified".to_string(),
+            Ok(Some(s)) if s.trim() == "C" => "corrupted".to_string(),
+            Ok(Some(s)) => s,
+            Ok(None) => "not mapped".to_string(),
+            Err(e) => format!("unknown: {e}"),
+        })
+        .unwrap_or_default();
+    let tpm = p.tpm().ok().flatten();
+    let volumes: Vec<api::proto::VolumeProtection> = runtime
+        .volumes()
+        .into_iter()
+        .map(|v| {
+            let (encrypted, pcrs) = match &v.protection {
+                phases::volume::Protection::Sealed { pcrs, .. } => (true, pcrs.clone()),
+                phases::volume::Protection::Locked(_) => (true, Vec::new()),
+                phases::volume::Protection::Plain(_) => (false, Vec::new()),
+            };
+            api::proto::VolumeProtection {
+                label: v.label,
+                encrypted,
+                detail: v.protection.to_string(),
+                pcrs,
+            }
+        })
+        .collect();
+    let mut pcrs = Vec::new();
+    let has_tpm = tpm.is_some();
+    if let Some(mut tpm) = tpm {
+        let which = [tpm::policy::PCR_SECURE_BOOT, tpm::policy::PCR_UKI];
+        if let Ok(values) = tpm.pcr_read(&which) {
+            pcrs = which
+                .iter()
+                .zip(values)
+                .map(|(i, v)| api::proto::PcrValue {
+                    index: *i,
+                    sha256: tpm::policy::hex(&v),
+                })
+                .collect();
+        }
+    }
+    api::proto::Trust {
+        secure_boot,
+        verity_root: mapped.map(|m| m.root.root).unwrap_or_default(),
+        verity_state,
+        tpm: if has_tpm { "TPM 2.0" } else { "none" }.into(),
+        volumes,
+        pcrs,
     }
 }
 

@@ -18,6 +18,8 @@ use super::{
     PowerAction, WipeMethod,
 };
 
+/// The kernel's resource-managed TPM device.
+pub const TPM_DEVICE: &str = "/dev/tpmrm0";
 /// Where efivarfs is mounted.
 pub const EFIVARS: &str = "/sys/firmware/efi/efivars";
 
@@ -187,6 +189,64 @@ impl Platform for Linux {
             params: root.table_params(&dev, &["panic_on_corruption"]),
         };
         Ok(super::dm::create(name, &target, super::dm::READONLY)?.path)
+    }
+
+    fn map_crypt(
+        &self,
+        name: &str,
+        device: &Path,
+        offset: u64,
+        key: &[u8],
+    ) -> Result<PathBuf, PlatformError> {
+        let st = nix::sys::stat::stat(device).map_err(|errno| PlatformError::Sys {
+            what: format!("reading the device number of {}", device.display()),
+            errno,
+        })?;
+        let (major, minor) = (
+            nix::sys::stat::major(st.st_rdev),
+            nix::sys::stat::minor(st.st_rdev),
+        );
+        let size = Path::new(&format!("/sys/dev/block/{major}:{minor}/size")).to_path_buf();
+        let sectors: u64 = std::fs::read_to_string(&size)
+            .map_err(|e| PlatformError::io("reading", &size, e))?
+            .trim()
+            .parse()
+            .map_err(|_| {
+                PlatformError::io("parsing", &size, std::io::ErrorKind::InvalidData.into())
+            })?;
+        let skip = offset / 512;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let target = super::dm::Target {
+            sectors: sectors.saturating_sub(skip),
+            kind: "crypt",
+            // allow_discards: a fast wipe's discard reaches the device through the mapping.
+            params: format!("aes-xts-plain64 {hex} 0 {major}:{minor} {skip} 1 allow_discards"),
+        };
+        let mapped = super::dm::create(name, &target, super::dm::SECURE_DATA);
+        // The table held the key in hex.
+        let mut params = target.params.into_bytes();
+        params.fill(0);
+        Ok(mapped?.path)
+    }
+
+    fn unmap(&self, name: &str) -> Result<(), PlatformError> {
+        match super::dm::remove(name) {
+            Err(PlatformError::Sys {
+                errno: nix::Error::ENXIO,
+                ..
+            }) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn tpm(&self) -> Result<Option<tpm::Tpm>, PlatformError> {
+        let dev = Path::new(TPM_DEVICE);
+        if !dev.exists() {
+            return Ok(None);
+        }
+        tpm::Tpm::open(dev)
+            .map(Some)
+            .map_err(|e| PlatformError::io("opening", dev, std::io::Error::other(e)))
     }
 
     fn mapping_status(&self, name: &str) -> Result<Option<String>, PlatformError> {

@@ -271,6 +271,22 @@ pub trait Platform: Send + Sync + 'static {
         root: &upgrade::verity::VerityRoot,
     ) -> Result<PathBuf, PlatformError>;
 
+    /// Maps `device` from byte `offset` on through dm-crypt (`aes-xts-plain64` with `key`, 64
+    /// bytes) as `name`. Returns the device to use.
+    fn map_crypt(
+        &self,
+        name: &str,
+        device: &Path,
+        offset: u64,
+        key: &[u8],
+    ) -> Result<PathBuf, PlatformError>;
+
+    /// Removes the device-mapper device `name` (not there: not an error).
+    fn unmap(&self, name: &str) -> Result<(), PlatformError>;
+
+    /// The machine's TPM, `None` if it has none.
+    fn tpm(&self) -> Result<Option<tpm::Tpm>, PlatformError>;
+
     /// The status line of the device-mapper device `name` (for verity: `V` or `C`), `None`
     /// if there is no such device.
     fn mapping_status(&self, name: &str) -> Result<Option<String>, PlatformError>;

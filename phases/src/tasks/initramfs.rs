@@ -11,6 +11,11 @@ use upgrade::Slot;
 use crate::platform::{ModuleLoad, MountSpec, Platform};
 use crate::runtime::{paths, BootInfo, MappedRoot};
 
+/// Where systemd-stub leaves the UKI's `.pcrsig` in the initramfs.
+pub const STUB_PCR_SIGNATURE: &str = "/.extra/tpm2-pcr-signature.json";
+/// Where systemd-stub leaves the UKI's `.pcrpkey` in the initramfs.
+pub const STUB_PCR_PUBLIC_KEY: &str = "/.extra/tpm2-pcr-public-key.pem";
+
 /// How long to wait for the boot disk to appear (NVMe probing runs after the driver loads).
 const DISK_WAIT: Duration = Duration::from_secs(30);
 
@@ -19,6 +24,8 @@ pub struct InitramfsState {
     /// The machine.
     pub platform: Arc<dyn Platform>,
     boot: Mutex<Option<BootInfo>>,
+    /// The boot disk's META partition, once found, if this boot is a slot's trial.
+    trial_meta: Mutex<Option<PathBuf>>,
 }
 
 /// The context of the initramfs sequence.
@@ -30,7 +37,72 @@ impl InitramfsState {
         Arc::new(InitramfsState {
             platform,
             boot: Mutex::new(None),
+            trial_meta: Mutex::new(None),
         })
+    }
+
+    /// During a trial, every initramfs phase that passes once the boot disk is known goes to
+    /// META (machined does the same for its own phases), so a trial that dies before machined
+    /// runs leaves where it stopped, and one that leaves nothing never got here at all.
+    pub fn install_breadcrumbs(self: &Arc<Self>, bus: &sequencer::EventBus) {
+        let weak = Arc::downgrade(self);
+        bus.add_sink(Box::new(move |e: &sequencer::Event| {
+            let sequencer::EventKind::PhaseStop {
+                sequence,
+                phase,
+                error: None,
+                ..
+            } = &e.kind
+            else {
+                return;
+            };
+            let Some(ctx) = weak.upgrade() else {
+                return;
+            };
+            if sequence != "initramfs" {
+                return;
+            }
+            if let Err(e) = ctx.record_phase(phase) {
+                tracing::warn!("writing the initramfs breadcrumb {phase}: {e}");
+            }
+        }));
+    }
+
+    /// Records `initramfs/phase` for the booted slot if this boot is its trial.
+    fn record_phase(&self, phase: &str) -> Result<(), crate::platform::PlatformError> {
+        let meta_dev = self
+            .trial_meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (Some(dev), Some(boot)) = (meta_dev, self.boot()) else {
+            return Ok(());
+        };
+        let (mut f, base) = self.platform.open_partition(&dev, true)?;
+        let io = |e: upgrade::meta::MetaError| {
+            crate::platform::PlatformError::io("updating META on", &dev, std::io::Error::other(e))
+        };
+        let loaded = upgrade::meta::read(&mut f, base).map_err(io)?;
+        let mut m = loaded.meta.clone();
+        m.initramfs_passed(boot.slot, phase);
+        upgrade::meta::write(&mut f, base, Some(&loaded), &m).map_err(io)?;
+        Ok(())
+    }
+
+    /// Whether the booted slot is on trial, by META on `disk` (none or unreadable: no).
+    fn note_trial(&self, disk: &crate::platform::Disk, slot: Slot) {
+        let Some((_, dev)) = disk.by_label(upgrade::layout::LABEL_META) else {
+            return;
+        };
+        let trial = self
+            .platform
+            .open_partition(dev, false)
+            .ok()
+            .and_then(|(mut f, base)| upgrade::meta::read(&mut f, base).ok())
+            .is_some_and(|l| l.meta.is_trial_boot(slot));
+        if trial {
+            *self.trial_meta.lock().unwrap_or_else(|p| p.into_inner()) = Some(dev.clone());
+        }
     }
 
     /// What `findBootDisk` found.
@@ -291,6 +363,7 @@ pub async fn find_boot_disk(ctx: Initramfs) -> Result<(), sequencer::TaskError> 
                 root.display()
             );
             *ctx.boot.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+            ctx.note_trial(disk, slot);
             return Ok(());
         }
         if started.elapsed() > DISK_WAIT {
@@ -356,10 +429,23 @@ pub async fn mount_root(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
 /// Switches to the new root and leaves the boot info for machined on `/run`.
 pub async fn switch_root(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     let boot = ctx.require_boot()?;
+    // systemd-stub put the UKI's PCR policy key and signatures in the initramfs (not
+    // measured: the signatures cover PCR 11, which covers the key); machined needs them to
+    // unseal the volume keys, and the initramfs is about to go.
+    let extra: Vec<(&str, Vec<u8>)> = [
+        (STUB_PCR_SIGNATURE, crate::volume::PCR_SIGNATURE),
+        (STUB_PCR_PUBLIC_KEY, crate::volume::PCR_PUBLIC_KEY),
+    ]
+    .into_iter()
+    .filter_map(|(from, to)| Some((to, ctx.platform.read(Path::new(from)).ok()?)))
+    .collect();
     ctx.platform.switch_root(&PathBuf::from(paths::NEW_ROOT))?;
     let info = Path::new(paths::BOOT_INFO);
     if let Some(dir) = info.parent() {
         ctx.platform.mkdir_all(dir)?;
+    }
+    for (to, data) in extra {
+        ctx.platform.write(Path::new(to), &data)?;
     }
     let json = serde_json::to_vec(&boot).map_err(|e| format!("encoding boot info: {e}"))?;
     ctx.platform.write(info, &json)?;

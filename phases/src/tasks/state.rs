@@ -1,5 +1,6 @@
 //! Tasks for the node's writable partitions (STATE, EPHEMERAL) and its config.
 
+use std::error::Error as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -89,40 +90,78 @@ pub async fn format(
     Ok(())
 }
 
-/// Mounts a partition, first making its file system if it has none (a wiped STATE or
-/// EPHEMERAL comes back empty; the install on the other partitions stays).
-async fn mount_or_format(
+/// Opens a volume (unsealing and mapping an encrypted one) and mounts it, first making it if
+/// it is blank: encrypted when the machine can seal its key, with a new file system (a wiped
+/// STATE or EPHEMERAL comes back empty; the install on the other partitions stays).
+async fn open_and_mount(
     ctx: &Runtime,
     label: &'static str,
-    spec: MountSpec,
+    target: &str,
+    restricted: bool,
 ) -> Result<(), TaskError> {
-    let dev = Path::new(&spec.source).to_path_buf();
-    if !ctx.platform.has_filesystem(&dev, &spec.fstype)? {
-        format(ctx, &dev, &spec.fstype, label).await?;
+    let dev = std::path::PathBuf::from(partition(ctx, label)?);
+    let platform = ctx.platform.clone();
+    let opened = match crate::volume::open(platform.as_ref(), label, &dev) {
+        Err(e) if e.is_locked() => {
+            // Not a broken boot: this machine cannot open this volume. The node comes up
+            // without it (in maintenance mode, refusing configs) and says why.
+            tracing::error!("{e}");
+            ctx.set_volume(crate::volume::Volume {
+                label: label.into(),
+                device: dev,
+                protection: crate::volume::Protection::Locked(
+                    e.source()
+                        .map_or_else(|| e.to_string(), ToString::to_string),
+                ),
+            });
+            return Ok(());
+        }
+        other => other?,
+    };
+    let volume = match opened {
+        Some(v) => v,
+        None => {
+            let v = crate::volume::create(platform.as_ref(), label, &dev)?;
+            format(ctx, &v.device, "ext4", label).await?;
+            v
+        }
+    };
+    if !ctx.platform.has_filesystem(&volume.device, "ext4")? {
+        // Sealed and mapped, but the file system was never made (a power cut in between).
+        format(ctx, &volume.device, "ext4", label).await?;
     }
-    Ok(ctx.platform.mount(&spec)?)
+    tracing::info!("{label}: {}", volume.protection);
+    let mut spec = MountSpec::new(&volume.device.display().to_string(), target, "ext4");
+    if restricted {
+        spec = spec.restricted();
+    }
+    ctx.platform.mount(&spec)?;
+    ctx.set_volume(volume);
+    Ok(())
 }
 
 /// Mounts STATE (ext4: config, PKI) on `/system/state`.
 pub async fn mount_state(ctx: Arc<Runtime>) -> Result<(), TaskError> {
-    let dev = partition(&ctx, LABEL_STATE)?;
-    mount_or_format(
-        &ctx,
-        LABEL_STATE,
-        MountSpec::new(&dev, paths::STATE, "ext4").restricted(),
-    )
-    .await
+    open_and_mount(&ctx, LABEL_STATE, paths::STATE, true).await
 }
 
 /// Mounts EPHEMERAL (ext4) on `/var`.
 pub async fn mount_ephemeral(ctx: Arc<Runtime>) -> Result<(), TaskError> {
-    let dev = partition(&ctx, LABEL_EPHEMERAL)?;
-    mount_or_format(
-        &ctx,
-        LABEL_EPHEMERAL,
-        MountSpec::new(&dev, paths::EPHEMERAL, "ext4"),
-    )
-    .await
+    open_and_mount(&ctx, LABEL_EPHEMERAL, paths::EPHEMERAL, false).await
+}
+
+/// Once STATE and EPHEMERAL are open, PCR 11 moves on: nothing later in this boot (a root
+/// exploit included) can unseal their keys again.
+pub async fn lock_volumes(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let sealed = ctx
+        .volumes()
+        .iter()
+        .any(|v| matches!(v.protection, crate::volume::Protection::Sealed { .. }));
+    if sealed {
+        crate::volume::lock(ctx.platform.as_ref())?;
+        tracing::info!("PCR 11 extended: the volume keys cannot be unsealed again this boot");
+    }
+    Ok(())
 }
 
 /// Installer media has no STATE or EPHEMERAL: memory stands in for both (the config applied
@@ -161,6 +200,7 @@ pub async fn load_config(ctx: Arc<Runtime>) -> Result<(), TaskError> {
             source,
         }
     })?;
+    crate::volume::check_policy(config.machine.encryption.without_tpm, &ctx.volumes())?;
     ctx.set_config(config);
     Ok(())
 }

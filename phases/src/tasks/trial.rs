@@ -30,10 +30,19 @@ pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
         kind = m.on_boot(booted, &version, sequencer::clock::unix_ms());
     })?;
     let trial = kind == BootKind::Trial;
-    let failed = match kind {
+    let mut failed = match kind {
         BootKind::Normal(f) => f,
         BootKind::Trial => None,
     };
+    if let Some(f) = failed
+        .as_mut()
+        .filter(|f| f.reason == upgrade::meta::NEVER_STARTED)
+    {
+        if let Some(why) = refused_by_firmware(&ctx, f.slot) {
+            slots::update_meta(&ctx, |m| m.explain_failure(f.slot, &why))?;
+            f.reason = why;
+        }
+    }
     if let Some(f) = &failed {
         tracing::warn!(
             "the trial of slot {} ({}) failed: {}",
@@ -60,6 +69,25 @@ pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     }
     slots::reconcile_entries(&ctx, &m)?;
     Ok(())
+}
+
+/// Why the firmware would not start `slot`'s UKI, if a look at it tells: with Secure Boot on,
+/// an unsigned UKI, or one changed after it was signed, is refused before its kernel runs.
+fn refused_by_firmware(ctx: &Runtime, slot: upgrade::Slot) -> Option<String> {
+    use bootloader::secureboot::{self, Mode, Signature};
+    if secureboot::mode(&ctx.platform.efivars()).ok()? != Mode::On {
+        return None;
+    }
+    let uki = ctx.platform.read(&slots::uki_file(slot)).ok()?;
+    match secureboot::check_pe(&uki)? {
+        Signature::Unsigned => Some(format!(
+            "the firmware refused to start it: slot {slot}'s UKI is not signed, and Secure Boot is on"
+        )),
+        Signature::Modified => Some(format!(
+            "the firmware refused to start it: slot {slot}'s UKI was changed after it was signed (its Authenticode digest does not match), and Secure Boot is on"
+        )),
+        Signature::Intact => None,
+    }
 }
 
 /// During a trial, every phase that passes is written to META, so a trial that dies leaves its

@@ -137,7 +137,8 @@ pub fn plinth(node: &PreparedNode, args: &[&str]) -> String {
 }
 
 /// Where partition `label` of a node's raw disk starts and how long it is.
-fn partition(node: &PreparedNode, label: &str) -> (u64, u64) {
+/// Where partition `label` is on the node's disk: offset and length in bytes.
+pub fn partition(node: &PreparedNode, label: &str) -> (u64, u64) {
     let mut disk = std::fs::File::open(&node.disk).expect("open disk");
     let parts = upgrade::layout::read_table(&mut disk).expect("GPT");
     let p = parts

@@ -458,6 +458,26 @@ impl Platform for Sim {
         Ok(device.to_path_buf())
     }
 
+    fn map_crypt(
+        &self,
+        _name: &str,
+        _device: &Path,
+        _offset: u64,
+        _key: &[u8],
+    ) -> Result<PathBuf, PlatformError> {
+        Err(PlatformError::Unsupported("dm-crypt"))
+    }
+
+    fn unmap(&self, name: &str) -> Result<(), PlatformError> {
+        self.lock().mappings.retain(|(n, _)| n != name);
+        Ok(())
+    }
+
+    fn tpm(&self) -> Result<Option<tpm::Tpm>, PlatformError> {
+        // The simulated machine has no TPM: its volumes are plain.
+        Ok(None)
+    }
+
     fn mapping_status(&self, name: &str) -> Result<Option<String>, PlatformError> {
         Ok(self
             .lock()
