@@ -85,8 +85,10 @@ impl<W: Write> Archive<W> {
 pub fn write(
     out: &Path,
     machined: &Path,
+    ballast: Option<&Path>,
     kernel: &Kernel,
     modules: &[crate::kernel::Module],
+    late: &[crate::kernel::Module],
 ) -> Result<(), ImageError> {
     let file = File::create(out).map_err(ImageError::io("creating", out))?;
     let mut a = Archive {
@@ -112,15 +114,25 @@ pub fn write(
         Member::Bytes(b"NAME=\"Plinth initramfs\"\nID=plinth\n", 0o644),
     )?;
     a.add("init", Member::File(machined, 0o755))?;
+    if let Some(b) = ballast {
+        a.add("lib/plinth", Member::Dir)?;
+        a.add("lib/plinth/ballast", Member::File(b, 0o644))?;
+    }
     let order = crate::kernel::order_text(modules);
     a.add(
         "lib/modules/plinth.order",
         Member::Bytes(order.as_bytes(), 0o644),
     )?;
+    let order = crate::kernel::order_text(late);
+    a.add(
+        "lib/modules/plinth.late",
+        Member::Bytes(order.as_bytes(), 0o644),
+    )?;
+    let all: Vec<&crate::kernel::Module> = modules.iter().chain(late).collect();
 
     let base = format!("lib/modules/{}", kernel.release);
     let mut dirs: Vec<String> = vec![base.clone()];
-    for m in modules.iter().map(|m| &m.path) {
+    for m in all.iter().map(|m| &m.path) {
         let mut parent = Path::new(m).parent();
         let mut chain = Vec::new();
         while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
@@ -136,7 +148,7 @@ pub fn write(
     for d in &dirs {
         a.add(d, Member::Dir)?;
     }
-    for m in modules.iter().map(|m| &m.path) {
+    for m in all.iter().map(|m| &m.path) {
         a.add(
             &format!("{base}/{m}"),
             Member::File(&kernel.modules_dir().join(m), 0o644),
@@ -177,7 +189,7 @@ mod tests {
             path: "kernel/fs/a.ko".into(),
             after: vec![],
         }];
-        write(&out, &machined, &kernel, &modules).expect("write");
+        write(&out, &machined, None, &kernel, &modules, &[]).expect("write");
 
         let mut names = Vec::new();
         let mut f = File::open(&out).expect("open");

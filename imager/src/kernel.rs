@@ -23,32 +23,38 @@ pub const EARLY_MODULES: &[&str] = &[
     "crc64_rocksoft_generic",
 ];
 
-/// Modules every node loads, by name. Their dependencies are added from `modules.dep`; the
-/// node loads them in parallel, each once its dependencies (and the early ones) are in.
-pub const NODE_MODULES: &[&str] = &[
-    // Buses and disks.
+/// Modules the initramfs loads (after the early ones), by name: what it needs to find the boot
+/// disk (NVMe, or virtio for installer media), map and mount the root, read the EFI variables
+/// and arm the watchdog, and the entropy source TLS needs. Their dependencies are added from
+/// `modules.dep`; they load in parallel, each once its dependencies (and the early ones) are in.
+pub const INITRAMFS_MODULES: &[&str] = &[
+    // First what finding the boot disk waits for, then the root's, the watchdog, entropy.
+    "efivarfs",
+    "nvme",
     "virtio_pci",
     "virtio_blk",
-    "nvme",
-    // File systems.
-    "efivarfs",
+    "dm_verity",
+    "squashfs",
+    "i6300esb",
+    // Entropy: without it getrandom, and so TLS, waits for the CRNG.
+    "virtio-rng",
+];
+
+/// Modules the node needs only after the initramfs: they load in the background while the boot
+/// goes on (`phases::modules`), and each task that needs one waits for it.
+pub const LATE_MODULES: &[&str] = &[
+    // In the order the boot needs them: STATE and EPHEMERAL's file system, the ESP's, the
+    // network; then encryption (with the CPU's AES instructions: a CPU without them refuses
+    // aesni_intel with ENODEV, and the generic code built into the kernel does the work) and
+    // the ACPI power button, read by machined through evdev.
+    "ext4",
     "vfat",
     "nls_cp437",
     "nls_ascii",
-    "squashfs",
-    "ext4",
-    // The verified root and the encrypted volumes, with the CPU's SHA-256 and AES
-    // instructions (a CPU without them refuses these with ENODEV, and the generic code
-    // built into the kernel does the work).
-    "dm_verity",
-    "dm_crypt",
-    "aesni_intel",
-    "xts",
-    // Network, entropy (without it getrandom, and so TLS, waits for the CRNG) and watchdog.
     "virtio_net",
-    "virtio-rng",
-    "i6300esb",
-    // The ACPI power button, read by machined through evdev.
+    "dm_crypt",
+    "xts",
+    "aesni_intel",
     "button",
     "evdev",
 ];
@@ -234,11 +240,30 @@ pub fn order_from_dep(
     Ok(order)
 }
 
-/// The node's modules for this kernel.
-pub fn module_order(kernel: &Kernel) -> Result<Vec<Module>, ImageError> {
+/// The node's modules for this kernel: those the initramfs loads, and those that load in the
+/// background after it.
+pub fn module_order(kernel: &Kernel) -> Result<(Vec<Module>, Vec<Module>), ImageError> {
     let p = kernel.modules_dir().join("modules.dep");
     let text = std::fs::read_to_string(&p).map_err(ImageError::io("reading", &p))?;
-    order_from_dep(&text, EARLY_MODULES, NODE_MODULES)
+    split_late(&text, EARLY_MODULES, INITRAMFS_MODULES, LATE_MODULES)
+}
+
+/// All of `early`, `initramfs` and `late` in load order, split into what the initramfs loads
+/// (the first two and their dependencies) and the rest.
+pub fn split_late(
+    modules_dep: &str,
+    early: &[&str],
+    initramfs: &[&str],
+    late: &[&str],
+) -> Result<(Vec<Module>, Vec<Module>), ImageError> {
+    let first: Vec<String> = order_from_dep(modules_dep, early, initramfs)?
+        .into_iter()
+        .map(|m| m.path)
+        .collect();
+    let all: Vec<&str> = initramfs.iter().chain(late).copied().collect();
+    Ok(order_from_dep(modules_dep, early, &all)?
+        .into_iter()
+        .partition(|m| first.contains(&m.path)))
 }
 
 #[cfg(test)]
@@ -301,6 +326,30 @@ kernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko
         assert_eq!(
             order_text(&order[..2]),
             "kernel/lib/crc64.ko\nkernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko\n"
+        );
+    }
+
+    #[test]
+    fn late_modules_are_those_the_initramfs_does_not_need() {
+        let (first, late) = split_late(DEP, &[], &["virtio_pci"], &["virtio_net"]).expect("split");
+        assert_eq!(
+            paths(&first),
+            [
+                "kernel/drivers/virtio/virtio_ring.ko",
+                "kernel/drivers/virtio/virtio.ko",
+                "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+                "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+                "kernel/drivers/virtio/virtio_pci.ko",
+            ]
+        );
+        // virtio_net's own dependencies that the initramfs already loads are not again.
+        assert_eq!(
+            paths(&late),
+            [
+                "kernel/net/core/failover.ko",
+                "kernel/drivers/net/net_failover.ko",
+                "kernel/drivers/net/virtio_net.ko",
+            ]
         );
     }
 

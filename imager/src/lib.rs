@@ -91,6 +91,10 @@ pub struct BuildOptions {
     /// Secure Boot keys (`plinth gen secureboot-keys`): the UKIs are signed with db's key, and
     /// installer media carry the signed lists that enrol them.
     pub secureboot: Option<PathBuf>,
+    /// A file carried in the initramfs (at `/lib/plinth/ballast`) and never run: the boot
+    /// benchmark's floor has `plinth-floor` as `/init` and carries machined here, so the kernel
+    /// unpacks as much as for a node.
+    pub initramfs_ballast: Option<PathBuf>,
 }
 
 /// What a build made.
@@ -170,15 +174,23 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
     }
     std::fs::create_dir_all(&opts.out_dir).map_err(ImageError::io("creating", &opts.out_dir))?;
     let kernel = kernel::fetch(&opts.cache_dir, opts.kernel_package.as_deref())?;
-    let modules = kernel::module_order(&kernel)?;
+    let (modules, late) = kernel::module_order(&kernel)?;
     tracing::info!(
-        "kernel {}: {} modules to load",
+        "kernel {}: {} modules for the initramfs, {} in the background after it",
         kernel.release,
-        modules.len()
+        modules.len(),
+        late.len()
     );
 
     let initrd = opts.out_dir.join("initramfs.cpio");
-    initramfs::write(&initrd, &opts.machined, &kernel, &modules)?;
+    initramfs::write(
+        &initrd,
+        &opts.machined,
+        opts.initramfs_ballast.as_deref(),
+        &kernel,
+        &modules,
+        &late,
+    )?;
 
     let squashfs = opts.out_dir.join("rootfs.squashfs");
     rootfs::build(

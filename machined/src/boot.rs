@@ -135,6 +135,13 @@ async fn maintenance(runtime: &Arc<Runtime>, api: &Arc<ApiStarter>) -> anyhow::R
         .request(sequencer::Request::EnterMaintenance, None)?;
     // A blank machine has no address of its own yet: lease one on every link, so the operator
     // can reach the API; keep trying in the background if nobody answers.
+    // The network driver (and the ESP's file system, which the install's checks read) may
+    // still be loading in the background.
+    for needed in [phases::modules::FOR_NETWORK, phases::modules::FOR_ESP] {
+        if let Err(e) = phases::modules::wait_for(needed).await {
+            tracing::warn!("{e}");
+        }
+    }
     let leased = match runtime.platform.configure_dhcp(&[]).await {
         Ok(leases) => leases
             .iter()

@@ -106,28 +106,34 @@ fn spawn_power_button(runtime: Arc<Runtime>) {
     // struct input_event on 64-bit: struct timeval (16), type (2), code (2), value (4).
     const EVENT_SIZE: usize = 24;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    std::thread::spawn(move || {
-        let Some(device) = power_button_device() else {
-            tracing::info!("no ACPI power button device");
-            return;
-        };
-        let mut f = match std::fs::File::open(&device) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!("opening {}: {e}", device.display());
-                return;
-            }
-        };
-        tracing::info!("listening for the power button on {}", device.display());
-        let mut ev = [0u8; EVENT_SIZE];
-        while std::io::Read::read_exact(&mut f, &mut ev).is_ok() {
-            let kind = u16::from_ne_bytes([ev[16], ev[17]]);
-            let code = u16::from_ne_bytes([ev[18], ev[19]]);
-            let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
-            if kind == EV_KEY && code == KEY_POWER && value == 1 && tx.send(()).is_err() {
-                return;
-            }
+    tokio::spawn(async move {
+        // Its driver may still be loading in the background.
+        if let Err(e) = phases::modules::wait_for(phases::modules::FOR_POWER_BUTTON).await {
+            tracing::warn!("{e}");
         }
+        std::thread::spawn(move || {
+            let Some(device) = power_button_device() else {
+                tracing::info!("no ACPI power button device");
+                return;
+            };
+            let mut f = match std::fs::File::open(&device) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!("opening {}: {e}", device.display());
+                    return;
+                }
+            };
+            tracing::info!("listening for the power button on {}", device.display());
+            let mut ev = [0u8; EVENT_SIZE];
+            while std::io::Read::read_exact(&mut f, &mut ev).is_ok() {
+                let kind = u16::from_ne_bytes([ev[16], ev[17]]);
+                let code = u16::from_ne_bytes([ev[18], ev[19]]);
+                let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+                if kind == EV_KEY && code == KEY_POWER && value == 1 && tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
     });
     tokio::spawn(async move {
         while rx.recv().await.is_some() {

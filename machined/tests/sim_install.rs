@@ -58,10 +58,21 @@ async fn a_blank_disk_is_installed_from_media_and_the_node_boots_it() {
     let err = apply(&node, &cfg).await.expect_err("a partition");
     assert!(err.contains("is a partition"), "{err}");
 
+    // A config that refuses unencrypted volumes, on a machine without a TPM.
     cfg.machine.install = Some(config::node::Install {
         disk: disk.clone(),
         wipe: false,
     });
+    cfg.machine.encryption.without_tpm = config::WithoutTpm::Refuse;
+    let err = apply(&node, &cfg).await.expect_err("no TPM to seal to");
+    assert!(
+        err.contains(
+            "without_tpm is refuse, and this machine cannot seal keys to a TPM (it has no TPM)"
+        ),
+        "{err}"
+    );
+    cfg.machine.encryption.without_tpm = config::WithoutTpm::Unencrypted;
+
     let out = apply(&node, &cfg).await.expect("install");
     assert!(out.contains("config applied"), "{out}");
 

@@ -199,3 +199,38 @@ async fn a_config_being_tried_goes_back_by_itself_unless_confirmed() {
         .into_inner();
     assert_eq!(r.needs_reboot, ["machine.network"]);
 }
+
+#[tokio::test]
+async fn a_config_refusing_unencrypted_volumes_is_refused_by_a_node_running_on_plain_ones() {
+    // The simulated machine has no TPM: its volumes are plain, and Status says why.
+    let node = start(vec![], &[]);
+    node.version_after(None).await;
+    let s = node.status().await;
+    let trust = s.trust.expect("trust");
+    assert_eq!(trust.tpm, "none");
+    for v in &trust.volumes {
+        assert!(!v.encrypted, "{v:?}");
+        assert!(v.detail.contains("not encrypted"), "{}", v.detail);
+    }
+    let mut c = node.client().await;
+    let mut cfg = node.config_on_state().expect("config");
+    cfg.machine.encryption.without_tpm = config::WithoutTpm::Refuse;
+    let err = c
+        .apply_configuration(ApplyConfigurationRequest {
+            data: cfg.to_yaml().expect("yaml"),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("is not encrypted") && err.message().contains("refuse"),
+        "{}",
+        err.message()
+    );
+    // Nothing changed.
+    assert_eq!(
+        node.config_on_state().expect("config").machine.encryption,
+        config::Encryption::default()
+    );
+}

@@ -28,20 +28,20 @@ pub fn initialize() -> Sequence<Arc<Runtime>> {
             ],
         )
         .phase_when(
-            "lockVolumes",
-            |rt: &Arc<Runtime>| !rt.installer(),
-            [Task::new("extendPcr11", state::lock_volumes)],
-        )
-        .phase_when(
             "mountScratch",
             |rt: &Arc<Runtime>| rt.installer(),
             [Task::new("mountScratch", state::mount_scratch)],
         )
-        .phase("loadConfig", [Task::new("loadConfig", state::load_config)])
-        .phase_when(
-            "checkSlots",
-            |rt: &Arc<Runtime>| !rt.installer(),
-            [Task::new("checkSlots", trial::check_slots)],
+        // Three independent tasks side by side (the slots' check waits mostly on the firmware's
+        // variable store, which is slow under emulation): the config; the slots and boot
+        // entries (not on installer media); and PCR 11 moved on once the volumes are open.
+        .phase(
+            "loadConfig",
+            [
+                Task::new("loadConfig", state::load_config),
+                Task::new("checkSlots", trial::check_slots),
+                Task::new("extendPcr11", state::lock_volumes),
+            ],
         )
 }
 
@@ -53,14 +53,15 @@ pub fn boot() -> Sequence<Arc<Runtime>> {
             fault::hang_requested,
             [Task::new("hang", fault::hang)],
         )
+        // The API listens on every address, so it starts while the addresses are configured.
         .phase(
             "network",
             [
                 Task::new("setHostname", network::set_hostname),
                 Task::new("configureNetwork", network::configure_network),
+                Task::new("startApi", api::start_api),
             ],
         )
-        .phase("startApi", [Task::new("startApi", api::start_api)])
         .phase(
             "startServices",
             [Task::new("startServices", services::start_services)],
@@ -90,14 +91,7 @@ mod tests {
     fn the_initialize_phases_are_in_order() {
         assert_eq!(
             super::initialize().phase_names(),
-            [
-                "handover",
-                "mountPartitions",
-                "lockVolumes",
-                "mountScratch",
-                "loadConfig",
-                "checkSlots"
-            ]
+            ["handover", "mountPartitions", "mountScratch", "loadConfig"]
         );
     }
 
@@ -108,7 +102,6 @@ mod tests {
             [
                 "faultHang",
                 "network",
-                "startApi",
                 "startServices",
                 "waitServicesHealthy",
                 "healthGates",

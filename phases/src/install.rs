@@ -400,6 +400,8 @@ async fn format_esp(j: Arc<InstallJob>) -> Result<(), TaskError> {
 /// can be) and its file system.
 async fn format_volume(j: &InstallJob, label: &'static str) -> Result<PathBuf, TaskError> {
     let (_, dev) = slots::partition(j.rt(), label)?;
+    crate::modules::wait_for(crate::modules::FOR_VOLUMES).await?;
+    crate::modules::wait_for(crate::modules::FOR_CRYPT).await?;
     let v = crate::volume::create(j.rt().platform.as_ref(), label, &dev)?;
     state::format(j.rt(), &v.device, "ext4", label).await?;
     tracing::info!("{label}: {}", v.protection);
@@ -455,6 +457,7 @@ async fn enrol_secure_boot(j: Arc<InstallJob>) -> Result<(), TaskError> {
 /// Mounts the target's ESP where the upgrade tasks write UKIs.
 async fn mount_esp(j: Arc<InstallJob>) -> Result<(), TaskError> {
     let (_, dev) = slots::partition(j.rt(), LABEL_ESP)?;
+    crate::modules::wait_for(crate::modules::FOR_ESP).await?;
     let dev = dev.display().to_string();
     j.rt().platform.mkdir_all(Path::new(paths::ESP))?;
     Ok(j.rt()

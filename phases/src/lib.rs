@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod initramfs;
 pub mod install;
 pub mod logs;
+pub mod modules;
 pub mod platform;
 pub mod power;
 pub mod reaper;

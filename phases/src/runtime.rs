@@ -32,8 +32,12 @@ pub mod paths {
     pub const ESP: &str = "/system/efi";
     /// The EPHEMERAL partition's mount point.
     pub const EPHEMERAL: &str = "/var";
-    /// The list of kernel modules to load, in order, relative to `/lib/modules/<release>/`.
+    /// The kernel modules the initramfs loads, relative to `/lib/modules/<release>/`, each
+    /// with the modules it follows.
     pub const MODULE_ORDER: &str = "/lib/modules/plinth.order";
+    /// The modules loaded in the background from the end of `loadModules` on (the node needs
+    /// them after the initramfs), in the same form.
+    pub const MODULE_LATE: &str = "/lib/modules/plinth.late";
     /// machined on the slot.
     pub const MACHINED: &str = "/sbin/machined";
     /// Facts about the image (version), written by the image builder.

@@ -114,6 +114,10 @@ pub fn update_meta(rt: &Runtime, f: impl FnOnce(&mut Meta)) -> Result<Meta, Task
         }
     };
     f(&mut m);
+    // Most boots change nothing: no write (and no sync) then.
+    if previous.as_ref().is_some_and(|l| l.meta == m) {
+        return Ok(m);
+    }
     let (mut file, base) = rt.platform.open_partition(&dev, true)?;
     file.seek(SeekFrom::Start(base))
         .map_err(|e| PlatformError::io("seeking in", &dev, e))?;

@@ -246,6 +246,15 @@ fn secure_boot_on(platform: &dyn Platform) -> bool {
         .is_ok_and(|m| m == bootloader::secureboot::Mode::On)
 }
 
+/// Whether opening or making partition `label` at `dev` may map it through dm-crypt: it has a
+/// sealed-key header, or it is blank and this machine has a TPM.
+pub fn may_encrypt(platform: &dyn Platform, label: &str, dev: &Path) -> Result<bool, VolumeError> {
+    if platform.has_filesystem(dev, "ext4")? {
+        return Ok(false);
+    }
+    Ok(read_header(platform, label, dev)?.is_some() || platform.tpm()?.is_some())
+}
+
 /// Makes `dev` (partition `label`) a new encrypted volume when the machine has a TPM and the
 /// booted UKI a PCR policy key, a plain one otherwise. Returns the device to format. Any
 /// earlier key of this volume is destroyed first.

@@ -1,11 +1,16 @@
-//! Boot time through OVMF under TCG, against its floor: the same firmware, kernel and
-//! initramfs with an `/init` that only says it was reached and powers off (`plinth-floor`, a binary of its own in machined's place).
-//! Prints, per run and as medians: QEMU start → `Version` answered over mTLS for a Plinth node,
-//! QEMU start → floor `/init` reached, their ratio, and machined's own share (PID 1 start →
-//! API listening), then one node's timeline.
+//! Boot time through OVMF's Secure Boot build under TCG, against its floor: the same firmware
+//! (with the same keys enrolled), kernel and initramfs, with an `/init` that only says it was
+//! reached and powers off (`plinth-floor`, a binary of its own in machined's place).
 //!
-//! `PLINTH_IMAGE_DIR=$PWD/out cargo bench -p vm-tests --bench boot [-- RUNS]` (the image in
-//! `out/` and the static machined must be built: `./x test` or `./x run` does both).
+//! Each boot is timed from its own kernel's start (guest clock zero), so the firmware's noise
+//! (seconds under TCG) drops out: node: kernel start → `Version` answered over mTLS; floor:
+//! kernel start → `/init`. Prints both per run, the medians and their difference (Plinth's
+//! cost) as one line, the node's boot split into segments (median per segment), the whole
+//! boots from QEMU's start, and one node's timeline.
+//!
+//! `PLINTH_IMAGE_DIR=$PWD/out cargo bench -p vm-tests --bench boot [-- RUNS]` (5 by default;
+//! the image in `out/` and the static machined must be built: `./x test` or `./x run` does
+//! both).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -13,7 +18,7 @@ mod common;
 use std::time::Duration;
 
 use sequencer::EventKind;
-use vm_tests::node::{prepare, wait_for_version, NodeSpec};
+use vm_tests::node::{prepare, wait_for_version_with, NodeSpec, Polling};
 use vm_tests::qemu::Vm;
 use vm_tests::timeline::Timeline;
 
@@ -49,43 +54,97 @@ impl Split {
     }
 }
 
+/// One node boot, timed from its kernel's start (guest clock zero, so firmware noise drops
+/// out): the segments in boot order and the total to `Version` answered.
+struct NodeBoot {
+    /// `(segment, duration)`, in boot order.
+    segments: Vec<(String, Duration)>,
+    /// Kernel start → `Version` answered (host).
+    answered: Duration,
+}
+
+impl NodeBoot {
+    fn from_timeline(t: &Timeline, answered_host: Duration) -> Option<NodeBoot> {
+        let kernel = t.kernel_start?;
+        let mut segments = Vec::new();
+        let init = t.first(
+            |k| matches!(k, EventKind::SequenceStart { sequence } if sequence == "initramfs"),
+        )?;
+        segments.push((
+            "kernel start → /init".to_string(),
+            init.saturating_sub(kernel),
+        ));
+        let phases = t.phases();
+        let mut at = init;
+        let api = t.first(|k| matches!(k, EventKind::ApiReady { .. }))?;
+        for p in &phases {
+            if p.start >= api {
+                break;
+            }
+            if p.start > at + Duration::from_millis(1) {
+                segments.push((
+                    format!("(gap before {}/{})", p.sequence, p.phase),
+                    p.start - at,
+                ));
+            }
+            let d = p.duration.unwrap_or_default();
+            let end = (p.start + d).min(api);
+            segments.push((
+                format!("{}/{}", p.sequence, p.phase),
+                end.saturating_sub(p.start),
+            ));
+            at = end;
+        }
+        if api > at {
+            segments.push(("(to API listening)".into(), api - at));
+        }
+        segments.push((
+            "API listening → Version answered".into(),
+            answered_host.saturating_sub(api),
+        ));
+        Some(NodeBoot {
+            segments,
+            answered: answered_host.saturating_sub(kernel),
+        })
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let runs: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(5);
     let floor_image = common::image_with("floor", "0.1.0-floor", &[], 0, "plinth-floor");
 
+    let mut node_boots: Vec<NodeBoot> = Vec::new();
     let mut node_ready = Vec::new();
-    let mut machined_share = Vec::new();
     let mut floor = Vec::new();
+    let mut floor_from_kernel = Vec::new();
     let mut last_timeline = None;
     for run in 1..=runs {
         // The node.
         let node = common::node("bench-boot");
         let ctx = node.context().expect("context").clone();
         let mut vm = node.boot().expect("launch");
-        let (_, ready) = wait_for_version(&mut vm, &node.endpoint(), &ctx, common::BOOT_TIMEOUT)
-            .await
-            .expect("boot");
+        let (_, ready) = wait_for_version_with(
+            &mut vm,
+            &node.endpoint(),
+            &ctx,
+            common::BOOT_TIMEOUT,
+            Polling::EAGER,
+        )
+        .await
+        .expect("boot");
         let t = Timeline::from_lines(&vm.serial.lines(), Some(ready));
         let node_split = Split {
             firmware: t.firmware_start_entry.as_ref().map(|(at, _)| *at),
             kernel: t.kernel_start,
             init: t.events.first().map(|(at, _)| *at),
         };
-        let pid1 = t.first(
-            |k| matches!(k, EventKind::SequenceStart { sequence } if sequence == "initialize"),
-        );
-        let api = t.first(|k| matches!(k, EventKind::ApiReady { .. }));
-        let share = match (pid1, api) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            _ => Duration::ZERO,
-        };
         vm.kill();
+        let boot = NodeBoot::from_timeline(&t, ready).expect("a complete boot trace");
         node_ready.push(ready);
-        machined_share.push(share);
         last_timeline = Some(t);
 
         // The floor, on a disk of the floor image.
@@ -107,37 +166,66 @@ async fn main() {
         let lines = vm.serial.lines();
         let _ = vm.wait_exit(Duration::from_secs(60));
         floor.push(reached.at);
+        let floor_kernel_us: Option<u64> = reached
+            .text
+            .split("boot_us=")
+            .nth(1)
+            .and_then(|v| v.trim().parse().ok());
         let floor_split = Split {
             firmware: lines
                 .iter()
                 .find(|l| l.text.contains("BdsDxe: starting"))
                 .map(|l| l.at),
-            kernel: reached
-                .text
-                .split("boot_us=")
-                .nth(1)
-                .and_then(|v| v.trim().parse().ok())
-                .map(|us| reached.at.saturating_sub(Duration::from_micros(us))),
+            kernel: floor_kernel_us.map(|us| reached.at.saturating_sub(Duration::from_micros(us))),
             init: Some(reached.at),
         };
+        let floor_k = Duration::from_micros(floor_kernel_us.expect("the floor prints its clock"));
+        floor_from_kernel.push(floor_k);
         println!(
-            "run {run}: node Version answered {}, of which machined (PID 1 start → API listening) {}; floor /init reached {}",
+            "run {run}: from kernel start: node Version answered {}, floor /init {}, cost {} | from QEMU start: node {}, floor {}",
+            ms(boot.answered),
+            ms(floor_k),
+            ms(boot.answered.saturating_sub(floor_k)),
             ms(ready),
-            ms(share),
             ms(reached.at)
         );
         println!("  node:  {}", node_split.render());
         println!("  floor: {}", floor_split.render());
+        node_boots.push(boot);
     }
-    let (n, f, m) = (median(node_ready), median(floor), median(machined_share));
+    let node_k = median(node_boots.iter().map(|b| b.answered).collect());
+    let floor_k = median(floor_from_kernel.clone());
+    println!();
     println!(
-        "median of {runs}: node {} vs floor {}: ratio {:.2}; Plinth's cost over the floor {}; machined's own share {}",
-        ms(n),
-        ms(f),
-        n.as_secs_f64() / f.as_secs_f64(),
-        ms(n.saturating_sub(f)),
-        ms(m)
+        "Plinth's cost over the floor, from each boot's kernel start (node: → Version answered over mTLS; floor: → /init), medians of {runs}, Secure Boot on: {} ({} vs {})",
+        ms(node_k.saturating_sub(floor_k)),
+        ms(node_k),
+        ms(floor_k)
     );
+    println!(
+        "whole boot from QEMU start, medians: node {} vs floor {} (ratio {:.2}; firmware noise included)",
+        ms(median(node_ready.clone())),
+        ms(median(floor.clone())),
+        median(node_ready).as_secs_f64() / median(floor).as_secs_f64()
+    );
+    // The split: each segment's median across the runs (segments present in every run).
+    println!();
+    println!("node, kernel start → Version answered, per segment (median of {runs}):");
+    let names: Vec<String> = node_boots[0]
+        .segments
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in names {
+        let values: Vec<Duration> = node_boots
+            .iter()
+            .filter_map(|b| b.segments.iter().find(|(n, _)| *n == name).map(|(_, d)| *d))
+            .collect();
+        if values.len() == node_boots.len() {
+            println!("  {:<44} {:>9}", name, ms(median(values)));
+        }
+    }
+    println!("  {:<44} {:>9}", "floor: kernel start → /init", ms(floor_k));
     if let Some(t) = last_timeline {
         println!("{}", t.render());
     }

@@ -28,8 +28,18 @@ fn virt_fw_vars() -> Result<PathBuf, HarnessError> {
 /// A variable store with `keys` enrolled (PK, KEK, db; no Microsoft keys) and Secure Boot on,
 /// made once per key directory (`OVMF_VARS_4M.enrolled.fd` beside the keys).
 pub fn enrolled_vars(keys: &Path) -> Result<PathBuf, HarnessError> {
+    vars_with(keys, true)
+}
+
+/// A variable store with `keys` enrolled and Secure Boot on (`secure_boot`) or off (keys
+/// there, nothing enforced: a machine whose owner turned it off).
+pub fn vars_with(keys: &Path, secure_boot: bool) -> Result<PathBuf, HarnessError> {
     let keys = Keys::load(keys)?;
-    let out = keys.dir.join("OVMF_VARS_4M.enrolled.fd");
+    let out = keys.dir.join(if secure_boot {
+        "OVMF_VARS_4M.enrolled.fd"
+    } else {
+        "OVMF_VARS_4M.enrolled-off.fd"
+    });
     if out.is_file() {
         return Ok(out);
     }
@@ -51,7 +61,8 @@ pub fn enrolled_vars(keys: &Path) -> Result<PathBuf, HarnessError> {
         .arg("--add-db")
         .arg(guid)
         .arg(keys.cert("db"))
-        .args(["--no-microsoft", "--secure-boot"])
+        .arg("--no-microsoft")
+        .args(secure_boot.then_some("--secure-boot"))
         .output()
         .map_err(HarnessError::io("running virt-fw-vars"))?;
     if !output.status.success() {

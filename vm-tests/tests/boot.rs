@@ -95,11 +95,8 @@ async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls()
             "initramfs/switchRoot",
             "initialize/handover",
             "initialize/mountPartitions",
-            "initialize/lockVolumes",
             "initialize/loadConfig",
-            "initialize/checkSlots",
             "boot/network",
-            "boot/startApi",
             "boot/startServices",
             "boot/waitServicesHealthy",
         ]

@@ -304,9 +304,67 @@ async fn a_blank_disk_is_installed_from_media_and_boots_slot_a_without_it() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firmware_holding_other_secure_boot_keys_is_refused_before_anything_is_written() {
+    // A machine whose firmware holds someone else's keys, with Secure Boot turned off (so the
+    // media boot): what the install would write could never boot once it is turned on.
+    let node = upgradable_node("install-foreign-keys");
+    let dir = node.spec.dir.clone();
+    let blank = std::fs::File::create(&node.disk).expect("blank disk");
+    blank.set_len(2048 << 20).expect("size");
+    drop(blank);
+    let a = artifacts();
+    let bundle = dir.join("bundle.plinth");
+    std::fs::write(&bundle, imager::bundle(&a, &signing_key()).expect("bundle")).expect("write");
+    let media = dir.join("installer.raw");
+    imager::disk::installer(&a, &bundle, &media, &dir.join("work")).expect("installer media");
+    let other_keys = dir.join("other-keys");
+    imager::secureboot::generate(&other_keys, "Someone else").expect("other keys");
+    let mut spec = node.vm_spec();
+    spec.media = Some(media);
+    spec.firmware = Firmware::SecureBoot {
+        vars: vm_tests::firmware::vars_with(&other_keys, false).expect("vars"),
+    };
+    let mut vm = Vm::launch(spec).expect("launch");
+    let fp = maintenance_fingerprint(&mut vm);
+    let base = std::fs::read_to_string(dir.join("node.yaml")).expect("node.yaml");
+    let cfg = base.replacen(
+        "machine:\n",
+        "machine:\n  install:\n    disk: /dev/nvme0n1\n",
+        1,
+    );
+    let mut c = api::client::connect_insecure(&node.endpoint(), Some(fp))
+        .await
+        .expect("maintenance API");
+    let err = c
+        .apply_configuration(api::proto::ApplyConfigurationRequest {
+            data: cfg,
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("holds other Secure Boot keys (Secure Boot off, not in Setup Mode)")
+            && err.message().contains("EFI/plinth/keys/db.auth"),
+        "{}",
+        err.message()
+    );
+    vm.kill();
+    // Nothing was written: the disk is still blank at both ends.
+    let len = std::fs::metadata(&node.disk).expect("disk").len();
+    for at in [0, len - (1 << 20)] {
+        assert!(
+            read_range(&node.disk, at, 1 << 20).iter().all(|&b| b == 0),
+            "the disk was written at {at}"
+        );
+    }
+}
+
 fn maintenance_fingerprint(vm: &mut Vm) -> String {
     let (_, line) = vm
-        .wait_for_line("certificate SHA-256", 0, Duration::from_secs(30))
+        .wait_for_line("certificate SHA-256", 0, BOOT_TIMEOUT)
         .expect("fingerprint");
     line.text
         .split("certificate SHA-256 ")

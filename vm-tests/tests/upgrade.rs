@@ -133,7 +133,7 @@ async fn a_b_that_panics_or_hangs_lands_the_node_back_on_a_which_says_why() {
             name: "hang",
             // machined stops at the start of boot: the watchdog resets the machine.
             cmdline: &["plinth.fault=hang"],
-            reason: "stopped after initialize/checkSlots",
+            reason: "stopped after initialize/loadConfig",
         },
     ];
     for case in cases {

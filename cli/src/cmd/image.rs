@@ -147,6 +147,7 @@ pub fn run(i: Image) -> anyhow::Result<()> {
                 extra_cmdline: cmdline_extra,
                 filler_bytes: 0,
                 secureboot: secureboot_keys,
+                initramfs_ballast: None,
             })?;
             println!("Plinth {} (kernel {})", a.version, a.kernel_release);
             println!(

@@ -152,8 +152,16 @@ impl Platform for Linux {
 
     fn load_module(&self, path: &Path) -> Result<ModuleLoad, PlatformError> {
         let file = std::fs::File::open(path).map_err(|e| PlatformError::io("opening", path, e))?;
+        self.load_module_file(&file, path)
+    }
+
+    fn load_module_file(
+        &self,
+        file: &std::fs::File,
+        path: &Path,
+    ) -> Result<ModuleLoad, PlatformError> {
         let no_params = CString::default();
-        match nix::kmod::finit_module(&file, &no_params, nix::kmod::ModuleInitFlags::empty()) {
+        match nix::kmod::finit_module(file, &no_params, nix::kmod::ModuleInitFlags::empty()) {
             Ok(()) => Ok(ModuleLoad::Loaded),
             Err(nix::Error::EEXIST) => Ok(ModuleLoad::AlreadyLoaded),
             Err(nix::Error::ENODEV) => Ok(ModuleLoad::NoSuchHardware),

@@ -258,6 +258,13 @@ pub trait Platform: Send + Sync + 'static {
     /// Loads a kernel module from a file.
     fn load_module(&self, path: &Path) -> Result<ModuleLoad, PlatformError>;
 
+    /// Loads a kernel module from a file opened earlier (`path` names it in errors).
+    fn load_module_file(
+        &self,
+        file: &std::fs::File,
+        path: &Path,
+    ) -> Result<ModuleLoad, PlatformError>;
+
     /// The UEFI variable store.
     fn efivars(&self) -> VarStore;
 

@@ -201,77 +201,74 @@ fn parse_module_line(line: &str) -> Option<(String, Vec<String>)> {
     ))
 }
 
-/// Loads the kernel modules the image carries, as many at a time as are ready: a module goes
-/// in once the modules listed before it on its line are in (the image builder lists its
-/// dependencies and the early crypto modules there). Module init often waits on hardware
-/// (probing a controller), and the waits overlap.
+/// Starts loading the kernel modules the image carries and waits for those that finding the
+/// boot disk needs: the initramfs's modules (`/lib/modules/plinth.order`) load as many at a
+/// time as are ready, and each later task waits for its own (the watchdog's, dm-verity's,
+/// SquashFS's), so they load while the boot disk is found; the modules the node needs later
+/// (`plinth.late`) load in the background at the lowest priority ([`crate::modules`]). A
+/// module goes in once the modules listed before it on its line are in (the image builder
+/// lists its dependencies and the early crypto modules there).
 pub async fn load_modules(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
-    let list = ctx.platform.read(Path::new(paths::MODULE_ORDER))?;
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .map_err(|e| format!("reading the kernel release: {e}"))?;
     let base = Path::new("/lib/modules").join(&release);
-    let mut waiting: Vec<(String, Vec<String>)> = String::from_utf8_lossy(&list)
-        .lines()
-        .filter_map(parse_module_line)
-        .collect();
-    let known: Vec<String> = waiting.iter().map(|(p, _)| p.clone()).collect();
-    let jobs = module_jobs(&ctx.platform.cmdline()?);
-    let mut done: Vec<String> = Vec::new();
-    let mut running = tokio::task::JoinSet::new();
-    let (mut loaded, mut present, mut absent) = (0, 0, Vec::new());
-    let mut slowest: Vec<(Duration, String)> = Vec::new();
-    while !waiting.is_empty() || !running.is_empty() {
-        // Start every module whose predecessors are all in (one the list does not carry is
-        // not waited for).
-        let mut i = 0;
-        while i < waiting.len() && running.len() < jobs {
-            let ready = waiting[i]
-                .1
-                .iter()
-                .all(|d| done.contains(d) || !known.contains(d));
-            if ready {
-                let (path, _) = waiting.remove(i);
-                let platform = ctx.platform.clone();
-                let file = base.join(&path);
-                running.spawn_blocking(move || {
-                    let started = Instant::now();
-                    let r = platform.load_module(&file);
-                    (path, r, started.elapsed())
-                });
-            } else {
-                i += 1;
-            }
-        }
-        let Some(joined) = running.join_next().await else {
-            let stuck: Vec<&str> = waiting.iter().map(|(p, _)| p.as_str()).collect();
-            return Err(format!("kernel modules wait on each other: {}", stuck.join(", ")).into());
+    // The files are opened now: the late ones load after switch_root has removed them.
+    let open = |list: &str| -> Result<Vec<crate::modules::Pending>, sequencer::TaskError> {
+        let Ok(text) = ctx.platform.read(Path::new(list)) else {
+            return Ok(Vec::new());
         };
-        let (path, result, took) = joined?;
-        match result? {
-            ModuleLoad::Loaded => loaded += 1,
-            ModuleLoad::AlreadyLoaded => present += 1,
-            ModuleLoad::NoSuchHardware => absent.push(path.clone()),
-        }
-        tracing::debug!("module {} {} ms", module_stem(&path), took.as_millis());
-        slowest.push((took, path.clone()));
-        done.push(path);
-    }
-    slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
-    let top: Vec<String> = slowest
-        .iter()
-        .take(5)
-        .map(|(d, p)| format!("{} {} ms", module_stem(p), d.as_millis()))
-        .collect();
-    tracing::info!(
-        "kernel modules: {loaded} loaded, {present} already present; slowest: {}",
-        top.join(", ")
+        String::from_utf8_lossy(&text)
+            .lines()
+            .filter_map(parse_module_line)
+            .map(|(path, after)| {
+                let file = ctx.platform.open_file(&base.join(&path))?;
+                Ok(crate::modules::Pending { path, file, after })
+            })
+            .collect()
+    };
+    let early = open(paths::MODULE_ORDER)?;
+    let late = open(paths::MODULE_LATE)?;
+    let late_count = late.len();
+    crate::modules::start(
+        ctx.platform.clone(),
+        early,
+        late,
+        module_jobs(&ctx.platform.cmdline()?),
     );
+    crate::modules::wait_for(crate::modules::FOR_BOOT_DISK).await?;
+    let done = crate::modules::loaded();
+    let mut slowest: Vec<&crate::modules::Loaded> = done.iter().collect();
+    slowest.sort_by_key(|l| std::cmp::Reverse(l.took));
+    let count = |f: fn(&ModuleLoad) -> bool| {
+        done.iter()
+            .filter(|l| l.outcome.as_ref().is_ok_and(f))
+            .count()
+    };
+    tracing::info!(
+        "kernel modules: {} loaded, {} already present, the rest ({late_count} for later) loading in the background; slowest: {}",
+        count(|o| *o == ModuleLoad::Loaded),
+        count(|o| *o == ModuleLoad::AlreadyLoaded),
+        slowest
+            .iter()
+            .take(5)
+            .map(|l| format!("{} {} ms", module_stem(&l.path), l.took.as_millis()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let absent: Vec<&str> = done
+        .iter()
+        .filter(|l| {
+            l.outcome
+                .as_ref()
+                .is_ok_and(|o| *o == ModuleLoad::NoSuchHardware)
+        })
+        .map(|l| module_stem(&l.path))
+        .collect();
     if !absent.is_empty() {
-        let names: Vec<&str> = absent.iter().map(|p| module_stem(p)).collect();
         tracing::info!(
             "not for this machine (the CPU or device they drive is absent): {}",
-            names.join(", ")
+            absent.join(", ")
         );
     }
     Ok(())
@@ -299,6 +296,7 @@ pub async fn arm_watchdog(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     if ctx.platform.name() != "linux" {
         return Ok(());
     }
+    crate::modules::wait_for(crate::modules::FOR_WATCHDOG).await?;
     match tokio::task::spawn_blocking(|| crate::watchdog::arm(Duration::from_secs(2))).await? {
         Ok(true) => Ok(()),
         Ok(false) => {
@@ -394,6 +392,7 @@ pub const ROOT_MAPPING: &str = "plinth-root";
 /// and a corrupted block panics the node (a trial boot then falls back by itself).
 pub async fn map_root(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     let root = VerityRoot::from_cmdline(&ctx.platform.cmdline()?)?;
+    crate::modules::wait_for(crate::modules::FOR_ROOT).await?;
     let mut boot = ctx.require_boot()?;
     let device = ctx
         .platform

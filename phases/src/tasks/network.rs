@@ -20,6 +20,7 @@ pub async fn set_hostname(ctx: Arc<Runtime>) -> Result<(), TaskError> {
 /// Brings up loopback and the configured interfaces.
 pub async fn configure_network(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let cfg = config(&ctx)?;
+    crate::modules::wait_for(crate::modules::FOR_NETWORK).await?;
     Ok(ctx
         .platform
         .configure_network(&cfg.machine.network.interfaces)

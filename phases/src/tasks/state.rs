@@ -100,7 +100,11 @@ async fn open_and_mount(
     restricted: bool,
 ) -> Result<(), TaskError> {
     let dev = std::path::PathBuf::from(partition(ctx, label)?);
+    crate::modules::wait_for(crate::modules::FOR_VOLUMES).await?;
     let platform = ctx.platform.clone();
+    if crate::volume::may_encrypt(platform.as_ref(), label, &dev)? {
+        crate::modules::wait_for(crate::modules::FOR_CRYPT).await?;
+    }
     let opened = match crate::volume::open(platform.as_ref(), label, &dev) {
         Err(e) if e.is_locked() => {
             // Not a broken boot: this machine cannot open this volume. The node comes up

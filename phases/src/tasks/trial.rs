@@ -15,6 +15,7 @@ use crate::slots::{self, slot_event};
 /// Mounts the ESP (UKIs are written there by upgrades and commits).
 pub async fn mount_esp(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let (_, dev) = slots::partition(&ctx, upgrade::layout::LABEL_ESP)?;
+    crate::modules::wait_for(crate::modules::FOR_ESP).await?;
     let spec = MountSpec::new(&dev.display().to_string(), paths::ESP, "vfat").restricted();
     Ok(ctx.platform.mount(&spec)?)
 }
@@ -23,6 +24,10 @@ pub async fn mount_esp(ctx: Arc<Runtime>) -> Result<(), TaskError> {
 /// (which may reveal that the other slot's trial failed). Then the boot entries are made to
 /// agree with META.
 pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    // Installer media have no slots of their own to check.
+    if ctx.installer() {
+        return Ok(());
+    }
     let booted = ctx.boot().ok_or(slots::SlotError::NoBootInfo)?.slot;
     let version = slots::running_version(&ctx);
     let mut kind = BootKind::Normal(None);

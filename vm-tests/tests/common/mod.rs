@@ -265,6 +265,9 @@ pub fn image_with(
         extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
         filler_bytes,
         secureboot: base.secureboot.clone(),
+        // Another /init (the floor) still carries machined, so its initramfs is the node's.
+        initramfs_ballast: (init != "machined")
+            .then(|| workspace().join("target/x86_64-unknown-linux-gnu/release/machined")),
     })
     .unwrap_or_else(|e| panic!("building image {name}: {e}"))
 }

@@ -430,6 +430,10 @@ impl Platform for Sim {
         Ok(ModuleLoad::AlreadyLoaded)
     }
 
+    fn load_module_file(&self, _file: &File, _path: &Path) -> Result<ModuleLoad, PlatformError> {
+        Ok(ModuleLoad::AlreadyLoaded)
+    }
+
     fn efivars(&self) -> VarStore {
         Self::vars(&self.dir)
     }
