@@ -60,6 +60,18 @@ impl Target {
     }
 }
 
+impl Target {
+    /// The endpoint for a node in maintenance mode: the first `-e`, which `--insecure` needs
+    /// (such a node has no context yet).
+    pub fn insecure_endpoint(&self) -> anyhow::Result<String> {
+        self.endpoints.first().cloned().ok_or_else(|| {
+            anyhow!(
+                "--insecure needs -e/--endpoints (a node in maintenance mode has no context yet)"
+            )
+        })
+    }
+}
+
 /// A failed call as an error with the status in words.
 pub fn status_error(endpoint: &str, status: tonic::Status) -> anyhow::Error {
     anyhow!("{endpoint}: {}", api::client::describe_status(&status))

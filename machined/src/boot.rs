@@ -62,6 +62,9 @@ pub async fn boot_chain(runtime: &Arc<Runtime>, api: &Arc<ApiStarter>) -> anyhow
         Step::TakenOver => return std::future::pending().await,
         Step::Failed(e) => return boot_failed(runtime, e).await,
     }
+    // The modules nothing has asked for yet (the power button's; dm-crypt's when no volume is
+    // encrypted) load once the node has had time to answer its first calls.
+    phases::modules::release_after(std::time::Duration::from_secs(3));
     if runtime.config().is_none() {
         if let Err(e) = maintenance(runtime, api).await {
             return boot_failed(runtime, e).await;

@@ -107,8 +107,8 @@ fn spawn_power_button(runtime: Arc<Runtime>) {
     const EVENT_SIZE: usize = 24;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     tokio::spawn(async move {
-        // Its driver may still be loading in the background.
-        if let Err(e) = phases::modules::wait_for(phases::modules::FOR_POWER_BUTTON).await {
+        // Its driver loads in the background once the boot has settled.
+        if let Err(e) = phases::modules::wait_for_quietly(phases::modules::FOR_POWER_BUTTON).await {
             tracing::warn!("{e}");
         }
         std::thread::spawn(move || {

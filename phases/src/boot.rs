@@ -32,9 +32,9 @@ pub fn initialize() -> Sequence<Arc<Runtime>> {
             |rt: &Arc<Runtime>| rt.installer(),
             [Task::new("mountScratch", state::mount_scratch)],
         )
-        // Three independent tasks side by side (the slots' check waits mostly on the firmware's
-        // variable store, which is slow under emulation): the config; the slots and boot
-        // entries (not on installer media); and PCR 11 moved on once the volumes are open.
+        // Three independent tasks side by side: the config; what this boot is for the slots (a
+        // trial or not: recorded in META before anything can fail in a way the next boot must
+        // explain); and PCR 11 moved on once the volumes are open.
         .phase(
             "loadConfig",
             [
@@ -62,9 +62,14 @@ pub fn boot() -> Sequence<Arc<Runtime>> {
                 Task::new("startApi", api::start_api),
             ],
         )
+        // The boot entries are reconciled with META here, beside the services and after the
+        // API answers: the health gates and the commit, which need them, come after.
         .phase(
             "startServices",
-            [Task::new("startServices", services::start_services)],
+            [
+                Task::new("startServices", services::start_services),
+                Task::new("reconcileBootEntries", trial::reconcile_entries),
+            ],
         )
         .waiting_phase(
             "waitServicesHealthy",

@@ -1,9 +1,12 @@
 //! Loading the kernel modules: those the initramfs needs (the disk, dm-verity, SquashFS, the
-//! watchdog) as fast as the CPUs allow, and those the node needs only later (ext4, dm-crypt,
-//! vfat, the network driver, the power button) in the background at the lowest CPU priority,
-//! so they fill the time the boot leaves idle instead of delaying it; each task that needs a
-//! late module waits for it. Under TCG a module costs tens to hundreds of milliseconds (its
-//! signature hashed, its relocations applied, its self-tests run).
+//! watchdog) as fast as the CPUs allow, and those the node needs only later (ext4, vfat, the
+//! network driver) in the background at the lowest CPU priority, so they fill the time the
+//! boot leaves idle instead of delaying it; each task that needs a late module waits for it.
+//! What nothing on the way to the API needs (dm-crypt and AES for encrypted volumes, the power
+//! button) is held back until a task asks for it or the boot has settled ([`release_after`]).
+//! Under TCG a module costs tens to hundreds of milliseconds (its signature hashed, its
+//! relocations applied, its self-tests run), and on a two-CPU machine the emulator's own
+//! threads (network, disk, console) share the host's cores with the vCPUs.
 //!
 //! The loader is one process-wide set of threads: it starts in the initramfs (which goes on as
 //! the node in the same process) from descriptors opened before `switch_root` removes the
@@ -66,6 +69,9 @@ pub fn name_of(path: &str) -> String {
 struct Queues {
     early: Vec<Pending>,
     late: Vec<Pending>,
+    /// Late ones held back until [`Queues::released`].
+    held: Vec<Pending>,
+    released: bool,
     /// Paths tried.
     done: HashSet<String>,
     /// Paths either list names.
@@ -80,26 +86,89 @@ impl Queues {
             return None;
         }
         let (done, known) = (&self.done, &self.known);
-        let q = if late {
-            &mut self.late
-        } else {
-            &mut self.early
-        };
-        let i = q.iter().position(|m| {
+        let ready = |m: &Pending| {
             m.after
                 .iter()
                 .all(|a| done.contains(a) || !known.contains(a))
-        })?;
-        Some(q.remove(i))
+        };
+        if !late {
+            let i = self.early.iter().position(ready)?;
+            return Some(self.early.remove(i));
+        }
+        if let Some(i) = self.late.iter().position(ready) {
+            return Some(self.late.remove(i));
+        }
+        if !self.released {
+            return None;
+        }
+        let i = self.held.iter().position(ready)?;
+        Some(self.held.remove(i))
     }
 
     fn empty(&self, late: bool) -> bool {
         if late {
-            self.late.is_empty()
+            self.late.is_empty() && self.held.is_empty()
         } else {
             self.early.is_empty()
         }
     }
+}
+
+/// The late modules the boot needs before the API answers: the volumes', the ESP's and the
+/// network's, with what they depend on. The other late ones are held back.
+const BEFORE_THE_API: &[&[&str]] = &[FOR_VOLUMES, FOR_ESP, FOR_NETWORK];
+
+/// Splits `late` into what loads in the background now (what [`BEFORE_THE_API`] names, and
+/// its dependencies) and what is held back.
+fn hold_back(late: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
+    let mut needed: HashSet<&str> = late
+        .iter()
+        .filter(|m| {
+            let name = name_of(&m.path);
+            BEFORE_THE_API.iter().any(|l| l.contains(&name.as_str()))
+        })
+        .map(|m| m.path.as_str())
+        .collect();
+    loop {
+        let more: Vec<&str> = late
+            .iter()
+            .filter(|m| needed.contains(m.path.as_str()))
+            .flat_map(|m| m.after.iter().map(String::as_str))
+            .filter(|a| !needed.contains(a))
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        needed.extend(more);
+    }
+    let needed: HashSet<String> = needed.into_iter().map(String::from).collect();
+    late.into_iter().partition(|m| needed.contains(&m.path))
+}
+
+/// The loader's queues, for [`release`].
+static QUEUES: OnceLock<Arc<(Mutex<Queues>, Condvar)>> = OnceLock::new();
+
+/// Lets the held-back modules load (a task needs one, or the boot has settled).
+pub fn release() {
+    if let Some(queues) = QUEUES.get() {
+        let (lock, cv) = &**queues;
+        let mut q = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !q.released && !q.held.is_empty() {
+            tracing::debug!("kernel modules: loading the {} held back", q.held.len());
+        }
+        q.released = true;
+        cv.notify_all();
+    }
+}
+
+/// [`release`]s the held-back modules after `delay` (the power button's, and dm-crypt's on a
+/// node whose volumes are not encrypted: nothing waits for them, and they would otherwise load
+/// beside the first calls the node answers).
+pub fn release_after(delay: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        release();
+    });
 }
 
 /// Lowers the calling thread's CPU priority as far as it goes (nice 19): its work then runs
@@ -114,23 +183,28 @@ fn lowest_priority() {
 }
 
 /// Starts loading: `early` with `jobs` threads, `late` with one thread at the lowest priority,
-/// each module once those it follows are in (an early one may follow only early ones). A
-/// second call does nothing (one loader per process).
+/// each module once those it follows are in (an early one may follow only early ones), the
+/// late ones nothing before the API needs only once [`release`]d. A second call does nothing
+/// (one loader per process).
 pub fn start(platform: Arc<dyn Platform>, early: Vec<Pending>, late: Vec<Pending>, jobs: usize) {
     let (tx, _) = watch::channel(Progress::default());
     if LOADER.set(tx).is_err() {
         return;
     }
     let known = early.iter().chain(&late).map(|m| m.path.clone()).collect();
+    let (late, held) = hold_back(late);
     let queues = Arc::new((
         Mutex::new(Queues {
             early,
             late,
+            held,
+            released: false,
             done: HashSet::new(),
             known,
         }),
         Condvar::new(),
     ));
+    let _ = QUEUES.set(queues.clone());
     let started = Instant::now();
     let mut workers = Vec::new();
     for late in std::iter::repeat_n(false, jobs.max(1)).chain([true]) {
@@ -219,12 +293,29 @@ pub fn loaded() -> Vec<Loaded> {
 }
 
 /// Waits until the modules `names` are in (one this machine has no hardware for counts once
-/// tried). Returns at once when no loader runs (the simulated machine).
+/// tried), releasing the held-back ones if it names one. Returns at once when no loader runs
+/// (the simulated machine).
 pub async fn wait_for(names: &[&str]) -> Result<(), String> {
+    wait(names, true).await
+}
+
+/// [`wait_for`] without releasing anything: for what may load whenever the loader gets to it.
+pub async fn wait_for_quietly(names: &[&str]) -> Result<(), String> {
+    wait(names, false).await
+}
+
+async fn wait(names: &[&str], ask: bool) -> Result<(), String> {
     let Some(tx) = LOADER.get() else {
         return Ok(());
     };
     let wanted: Vec<String> = names.iter().map(|n| n.replace('-', "_")).collect();
+    let held = QUEUES.get().is_some_and(|queues| {
+        let q = queues.0.lock().unwrap_or_else(|p| p.into_inner());
+        q.held.iter().any(|m| wanted.contains(&name_of(&m.path)))
+    });
+    if ask && held {
+        release();
+    }
     let mut rx = tx.subscribe();
     loop {
         {
@@ -292,6 +383,8 @@ mod tests {
         let mut q = Queues {
             early: vec![pending("b", &["a"]), pending("a", &[])],
             late: vec![pending("c", &["b", "elsewhere"])],
+            held: Vec::new(),
+            released: false,
             done: HashSet::new(),
             known: ["a", "b", "c"].iter().map(|s| s.to_string()).collect(),
         };
@@ -307,5 +400,48 @@ mod tests {
         // "elsewhere" is in no list: taken to be in (built in, or loaded before).
         assert_eq!(q.take(true).map(|m| m.path), Some("c".into()));
         assert!(q.empty(false) && q.empty(true));
+    }
+
+    #[test]
+    fn what_the_api_needs_loads_in_the_background_the_rest_is_held_until_released() {
+        let late = vec![
+            pending("kernel/lib/crc16.ko", &[]),
+            pending("kernel/fs/ext4/ext4.ko", &["kernel/lib/crc16.ko"]),
+            pending("kernel/crypto/cryptd.ko", &[]),
+            pending(
+                "kernel/arch/x86/crypto/aesni-intel.ko",
+                &["kernel/crypto/cryptd.ko"],
+            ),
+            pending("kernel/drivers/input/evdev.ko", &[]),
+            pending("kernel/drivers/net/virtio_net.ko", &[]),
+        ];
+        let (now, held) = hold_back(late);
+        let names = |v: &[Pending]| v.iter().map(|m| name_of(&m.path)).collect::<Vec<_>>();
+        assert_eq!(names(&now), ["crc16", "ext4", "virtio_net"]);
+        assert_eq!(names(&held), ["cryptd", "aesni_intel", "evdev"]);
+
+        let known = now.iter().chain(&held).map(|m| m.path.clone()).collect();
+        let mut q = Queues {
+            early: Vec::new(),
+            late: now,
+            held,
+            released: false,
+            done: HashSet::new(),
+            known,
+        };
+        let mut taken = Vec::new();
+        while let Some(m) = q.take(true) {
+            q.done.insert(m.path.clone());
+            taken.push(name_of(&m.path));
+        }
+        assert_eq!(taken, ["crc16", "ext4", "virtio_net"]);
+        assert!(!q.empty(true), "the held ones are still to load");
+        q.released = true;
+        while let Some(m) = q.take(true) {
+            q.done.insert(m.path.clone());
+            taken.push(name_of(&m.path));
+        }
+        assert_eq!(taken[3..], ["cryptd", "aesni_intel", "evdev"]);
+        assert!(q.empty(true));
     }
 }

@@ -62,7 +62,13 @@ pub fn vars_with(keys: &Path, secure_boot: bool) -> Result<PathBuf, HarnessError
         .arg(guid)
         .arg(keys.cert("db"))
         .arg("--no-microsoft")
-        .args(secure_boot.then_some("--secure-boot"))
+        // With a PK enrolled and no SecureBootEnable variable, OVMF turns Secure Boot on by
+        // itself (AuthVariableLib creates it as enabled in User Mode): "off" must be written.
+        .args(if secure_boot {
+            &["--secure-boot"][..]
+        } else {
+            &["--set-false", "SecureBootEnable"][..]
+        })
         .output()
         .map_err(HarnessError::io("running virt-fw-vars"))?;
     if !output.status.success() {

@@ -19,19 +19,8 @@ const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blank_disk_is_installed_from_media_and_boots_slot_a_without_it() {
-    // The node's configs (PKI, trusted key) as for any node; its disk is replaced by a blank one.
-    let node = upgradable_node("install");
+    let (node, media) = blank_machine_with_media("install");
     let dir = node.spec.dir.clone();
-    let blank = std::fs::File::create(&node.disk).expect("blank disk");
-    blank.set_len(2048 << 20).expect("size");
-    drop(blank);
-
-    // Installer media: the image's UKI and root, and its bundle signed by the trusted key.
-    let a = artifacts();
-    let bundle = dir.join("bundle.plinth");
-    std::fs::write(&bundle, imager::bundle(&a, &signing_key()).expect("bundle")).expect("write");
-    let media = dir.join("installer.raw");
-    imager::disk::installer(&a, &bundle, &media, &dir.join("work")).expect("installer media");
 
     // Boot the media on firmware in Setup Mode (no keys enrolled: anything boots): maintenance
     // mode, an address from DHCP, the fingerprint on the console.
@@ -308,16 +297,8 @@ async fn a_blank_disk_is_installed_from_media_and_boots_slot_a_without_it() {
 async fn a_firmware_holding_other_secure_boot_keys_is_refused_before_anything_is_written() {
     // A machine whose firmware holds someone else's keys, with Secure Boot turned off (so the
     // media boot): what the install would write could never boot once it is turned on.
-    let node = upgradable_node("install-foreign-keys");
+    let (node, media) = blank_machine_with_media("install-foreign-keys");
     let dir = node.spec.dir.clone();
-    let blank = std::fs::File::create(&node.disk).expect("blank disk");
-    blank.set_len(2048 << 20).expect("size");
-    drop(blank);
-    let a = artifacts();
-    let bundle = dir.join("bundle.plinth");
-    std::fs::write(&bundle, imager::bundle(&a, &signing_key()).expect("bundle")).expect("write");
-    let media = dir.join("installer.raw");
-    imager::disk::installer(&a, &bundle, &media, &dir.join("work")).expect("installer media");
     let other_keys = dir.join("other-keys");
     imager::secureboot::generate(&other_keys, "Someone else").expect("other keys");
     let mut spec = node.vm_spec();
@@ -360,6 +341,22 @@ async fn a_firmware_holding_other_secure_boot_keys_is_refused_before_anything_is
             "the disk was written at {at}"
         );
     }
+}
+
+/// A node's configs (PKI, trusted key) as for any node, its disk replaced by a blank one, and
+/// installer media: the image's UKI and root, and its bundle signed by the trusted key.
+fn blank_machine_with_media(name: &str) -> (common::TestNode, std::path::PathBuf) {
+    let node = upgradable_node(name);
+    let dir = node.spec.dir.clone();
+    let blank = std::fs::File::create(&node.disk).expect("blank disk");
+    blank.set_len(2048 << 20).expect("size");
+    drop(blank);
+    let a = artifacts();
+    let bundle = dir.join("bundle.plinth");
+    std::fs::write(&bundle, imager::bundle(&a, &signing_key()).expect("bundle")).expect("write");
+    let media = dir.join("installer.raw");
+    imager::disk::installer(&a, &bundle, &media, &dir.join("work")).expect("installer media");
+    (node, media)
 }
 
 fn maintenance_fingerprint(vm: &mut Vm) -> String {

@@ -17,6 +17,17 @@ fn slot<'a>(s: &'a api::proto::StatusResponse, name: &str) -> &'a api::proto::Sl
         .expect("slot in status")
 }
 
+/// A node that trusts the tests' bundle key, booted on slot A.
+async fn booted_on_a(name: &str) -> (common::TestNode, config::Context, Vm) {
+    let node = upgradable_node(name);
+    let ctx = node.context().expect("context").clone();
+    let mut vm = node.boot().expect("launch");
+    wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("boot A");
+    (node, ctx, vm)
+}
+
 /// Runs the CLI off the async runtime: whether it succeeded, and its output.
 async fn cli(node: &common::TestNode, args: &[&str]) -> (bool, String) {
     let node = node.clone();
@@ -46,12 +57,7 @@ async fn a_uki_changed_after_signing_is_refused_by_the_firmware_and_the_node_say
     let bundle = common::workspace().join("target/vm-tests/images/tampered-uki/bundle.plinth");
     std::fs::write(&bundle, bundle_bytes).expect("write bundle");
 
-    let node = upgradable_node("sb-tampered-uki");
-    let ctx = node.context().expect("context").clone();
-    let mut vm = node.boot().expect("launch");
-    wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
-        .await
-        .expect("boot A");
+    let (node, _, mut vm) = booted_on_a("sb-tampered-uki").await;
     let ep = node.endpoint();
     let (ok, text) = cli(
         &node,
@@ -85,12 +91,7 @@ async fn a_uki_changed_after_signing_is_refused_by_the_firmware_and_the_node_say
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_block_flipped_after_the_write_stops_the_trial_in_dm_verity_and_a_says_why() {
     let bundle = common::bundle("flipped-root", "0.2.0-flipped", &[]);
-    let node = upgradable_node("verity-flipped-root");
-    let ctx = node.context().expect("context").clone();
-    let mut vm = node.boot().expect("launch");
-    wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
-        .await
-        .expect("boot A");
+    let (node, ctx, mut vm) = booted_on_a("verity-flipped-root").await;
     let ep = node.endpoint();
 
     // Slot B written and verified, its trial staged for the next reboot.

@@ -73,9 +73,7 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
         confirm: args.confirm,
     };
     let (endpoint, mut c) = if args.insecure {
-        let endpoint = target.endpoints.first().cloned().context(
-            "--insecure needs -e/--endpoints (a node in maintenance mode has no context yet)",
-        )?;
+        let endpoint = target.insecure_endpoint()?;
         let fingerprint = match args.cert_fingerprint.clone() {
             Some(fp) => fp,
             None => {

@@ -1,6 +1,5 @@
 //! `plinth status`.
 
-use anyhow::Context as _;
 use api::proto::StatusRequest;
 
 use crate::connect::{status_error, Target};
@@ -23,9 +22,7 @@ pub struct Args {
 
 pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
     let (endpoint, mut c) = if args.insecure {
-        let endpoint = target.endpoints.first().cloned().context(
-            "--insecure needs -e/--endpoints (a node in maintenance mode has no context yet)",
-        )?;
+        let endpoint = target.insecure_endpoint()?;
         let fingerprint = match args.cert_fingerprint.clone() {
             Some(fp) => fp,
             None => api::client::server_fingerprint(&endpoint).await?,

@@ -21,8 +21,8 @@ pub async fn mount_esp(ctx: Arc<Runtime>) -> Result<(), TaskError> {
 }
 
 /// Reads META and works out what this boot is: a trial of the booted slot, or a normal boot
-/// (which may reveal that the other slot's trial failed). Then the boot entries are made to
-/// agree with META.
+/// (which may reveal that the other slot's trial failed), and records it there. The boot
+/// entries are made to agree later ([`reconcile_entries`]).
 pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     // Installer media have no slots of their own to check.
     if ctx.installer() {
@@ -31,7 +31,7 @@ pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let booted = ctx.boot().ok_or(slots::SlotError::NoBootInfo)?.slot;
     let version = slots::running_version(&ctx);
     let mut kind = BootKind::Normal(None);
-    let m = slots::update_meta(&ctx, |m| {
+    slots::update_meta(&ctx, |m| {
         kind = m.on_boot(booted, &version, sequencer::clock::unix_ms());
     })?;
     let trial = kind == BootKind::Trial;
@@ -72,6 +72,19 @@ pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
         );
         install_breadcrumbs(&ctx);
     }
+    Ok(())
+}
+
+/// Makes the firmware's boot entries and BootOrder agree with META. Off the path to the API:
+/// a dozen EFI variable reads go through SMM, slow under emulation, and nothing before the
+/// health gates needs the entries (an upgrade or rollback, which change them, wait for the
+/// boot to finish).
+pub async fn reconcile_entries(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    if ctx.installer() {
+        return Ok(());
+    }
+    // META as checkSlots left it (no write: nothing changes).
+    let m = slots::update_meta(&ctx, |_| {})?;
     slots::reconcile_entries(&ctx, &m)?;
     Ok(())
 }
