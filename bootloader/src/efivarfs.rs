@@ -8,10 +8,15 @@
 //! - The kernel marks variables it does not know to be safe to change with the immutable
 //!   inode flag, so the flag is cleared before writing or deleting an existing variable.
 //!   Filesystems without the flags ioctl answer ENOTTY/EOPNOTSUPP/EINVAL; that means "no flag".
+//!
+//! And one shapes the reads: efivarfs turns every `read(2)`, even the one that only finds the
+//! end, into two `GetVariable()` calls (the size, then the data), and a firmware that serves
+//! its variables from SMM (OVMF with Secure Boot, most real machines) stops every CPU for each.
+//! So a variable is read in one call into a buffer larger than it ([`read_whole`]).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -207,6 +212,34 @@ pub enum VarStoreError {
     },
 }
 
+/// Reads a whole file in as few `read(2)` calls as it takes: one, into a buffer a page larger
+/// than the size its inode gives, where `fs::read` makes a second to find the end (on
+/// efivarfs, two more firmware calls). A short read is taken as the end, as it is on efivarfs
+/// (each read returns all that is left that fits) and on regular files.
+fn read_whole(path: &Path) -> io::Result<Vec<u8>> {
+    let mut f = File::open(path)?;
+    let hint = f.metadata().map_or(0, |m| m.len() as usize);
+    let mut buf = vec![0u8; hint + 4096];
+    let mut len = 0;
+    loop {
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                len += n;
+                if len < buf.len() {
+                    break;
+                }
+                // The variable grew past the inode's size: read on.
+                buf.resize(buf.len() * 2, 0);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
 /// UEFI variables in an efivarfs-format directory.
 #[derive(Debug, Clone)]
 pub struct VarStore {
@@ -259,7 +292,7 @@ impl VarStore {
     /// Reads a variable; `None` if it does not exist.
     pub fn get(&self, name: &VarName) -> Result<Option<Variable>, VarStoreError> {
         let path = self.path_of(name)?;
-        let bytes = match fs::read(&path) {
+        let bytes = match read_whole(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
@@ -419,6 +452,17 @@ fn no_inode_flags(e: nix::errno::Errno) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_file_is_read_whatever_its_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for len in [0usize, 1, 4095, 4096, 4097, 70_000] {
+            let path = dir.path().join(format!("f{len}"));
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            fs::write(&path, &data).expect("write");
+            assert_eq!(read_whole(&path).expect("read"), data, "{len} bytes");
+        }
+    }
 
     #[test]
     fn file_name_is_name_dash_lowercase_guid() {

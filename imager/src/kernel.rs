@@ -25,16 +25,21 @@ pub const EARLY_MODULES: &[&str] = &[
 
 /// Modules the initramfs loads (after the early ones), by name: what it needs to find the boot
 /// disk (NVMe, or virtio for installer media), map and mount the root, read the EFI variables
-/// and arm the watchdog, and the entropy source TLS needs. Their dependencies are added from
+/// and arm the watchdog, and the entropy source TLS needs; and ext4, which the node needs
+/// first of all once the initramfs is done (STATE holds its config), and which is the largest
+/// module: loaded beside the initramfs's own work it is in by then (in the background after
+/// it, the node waited about 0.2 s more for it under TCG: BENCHMARKS.md). Their dependencies are added from
 /// `modules.dep`; they load in parallel, each once its dependencies (and the early ones) are in.
 pub const INITRAMFS_MODULES: &[&str] = &[
-    // First what finding the boot disk waits for, then the root's, the watchdog, entropy.
+    // First what finding the boot disk waits for, then the root's, the volumes', the
+    // watchdog, entropy.
     "efivarfs",
     "nvme",
     "virtio_pci",
     "virtio_blk",
     "dm_verity",
     "squashfs",
+    "ext4",
     "i6300esb",
     // Entropy: without it getrandom, and so TLS, waits for the CRNG.
     "virtio-rng",
@@ -43,11 +48,10 @@ pub const INITRAMFS_MODULES: &[&str] = &[
 /// Modules the node needs only after the initramfs: they load in the background while the boot
 /// goes on (`phases::modules`), and each task that needs one waits for it.
 pub const LATE_MODULES: &[&str] = &[
-    // In the order the boot needs them: STATE and EPHEMERAL's file system, the ESP's, the
-    // network; then encryption (with the CPU's AES instructions: a CPU without them refuses
-    // aesni_intel with ENODEV, and the generic code built into the kernel does the work) and
-    // the ACPI power button, read by machined through evdev.
-    "ext4",
+    // In the order the boot needs them: the ESP's file system, the network; then encryption
+    // (with the CPU's AES instructions: a CPU without them refuses aesni_intel with ENODEV,
+    // and the generic code built into the kernel does the work) and the ACPI power button,
+    // read by machined through evdev; these last are held back until asked for.
     "vfat",
     "nls_cp437",
     "nls_ascii",

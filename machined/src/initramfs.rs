@@ -23,6 +23,11 @@ pub fn run() -> anyhow::Error {
 }
 
 fn try_run() -> anyhow::Result<std::convert::Infallible> {
+    tracing::info!(
+        "machined: main at {} us after the kernel's start, the initramfs role at {} us",
+        crate::started_us(),
+        sequencer::clock::boot_us()
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -2,7 +2,8 @@
 //!
 //! One static binary, two roles:
 //! - in the initramfs (`/init`, with `/etc/initrd-release` present) it runs the initramfs
-//!   sequence and execs `/sbin/machined` on the slot's root ([`initramfs`]);
+//!   sequence, switches to the slot's root and goes on as the node in the same process
+//!   ([`initramfs`]);
 //! - on the slot's root it is the node ([`node`]): the boot chain ([`boot`]), the API
 //!   ([`api`]), and it never exits.
 //!
@@ -36,4 +37,19 @@ pub fn fatal(reason: &str) -> ! {
         console::line(&format!("machined: reboot failed: {e}"));
         std::thread::sleep(Duration::from_secs(60));
     }
+}
+
+static STARTED_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Notes when `main` began (the kernel's clock), for the boot's timeline.
+pub fn mark_start() {
+    STARTED_US.store(
+        sequencer::clock::boot_us(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// When `main` began, in microseconds of the kernel's clock (0 if [`mark_start`] was not called).
+pub fn started_us() -> u64 {
+    STARTED_US.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -61,6 +61,7 @@ enum Role {
 }
 
 fn main() {
+    machined::mark_start();
     console::init();
     let args = match Args::try_parse() {
         Ok(a) => a,
