@@ -242,3 +242,57 @@ async fn dmesg_shows_the_kernel_log_and_logs_follows_a_service() {
         .expect_err("unknown service");
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test]
+async fn an_unknown_apply_mode_or_wipe_method_or_an_oversized_request_is_refused_and_changes_nothing(
+) {
+    let node = start(vec![], &[]);
+    let before = node.version_after(None).await;
+    let config = node.config_on_state().expect("a config on STATE");
+    let yaml = config.to_yaml().expect("yaml");
+
+    // Enum values the node does not know must not quietly become the default.
+    let mut c = node.client().await;
+    let err = c
+        .apply_configuration(ApplyConfigurationRequest {
+            data: yaml.clone(),
+            mode: 7,
+            ..Default::default()
+        })
+        .await
+        .expect_err("an unknown apply mode");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("apply mode 7"), "{}", err.message());
+    let err = c
+        .reset(ResetRequest {
+            method: 9,
+            ..Default::default()
+        })
+        .await
+        .expect_err("an unknown wipe method");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("wipe method 9"), "{}", err.message());
+
+    // A request over the 64 KiB every RPC but Upgrade accepts: a valid config with a long
+    // comment, so only its size is wrong.
+    let big = format!("{yaml}\n# {}\n", "x".repeat(100 << 10));
+    let err = node
+        .client()
+        .await
+        .apply_configuration(ApplyConfigurationRequest {
+            data: big,
+            ..Default::default()
+        })
+        .await
+        .expect_err("an oversized request");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("64 KiB"), "{}", err.message());
+
+    // Nothing changed: the same boot, still running, the same config on STATE.
+    let v = node.version_after(None).await;
+    assert_eq!(
+        (v.boot_id.as_str(), v.state.as_str()),
+        (before.boot_id.as_str(), "running")
+    );
+    assert_eq!(node.config_on_state(), Some(config));
+}

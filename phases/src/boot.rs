@@ -62,8 +62,8 @@ pub fn boot() -> Sequence<Arc<Runtime>> {
                 Task::new("startApi", api::start_api),
             ],
         )
-        // The boot entries are reconciled with META here, beside the services and after the
-        // API answers: the health gates and the commit, which need them, come after.
+        // The boot entries are reconciled with META here, beside the services, once the API
+        // listens: the health gates and the commit, which need them, come after.
         .phase(
             "startServices",
             [

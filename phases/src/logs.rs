@@ -265,6 +265,30 @@ pub fn rotate_if_large(platform: &dyn Platform, service: &str) -> Result<bool, P
 mod tests {
     use super::*;
 
+    #[cfg(feature = "sim")]
+    #[test]
+    fn a_service_log_over_the_limit_is_kept_once_and_emptied_and_a_small_one_is_left() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (sim, _power) = crate::platform::sim::Sim::new(dir.path(), "");
+        let (big, small) = (
+            sim.resolve(&service_log("big")),
+            sim.resolve(&service_log("small")),
+        );
+        std::fs::create_dir_all(big.parent().expect("parent")).expect("mkdir");
+        let data = vec![b'x'; MAX_SERVICE_LOG as usize + 1];
+        std::fs::write(&big, &data).expect("write");
+        std::fs::write(&small, b"a line\n").expect("write");
+        assert!(rotate_if_large(&*sim, "big").expect("rotate"));
+        assert!(!rotate_if_large(&*sim, "small").expect("rotate"));
+        assert_eq!(
+            std::fs::read(sim.resolve(&rotated_log("big"))).expect("kept"),
+            data
+        );
+        assert_eq!(std::fs::metadata(&big).expect("meta").len(), 0);
+        assert_eq!(std::fs::read(&small).expect("small"), b"a line\n");
+        assert!(!sim.resolve(&rotated_log("small")).exists());
+    }
+
     #[test]
     fn kmsg_records_parse_into_level_time_and_text() {
         let l = parse_kmsg("6,339,5140900,-;NET: Registered protocol family 10\n SUBSYSTEM=net")

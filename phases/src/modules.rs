@@ -1,7 +1,8 @@
 //! Loading the kernel modules: those the initramfs needs (the disk, dm-verity, SquashFS, the
 //! watchdog; and ext4, which the node needs first) as fast as the CPUs allow, and those the
-//! node needs only later (vfat, the network driver) in the background at the lowest CPU priority, so they fill the time the
-//! boot leaves idle instead of delaying it; each task that needs a late module waits for it.
+//! node needs only later (vfat, the network driver) in the background at the lowest CPU
+//! priority, so they fill the time the boot leaves idle instead of delaying it; each task that
+//! needs a late module waits for it.
 //! What nothing on the way to the API needs (dm-crypt and AES for encrypted volumes, the power
 //! button) is held back until a task asks for it or the boot has settled ([`release_after`]).
 //! Under TCG a module costs tens to hundreds of milliseconds (its signature hashed, its

@@ -75,10 +75,10 @@ pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     Ok(())
 }
 
-/// Makes the firmware's boot entries and BootOrder agree with META. Off the path to the API:
-/// a dozen EFI variable reads go through SMM, slow under emulation, and nothing before the
-/// health gates needs the entries (an upgrade or rollback, which change them, wait for the
-/// boot to finish).
+/// Makes the firmware's boot entries and BootOrder agree with META. Once the API listens, not
+/// before: a dozen EFI variable reads go through SMM, slow under emulation (each stops every
+/// CPU), and nothing before the health gates needs the entries (an upgrade or rollback, which
+/// change them, waits for the boot to finish).
 pub async fn reconcile_entries(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     if ctx.installer() {
         return Ok(());
