@@ -55,7 +55,18 @@ impl Swtpm {
     }
 
     fn tpm(&self) -> Tpm {
-        let t = tpm::device::Socket::connect(&self.dir.path().join("cmd")).expect("connect");
+        // The socket's file appears at bind(), before swtpm listens: a connect in between is
+        // refused, so it is retried for a while.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let t = loop {
+            match tpm::device::Socket::connect(&self.dir.path().join("cmd")) {
+                Ok(t) => break t,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("connect: {e:?}"),
+            }
+        };
         let mut tpm = Tpm::new(Box::new(t));
         tpm.startup().expect("startup");
         tpm

@@ -256,7 +256,10 @@ fn start_tpm(spec: &VmSpec) -> Result<Option<Child>, HarnessError> {
         .spawn()
         .map_err(HarnessError::io(format!("starting {SWTPM}")))?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
+    // Its socket file appears at bind(), before it listens, and QEMU's connect in between
+    // would be refused; a probe connect of our own would end it (`--terminate`). So wait
+    // until the kernel lists the socket as listening.
+    while !listening(&sock) {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(HarnessError::Other(format!(
                 "swtpm exited ({status}): {}",
@@ -272,6 +275,21 @@ fn start_tpm(spec: &VmSpec) -> Result<Option<Child>, HarnessError> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(Some(child))
+}
+
+/// Whether a Unix socket bound at `path` is listening (`/proc/net/unix`: flags `00010000`,
+/// `__SO_ACCEPTCON`).
+fn listening(path: &std::path::Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return path.exists();
+    };
+    let path = path.display().to_string();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == path
+            && u32::from_str_radix(f[3], 16).is_ok_and(|fl| fl & 0x1_0000 != 0)
+    })
 }
 
 /// A running VM. Dropping it kills QEMU, unless it was detached.
