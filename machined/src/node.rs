@@ -101,39 +101,13 @@ fn spawn_signal_handlers(runtime: Arc<Runtime>) {
 /// reads the device itself (a blocking read of fixed-size `input_event` records: no crate
 /// needed for one key on one device).
 fn spawn_power_button(runtime: Arc<Runtime>) {
-    const EV_KEY: u16 = 1;
-    const KEY_POWER: u16 = 116;
-    // struct input_event on 64-bit: struct timeval (16), type (2), code (2), value (4).
-    const EVENT_SIZE: usize = 24;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     tokio::spawn(async move {
         // Its driver loads in the background once the boot has settled.
         if let Err(e) = phases::modules::wait_for_quietly(phases::modules::FOR_POWER_BUTTON).await {
             tracing::warn!("{e}");
         }
-        std::thread::spawn(move || {
-            let Some(device) = power_button_device() else {
-                tracing::info!("no ACPI power button device");
-                return;
-            };
-            let mut f = match std::fs::File::open(&device) {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::warn!("opening {}: {e}", device.display());
-                    return;
-                }
-            };
-            tracing::info!("listening for the power button on {}", device.display());
-            let mut ev = [0u8; EVENT_SIZE];
-            while std::io::Read::read_exact(&mut f, &mut ev).is_ok() {
-                let kind = u16::from_ne_bytes([ev[16], ev[17]]);
-                let code = u16::from_ne_bytes([ev[18], ev[19]]);
-                let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
-                if kind == EV_KEY && code == KEY_POWER && value == 1 && tx.send(()).is_err() {
-                    return;
-                }
-            }
-        });
+        std::thread::spawn(move || read_power_button(&tx));
     });
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
@@ -163,4 +137,34 @@ fn power_button_device() -> Option<std::path::PathBuf> {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     None
+}
+
+/// Reads the power button's key presses (a blocking read of fixed-size `input_event` records)
+/// and sends one message per press until the receiver is gone.
+fn read_power_button(tx: &tokio::sync::mpsc::UnboundedSender<()>) {
+    const EV_KEY: u16 = 1;
+    const KEY_POWER: u16 = 116;
+    // struct input_event on 64-bit: struct timeval (16), type (2), code (2), value (4).
+    const EVENT_SIZE: usize = 24;
+    let Some(device) = power_button_device() else {
+        tracing::info!("no ACPI power button device");
+        return;
+    };
+    let mut f = match std::fs::File::open(&device) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!("opening {}: {e}", device.display());
+            return;
+        }
+    };
+    tracing::info!("listening for the power button on {}", device.display());
+    let mut ev = [0u8; EVENT_SIZE];
+    while std::io::Read::read_exact(&mut f, &mut ev).is_ok() {
+        let kind = u16::from_ne_bytes([ev[16], ev[17]]);
+        let code = u16::from_ne_bytes([ev[18], ev[19]]);
+        let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+        if kind == EV_KEY && code == KEY_POWER && value == 1 && tx.send(()).is_err() {
+            return;
+        }
+    }
 }

@@ -150,11 +150,6 @@ impl Platform for Linux {
         )
     }
 
-    fn load_module(&self, path: &Path) -> Result<ModuleLoad, PlatformError> {
-        let file = std::fs::File::open(path).map_err(|e| PlatformError::io("opening", path, e))?;
-        self.load_module_file(&file, path)
-    }
-
     fn load_module_file(
         &self,
         file: &std::fs::File,

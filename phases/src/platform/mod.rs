@@ -255,9 +255,6 @@ pub trait Platform: Send + Sync + 'static {
     /// Moves a mount (and its submounts) to another place.
     fn move_mount(&self, from: &Path, to: &Path) -> Result<(), PlatformError>;
 
-    /// Loads a kernel module from a file.
-    fn load_module(&self, path: &Path) -> Result<ModuleLoad, PlatformError>;
-
     /// Loads a kernel module from a file opened earlier (`path` names it in errors).
     fn load_module_file(
         &self,

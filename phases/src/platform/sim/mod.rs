@@ -425,12 +425,8 @@ impl Platform for Sim {
         Ok(())
     }
 
-    fn load_module(&self, _path: &Path) -> Result<ModuleLoad, PlatformError> {
-        // The simulated kernel has everything built in.
-        Ok(ModuleLoad::AlreadyLoaded)
-    }
-
     fn load_module_file(&self, _file: &File, _path: &Path) -> Result<ModuleLoad, PlatformError> {
+        // The simulated kernel has everything built in.
         Ok(ModuleLoad::AlreadyLoaded)
     }
 
