@@ -101,6 +101,15 @@ pub fn to_proto(e: &Event) -> proto::Event {
         EventKind::ApiReady { endpoint } => Payload::ApiReady(proto::ApiReady {
             endpoint: endpoint.clone(),
         }),
+        EventKind::Extension {
+            name,
+            state,
+            message,
+        } => Payload::Extension(proto::ExtensionEvent {
+            name: name.clone(),
+            state: state.clone(),
+            message: message.clone(),
+        }),
         EventKind::Service {
             service,
             state,
@@ -199,6 +208,11 @@ pub fn from_proto(e: &proto::Event) -> Option<Event> {
         Payload::ApiReady(a) => EventKind::ApiReady {
             endpoint: a.endpoint.clone(),
         },
+        Payload::Extension(x) => EventKind::Extension {
+            name: x.name.clone(),
+            state: x.state.clone(),
+            message: x.message.clone(),
+        },
         Payload::Service(s) => EventKind::Service {
             service: s.service.clone(),
             state: s.state.clone(),
@@ -283,6 +297,11 @@ mod tests {
                 service: "web".into(),
                 state: "running".into(),
                 message: "pid 7".into(),
+            },
+            EventKind::Extension {
+                name: "containerd".into(),
+                state: "refused".into(),
+                message: "signature".into(),
             },
             EventKind::Slot {
                 slot: "B".into(),

@@ -68,6 +68,7 @@ pub const RPCS: &[&str] = &[
     "Events",
     "Status",
     "ServiceList",
+    "ExtensionList",
     "Reboot",
     "Shutdown",
     "Dmesg",
@@ -99,7 +100,7 @@ pub fn is_open_service(path: &str) -> bool {
 /// The roles allowed to call `method` (the RPC name, e.g. `Version`).
 pub fn allowed_roles(method: &str) -> &'static [Role] {
     match method {
-        "Version" | "Events" | "Status" | "ServiceList" => READS,
+        "Version" | "Events" | "Status" | "ServiceList" | "ExtensionList" => READS,
         // Logs can carry anything a service prints, secrets included: not for readers.
         "Reboot" | "Shutdown" | "Dmesg" | "Logs" => OPERATE,
         // Anything not listed: admin only.

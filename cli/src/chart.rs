@@ -286,6 +286,7 @@ impl Builder {
             | EventKind::RequestDenied { .. }
             | EventKind::ApiReady { .. }
             | EventKind::Service { .. }
+            | EventKind::Extension { .. }
             | EventKind::Slot { .. }
             | EventKind::Progress { .. } => {}
         }

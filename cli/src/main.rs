@@ -51,7 +51,8 @@ enum Cmd {
     Rollback(cmd::upgrade::RollbackArgs),
     /// Give a node its config (a new node in maintenance mode with --insecure).
     ApplyConfig(cmd::apply::Args),
-    /// Show the node's running config (`plinth get config`).
+    /// Show the node's running config (`plinth get config`) or its system extensions
+    /// (`plinth get extensions`).
     Get(cmd::config::GetArgs),
     /// Change the node's config with a JSON merge or RFC 6902 patch (`--dry-run` shows the diff).
     Patch(cmd::config::PatchArgs),

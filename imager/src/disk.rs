@@ -33,6 +33,8 @@ pub struct DiskOptions {
     pub config_yaml: Option<String>,
     /// Scratch directory for the partition images.
     pub work_dir: PathBuf,
+    /// System extension files to put in the ESP's store (the node checks them at boot).
+    pub extensions: Vec<PathBuf>,
 }
 
 fn part<'a>(parts: &'a [DiskPartition], label: &str) -> Result<&'a DiskPartition, ImageError> {
@@ -94,8 +96,14 @@ fn sized_file(path: &Path, bytes: u64) -> Result<(), ImageError> {
     f.set_len(bytes).map_err(ImageError::io("sizing", path))
 }
 
-/// Builds the ESP image: slot A's UKI at `\EFI\plinth\A.efi` and at `\EFI\BOOT\BOOTX64.EFI`.
-fn esp_image(path: &Path, bytes: u64, artifacts: &Artifacts) -> Result<(), ImageError> {
+/// Builds the ESP image: slot A's UKI at `\EFI\plinth\A.efi` and at `\EFI\BOOT\BOOTX64.EFI`,
+/// and the extensions in `\EFI\plinth\extensions`, each named `NAME@LEVEL.ext`.
+fn esp_image(
+    path: &Path,
+    bytes: u64,
+    artifacts: &Artifacts,
+    extensions: &[PathBuf],
+) -> Result<(), ImageError> {
     sized_file(path, bytes)?;
     run(Command::new("mkfs.vfat")
         .args(["-F", "32", "-n", "EFI"])
@@ -105,6 +113,21 @@ fn esp_image(path: &Path, bytes: u64, artifacts: &Artifacts) -> Result<(), Image
     let uki = artifacts.uki(Slot::A);
     for dest in ["::/EFI/plinth/A.efi", "::/EFI/BOOT/BOOTX64.EFI"] {
         run(Command::new("mcopy").args(["-i", &img]).arg(uki).arg(dest))?;
+    }
+    if !extensions.is_empty() {
+        run(Command::new("mmd").args(["-i", &img, "::/EFI/plinth/extensions"]))?;
+    }
+    for e in extensions {
+        let mut head = Vec::new();
+        std::fs::File::open(e)
+            .and_then(|f| f.take(70 * 1024).read_to_end(&mut head))
+            .map_err(ImageError::io("reading", e))?;
+        let name = upgrade::extension::store_name(&head)
+            .map_err(|err| ImageError::Invalid(format!("{}: {err}", e.display())))?;
+        run(Command::new("mcopy")
+            .args(["-i", &img])
+            .arg(e)
+            .arg(format!("::/EFI/plinth/extensions/{name}")))?;
     }
     Ok(())
 }
@@ -160,7 +183,7 @@ pub fn assemble(
 
     let esp = part(&parts, LABEL_ESP)?;
     let esp_img = opts.work_dir.join("esp.img");
-    esp_image(&esp_img, esp.len, artifacts)?;
+    esp_image(&esp_img, esp.len, artifacts, &opts.extensions)?;
 
     let state = part(&parts, LABEL_STATE)?;
     let state_dir = opts.work_dir.join("state");
@@ -262,7 +285,7 @@ pub fn installer(
     let disk_bytes = offset + MIB;
 
     let esp_img = work_dir.join("installer-esp.img");
-    esp_image(&esp_img, INSTALLER_ESP_BYTES, artifacts)?;
+    esp_image(&esp_img, INSTALLER_ESP_BYTES, artifacts, &[])?;
     if let Some(keys) = &artifacts.secureboot {
         esp_keys(&esp_img, keys)?;
     }

@@ -61,6 +61,12 @@ pub const LATE_MODULES: &[&str] = &[
     "aesni_intel",
     "button",
     "evdev",
+    // System extensions (loop devices over their files, overlaid on /usr/local) and, for
+    // containers, their networks: held back until an extension or a container asks.
+    "loop",
+    "overlay",
+    "veth",
+    "bridge",
 ];
 
 /// A module to load: its path under `lib/modules/<release>/` and the modules that must be in

@@ -4,13 +4,15 @@
 //! (with their load order worked out here, so the node needs no modprobe), an initramfs holding
 //! `machined` as `/init`, a SquashFS root holding `machined` with its dm-verity hash tree
 //! appended, and one UKI per slot whose command line pins the root's verity root hash. [`disk::assemble`] lays them out on a raw
-//! GPT disk with the layout of [`upgrade::layout`].
+//! GPT disk with the layout of [`upgrade::layout`]. [`extension::build`] packs a signed system
+//! extension.
 //!
 //! The host tools are Debian's (apt, dpkg, kmod, squashfs-tools, binutils, systemd-boot-efi,
 //! dosfstools, mtools, e2fsprogs); a missing one is named with its package.
 #![warn(missing_docs)]
 
 pub mod disk;
+pub mod extension;
 pub mod initramfs;
 pub mod kernel;
 pub mod rootfs;

@@ -18,6 +18,8 @@ const DIRS: &[&str] = &[
     "var",
     "system/state",
     "system/efi",
+    // System extensions are overlaid here.
+    "usr/local",
 ];
 
 /// Host programs the node runs to make file systems (STATE and EPHEMERAL come back empty after

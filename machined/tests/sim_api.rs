@@ -55,6 +55,7 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
         ),
         "Status" => code(c.status(StatusRequest {}).await),
         "ServiceList" => code(c.service_list(ServiceListRequest {}).await),
+        "ExtensionList" => code(c.extension_list(ExtensionListRequest {}).await),
         "Dmesg" => code(c.dmesg(DmesgRequest { follow: false }).await),
         "Logs" => code(
             c.logs(LogsRequest {
@@ -102,7 +103,7 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
 }
 
 /// The RPCs in the order they are walked: the ones that end the boot last.
-const ORDER: [&str; 13] = [
+const ORDER: [&str; 14] = [
     "ApplyConfiguration",
     "GetConfiguration",
     "Reset",
@@ -110,6 +111,7 @@ const ORDER: [&str; 13] = [
     "Events",
     "Status",
     "ServiceList",
+    "ExtensionList",
     "Dmesg",
     "Logs",
     "Upgrade",

@@ -62,6 +62,13 @@ pub fn boot() -> Sequence<Arc<Runtime>> {
                 Task::new("startApi", api::start_api),
             ],
         )
+        // Extensions before the services, which may run their programs; after the API, which
+        // needs none of them (checking one reads all of it).
+        .phase_when(
+            "mountExtensions",
+            |rt: &Arc<Runtime>| !rt.installer(),
+            [Task::new("mountExtensions", services::mount_extensions)],
+        )
         // The boot entries are reconciled with META here, beside the services, once the API
         // listens: the health gates and the commit, which need them, come after.
         .phase(
@@ -107,6 +114,7 @@ mod tests {
             [
                 "faultHang",
                 "network",
+                "mountExtensions",
                 "startServices",
                 "waitServicesHealthy",
                 "healthGates",

@@ -18,14 +18,14 @@ pub fn sequence() -> Sequence<Initramfs> {
             ],
         )
         .phase("loadModules", [Task::new("loadModules", t::load_modules)])
-        .phase("armWatchdog", [Task::new("armWatchdog", t::arm_watchdog)])
-        .phase(
-            "mountEfivarfs",
-            [Task::new("mountEfivarfs", t::mount_efivarfs)],
-        )
+        // The watchdog is armed beside the search for the boot disk: it waits for its own
+        // driver, which nothing else waits for.
         .phase(
             "findBootDisk",
-            [Task::new("findBootDisk", t::find_boot_disk)],
+            [
+                Task::new("findBootDisk", t::find_boot_disk),
+                Task::new("armWatchdog", t::arm_watchdog),
+            ],
         )
         .phase("mapRoot", [Task::new("mapRoot", t::map_root)])
         .phase("mountRoot", [Task::new("mountRoot", t::mount_root)])
@@ -41,8 +41,6 @@ mod tests {
             [
                 "mountPseudoFilesystems",
                 "loadModules",
-                "armWatchdog",
-                "mountEfivarfs",
                 "findBootDisk",
                 "mapRoot",
                 "mountRoot",

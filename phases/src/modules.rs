@@ -341,9 +341,10 @@ async fn wait(names: &[&str], ask: bool) -> Result<(), String> {
     }
 }
 
-/// Modules the boot disk needs (NVMe, or virtio for installer media) and the EFI variables
-/// the firmware stub left.
-pub const FOR_BOOT_DISK: &[&str] = &["nvme", "virtio_blk", "efivarfs"];
+/// Modules the boot disk needs (NVMe, or virtio for installer media).
+pub const FOR_BOOT_DISK: &[&str] = &["nvme", "virtio_blk"];
+/// efivarfs, where the firmware stub leaves which ESP it booted from.
+pub const FOR_EFIVARS: &[&str] = &["efivarfs"];
 /// The hardware watchdog's driver.
 pub const FOR_WATCHDOG: &[&str] = &["i6300esb"];
 /// What mapping and mounting the root needs.

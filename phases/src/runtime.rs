@@ -122,6 +122,7 @@ pub struct Runtime {
     trial: std::sync::atomic::AtomicBool,
     meta: Mutex<()>,
     volumes: Mutex<Vec<crate::volume::Volume>>,
+    extensions: Mutex<Vec<crate::extensions::ExtensionStatus>>,
 }
 
 impl Runtime {
@@ -147,7 +148,21 @@ impl Runtime {
             trial: std::sync::atomic::AtomicBool::new(false),
             meta: Mutex::new(()),
             volumes: Mutex::new(Vec::new()),
+            extensions: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The extensions found at boot and what became of each.
+    pub fn extensions(&self) -> Vec<crate::extensions::ExtensionStatus> {
+        self.extensions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records the extensions found at boot.
+    pub fn set_extensions(&self, e: Vec<crate::extensions::ExtensionStatus>) {
+        *self.extensions.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }
 
     fn found(&self) -> MutexGuard<'_, Found> {

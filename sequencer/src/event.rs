@@ -140,6 +140,15 @@ pub enum EventKind {
         /// Total.
         total: u64,
     },
+    /// A system extension was activated or refused.
+    Extension {
+        /// Its name.
+        name: String,
+        /// `active` or `refused`.
+        state: String,
+        /// Its version and digest, or why it was refused.
+        message: String,
+    },
     /// A supervised service changed state.
     Service {
         /// Service name.
@@ -166,6 +175,7 @@ impl EventKind {
             EventKind::RequestDenied { .. } => "request.denied",
             EventKind::ApiReady { .. } => "api.ready",
             EventKind::Service { .. } => "service",
+            EventKind::Extension { .. } => "extension",
             EventKind::Slot { .. } => "slot",
             EventKind::Progress { .. } => "progress",
         }

@@ -32,8 +32,10 @@ pub struct NodeSpec {
     pub memory_mb: u32,
     /// Services for the node config.
     pub services: Vec<config::Service>,
-    /// Public keys (hex) whose bundles the node accepts.
+    /// Public keys (hex) whose bundles (and extensions) the node accepts.
     pub trusted_keys: Vec<String>,
+    /// System extension files for the ESP's store.
+    pub extensions: Vec<PathBuf>,
 }
 
 /// A node ready to boot.
@@ -126,6 +128,7 @@ pub fn prepare(spec: &NodeSpec, artifacts: &Artifacts) -> Result<PreparedNode, H
             slot_bytes: DEFAULT_SLOT_BYTES,
             config_yaml: Some(node_yaml),
             work_dir: spec.dir.join("work"),
+            extensions: spec.extensions.clone(),
         },
     )?;
     Ok(PreparedNode {

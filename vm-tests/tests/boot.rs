@@ -87,8 +87,6 @@ async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls()
         [
             "initramfs/mountPseudoFilesystems",
             "initramfs/loadModules",
-            "initramfs/armWatchdog",
-            "initramfs/mountEfivarfs",
             "initramfs/findBootDisk",
             "initramfs/mapRoot",
             "initramfs/mountRoot",
@@ -97,6 +95,7 @@ async fn a_node_boots_through_ovmf_into_machined_and_answers_version_over_mtls()
             "initialize/mountPartitions",
             "initialize/loadConfig",
             "boot/network",
+            "boot/mountExtensions",
             "boot/startServices",
             "boot/waitServicesHealthy",
         ]

@@ -61,6 +61,8 @@ pub trait Node: Send + Sync + 'static {
     fn shutdown(&self, actor: String, force: bool) -> Result<(), Denied>;
     /// The supervised services.
     fn services(&self) -> Vec<proto::ServiceInfo>;
+    /// The system extensions found at boot.
+    fn extensions(&self) -> proto::ExtensionListResponse;
     /// Runs an upgrade from `bundle` to its end (or refusal).
     async fn upgrade(
         &self,

@@ -99,6 +99,13 @@ impl<N: Node> Machine for MachineService<N> {
         }))
     }
 
+    async fn extension_list(
+        &self,
+        _: Request<proto::ExtensionListRequest>,
+    ) -> Result<Response<proto::ExtensionListResponse>, Status> {
+        Ok(Response::new(self.node.extensions()))
+    }
+
     async fn upgrade(
         &self,
         request: Request<tonic::Streaming<proto::UpgradeRequest>>,

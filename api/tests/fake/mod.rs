@@ -42,6 +42,9 @@ impl Node for FakeNode {
     fn services(&self) -> Vec<api::proto::ServiceInfo> {
         Vec::new()
     }
+    fn extensions(&self) -> api::proto::ExtensionListResponse {
+        api::proto::ExtensionListResponse::default()
+    }
     async fn upgrade(
         &self,
         _: String,

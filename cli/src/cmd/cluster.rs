@@ -104,6 +104,7 @@ pub async fn run(target: &Target, c: Cluster) -> anyhow::Result<()> {
                     memory_mb: memory,
                     services: Vec::new(),
                     trusted_keys: vec![public],
+                    extensions: Vec::new(),
                 },
                 &artifacts,
             )?;

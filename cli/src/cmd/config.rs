@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use api::proto::{ApplyConfigurationRequest, GetConfigurationRequest};
+use api::proto::{ApplyConfigurationRequest, ExtensionListRequest, GetConfigurationRequest};
 
 use super::apply::{send, Mode};
 use crate::connect::{status_error, Target};
@@ -18,11 +18,20 @@ pub enum Resource {
     Config,
 }
 
+/// What `plinth get` shows.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GetResource {
+    /// The node config.
+    Config,
+    /// The system extensions: active, or refused with the reason.
+    Extensions,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct GetArgs {
     /// What to show.
     #[arg(value_enum)]
-    resource: Resource,
+    resource: GetResource,
 }
 
 /// How a patch is written.
@@ -77,9 +86,50 @@ async fn running(target: &Target) -> anyhow::Result<String> {
 }
 
 pub async fn get(target: &Target, args: GetArgs) -> anyhow::Result<()> {
-    let Resource::Config = args.resource;
-    print!("{}", running(target).await?);
+    match args.resource {
+        GetResource::Config => print!("{}", running(target).await?),
+        GetResource::Extensions => {
+            let (endpoint, mut c) = target.connect().await?;
+            let r = c
+                .extension_list(ExtensionListRequest {})
+                .await
+                .map_err(|s| status_error(&endpoint, s))?
+                .into_inner();
+            print!("{}", extensions_table(&r));
+        }
+    }
     Ok(())
+}
+
+/// The extensions as a table: name, version, level, state, digest; a refusal's message below
+/// its line.
+pub fn extensions_table(r: &api::proto::ExtensionListResponse) -> String {
+    if r.extensions.is_empty() {
+        return format!(
+            "no system extensions (this OS provides extension level {})\n",
+            r.os_level
+        );
+    }
+    let mut out = format!(
+        "{:<16} {:<24} {:>5}  {:<22} {}\n",
+        "NAME", "VERSION", "LEVEL", "STATE", "DIGEST"
+    );
+    for e in &r.extensions {
+        let state = if e.active {
+            "active".to_string()
+        } else {
+            format!("refused ({})", e.refused_reason)
+        };
+        let digest = e.digest.get(..16).unwrap_or(&e.digest);
+        out += &format!(
+            "{:<16} {:<24} {:>5}  {:<22} {}\n",
+            e.name, e.version, e.level, state, digest
+        );
+        if !e.active {
+            out += &format!("  {}: {}\n", e.file, e.refused_message);
+        }
+    }
+    out
 }
 
 /// `yaml` with `patch` applied, as YAML; the result must still be a valid node config.
@@ -194,6 +244,48 @@ fn keep(file: tempfile::NamedTempFile) -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_extension_table_shows_each_state_and_a_refusals_message() {
+        let empty = extensions_table(&api::proto::ExtensionListResponse {
+            extensions: vec![],
+            os_level: 1,
+        });
+        assert_eq!(
+            empty,
+            "no system extensions (this OS provides extension level 1)\n"
+        );
+        let info = |name: &str, active: bool, reason: &str| api::proto::ExtensionInfo {
+            name: name.into(),
+            version: "1.6.20".into(),
+            level: 1,
+            digest: "ab".repeat(32),
+            file: format!("{name}@1.ext"),
+            active,
+            refused_reason: reason.into(),
+            refused_message: if active {
+                String::new()
+            } else {
+                "no key".into()
+            },
+        };
+        let t = extensions_table(&api::proto::ExtensionListResponse {
+            extensions: vec![
+                info("containerd", true, ""),
+                info("tools", false, "signature"),
+            ],
+            os_level: 1,
+        });
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("NAME"), "{t}");
+        assert!(
+            lines[1].contains("containerd") && lines[1].contains("active"),
+            "{t}"
+        );
+        assert!(lines[1].ends_with(&"ab".repeat(8)), "{t}");
+        assert!(lines[2].contains("refused (signature)"), "{t}");
+        assert_eq!(lines[3], "  tools@1.ext: no key");
+    }
 
     fn config() -> String {
         api::gen::generate(&api::gen::GenOptions {

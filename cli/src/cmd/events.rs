@@ -99,6 +99,11 @@ pub fn describe(e: &Event) -> String {
             state,
             message,
         } => format!("service {service} {state}: {message}"),
+        EventKind::Extension {
+            name,
+            state,
+            message,
+        } => format!("extension {name} {state}: {message}"),
         EventKind::Slot {
             slot,
             state,

@@ -1,4 +1,4 @@
-//! `plinth image build` and `plinth image disk`.
+//! `plinth image build`, `bundle`, `extension` and `disk`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -63,6 +63,38 @@ pub enum Image {
         #[arg(long, value_name = "UNIX_SECONDS")]
         expires: Option<u64>,
     },
+    /// Pack a signed system extension: a directory (every file under /usr/local), or the
+    /// programs and libraries of Debian packages; `--runtime` packs the container runtime
+    /// (containerd, its runc shim, runc and libseccomp).
+    Extension {
+        /// Its name (the file the node keeps and `plinth get extensions` shows).
+        #[arg(long)]
+        name: Option<String>,
+        /// Its version (with --runtime: containerd's).
+        #[arg(long = "version")]
+        ext_version: Option<String>,
+        /// A directory to pack as it is.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// A Debian package to take programs and libraries from (repeatable).
+        #[arg(long = "deb")]
+        debs: Vec<String>,
+        /// The container runtime: containerd, runc and libseccomp from Debian.
+        #[arg(long, conflicts_with_all = ["dir", "debs"])]
+        runtime: bool,
+        /// The signing key (`plinth gen signing-key`; nodes trust the same keys as for bundles).
+        #[arg(long)]
+        key: PathBuf,
+        /// The extension level it is for (default: this release's).
+        #[arg(long, default_value_t = upgrade::extension::LEVEL)]
+        level: u32,
+        /// Download cache.
+        #[arg(long, default_value = "out/cache")]
+        cache: PathBuf,
+        /// The extension file to write.
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+    },
     /// Write a system disk (GPT, slot A installed) from a build, with a node config on STATE.
     Disk {
         /// The build's output directory.
@@ -80,6 +112,10 @@ pub enum Image {
         /// Slot size in MiB.
         #[arg(long, default_value_t = DEFAULT_SLOT_BYTES / (1024 * 1024))]
         slot_mib: u64,
+        /// A system extension to put in the ESP's store (repeatable; `plinth image
+        /// extension`). The node checks it at boot against the keys its config trusts.
+        #[arg(long = "extension")]
+        extensions: Vec<PathBuf>,
     },
 }
 
@@ -194,12 +230,64 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Image::Extension {
+            name,
+            ext_version,
+            dir,
+            debs,
+            runtime,
+            key,
+            level,
+            cache,
+            out,
+        } => {
+            let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            let (name, debs, programs) = match (runtime, name) {
+                (true, name) => (
+                    name.unwrap_or_else(|| "containerd".into()),
+                    strings(imager::extension::RUNTIME_DEBS),
+                    strings(imager::extension::RUNTIME_PROGRAMS),
+                ),
+                (false, Some(name)) => (name, debs, Vec::new()),
+                (false, None) => bail!("--name is required (or --runtime)"),
+            };
+            let ext_version = match (ext_version, runtime) {
+                (Some(v), _) => v,
+                (None, true) => debian_version("containerd")?,
+                (None, false) => bail!("--version is required"),
+            };
+            let opts = imager::extension::ExtensionOptions {
+                name,
+                version: ext_version,
+                dir,
+                debs,
+                programs,
+                cache,
+                staging: out.with_extension("staging"),
+                level,
+            };
+            let (bytes, m) = imager::extension::build(&opts, &read_key(&key)?)?;
+            let _ = std::fs::remove_dir_all(&opts.staging);
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} (extension {} {}, level {}, {} bytes)",
+                out.display(),
+                m.name,
+                m.version,
+                m.level,
+                bytes.len()
+            );
+            println!("  image blake3 {}", m.blake3);
+            println!("  verity root  {}", m.verity.root);
+            Ok(())
+        }
         Image::Disk {
             image_dir,
             node_config,
             out,
             size_mib,
             slot_mib,
+            extensions,
         } => {
             let a = Artifacts::load(&image_dir).context("run `plinth image build` first")?;
             let config_yaml = match node_config {
@@ -220,6 +308,7 @@ pub fn run(i: Image) -> anyhow::Result<()> {
                     disk_bytes: size_mib * 1024 * 1024,
                     slot_bytes: slot_mib * 1024 * 1024,
                     config_yaml,
+                    extensions,
                 },
             )?;
             let _ = std::fs::remove_dir_all(out.with_extension("work"));
@@ -235,6 +324,23 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The version apt would install of `package` (the candidate), without its epoch.
+fn debian_version(package: &str) -> anyhow::Result<String> {
+    let out = Command::new("apt-cache")
+        .args(["policy", package])
+        .output()
+        .context("running apt-cache")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate:"))
+        .map(str::trim)
+        .filter(|v| *v != "(none)")
+        .map(|v| v.rsplit(':').next().unwrap_or(v).to_string())
+        .with_context(|| {
+            format!("apt knows no {package} package (run apt-get update), or pass --version")
+        })
 }
 
 fn read_key(path: &Path) -> anyhow::Result<upgrade::bundle::SigningKey> {

@@ -162,6 +162,10 @@ impl api::server::Node for NodeApi {
         status::services(&self.runtime)
     }
 
+    fn extensions(&self) -> api::proto::ExtensionListResponse {
+        status::extensions(&self.runtime)
+    }
+
     async fn upgrade(
         &self,
         actor: String,

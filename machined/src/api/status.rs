@@ -221,3 +221,27 @@ pub fn services(runtime: &Runtime) -> Vec<api::proto::ServiceInfo> {
         })
         .collect()
 }
+
+/// The system extensions found at boot, as `plinth get extensions` shows them.
+pub fn extensions(runtime: &Runtime) -> api::proto::ExtensionListResponse {
+    api::proto::ExtensionListResponse {
+        extensions: runtime
+            .extensions()
+            .into_iter()
+            .map(|e| {
+                let (refused_reason, refused_message) = e.refused.unwrap_or_default();
+                api::proto::ExtensionInfo {
+                    name: e.name,
+                    version: e.version,
+                    level: e.level,
+                    digest: e.digest,
+                    file: e.file,
+                    active: e.active,
+                    refused_reason,
+                    refused_message,
+                }
+            })
+            .collect(),
+        os_level: upgrade::extension::LEVEL,
+    }
+}

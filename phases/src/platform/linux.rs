@@ -124,6 +124,9 @@ impl Platform for Linux {
         if spec.restricted {
             flags |= MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
         }
+        if spec.nosuid {
+            flags |= MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        }
         nix::mount::mount(
             Some(spec.source.as_str()),
             &spec.target,
@@ -176,6 +179,7 @@ impl Platform for Linux {
         name: &str,
         device: &Path,
         root: &upgrade::verity::VerityRoot,
+        panic: bool,
     ) -> Result<PathBuf, PlatformError> {
         let st = nix::sys::stat::stat(device).map_err(|errno| PlatformError::Sys {
             what: format!("reading the device number of {}", device.display()),
@@ -189,9 +193,18 @@ impl Platform for Linux {
         let target = super::dm::Target {
             sectors: root.data_size / 512,
             kind: "verity",
-            params: root.table_params(&dev, &["panic_on_corruption"]),
+            params: root.table_params(&dev, if panic { &["panic_on_corruption"] } else { &[] }),
         };
         Ok(super::dm::create(name, &target, super::dm::READONLY)?.path)
+    }
+
+    fn attach_loop(
+        &self,
+        file: &Path,
+        offset: u64,
+        size: u64,
+    ) -> Result<super::LoopDevice, PlatformError> {
+        super::loopdev::attach(file, offset, size)
     }
 
     fn map_crypt(
@@ -560,6 +573,10 @@ impl Platform for Linux {
 
     fn open_file(&self, path: &Path) -> Result<std::fs::File, PlatformError> {
         std::fs::File::open(path).map_err(|e| PlatformError::io("opening", path, e))
+    }
+
+    fn list_dir(&self, path: &Path) -> Result<Vec<String>, PlatformError> {
+        list_dir(path, path)
     }
 
     fn kernel_log_path(&self) -> PathBuf {
@@ -1033,6 +1050,16 @@ fn sync_parent(path: &Path) -> Result<(), PlatformError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| PlatformError::io("syncing directory", dir, e))
+}
+
+/// The names in `dir` (`shown` in errors).
+pub(crate) fn list_dir(dir: &Path, shown: &Path) -> Result<Vec<String>, PlatformError> {
+    std::fs::read_dir(dir)
+        .and_then(|d| {
+            d.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .map_err(|e| PlatformError::io("listing", shown, e))
 }
 
 #[cfg(test)]

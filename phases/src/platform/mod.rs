@@ -6,6 +6,7 @@
 
 pub mod dm;
 pub mod linux;
+pub mod loopdev;
 #[cfg(feature = "sim")]
 pub mod sim;
 
@@ -28,6 +29,8 @@ pub struct MountSpec {
     pub read_only: bool,
     /// `nosuid,nodev,noexec`: for pseudo and data file systems.
     pub restricted: bool,
+    /// `nosuid,nodev`: for programs that may run but not raise privileges (extensions).
+    pub nosuid: bool,
     /// File-system-specific options (`mode=0755`).
     pub data: Option<String>,
 }
@@ -41,6 +44,7 @@ impl MountSpec {
             fstype: fstype.into(),
             read_only: false,
             restricted: false,
+            nosuid: false,
             data: None,
         }
     }
@@ -57,11 +61,27 @@ impl MountSpec {
         self
     }
 
+    /// `nosuid,nodev`.
+    pub fn nosuid(mut self) -> Self {
+        self.nosuid = true;
+        self
+    }
+
     /// With file-system options.
     pub fn data(mut self, data: &str) -> Self {
         self.data = Some(data.into());
         self
     }
+}
+
+/// A read-only loop device over part of a file ([`Platform::attach_loop`]).
+#[derive(Debug)]
+pub struct LoopDevice {
+    /// `/dev/loopN`.
+    pub path: PathBuf,
+    /// Holds the device open: it detaches itself once nothing (this, or a mapping over it)
+    /// uses it.
+    pub hold: Option<std::fs::File>,
 }
 
 /// A whole disk and its GPT partitions.
@@ -266,14 +286,20 @@ pub trait Platform: Send + Sync + 'static {
     fn efivars(&self) -> VarStore;
 
     /// Maps `device` through dm-verity as `name`, data and hash tree both read from it and
-    /// checked against `root`; a corrupted block read later panics the machine. Returns the
+    /// checked against `root`; a corrupted block read later panics the machine if `panic`
+    /// (the root: a trial then falls back), or fails the read (an extension). Returns the
     /// device to mount.
     fn map_verity(
         &self,
         name: &str,
         device: &Path,
         root: &upgrade::verity::VerityRoot,
+        panic: bool,
     ) -> Result<PathBuf, PlatformError>;
+
+    /// Attaches `size` bytes of `file` from `offset` on to a read-only loop device.
+    fn attach_loop(&self, file: &Path, offset: u64, size: u64)
+        -> Result<LoopDevice, PlatformError>;
 
     /// Maps `device` from byte `offset` on through dm-crypt (`aes-xts-plain64` with `key`, 64
     /// bytes) as `name`. Returns the device to use.
@@ -369,6 +395,9 @@ pub trait Platform: Send + Sync + 'static {
 
     /// Opens a file for reading.
     fn open_file(&self, path: &Path) -> Result<std::fs::File, PlatformError>;
+
+    /// The names in a directory (not sorted).
+    fn list_dir(&self, path: &Path) -> Result<Vec<String>, PlatformError>;
 
     /// Where the kernel log is read, as a path on the machine running machined (`/dev/kmsg`
     /// on Linux).

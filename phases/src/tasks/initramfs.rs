@@ -201,8 +201,8 @@ fn parse_module_line(line: &str) -> Option<(String, Vec<String>)> {
     ))
 }
 
-/// Starts loading the kernel modules the image carries and waits for those that finding the
-/// boot disk needs: the initramfs's modules (`/lib/modules/plinth.order`) load as many at a
+/// Starts loading the kernel modules the image carries, mounts efivarfs once its module is in,
+/// and waits for the modules that finding the boot disk needs: the initramfs's modules (`/lib/modules/plinth.order`) load as many at a
 /// time as are ready, and each later task waits for its own (the watchdog's, dm-verity's,
 /// SquashFS's), so they load while the boot disk is found; the modules the node needs later
 /// (`plinth.late`) load in the background at the lowest priority ([`crate::modules`]). A
@@ -236,7 +236,17 @@ pub async fn load_modules(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
         late,
         module_jobs(&ctx.platform.cmdline()?),
     );
-    crate::modules::wait_for(crate::modules::FOR_BOOT_DISK).await?;
+    // efivarfs (where the firmware stub left `LoaderDevicePartUUID`) is mounted as soon as its
+    // module is in, while the disk drivers still load.
+    let efivarfs = async {
+        crate::modules::wait_for(crate::modules::FOR_EFIVARS).await?;
+        mount_efivarfs(&ctx)
+    };
+    let disk = async {
+        crate::modules::wait_for(crate::modules::FOR_BOOT_DISK).await?;
+        Ok::<(), sequencer::TaskError>(())
+    };
+    tokio::try_join!(disk, efivarfs)?;
     let done = crate::modules::loaded();
     let mut slowest: Vec<&crate::modules::Loaded> = done.iter().collect();
     slowest.sort_by_key(|l| std::cmp::Reverse(l.took));
@@ -308,7 +318,7 @@ pub async fn arm_watchdog(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
 }
 
 /// Mounts efivarfs, where the firmware stub left `LoaderDevicePartUUID`.
-pub async fn mount_efivarfs(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
+fn mount_efivarfs(ctx: &Initramfs) -> Result<(), sequencer::TaskError> {
     let spec = MountSpec::new("efivarfs", crate::platform::linux::EFIVARS, "efivarfs").restricted();
     Ok(ctx.platform.mount(&spec)?)
 }
@@ -396,7 +406,7 @@ pub async fn map_root(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     let mut boot = ctx.require_boot()?;
     let device = ctx
         .platform
-        .map_verity(ROOT_MAPPING, &boot.root_device, &root)?;
+        .map_verity(ROOT_MAPPING, &boot.root_device, &root, true)?;
     tracing::info!(
         "root {} mapped through dm-verity as {} (root hash {})",
         boot.root_device.display(),

@@ -73,3 +73,9 @@ pub async fn stop_services(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     ctx.services.stop_all().await;
     Ok(())
 }
+
+/// Checks the system extensions in the ESP's store and overlays those that pass on
+/// `/usr/local` ([`crate::extensions`]); a refused one is reported and left out.
+pub async fn mount_extensions(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    crate::extensions::activate(&ctx).await
+}

@@ -95,6 +95,7 @@ pub fn node_with_services(name: &str, services: Vec<config::Service>) -> TestNod
         memory_mb: 1024,
         services,
         trusted_keys: Vec::new(),
+        extensions: Vec::new(),
     };
     test_node(prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
 }
@@ -181,6 +182,16 @@ pub fn signing_key() -> upgrade::bundle::SigningKey {
 
 /// A node that trusts [`signing_key`].
 pub fn upgradable_node(name: &str) -> TestNode {
+    node_with_extensions(name, Vec::new(), Vec::new())
+}
+
+/// A node that trusts [`signing_key`], with `extensions` in its ESP's store and `services`
+/// in its config.
+pub fn node_with_extensions(
+    name: &str,
+    extensions: Vec<PathBuf>,
+    services: Vec<config::Service>,
+) -> TestNode {
     let dir = workspace().join("target/vm-tests").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     let spec = NodeSpec {
@@ -188,8 +199,9 @@ pub fn upgradable_node(name: &str) -> TestNode {
         dir,
         image_dir: PathBuf::new(),
         memory_mb: 1024,
-        services: Vec::new(),
+        services,
         trusted_keys: vec![upgrade::bundle::public_hex(&signing_key().verifying_key())],
+        extensions,
     };
     test_node(prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
 }

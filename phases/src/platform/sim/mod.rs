@@ -439,6 +439,7 @@ impl Platform for Sim {
         name: &str,
         device: &Path,
         root: &upgrade::verity::VerityRoot,
+        _panic: bool,
     ) -> Result<PathBuf, PlatformError> {
         // The simulated kernel reads every block at once: a corruption anywhere fails the
         // mapping (a real one panics when the bad block is first read).
@@ -456,6 +457,20 @@ impl Platform for Sim {
         s.mappings.retain(|(n, _)| n != name);
         s.mappings.push((name.to_string(), "V".into()));
         Ok(device.to_path_buf())
+    }
+
+    fn attach_loop(
+        &self,
+        file: &Path,
+        _offset: u64,
+        _size: u64,
+    ) -> Result<crate::platform::LoopDevice, PlatformError> {
+        // The simulated machine keeps no extensions: none of its tests asks for one.
+        Err(PlatformError::io(
+            "attaching a loop device to",
+            file,
+            std::io::Error::from(std::io::ErrorKind::Unsupported),
+        ))
     }
 
     fn map_crypt(
@@ -761,6 +776,10 @@ impl Platform for Sim {
 
     fn open_file(&self, path: &Path) -> Result<File, PlatformError> {
         File::open(self.resolve(path)).map_err(io("opening", path))
+    }
+
+    fn list_dir(&self, path: &Path) -> Result<Vec<String>, PlatformError> {
+        crate::platform::linux::list_dir(&self.resolve(path), path)
     }
 
     fn kernel_log_path(&self) -> PathBuf {

@@ -1,0 +1,283 @@
+//! System extensions on the node ([`upgrade::extension`]): the files in the ESP's extension
+//! store are checked, mapped through dm-verity and overlaid on `/usr/local`, once per boot.
+//!
+//! Each extension goes through, in order: its signature (by a key the config trusts for
+//! bundles), its compatibility (OS, extension level, architecture), its hash tree against the
+//! signed root (every block of the file read once, so a flipped byte is refused by name here
+//! rather than failing a read later); then it is mapped through dm-verity (the kernel checks
+//! every block it reads from then on), mounted read-only, `nosuid` and `nodev`, in a private
+//! place, and its tree is checked (only directories, regular files and links under
+//! `/usr/local`, nothing setuid, setgid or world-writable, its release record matching the
+//! signed manifest) before anything of it becomes visible. An extension refused at any step is
+//! taken down again, reported by name with its reason (an event and `plinth get extensions`),
+//! and the node boots without it. The extensions that pass are overlaid, read-only, on
+//! `/usr/local`.
+//!
+//! The store is on the ESP, outside the slots: extensions stay across upgrades and resets, and
+//! a node keeps one file per extension and level (`NAME@LEVEL.ext`), so a slot of another
+//! level finds its own.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sequencer::EventKind;
+use upgrade::bundle::VerifyingKey;
+use upgrade::extension::{self as ext, ExtensionError, Manifest};
+
+use crate::platform::MountSpec;
+use crate::runtime::{paths, Runtime};
+
+/// The store, under the ESP's mount.
+pub const STORE: &str = "EFI/plinth/extensions";
+/// Where each extension is mounted before it is overlaid.
+pub const STAGING: &str = "/run/plinth/extensions";
+/// Where extensions appear.
+pub const TARGET: &str = "/usr/local";
+/// What the kernel needs for them: loop devices and overlayfs.
+pub const MODULES: &[&str] = &["loop", "overlay"];
+
+/// One extension found in the store, and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtensionStatus {
+    /// The file in the store.
+    pub file: String,
+    /// Its name (the file's stem when the manifest could not be read).
+    pub name: String,
+    /// Its version, if its manifest was read.
+    pub version: String,
+    /// The extension level it was built for (0 if unknown).
+    pub level: u32,
+    /// The digest of its signed manifest (empty if unknown).
+    pub digest: String,
+    /// Overlaid on `/usr/local`.
+    pub active: bool,
+    /// Why it was refused: the short reason and the message.
+    pub refused: Option<(String, String)>,
+}
+
+/// The store's directory on this node.
+pub fn store() -> PathBuf {
+    Path::new(paths::ESP).join(STORE)
+}
+
+/// The file name an extension has in the store.
+pub fn file_name(m: &Manifest) -> String {
+    format!("{}@{}{}", m.name, m.level, ext::SUFFIX)
+}
+
+/// Why one extension did not come up.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error(transparent)]
+    Extension(#[from] ExtensionError),
+    #[error(transparent)]
+    Platform(#[from] crate::platform::PlatformError),
+}
+
+impl Refusal {
+    fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Extension(e) => e.reason(),
+            Refusal::Platform(_) => "mount",
+        }
+    }
+}
+
+/// The extensions in the store, by file name.
+fn list(rt: &Runtime) -> Vec<PathBuf> {
+    let Ok(names) = rt.platform.list_dir(&store()) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = names
+        .into_iter()
+        .filter(|n| n.ends_with(ext::SUFFIX))
+        .map(|n| store().join(n))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Reads an extension file's head and checks its signature; the file is left open.
+fn read_signed(
+    rt: &Runtime,
+    path: &Path,
+    trusted: &[VerifyingKey],
+) -> Result<(std::fs::File, ext::Verified), Refusal> {
+    let mut f = rt.platform.open_file(path)?;
+    let mut head = Vec::with_capacity(70 * 1024);
+    (&mut f)
+        .take(70 * 1024)
+        .read_to_end(&mut head)
+        .map_err(ExtensionError::Io)?;
+    let v = ext::read_head(&head, trusted)?;
+    Ok((f, v))
+}
+
+/// Checks a signed extension up to its mount: compatibility, then the image and its hash tree.
+fn check_rest(mut f: std::fs::File, v: ext::Verified) -> Result<ext::Verified, ExtensionError> {
+    ext::check_compatible(&v.manifest, ext::LEVEL, std::env::consts::ARCH)?;
+    f.seek(SeekFrom::Start(v.image_offset))
+        .map_err(ExtensionError::Io)?;
+    ext::check_image(
+        &v.manifest,
+        &mut std::io::BufReader::with_capacity(1 << 20, f),
+    )?;
+    Ok(v)
+}
+
+/// The device-mapper name of an extension's mapping.
+fn mapping(name: &str) -> String {
+    format!("plinth-ext-{name}")
+}
+
+/// Maps, mounts (privately) and checks the tree of a checked extension; on a refusal, takes
+/// down what it set up.
+fn mount_checked(rt: &Runtime, path: &Path, v: &ext::Verified) -> Result<PathBuf, Refusal> {
+    let m = &v.manifest;
+    let loop_dev = rt.platform.attach_loop(path, v.image_offset, m.size)?;
+    let name = mapping(&m.name);
+    let device = rt
+        .platform
+        .map_verity(&name, &loop_dev.path, &m.verity, false)?;
+    // The mapping holds the loop device now: it goes away with the mapping.
+    drop(loop_dev);
+    let at = Path::new(STAGING).join(&m.name);
+    let mounted = rt.platform.mount(
+        &MountSpec::new(&device.display().to_string(), &at, "squashfs")
+            .read_only()
+            .nosuid(),
+    );
+    let checked = mounted.map_err(Refusal::from).and_then(|()| {
+        let entries = ext::walk(&at).map_err(ExtensionError::Io)?;
+        ext::check_entries(&entries)?;
+        let record = std::fs::read_to_string(at.join(ext::release_path(&m.name))).ok();
+        ext::check_release(m, record.as_deref())?;
+        Ok(())
+    });
+    if let Err(e) = checked {
+        let _ = rt.platform.unmount(&at);
+        let _ = rt.platform.unmap(&name);
+        return Err(e);
+    }
+    Ok(at)
+}
+
+fn event(rt: &Runtime, name: &str, state: &str, message: String) {
+    rt.bus.publish(
+        EventKind::Extension {
+            name: name.into(),
+            state: state.into(),
+            message,
+        },
+        None,
+    );
+}
+
+/// Checks and mounts every extension in the store and overlays those that pass on
+/// `/usr/local`. Never fails the boot: a refused extension is left out and reported.
+pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
+    let files = list(rt);
+    if files.is_empty() {
+        rt.set_extensions(Vec::new());
+        return Ok(());
+    }
+    let trusted: Vec<VerifyingKey> = rt
+        .config()
+        .map(|c| c.machine.upgrade.trusted_keys)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|k| upgrade::bundle::public_from_hex(k).ok())
+        .collect();
+    crate::modules::wait_for(MODULES).await?;
+    let rt2 = rt.clone();
+    let statuses = tokio::task::spawn_blocking(move || {
+        let mut statuses = Vec::new();
+        let mut lower = Vec::new();
+        for path in files {
+            let file = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let stem = file.split(['@', '.']).next().unwrap_or(&file).to_string();
+            let mut status = ExtensionStatus {
+                file: file.clone(),
+                name: stem,
+                version: String::new(),
+                level: 0,
+                digest: String::new(),
+                active: false,
+                refused: None,
+            };
+            let outcome = read_signed(&rt2, &path, &trusted).and_then(|(f, v)| {
+                // Signed: what it says about itself is worth showing, even if refused.
+                status.name = v.manifest.name.clone();
+                status.version = v.manifest.version.clone();
+                status.level = v.manifest.level;
+                status.digest = v.digest.clone();
+                let v = check_rest(f, v)?;
+                if statuses
+                    .iter()
+                    .any(|s: &ExtensionStatus| s.active && s.name == v.manifest.name)
+                {
+                    return Err(Refusal::Extension(ExtensionError::BadManifest(format!(
+                        "another file already brought an extension named {}",
+                        v.manifest.name
+                    ))));
+                }
+                mount_checked(&rt2, &path, &v)
+            });
+            match outcome {
+                Ok(at) => {
+                    status.active = true;
+                    lower.push(at.join(ext::PREFIX));
+                    tracing::info!(
+                        "extension {} {} active (digest {})",
+                        status.name,
+                        status.version,
+                        status.digest
+                    );
+                    event(
+                        &rt2,
+                        &status.name,
+                        "active",
+                        format!("{} (digest {})", status.version, status.digest),
+                    );
+                }
+                Err(e) => {
+                    tracing::error!("extension {file} refused: {e}");
+                    event(
+                        &rt2,
+                        &status.name,
+                        "refused",
+                        format!("{}: {e}", e.reason()),
+                    );
+                    status.refused = Some((e.reason().into(), e.to_string()));
+                }
+            }
+            statuses.push(status);
+        }
+        (statuses, lower)
+    })
+    .await;
+    let (mut statuses, lower) = statuses.map_err(|e| format!("checking the extensions: {e}"))?;
+    if !lower.is_empty() {
+        // The first extension on top; the root's own /usr/local last, at the bottom.
+        let mut layers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
+        layers.push(TARGET.into());
+        let spec = MountSpec::new("overlay", TARGET, "overlay")
+            .read_only()
+            .nosuid()
+            .data(&format!("lowerdir={}", layers.join(":")));
+        if let Err(e) = rt.platform.mount(&spec) {
+            tracing::error!("overlaying the extensions on {TARGET}: {e}");
+            for s in statuses.iter_mut().filter(|s| s.active) {
+                s.active = false;
+                s.refused = Some(("mount".into(), format!("overlaying {TARGET}: {e}")));
+                event(rt, &s.name, "refused", format!("mount: {e}"));
+            }
+        }
+    }
+    rt.set_extensions(statuses);
+    Ok(())
+}
