@@ -117,6 +117,7 @@ fn esp_image(
     if !extensions.is_empty() {
         run(Command::new("mmd").args(["-i", &img, "::/EFI/plinth/extensions"]))?;
     }
+    let mut names: Vec<String> = Vec::new();
     for e in extensions {
         let mut head = Vec::new();
         std::fs::File::open(e)
@@ -124,6 +125,13 @@ fn esp_image(
             .map_err(ImageError::io("reading", e))?;
         let name = upgrade::extension::store_name(&head)
             .map_err(|err| ImageError::Invalid(format!("{}: {err}", e.display())))?;
+        if names.contains(&name) {
+            return Err(ImageError::Invalid(format!(
+                "{}: a second extension for {name} (one file per name and level)",
+                e.display()
+            )));
+        }
+        names.push(name.clone());
         run(Command::new("mcopy")
             .args(["-i", &img])
             .arg(e)

@@ -84,6 +84,11 @@ impl Refusal {
     }
 }
 
+/// An extension's name from its file name, for files whose manifest could not be read.
+fn stem(file: &str) -> String {
+    file.split(['@', '.']).next().unwrap_or(file).to_string()
+}
+
 /// The extensions in the store, by file name.
 fn list(rt: &Runtime) -> Vec<PathBuf> {
     let Ok(names) = rt.platform.list_dir(&store()) else {
@@ -119,11 +124,95 @@ fn check_rest(mut f: std::fs::File, v: ext::Verified) -> Result<ext::Verified, E
     ext::check_compatible(&v.manifest, ext::LEVEL, std::env::consts::ARCH)?;
     f.seek(SeekFrom::Start(v.image_offset))
         .map_err(ExtensionError::Io)?;
-    ext::check_image(
-        &v.manifest,
-        &mut std::io::BufReader::with_capacity(1 << 20, f),
-    )?;
+    let mut r = Feeding {
+        inner: std::io::BufReader::with_capacity(1 << 20, f),
+        since: 0,
+    };
+    ext::check_image(&v.manifest, &mut r)?;
     Ok(v)
+}
+
+/// A reader that feeds the watchdog every few MiB: checking a large extension on a slow disk
+/// publishes no event (which is what feeds it during the boot) for a long time.
+struct Feeding<R> {
+    inner: R,
+    since: u64,
+}
+
+impl<R: Read> Read for Feeding<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.since += n as u64;
+        if self.since >= 8 << 20 {
+            crate::watchdog::feed();
+            self.since = 0;
+        }
+        Ok(n)
+    }
+}
+
+/// Reads the release record from a mounted image: a regular file (the tree check saw it), not
+/// followed if it is a link, and at most [`ext::MAX_RELEASE`] bytes.
+fn read_release(at: &Path, name: &str, entries: &[ext::Entry]) -> Option<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let rel = ext::release_path(name);
+    entries
+        .iter()
+        .find(|e| e.path == rel && e.kind == ext::Kind::File)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(at.join(&rel))
+        .ok()?;
+    let mut text = String::new();
+    f.take(ext::MAX_RELEASE).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// Takes down an extension's private mount and mapping (its loop device then detaches itself);
+/// what cannot be taken down is logged.
+fn take_down(rt: &Runtime, name: &str) {
+    let at = Path::new(STAGING).join(name);
+    if rt
+        .platform
+        .mounts()
+        .is_ok_and(|m| m.iter().any(|m| m.target == at))
+    {
+        if let Err(e) = rt.platform.unmount(&at) {
+            tracing::warn!("unmounting extension {name}: {e}");
+        }
+    }
+    if let Err(e) = rt.platform.unmap(&mapping(name)) {
+        tracing::warn!("removing extension {name}'s mapping: {e}");
+    }
+}
+
+/// Takes every active extension down: the overlay on `/usr/local`, then each one's mount and
+/// mapping. Before the ESP is unmounted at reboot, shutdown and reset (the loop devices hold
+/// files on it); the processes that ran from them are gone by then.
+pub fn deactivate(rt: &Runtime) {
+    let active: Vec<ExtensionStatus> = rt.extensions().into_iter().filter(|e| e.active).collect();
+    if active.is_empty() {
+        return;
+    }
+    if rt
+        .platform
+        .mounts()
+        .is_ok_and(|m| m.iter().any(|m| m.target == Path::new(TARGET)))
+    {
+        if let Err(e) = rt.platform.unmount(Path::new(TARGET)) {
+            tracing::warn!("unmounting the extensions from {TARGET}: {e}");
+        }
+    }
+    for e in &active {
+        take_down(rt, &e.name);
+    }
+    rt.set_extensions(
+        rt.extensions()
+            .into_iter()
+            .map(|e| ExtensionStatus { active: false, ..e })
+            .collect(),
+    );
 }
 
 /// The device-mapper name of an extension's mapping.
@@ -151,13 +240,12 @@ fn mount_checked(rt: &Runtime, path: &Path, v: &ext::Verified) -> Result<PathBuf
     let checked = mounted.map_err(Refusal::from).and_then(|()| {
         let entries = ext::walk(&at).map_err(ExtensionError::Io)?;
         ext::check_entries(&entries)?;
-        let record = std::fs::read_to_string(at.join(ext::release_path(&m.name))).ok();
+        let record = read_release(&at, &m.name, &entries);
         ext::check_release(m, record.as_deref())?;
         Ok(())
     });
     if let Err(e) = checked {
-        let _ = rt.platform.unmount(&at);
-        let _ = rt.platform.unmap(&name);
+        take_down(rt, &m.name);
         return Err(e);
     }
     Ok(at)
@@ -189,7 +277,30 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
         .iter()
         .filter_map(|k| upgrade::bundle::public_from_hex(k).ok())
         .collect();
-    crate::modules::wait_for(MODULES).await?;
+    if let Err(e) = crate::modules::wait_for(MODULES).await {
+        tracing::error!("no extensions this boot: {e}");
+        let statuses = files
+            .iter()
+            .map(|path| {
+                let file = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                event(rt, &stem(&file), "refused", format!("mount: {e}"));
+                ExtensionStatus {
+                    name: stem(&file),
+                    file,
+                    version: String::new(),
+                    level: 0,
+                    digest: String::new(),
+                    active: false,
+                    refused: Some(("mount".into(), e.clone())),
+                }
+            })
+            .collect();
+        rt.set_extensions(statuses);
+        return Ok(());
+    }
     let rt2 = rt.clone();
     let statuses = tokio::task::spawn_blocking(move || {
         let mut statuses = Vec::new();
@@ -199,10 +310,9 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let stem = file.split(['@', '.']).next().unwrap_or(&file).to_string();
             let mut status = ExtensionStatus {
                 file: file.clone(),
-                name: stem,
+                name: stem(&file),
                 version: String::new(),
                 level: 0,
                 digest: String::new(),
@@ -260,7 +370,14 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
         (statuses, lower)
     })
     .await;
-    let (mut statuses, lower) = statuses.map_err(|e| format!("checking the extensions: {e}"))?;
+    let (mut statuses, lower) = match statuses {
+        Ok(s) => s,
+        Err(e) => {
+            // The check itself died (it does not panic by design): the node goes on without.
+            tracing::error!("checking the extensions: {e}");
+            return Ok(());
+        }
+    };
     if !lower.is_empty() {
         // The first extension on top; the root's own /usr/local last, at the bottom.
         let mut layers: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
@@ -272,6 +389,7 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
         if let Err(e) = rt.platform.mount(&spec) {
             tracing::error!("overlaying the extensions on {TARGET}: {e}");
             for s in statuses.iter_mut().filter(|s| s.active) {
+                take_down(rt, &s.name);
                 s.active = false;
                 s.refused = Some(("mount".into(), format!("overlaying {TARGET}: {e}")));
                 event(rt, &s.name, "refused", format!("mount: {e}"));

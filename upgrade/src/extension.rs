@@ -250,6 +250,9 @@ fn sysext_arch(arch: &str) -> &str {
     }
 }
 
+/// The largest release record read (it is a few lines).
+pub const MAX_RELEASE: u64 = 4096;
+
 /// Checks the release record found in a mounted image against its (signed) manifest.
 pub fn check_release(m: &Manifest, record: Option<&str>) -> Result<(), ExtensionError> {
     let path = format!("/{}", release_path(&m.name));
@@ -379,6 +382,21 @@ pub fn read_head(head: &[u8], trusted: &[VerifyingKey]) -> Result<Verified, Exte
         )));
     }
     let v = &manifest.verity;
+    // Root and salt go into the device-mapper table: hex only, or a signed manifest could add
+    // table arguments of its own.
+    let hex = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.len().is_multiple_of(2)
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if v.root.len() != 64 || !hex(&v.root, 64) || !hex(&v.salt, 512) {
+        return Err(ExtensionError::BadManifest(
+            "the verity root hash and salt must be lower-case hex (64 and at most 512 digits)"
+                .into(),
+        ));
+    }
     if v.data_size == 0
         || !v.data_size.is_multiple_of(verity::BLOCK)
         || manifest.size != v.image_size()
@@ -548,6 +566,16 @@ impl Kind {
 /// but the directories leading to it under [`PREFIX`]; nothing setuid, setgid or
 /// world-writable (a symbolic link's own mode does not count). The first problem is returned.
 pub fn check_entries(entries: &[Entry]) -> Result<(), ExtensionError> {
+    // `usr/local` and what leads to it must be directories: a link there would make the
+    // overlay's layer any directory of the node's, which nothing here has checked.
+    let has_prefix = entries
+        .iter()
+        .any(|e| e.path.trim_start_matches('/') == PREFIX && e.kind == Kind::Dir);
+    if !has_prefix {
+        return Err(ExtensionError::PathNotAllowed {
+            path: format!("/{PREFIX} (missing, or not a directory)"),
+        });
+    }
     for e in entries {
         let path = e.path.trim_start_matches('/');
         let shown = format!("/{path}");
@@ -557,9 +585,12 @@ pub fn check_entries(entries: &[Entry]) -> Result<(), ExtensionError> {
                 kind: kind.into(),
             });
         }
+        let leading_path = path.is_empty() || PREFIX.starts_with(&format!("{path}/"));
+        if (leading_path || path == PREFIX) && e.kind != Kind::Dir {
+            return Err(ExtensionError::PathNotAllowed { path: shown });
+        }
         let under = path == PREFIX || path.starts_with(&format!("{PREFIX}/"));
-        let leading =
-            e.kind == Kind::Dir && (path.is_empty() || PREFIX.starts_with(&format!("{path}/")));
+        let leading = e.kind == Kind::Dir && leading_path;
         if !under && !leading || path.split('/').any(|c| c == "..") {
             return Err(ExtensionError::PathNotAllowed { path: shown });
         }
@@ -734,22 +765,30 @@ mod tests {
         }
     }
 
+    /// The image's root and `usr`.
+    fn leading() -> Vec<Entry> {
+        vec![entry("", Kind::Dir, 0o755), entry("usr", Kind::Dir, 0o755)]
+    }
+
     #[test]
     fn only_plain_files_under_usr_local_pass() {
-        let good = [
-            entry("", Kind::Dir, 0o755),
-            entry("usr", Kind::Dir, 0o755),
+        let mut good = leading();
+        good.extend([
             entry("usr/local", Kind::Dir, 0o755),
             entry("usr/local/bin", Kind::Dir, 0o755),
             entry("usr/local/bin/runc", Kind::File, 0o755),
             entry("usr/local/lib/libseccomp.so", Kind::Symlink, 0o777),
-        ];
+        ]);
         check_entries(&good).expect("good");
         let cases = [
             (entry("etc/shadow", Kind::File, 0o644), "path"),
             (entry("usr/bin/runc", Kind::File, 0o755), "path"),
             (entry("usr/localx/a", Kind::File, 0o644), "path"),
             (entry("etc", Kind::Dir, 0o755), "path"),
+            (
+                entry("usr/local/bin/../../../etc", Kind::Dir, 0o755),
+                "path",
+            ),
             (entry("usr/local/bin/su", Kind::File, 0o4755), "setuid"),
             (entry("usr/local/bin/wall", Kind::File, 0o2755), "setuid"),
             (entry("usr/local/tmp", Kind::Dir, 0o777), "world-writable"),
@@ -759,12 +798,44 @@ mod tests {
             ),
         ];
         for (bad, reason) in cases {
-            let mut tree = good.to_vec();
+            let mut tree = good.clone();
             tree.push(bad.clone());
             let err = check_entries(&tree).expect_err(&bad.path);
             assert_eq!(err.reason(), reason, "{}: {err}", bad.path);
             assert!(err.to_string().contains(&bad.path), "{err}");
         }
+    }
+
+    #[test]
+    fn usr_local_must_be_a_directory_of_the_image() {
+        let mut link = leading();
+        link.push(entry("usr/local", Kind::Symlink, 0o777));
+        let err = check_entries(&link).expect_err("a link");
+        assert_eq!(err.reason(), "path", "{err}");
+        let usr_link = [
+            entry("", Kind::Dir, 0o755),
+            entry("usr", Kind::Symlink, 0o777),
+        ];
+        assert_eq!(check_entries(&usr_link).expect_err("usr").reason(), "path");
+        let none = leading();
+        let err = check_entries(&none).expect_err("missing");
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn a_manifest_whose_verity_fields_are_not_hex_is_refused() {
+        let ext = built();
+        let v = read_head(&ext, &[key(1).verifying_key()]).expect("head");
+        let mut m = v.manifest.clone();
+        m.verity.salt = format!("{} 1 ignore_corruption", m.verity.salt);
+        let json = serde_json::to_vec(&m).expect("json");
+        let sig = key(1).sign(&signed_message(&json));
+        let mut forged = MAGIC.to_vec();
+        forged.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        forged.extend_from_slice(&json);
+        forged.extend_from_slice(&sig.to_bytes());
+        let err = read_head(&forged, &[key(1).verifying_key()]).expect_err("salt");
+        assert!(err.to_string().contains("hex"), "{err}");
     }
 
     #[test]

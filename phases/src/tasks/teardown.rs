@@ -73,6 +73,9 @@ pub fn unmount_order(mounts: &[MountEntry]) -> Vec<PathBuf> {
 /// Unmounts every writable file system, deepest first; what will not unmount is remounted
 /// read-only and reported.
 pub async fn unmount_filesystems(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    // The extensions' mounts live under /run (kept) and their loop devices hold files on the
+    // ESP: they go first, or the ESP would not unmount.
+    crate::extensions::deactivate(&ctx);
     let p = &ctx.platform;
     let mut stuck = Vec::new();
     for target in unmount_order(&p.mounts()?) {
