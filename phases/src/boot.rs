@@ -16,6 +16,7 @@ pub fn initialize() -> Sequence<Arc<Runtime>> {
             [
                 Task::new("readBootInfo", system::read_boot_info),
                 Task::new("mountTmp", system::mount_tmp),
+                Task::new("mountCgroups", system::mount_cgroups),
             ],
         )
         .phase_when(

@@ -32,6 +32,8 @@ pub mod paths {
     pub const ESP: &str = "/system/efi";
     /// The EPHEMERAL partition's mount point.
     pub const EPHEMERAL: &str = "/var";
+    /// The cgroup v2 hierarchy.
+    pub const CGROUP: &str = "/sys/fs/cgroup";
     /// The kernel modules the initramfs loads, relative to `/lib/modules/<release>/`, each
     /// with the modules it follows.
     pub const MODULE_ORDER: &str = "/lib/modules/plinth.order";

@@ -1,7 +1,8 @@
 //! System extensions: a signed extension (a web page and Debian's busybox) is checked, mapped
 //! through dm-verity and overlaid on /usr/local, and a service runs a program from it; one
 //! signed by another key, one with a flipped byte, one built for another extension level and
-//! one holding a setuid file are each refused with their reason while the node boots.
+//! one holding a setuid file are each refused with their reason while the node boots. A
+//! program from the extension also shows the cgroup v2 controllers handed down below the root.
 
 mod common;
 
@@ -153,10 +154,27 @@ async fn a_signed_extension_is_overlaid_and_runs_while_tampered_ones_are_refused
         stop_timeout_s: 3,
         health: Some(HealthCheck::Tcp("127.0.0.1:8080".into())),
     };
+    // Another shows what the cgroup v2 root hands down to services and containers.
+    let cgroups = Service {
+        name: "cgroups".into(),
+        command: [
+            "/usr/local/bin/busybox",
+            "sh",
+            "-c",
+            "echo subtree: $(cat /sys/fs/cgroup/cgroup.subtree_control); exec sleep 100000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        depends_on: vec![],
+        restart: RestartPolicy::Always,
+        stop_timeout_s: 3,
+        health: None,
+    };
     let node = node_with_extensions(
         "extensions",
         vec![web, unsigned, flipped, future, suid],
-        vec![www],
+        vec![www, cgroups],
     );
     let ctx = node.context().expect("context").clone();
     let mut vm = node.boot().expect("launch");
@@ -228,6 +246,29 @@ async fn a_signed_extension_is_overlaid_and_runs_while_tampered_ones_are_refused
             Instant::now() < deadline,
             "www from the extension never became healthy: {services:?}"
         );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // cgroup v2 is mounted with the controllers containers need enabled below the root.
+    let n1 = node.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = n1.clone();
+        let logs = tokio::task::spawn_blocking(move || {
+            common::plinth_output(&n, &["-e", &n.endpoint(), "logs", "cgroups"]).1
+        })
+        .await
+        .expect("cli");
+        if let Some(line) = logs.lines().find(|l| l.contains("subtree:")) {
+            for c in ["cpu", "cpuset", "io", "memory", "pids"] {
+                assert!(
+                    line.split_whitespace().any(|w| w == c),
+                    "{c} not enabled: {line}"
+                );
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "no cgroup line in: {logs}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 

@@ -24,6 +24,44 @@ pub async fn mount_tmp(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     })?)
 }
 
+/// Mounts the cgroup v2 hierarchy and hands every controller the kernel has down to the
+/// cgroups below the root (where services and containers go: containerd and runc need cpu,
+/// memory, pids, io and cpuset there). `nsdelegate` makes a cgroup namespace a delegation
+/// boundary; `memory_recursiveprot` lets memory protection set on a parent cover its children.
+pub async fn mount_cgroups(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let p = &ctx.platform;
+    p.mount(
+        &MountSpec::new("cgroup2", paths::CGROUP, "cgroup2")
+            .data("nsdelegate,memory_recursiveprot")
+            .restricted(),
+    )?;
+    let root = Path::new(paths::CGROUP);
+    let controllers = p
+        .read(&root.join("cgroup.controllers"))
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let enable = subtree_control(&controllers);
+    if enable.is_empty() {
+        return Ok(());
+    }
+    // Not a reason to stop the boot: the node's own work needs no controller, and what does
+    // (containers) fails later saying so.
+    match p.write(&root.join("cgroup.subtree_control"), enable.as_bytes()) {
+        Ok(()) => tracing::info!("cgroup v2 on {}: {enable}", paths::CGROUP),
+        Err(e) => tracing::error!("enabling the cgroup controllers ({enable}): {e}"),
+    }
+    Ok(())
+}
+
+/// What to write to `cgroup.subtree_control` to enable every controller in `controllers`.
+pub fn subtree_control(controllers: &str) -> String {
+    controllers
+        .split_whitespace()
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The type and source of the file system mounted on `/`, from a `mountinfo` text (the last
 /// entry for `/` is the one on top).
 pub fn root_mount(mountinfo: &str) -> Option<(String, String)> {
@@ -44,6 +82,15 @@ pub fn release_version(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_controller_the_kernel_has_is_handed_down() {
+        assert_eq!(
+            subtree_control("cpuset cpu io memory hugetlb pids rdma misc\n"),
+            "+cpuset +cpu +io +memory +hugetlb +pids +rdma +misc"
+        );
+        assert_eq!(subtree_control(""), "");
+    }
 
     #[test]
     fn the_root_mount_is_the_last_entry_for_slash() {
