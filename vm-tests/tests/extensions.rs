@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use api::proto::{ExtensionListRequest, ServiceListRequest};
 use common::{node_with_extensions, signing_key, workspace, BOOT_TIMEOUT};
-use config::{HealthCheck, RestartPolicy, Service};
+use config::{HealthCheck, Service};
 use imager::extension::ExtensionOptions;
 use upgrade::extension as ext;
 use vm_tests::node::wait_for_version;
@@ -44,6 +44,16 @@ fn pack(
     let out = work().join(format!("{name}.ext"));
     std::fs::write(&out, bytes).expect("writing the extension");
     out
+}
+
+/// A service running busybox from the extension with `args`.
+fn busybox(name: &str, args: &[&str], health: Option<HealthCheck>) -> Service {
+    let mut command = vec!["/usr/local/bin/busybox".to_string()];
+    command.extend(args.iter().map(|a| a.to_string()));
+    Service {
+        health,
+        ..common::service(name, command)
+    }
 }
 
 /// A tree under usr/local with a file at `rel` holding `text`.
@@ -135,42 +145,28 @@ async fn a_signed_extension_is_overlaid_and_runs_while_tampered_ones_are_refused
     std::fs::write(&suid, signed).expect("write");
 
     // A service runs busybox's web server from the extension, healthy when it answers.
-    let www = Service {
-        name: "www".into(),
-        command: [
-            "/usr/local/bin/busybox",
+    let www = busybox(
+        "www",
+        &[
             "httpd",
             "-f",
             "-p",
             "127.0.0.1:8080",
             "-h",
             "/usr/local/share/www",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        depends_on: vec![],
-        restart: RestartPolicy::Always,
-        stop_timeout_s: 3,
-        health: Some(HealthCheck::Tcp("127.0.0.1:8080".into())),
-    };
+        ],
+        Some(HealthCheck::Tcp("127.0.0.1:8080".into())),
+    );
     // Another shows what the cgroup v2 root hands down to services and containers.
-    let cgroups = Service {
-        name: "cgroups".into(),
-        command: [
-            "/usr/local/bin/busybox",
+    let cgroups = busybox(
+        "cgroups",
+        &[
             "sh",
             "-c",
             "echo subtree: $(cat /sys/fs/cgroup/cgroup.subtree_control); exec sleep 100000",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        depends_on: vec![],
-        restart: RestartPolicy::Always,
-        stop_timeout_s: 3,
-        health: None,
-    };
+        ],
+        None,
+    );
     let node = node_with_extensions(
         "extensions",
         vec![web, unsigned, flipped, future, suid],

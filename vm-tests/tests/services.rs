@@ -14,14 +14,7 @@ use vm_tests::node::wait_for_version;
 fn service(name: &str, args: &[&str]) -> Service {
     let mut command = vec!["/sbin/machined".to_string()];
     command.extend(args.iter().map(|a| a.to_string()));
-    Service {
-        name: name.into(),
-        command,
-        depends_on: vec![],
-        restart: RestartPolicy::Always,
-        stop_timeout_s: 3,
-        health: None,
-    }
+    common::service(name, command)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -295,3 +295,15 @@ pub async fn status(node: &PreparedNode) -> api::proto::StatusResponse {
         .expect("status")
         .into_inner()
 }
+
+/// A service running `command`, restarted always, 3 s to stop, no dependencies or health check.
+pub fn service(name: &str, command: Vec<String>) -> config::Service {
+    config::Service {
+        name: name.into(),
+        command,
+        depends_on: vec![],
+        restart: config::RestartPolicy::Always,
+        stop_timeout_s: 3,
+        health: None,
+    }
+}
