@@ -41,37 +41,6 @@ pub const RUNTIME_DEBS: &[&str] = &["containerd", "runc", "libseccomp2"];
 /// package (ctr, the v1 shims) would be 40 MB that nothing on a node without a shell runs.
 pub const RUNTIME_PROGRAMS: &[&str] = &["containerd", "containerd-shim-runc-v2", "runc"];
 
-/// Downloads `package` into `cache` once; returns the `.deb`.
-fn download(cache: &Path, package: &str) -> Result<PathBuf, ImageError> {
-    let dir = cache.join("debs");
-    std::fs::create_dir_all(&dir).map_err(ImageError::io("creating", &dir))?;
-    let find = || -> Option<PathBuf> {
-        std::fs::read_dir(&dir)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-            })
-    };
-    if let Some(deb) = find() {
-        return Ok(deb);
-    }
-    tracing::info!("downloading {package}");
-    run(Command::new("apt-get")
-        .arg("download")
-        .arg(package)
-        .current_dir(&dir))?;
-    find().ok_or_else(|| {
-        ImageError::Invalid(format!(
-            "apt-get download {package} left no .deb in {}",
-            dir.display()
-        ))
-    })
-}
-
 /// Where a file unpacked from a package goes in the extension, if it goes in: programs to
 /// `usr/local/bin`, shared libraries to `usr/local/lib`.
 fn placed(rel: &Path) -> Option<PathBuf> {
@@ -179,7 +148,7 @@ pub fn build(
     }
     let work = staging.with_extension("unpack");
     for package in &opts.debs {
-        let deb = download(&opts.cache, package)?;
+        let deb = crate::tools::debian_package(&opts.cache.join("debs"), package)?;
         unpack_into(&deb, &work, staging, &opts.programs)?;
     }
     let _ = std::fs::remove_dir_all(&work);
@@ -199,21 +168,8 @@ pub fn build(
     let entries = ext::walk(staging).map_err(ImageError::io("reading", staging))?;
     ext::check_entries(&entries).map_err(|e| ImageError::Invalid(e.to_string()))?;
     let squashfs = staging.with_extension("squashfs");
-    // Fixed times and owners: the same tree gives the same image. Modes are kept (a setuid
-    // file was refused above).
-    run(Command::new("mksquashfs")
-        .arg(staging)
-        .arg(&squashfs)
-        .args([
-            "-noappend",
-            "-comp",
-            "zstd",
-            "-all-root",
-            "-no-xattrs",
-            "-no-progress",
-            "-quiet",
-        ])
-        .args(["-mkfs-time", "0", "-all-time", "0"]))?;
+    // Modes are kept (a setuid file was refused above).
+    crate::rootfs::squash(staging, &squashfs)?;
     let data = std::fs::read(&squashfs).map_err(ImageError::io("reading", &squashfs))?;
     let _ = std::fs::remove_file(&squashfs);
     let bytes = ext::build(

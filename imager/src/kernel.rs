@@ -137,34 +137,7 @@ pub fn fetch(cache: &Path, package: Option<&str>) -> Result<Kernel, ImageError> 
         .map(|r| r.trim_end_matches("-unsigned").to_string())
         .ok_or_else(|| ImageError::Invalid(format!("{package:?} is not a linux-image package")))?;
     let dir = cache.join("kernel");
-    std::fs::create_dir_all(&dir).map_err(ImageError::io("creating", &dir))?;
-    let find_deb = || -> Option<PathBuf> {
-        std::fs::read_dir(&dir)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-            })
-    };
-    let deb = match find_deb() {
-        Some(d) => d,
-        None => {
-            tracing::info!("downloading {package}");
-            run(Command::new("apt-get")
-                .arg("download")
-                .arg(&package)
-                .current_dir(&dir))?;
-            find_deb().ok_or_else(|| {
-                ImageError::Invalid(format!(
-                    "apt-get download {package} left no .deb in {}",
-                    dir.display()
-                ))
-            })?
-        }
-    };
+    let deb = crate::tools::debian_package(&dir, &package)?;
     let root = dir.join(&package);
     let kernel = Kernel {
         vmlinuz: root.join("boot").join(format!("vmlinuz-{release}")),

@@ -124,9 +124,14 @@ pub fn build(
         std::io::copy(&mut std::io::Read::take(&mut xof, filler_bytes), &mut f)
             .map_err(ImageError::io("writing", &path))?;
     }
-    // Fixed times and owners: the same inputs give the same image, and so the same digest.
+    squash(staging, out)
+}
+
+/// Packs `dir` into the SquashFS `out` (zstd). Fixed times and owners, no extended attributes:
+/// the same tree gives the same image, and so the same digest.
+pub fn squash(dir: &Path, out: &Path) -> Result<(), ImageError> {
     run(Command::new("mksquashfs")
-        .arg(staging)
+        .arg(dir)
         .arg(out)
         .args([
             "-noappend",

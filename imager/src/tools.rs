@@ -55,3 +55,36 @@ pub fn run(cmd: &mut Command) -> Result<String, ImageError> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// The `.deb` of `package` in `dir`, downloaded with `apt-get download` the first time.
+pub fn debian_package(
+    dir: &std::path::Path,
+    package: &str,
+) -> Result<std::path::PathBuf, ImageError> {
+    std::fs::create_dir_all(dir).map_err(ImageError::io("creating", dir))?;
+    let find = || -> Option<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+            })
+    };
+    if let Some(deb) = find() {
+        return Ok(deb);
+    }
+    tracing::info!("downloading {package}");
+    run(Command::new("apt-get")
+        .arg("download")
+        .arg(package)
+        .current_dir(dir))?;
+    find().ok_or_else(|| {
+        ImageError::Invalid(format!(
+            "apt-get download {package} left no .deb in {}",
+            dir.display()
+        ))
+    })
+}

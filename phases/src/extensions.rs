@@ -56,6 +56,25 @@ pub struct ExtensionStatus {
     pub refused: Option<(String, String)>,
 }
 
+impl ExtensionStatus {
+    /// What is known of a file in the store before its manifest is read.
+    fn unread(path: &Path) -> ExtensionStatus {
+        let file = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        ExtensionStatus {
+            name: stem(&file),
+            file,
+            version: String::new(),
+            level: 0,
+            digest: String::new(),
+            active: false,
+            refused: None,
+        }
+    }
+}
+
 /// The store's directory on this node.
 pub fn store() -> PathBuf {
     Path::new(paths::ESP).join(STORE)
@@ -169,16 +188,11 @@ fn read_release(at: &Path, name: &str, entries: &[ext::Entry]) -> Option<String>
     Some(text)
 }
 
-/// Takes down an extension's private mount and mapping (its loop device then detaches itself);
-/// what cannot be taken down is logged.
-fn take_down(rt: &Runtime, name: &str) {
-    let at = Path::new(STAGING).join(name);
-    if rt
-        .platform
-        .mounts()
-        .is_ok_and(|m| m.iter().any(|m| m.target == at))
-    {
-        if let Err(e) = rt.platform.unmount(&at) {
+/// Takes down an extension's private mount (if `mounted`) and mapping (its loop device then
+/// detaches itself); what cannot be taken down is logged.
+fn take_down(rt: &Runtime, name: &str, mounted: bool) {
+    if mounted {
+        if let Err(e) = rt.platform.unmount(&Path::new(STAGING).join(name)) {
             tracing::warn!("unmounting extension {name}: {e}");
         }
     }
@@ -205,7 +219,7 @@ pub fn deactivate(rt: &Runtime) {
         }
     }
     for e in &active {
-        take_down(rt, &e.name);
+        take_down(rt, &e.name, true);
     }
     rt.set_extensions(
         rt.extensions()
@@ -237,6 +251,7 @@ fn mount_checked(rt: &Runtime, path: &Path, v: &ext::Verified) -> Result<PathBuf
             .read_only()
             .nosuid(),
     );
+    let was_mounted = mounted.is_ok();
     let checked = mounted.map_err(Refusal::from).and_then(|()| {
         let entries = ext::walk(&at).map_err(ExtensionError::Io)?;
         ext::check_entries(&entries)?;
@@ -245,7 +260,7 @@ fn mount_checked(rt: &Runtime, path: &Path, v: &ext::Verified) -> Result<PathBuf
         Ok(())
     });
     if let Err(e) = checked {
-        take_down(rt, &m.name);
+        take_down(rt, &m.name, was_mounted);
         return Err(e);
     }
     Ok(at)
@@ -282,20 +297,12 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
         let statuses = files
             .iter()
             .map(|path| {
-                let file = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                event(rt, &stem(&file), "refused", format!("mount: {e}"));
-                ExtensionStatus {
-                    name: stem(&file),
-                    file,
-                    version: String::new(),
-                    level: 0,
-                    digest: String::new(),
-                    active: false,
+                let status = ExtensionStatus {
                     refused: Some(("mount".into(), e.clone())),
-                }
+                    ..ExtensionStatus::unread(path)
+                };
+                event(rt, &status.name, "refused", format!("mount: {e}"));
+                status
             })
             .collect();
         rt.set_extensions(statuses);
@@ -306,19 +313,8 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
         let mut statuses = Vec::new();
         let mut lower = Vec::new();
         for path in files {
-            let file = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let mut status = ExtensionStatus {
-                file: file.clone(),
-                name: stem(&file),
-                version: String::new(),
-                level: 0,
-                digest: String::new(),
-                active: false,
-                refused: None,
-            };
+            let mut status = ExtensionStatus::unread(&path);
+            let file = status.file.clone();
             let outcome = read_signed(&rt2, &path, &trusted).and_then(|(f, v)| {
                 // Signed: what it says about itself is worth showing, even if refused.
                 status.name = v.manifest.name.clone();
@@ -389,7 +385,7 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
         if let Err(e) = rt.platform.mount(&spec) {
             tracing::error!("overlaying the extensions on {TARGET}: {e}");
             for s in statuses.iter_mut().filter(|s| s.active) {
-                take_down(rt, &s.name);
+                take_down(rt, &s.name, true);
                 s.active = false;
                 s.refused = Some(("mount".into(), format!("overlaying {TARGET}: {e}")));
                 event(rt, &s.name, "refused", format!("mount: {e}"));

@@ -331,13 +331,9 @@ pub struct Verified {
     pub image_offset: u64,
 }
 
-/// Reads an extension file's head: magic, manifest and signature by one of `trusted`; the
-/// manifest parsed only once signed. Needs the file's first bytes (the head is well under
-/// 64 KiB).
-pub fn read_head(head: &[u8], trusted: &[VerifyingKey]) -> Result<Verified, ExtensionError> {
-    if trusted.is_empty() {
-        return Err(ExtensionError::NoTrustedKeys);
-    }
+/// The manifest JSON and the signature of an extension file's head (its first bytes), neither
+/// checked.
+fn split_head(head: &[u8]) -> Result<(&[u8], [u8; 64]), ExtensionError> {
     let rest = head
         .strip_prefix(MAGIC.as_slice())
         .ok_or(ExtensionError::BadMagic)?;
@@ -359,6 +355,17 @@ pub fn read_head(head: &[u8], trusted: &[VerifyingKey]) -> Result<Verified, Exte
         .get(4 + len as usize..4 + len as usize + 64)
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| short("the signature"))?;
+    Ok((json, sig))
+}
+
+/// Reads an extension file's head: magic, manifest and signature by one of `trusted`; the
+/// manifest parsed only once signed. Needs the file's first bytes (the head is well under
+/// 64 KiB).
+pub fn read_head(head: &[u8], trusted: &[VerifyingKey]) -> Result<Verified, ExtensionError> {
+    if trusted.is_empty() {
+        return Err(ExtensionError::NoTrustedKeys);
+    }
+    let (json, sig) = split_head(head)?;
     let sig = Signature::from_bytes(&sig);
     let message = signed_message(json);
     if !trusted
@@ -418,22 +425,7 @@ pub fn read_head(head: &[u8], trusted: &[VerifyingKey]) -> Result<Verified, Exte
 /// The file name an extension has in a node's store (`NAME@LEVEL.ext`), from its head, whose
 /// signature is *not* checked here: for placing a file that the node will check.
 pub fn store_name(head: &[u8]) -> Result<String, ExtensionError> {
-    let rest = head
-        .strip_prefix(MAGIC.as_slice())
-        .ok_or(ExtensionError::BadMagic)?;
-    let len = rest
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_le_bytes)
-        .filter(|l| *l <= MAX_MANIFEST)
-        .ok_or_else(|| ExtensionError::Truncated {
-            what: "the header".into(),
-        })?;
-    let json = rest
-        .get(4..4 + len as usize)
-        .ok_or_else(|| ExtensionError::Truncated {
-            what: "the manifest".into(),
-        })?;
+    let (json, _) = split_head(head)?;
     let m: Manifest =
         serde_json::from_slice(json).map_err(|e| ExtensionError::BadManifest(e.to_string()))?;
     if !valid_name(&m.name) {

@@ -56,6 +56,12 @@ fn busybox(name: &str, args: &[&str], health: Option<HealthCheck>) -> Service {
     }
 }
 
+/// An extension of one small file, `/usr/local/share/NAME`.
+fn small(name: &str, level: u32, key: &upgrade::bundle::SigningKey) -> PathBuf {
+    let rel = format!("usr/local/share/{name}");
+    pack(name, &tree(name, &rel, "x\n"), &[], level, key)
+}
+
 /// A tree under usr/local with a file at `rel` holding `text`.
 fn tree(name: &str, rel: &str, text: &str) -> PathBuf {
     let root = work().join(format!("{name}.tree"));
@@ -83,33 +89,15 @@ async fn a_signed_extension_is_overlaid_and_runs_while_tampered_ones_are_refused
     );
     // Signed by a key the node does not trust.
     let other = upgrade::bundle::SigningKey::from_bytes(&[7; 32]);
-    let unsigned = pack(
-        "unsigned",
-        &tree("unsigned", "usr/local/share/a", "a\n"),
-        &[],
-        ext::LEVEL,
-        &other,
-    );
+    let unsigned = small("unsigned", ext::LEVEL, &other);
     // One byte flipped in its image, after signing.
-    let flipped = pack(
-        "flipped",
-        &tree("flipped", "usr/local/share/b", "b\n"),
-        &[],
-        ext::LEVEL,
-        &key,
-    );
+    let flipped = small("flipped", ext::LEVEL, &key);
     let mut bytes = std::fs::read(&flipped).expect("read");
     let head = ext::read_head(&bytes, &[key.verifying_key()]).expect("head");
     bytes[head.image_offset as usize + 1000] ^= 0x01;
     std::fs::write(&flipped, bytes).expect("write");
     // Built for the next extension level.
-    let future = pack(
-        "future",
-        &tree("future", "usr/local/share/c", "c\n"),
-        &[],
-        ext::LEVEL + 1,
-        &key,
-    );
+    let future = small("future", ext::LEVEL + 1, &key);
     // A setuid file, signed: the imager refuses to pack it, so it is packed by hand.
     let suid_tree = tree("suid", "usr/local/bin/su", "#!/bin/false\n");
     use std::os::unix::fs::PermissionsExt;
