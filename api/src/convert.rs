@@ -110,6 +110,17 @@ pub fn to_proto(e: &Event) -> proto::Event {
             state: state.clone(),
             message: message.clone(),
         }),
+        EventKind::Workload {
+            object,
+            name,
+            action,
+            message,
+        } => Payload::Workload(proto::WorkloadEvent {
+            object: object.clone(),
+            name: name.clone(),
+            action: action.clone(),
+            message: message.clone(),
+        }),
         EventKind::Service {
             service,
             state,
@@ -213,6 +224,12 @@ pub fn from_proto(e: &proto::Event) -> Option<Event> {
             state: x.state.clone(),
             message: x.message.clone(),
         },
+        Payload::Workload(w) => EventKind::Workload {
+            object: w.object.clone(),
+            name: w.name.clone(),
+            action: w.action.clone(),
+            message: w.message.clone(),
+        },
         Payload::Service(s) => EventKind::Service {
             service: s.service.clone(),
             state: s.state.clone(),
@@ -302,6 +319,12 @@ mod tests {
                 name: "containerd".into(),
                 state: "refused".into(),
                 message: "signature".into(),
+            },
+            EventKind::Workload {
+                object: "image".into(),
+                name: "plinth.local/busybox:1".into(),
+                action: "imported".into(),
+                message: "sha256:00".into(),
             },
             EventKind::Slot {
                 slot: "B".into(),

@@ -87,6 +87,7 @@ pub fn generate(opts: &GenOptions) -> Result<Generated, GenError> {
                 key: server.key_pem,
             },
             services: Vec::new(),
+            containers: Vec::new(),
             upgrade: config::Upgrade {
                 trusted_keys: opts.trusted_keys.clone(),
                 ..Default::default()

@@ -69,6 +69,9 @@ pub const RPCS: &[&str] = &[
     "Status",
     "ServiceList",
     "ExtensionList",
+    "ImageImport",
+    "ImageList",
+    "ContainerList",
     "Reboot",
     "Shutdown",
     "Dmesg",
@@ -100,7 +103,8 @@ pub fn is_open_service(path: &str) -> bool {
 /// The roles allowed to call `method` (the RPC name, e.g. `Version`).
 pub fn allowed_roles(method: &str) -> &'static [Role] {
     match method {
-        "Version" | "Events" | "Status" | "ServiceList" | "ExtensionList" => READS,
+        "Version" | "Events" | "Status" | "ServiceList" | "ExtensionList" | "ImageList"
+        | "ContainerList" => READS,
         // Logs can carry anything a service prints, secrets included: not for readers.
         "Reboot" | "Shutdown" | "Dmesg" | "Logs" => OPERATE,
         // Anything not listed: admin only.

@@ -276,3 +276,47 @@ async fn every_bad_credential_is_refused_with_its_reason_and_changes_nothing() {
         .expect("admin reboots");
     assert_eq!(f.reboots.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// An ImageImport call from `id` carrying `size` bytes of archive.
+async fn import_with(f: &Fixture, id: &Identity, size: usize) -> Result<u64, String> {
+    use api::proto::image_import_request::Msg;
+    use api::proto::{ImageImportOptions, ImageImportRequest};
+    let tls = tls::client_config(f.ca.cert_pem(), Some((&id.cert_pem, &id.key_pem)))
+        .map_err(|e| e.to_string())?;
+    let mut c = client::connect(&endpoint(f), tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut msgs = vec![ImageImportRequest {
+        msg: Some(Msg::Options(ImageImportOptions {
+            name: "plinth.local/x:1".into(),
+            size: size as u64,
+        })),
+    }];
+    for chunk in vec![7u8; size].chunks(256 << 10) {
+        msgs.push(ImageImportRequest {
+            msg: Some(Msg::Chunk(chunk.to_vec())),
+        });
+    }
+    c.image_import(futures::stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner().images.first().map(|i| i.size).unwrap_or(0))
+        .map_err(|s| client::describe_status(&s))
+}
+
+#[tokio::test]
+async fn an_image_import_is_an_upload_for_admins_only() {
+    let f = start().await;
+    let admin =
+        f.ca.issue_client(&ClientSpec::new("admin", Role::Admin))
+            .expect("client");
+    // Far past the 64 KiB other requests are held to: the whole archive gets through.
+    let size = 3 << 20;
+    assert_eq!(import_with(&f, &admin, size).await, Ok(size as u64));
+    for role in [Role::Reader, Role::Operator] {
+        let id =
+            f.ca.issue_client(&ClientSpec::new("someone", role))
+                .expect("client");
+        let err = import_with(&f, &id, 1024).await.expect_err("refused");
+        assert!(err.contains("PermissionDenied"), "{role}: {err}");
+    }
+}

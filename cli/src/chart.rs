@@ -287,6 +287,7 @@ impl Builder {
             | EventKind::ApiReady { .. }
             | EventKind::Service { .. }
             | EventKind::Extension { .. }
+            | EventKind::Workload { .. }
             | EventKind::Slot { .. }
             | EventKind::Progress { .. } => {}
         }

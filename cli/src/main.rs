@@ -4,6 +4,7 @@ mod chart;
 mod cmd;
 mod connect;
 mod output;
+mod upload;
 
 use std::path::PathBuf;
 
@@ -45,6 +46,8 @@ enum Cmd {
     Shutdown(cmd::power::ShutdownArgs),
     /// List the node's services.
     Services(cmd::services::Args),
+    /// List the node's containers (from its config, run through containerd).
+    Containers(cmd::containers::Args),
     /// Write a bundle into the other slot and try it (A/B, rolls back by itself on failure).
     Upgrade(cmd::upgrade::UpgradeArgs),
     /// Go back to the other slot, if it is good.
@@ -64,7 +67,7 @@ enum Cmd {
     Dmesg(cmd::logs::DmesgArgs),
     /// Print a service's output.
     Logs(cmd::logs::LogsArgs),
-    /// Build images.
+    /// Build images; import container images into a node and list them.
     #[command(subcommand)]
     Image(cmd::image::Image),
     /// Run local nodes in QEMU.
@@ -115,6 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Reboot(a) => cmd::power::reboot(&target, a).await,
         Cmd::Shutdown(a) => cmd::power::shutdown(&target, a).await,
         Cmd::Services(a) => cmd::services::run(&target, a).await,
+        Cmd::Containers(a) => cmd::containers::run(&target, a).await,
         Cmd::Upgrade(a) => cmd::upgrade::upgrade(&target, a).await,
         Cmd::Rollback(a) => cmd::upgrade::rollback(&target, a).await,
         Cmd::ApplyConfig(a) => cmd::apply::run(&target, a).await,
@@ -124,6 +128,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Reset(a) => cmd::reset::run(&target, a).await,
         Cmd::Dmesg(a) => cmd::logs::dmesg(&target, a).await,
         Cmd::Logs(a) => cmd::logs::logs(&target, a).await,
+        Cmd::Image(cmd::image::Image::Import(a)) => cmd::images::import(&target, a).await,
+        Cmd::Image(cmd::image::Image::List(a)) => cmd::images::list(&target, a).await,
         Cmd::Image(i) => cmd::image::run(i),
         Cmd::Cluster(c) => cmd::cluster::run(&target, c).await,
     }

@@ -14,8 +14,8 @@ pub mod node;
 
 pub use client::{ClientConfig, Context};
 pub use node::{
-    ApiConfig, Encryption, HealthCheck, Interface, Machine, Network, NodeConfig, RestartPolicy,
-    Service, Upgrade, WithoutTpm,
+    ApiConfig, Container, ContainerMount, ContainerNetwork, Encryption, HealthCheck, Interface,
+    Machine, Network, NodeConfig, RestartPolicy, Service, Upgrade, WithoutTpm, RUNTIME_SERVICE,
 };
 
 /// A configuration document could not be used.

@@ -56,6 +56,10 @@ pub struct Machine {
     /// Extra services machined supervises.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Service>,
+    /// Containers machined runs through the runtime extension's containerd, supervised like
+    /// the services (and listed with them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<Container>,
     /// Upgrade policy.
     #[serde(default)]
     pub upgrade: Upgrade,
@@ -169,7 +173,12 @@ pub struct Service {
     pub name: String,
     /// Program and arguments (absolute program path).
     pub command: Vec<String>,
-    /// Services that must be healthy before this one starts.
+    /// Environment variables, `KEY=VALUE`, besides a `PATH` of the root's program directories
+    /// (which one of these may replace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub environment: Vec<String>,
+    /// Services that must be healthy before this one starts (`containerd` is the runtime
+    /// extension's, which machined runs when an active extension provides it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<String>,
     /// When to restart it after it exits.
@@ -179,8 +188,89 @@ pub struct Service {
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_s: u64,
     /// How to tell it is healthy; without one, running is healthy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "health_form")]
     pub health: Option<HealthCheck>,
+}
+
+/// A container: an image from the node's containerd (`plinth image import`), run by machined
+/// once containerd and its dependencies are healthy, and restarted as its policy says. Its
+/// output is its log (`plinth logs NAME`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Container {
+    /// Unique name among the services and containers.
+    pub name: String,
+    /// The image's reference, as imported (`plinth image list`).
+    pub image: String,
+    /// Program and arguments; without, the image's entrypoint and command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Environment variables, `KEY=VALUE`, over the image's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub environment: Vec<String>,
+    /// Which network it is on.
+    #[serde(default)]
+    pub network: ContainerNetwork,
+    /// Ports published on the node, `HOST:CONTAINER` (TCP), for a private network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    /// Directories of EPHEMERAL (`/var/...`) mounted into it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<ContainerMount>,
+    /// Services or containers that must be healthy before it starts (`containerd` always
+    /// is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// When to restart it after it exits.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Seconds between SIGTERM and SIGKILL when stopping it.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_s: u64,
+    /// How to tell it is healthy (a TCP check connects from the node: a published port, or
+    /// the container's own on the host network); without one, running is healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "health_form")]
+    pub health: Option<HealthCheck>,
+}
+
+/// A container's network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContainerNetwork {
+    /// Its own network namespace with only loopback: no way out, and in only through its
+    /// published ports.
+    #[default]
+    Private,
+    /// The node's network namespace.
+    Host,
+}
+
+/// A directory of EPHEMERAL mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerMount {
+    /// The directory on the node, under `/var` (made if missing).
+    pub source: String,
+    /// Where it appears in the container.
+    pub destination: String,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl Container {
+    /// The published ports as (node port, container port).
+    pub fn published(&self) -> Vec<(u16, u16)> {
+        self.ports.iter().filter_map(|p| parse_port(p)).collect()
+    }
+}
+
+/// `HOST:CONTAINER` (an optional `/tcp` suffix allowed).
+fn parse_port(p: &str) -> Option<(u16, u16)> {
+    let p = p.strip_suffix("/tcp").unwrap_or(p);
+    let (h, c) = p.split_once(':')?;
+    let (h, c) = (h.parse::<u16>().ok()?, c.parse::<u16>().ok()?);
+    (h != 0 && c != 0).then_some((h, c))
 }
 
 /// When a service is restarted after it exits.
@@ -196,12 +286,38 @@ pub enum RestartPolicy {
     Never,
 }
 
-/// A health check.
+/// A health check, written as a one-key map (`health: {tcp: "127.0.0.1:8080"}`), which JSON
+/// patches and the API's JSON can carry (a YAML tag, `!tcp`, is read too).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum HealthCheck {
     /// A TCP connection to this address succeeds.
     Tcp(String),
+}
+
+/// How a health check is written: a one-key map; a YAML tag (`!tcp ADDR`, which configs
+/// written before were) is read too.
+mod health_form {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::HealthCheck;
+
+    pub fn serialize<S: Serializer>(v: &Option<HealthCheck>, s: S) -> Result<S::Ok, S::Error> {
+        serde_norway::with::singleton_map::serialize(v, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HealthCheck>, D::Error> {
+        match Option::<serde_norway::Value>::deserialize(d)? {
+            None => Ok(None),
+            Some(v @ serde_norway::Value::Tagged(_)) => serde_norway::from_value(v)
+                .map(Some)
+                .map_err(D::Error::custom),
+            Some(v) => serde_norway::with::singleton_map::deserialize(v)
+                .map(Some)
+                .map_err(D::Error::custom),
+        }
+    }
 }
 
 fn default_stop_timeout() -> u64 {
@@ -293,6 +409,7 @@ impl NodeConfig {
         require_pem(&api.cert, "machine.api.cert", "CERTIFICATE")?;
         require_pem(&api.key, "machine.api.key", "PRIVATE KEY")?;
         validate_services(&self.machine.services)?;
+        validate_containers(&self.machine)?;
         if let Some(i) = &self.machine.install {
             // A device node, like /dev/nvme0n1 (the simulated machine's are image paths).
             let p = std::path::Path::new(&i.disk);
@@ -358,21 +475,27 @@ impl NodeConfig {
     }
 }
 
+/// The service machined runs from the runtime extension; a config service may depend on it
+/// but not take its name.
+pub const RUNTIME_SERVICE: &str = "containerd";
+
 fn validate_services(services: &[Service]) -> Result<(), ConfigError> {
     let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
     for (i, s) in services.iter().enumerate() {
         let at = format!("machine.services[{i}]");
-        let ok_name = !s.name.is_empty()
-            && s.name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !ok_name {
+        if !is_unit_name(&s.name) {
             return Err(ConfigError::invalid(
                 format!("{at}.name"),
                 format!(
                     "{:?} is not a service name (letters, digits, '-', '_')",
                     s.name
                 ),
+            ));
+        }
+        if s.name == RUNTIME_SERVICE {
+            return Err(ConfigError::invalid(
+                format!("{at}.name"),
+                format!("{RUNTIME_SERVICE:?} is the runtime extension's service, run by machined"),
             ));
         }
         if names.iter().filter(|n| **n == s.name).count() > 1 {
@@ -391,10 +514,18 @@ fn validate_services(services: &[Service]) -> Result<(), ConfigError> {
             }
         }
         for (j, d) in s.depends_on.iter().enumerate() {
-            if !names.contains(&d.as_str()) {
+            if !names.contains(&d.as_str()) && d != RUNTIME_SERVICE {
                 return Err(ConfigError::invalid(
                     format!("{at}.depends_on[{j}]"),
                     format!("no service named {d:?}"),
+                ));
+            }
+        }
+        for (j, e) in s.environment.iter().enumerate() {
+            if !is_environment_entry(e) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.environment[{j}]"),
+                    format!("{e:?} is not KEY=VALUE (a key of letters, digits and '_')"),
                 ));
             }
         }
@@ -408,7 +539,11 @@ fn validate_services(services: &[Service]) -> Result<(), ConfigError> {
         }
     }
     // A dependency cycle would leave its services waiting forever.
-    if let Some(name) = cycle(services) {
+    let deps: Vec<(String, Vec<String>)> = services
+        .iter()
+        .map(|s| (s.name.clone(), s.depends_on.clone()))
+        .collect();
+    if let Some(name) = cycle_in(&deps) {
         return Err(ConfigError::invalid(
             "machine.services",
             format!("dependency cycle through {name:?}"),
@@ -417,15 +552,171 @@ fn validate_services(services: &[Service]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A service on a dependency cycle, if there is one.
-fn cycle(services: &[Service]) -> Option<String> {
-    fn visit<'a>(s: &'a Service, all: &'a [Service], path: &mut Vec<&'a str>) -> Option<String> {
-        if path.contains(&s.name.as_str()) {
-            return Some(s.name.clone());
+/// Whether `name` is a service or container name: letters, digits, '-', '_'.
+fn is_unit_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn validate_containers(m: &Machine) -> Result<(), ConfigError> {
+    let mut names: Vec<&str> = m.services.iter().map(|s| s.name.as_str()).collect();
+    names.extend(m.containers.iter().map(|c| c.name.as_str()));
+    let mut ports: Vec<(u16, String)> = Vec::new();
+    for (i, c) in m.containers.iter().enumerate() {
+        let at = format!("machine.containers[{i}]");
+        if !is_unit_name(&c.name) || c.name == RUNTIME_SERVICE {
+            return Err(ConfigError::invalid(
+                format!("{at}.name"),
+                format!(
+                    "{:?} is not a container name (letters, digits, '-', '_'; not {RUNTIME_SERVICE:?})",
+                    c.name
+                ),
+            ));
         }
-        path.push(&s.name);
-        for d in &s.depends_on {
-            if let Some(dep) = all.iter().find(|x| &x.name == d) {
+        if names.iter().filter(|n| **n == c.name).count() > 1 {
+            return Err(ConfigError::invalid(
+                format!("{at}.name"),
+                format!("{:?} is already the name of a service or container", c.name),
+            ));
+        }
+        let ok_image = !c.image.is_empty()
+            && c.image.len() <= 255
+            && c.image
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "._-/:@+".contains(ch));
+        if !ok_image {
+            return Err(ConfigError::invalid(
+                format!("{at}.image"),
+                format!("{:?} is not an image reference", c.image),
+            ));
+        }
+        for (j, e) in c.environment.iter().enumerate() {
+            if !is_environment_entry(e) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.environment[{j}]"),
+                    format!("{e:?} is not KEY=VALUE (a key of letters, digits and '_')"),
+                ));
+            }
+        }
+        for (j, p) in c.ports.iter().enumerate() {
+            let field = format!("{at}.ports[{j}]");
+            if c.network == ContainerNetwork::Host {
+                return Err(ConfigError::invalid(
+                    field,
+                    "a container on the host network listens on the node's ports itself: \
+                     ports are for a private network",
+                ));
+            }
+            let Some((host, _)) = parse_port(p) else {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("{p:?} is not HOST:CONTAINER (two port numbers, TCP)"),
+                ));
+            };
+            if let Some((_, other)) = ports.iter().find(|(h, _)| *h == host) {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("node port {host} is already published by {other}"),
+                ));
+            }
+            ports.push((host, format!("container {:?}", c.name)));
+        }
+        for (j, mount) in c.mounts.iter().enumerate() {
+            let field = format!("{at}.mounts[{j}]");
+            let clean = |p: &str| {
+                p.starts_with('/') && !p.split('/').any(|part| part == ".." || part == ".")
+            };
+            // machined's and containerd's own data are not for containers.
+            let reserved = ["/var/lib/containerd", "/var/lib/plinth", "/var/log"]
+                .iter()
+                .find(|r| mount.source == **r || mount.source.starts_with(&format!("{r}/")));
+            if let Some(r) = reserved {
+                return Err(ConfigError::invalid(
+                    format!("{field}.source"),
+                    format!(
+                        "{:?} is under {r}, which the node keeps for itself",
+                        mount.source
+                    ),
+                ));
+            }
+            if !clean(&mount.source) || !mount.source.starts_with("/var/") {
+                return Err(ConfigError::invalid(
+                    format!("{field}.source"),
+                    format!(
+                        "{:?} is not a directory of EPHEMERAL (an absolute path under /var, without . or ..)",
+                        mount.source
+                    ),
+                ));
+            }
+            if !clean(&mount.destination) || mount.destination == "/" {
+                return Err(ConfigError::invalid(
+                    format!("{field}.destination"),
+                    format!(
+                        "{:?} is not a path in the container (absolute, not /, without . or ..)",
+                        mount.destination
+                    ),
+                ));
+            }
+        }
+        for (j, d) in c.depends_on.iter().enumerate() {
+            if !names.contains(&d.as_str()) && d != RUNTIME_SERVICE {
+                return Err(ConfigError::invalid(
+                    format!("{at}.depends_on[{j}]"),
+                    format!("no service or container named {d:?}"),
+                ));
+            }
+        }
+        if let Some(HealthCheck::Tcp(addr)) = &c.health {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.health.tcp"),
+                    format!("{addr:?} is not an address:port"),
+                ));
+            }
+        }
+    }
+    // The API's port is the node's too.
+    if let Some((_, c)) = ports.iter().find(|(h, _)| *h == m.api.port) {
+        return Err(ConfigError::invalid(
+            "machine.containers",
+            format!("{c} publishes port {}, the API's", m.api.port),
+        ));
+    }
+    let deps: Vec<(String, Vec<String>)> = m
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), s.depends_on.clone()))
+        .chain(
+            m.containers
+                .iter()
+                .map(|c| (c.name.clone(), c.depends_on.clone())),
+        )
+        .collect();
+    if let Some(name) = cycle_in(&deps) {
+        return Err(ConfigError::invalid(
+            "machine.containers",
+            format!("dependency cycle through {name:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A unit on a dependency cycle among (name, dependencies), if there is one.
+fn cycle_in(units: &[(String, Vec<String>)]) -> Option<String> {
+    fn visit<'a>(
+        u: &'a (String, Vec<String>),
+        all: &'a [(String, Vec<String>)],
+        path: &mut Vec<&'a str>,
+    ) -> Option<String> {
+        if path.contains(&u.0.as_str()) {
+            return Some(u.0.clone());
+        }
+        path.push(&u.0);
+        for d in &u.1 {
+            if let Some(dep) = all.iter().find(|x| &x.0 == d) {
                 if let Some(c) = visit(dep, all, path) {
                     return Some(c);
                 }
@@ -434,9 +725,16 @@ fn cycle(services: &[Service]) -> Option<String> {
         path.pop();
         None
     }
-    services
-        .iter()
-        .find_map(|s| visit(s, services, &mut Vec::new()))
+    units.iter().find_map(|u| visit(u, units, &mut Vec::new()))
+}
+
+/// `KEY=VALUE` with a key of letters, digits and '_' (not starting with a digit).
+fn is_environment_entry(e: &str) -> bool {
+    let key = e.split_once('=').map(|(k, _)| k).unwrap_or_default();
+    !key.is_empty()
+        && !key.starts_with(|c: char| c.is_ascii_digit())
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !e.contains('\0')
 }
 
 impl Interface {
@@ -540,6 +838,7 @@ mod tests {
                     key: PEM_KEY.into(),
                 },
                 services: vec![],
+                containers: vec![],
                 upgrade: Upgrade::default(),
                 install: None,
                 encryption: Default::default(),
@@ -660,6 +959,7 @@ mod tests {
         Service {
             name: name.into(),
             command: vec!["/sbin/machined".into(), "pause".into()],
+            environment: vec![],
             depends_on: deps.iter().map(|d| d.to_string()).collect(),
             restart: RestartPolicy::OnFailure,
             stop_timeout_s: 10,
@@ -677,6 +977,28 @@ mod tests {
     }
 
     #[test]
+    fn a_health_check_is_a_one_key_map_and_the_tagged_form_still_reads() {
+        let mut c = good();
+        c.machine.services = vec![service("a", &[])];
+        c.machine.services[0].health = Some(HealthCheck::Tcp("127.0.0.1:8080".into()));
+        let yaml = c.to_yaml().expect("yaml");
+        assert!(yaml.contains("tcp: 127.0.0.1:8080"), "{yaml}");
+        assert!(!yaml.contains('!'), "{yaml}");
+        // `plinth patch` goes through JSON.
+        let value: serde_json::Value = serde_norway::from_str(&yaml).expect("as JSON");
+        assert_eq!(
+            value["machine"]["services"][0]["health"]["tcp"],
+            "127.0.0.1:8080"
+        );
+        let tagged = yaml.replace(
+            "health:\n      tcp: 127.0.0.1:8080",
+            "health: !tcp 127.0.0.1:8080",
+        );
+        assert_ne!(tagged, yaml, "{yaml}");
+        assert_eq!(NodeConfig::from_yaml(&tagged).expect("tagged"), c);
+    }
+
+    #[test]
     fn a_dependency_on_an_unknown_service_is_named() {
         let mut c = good();
         c.machine.services = vec![service("a", &["ghost"])];
@@ -684,6 +1006,170 @@ mod tests {
             field_of(&c.to_yaml().expect("yaml")),
             "machine.services[0].depends_on[0]"
         );
+    }
+
+    fn container(name: &str) -> Container {
+        Container {
+            name: name.into(),
+            image: "plinth.local/busybox:latest".into(),
+            command: vec![],
+            environment: vec![],
+            network: ContainerNetwork::Private,
+            ports: vec![],
+            mounts: vec![],
+            depends_on: vec![],
+            restart: RestartPolicy::Always,
+            stop_timeout_s: 10,
+            health: None,
+        }
+    }
+
+    #[test]
+    fn containers_round_trip_with_their_defaults() {
+        let mut c = good();
+        let mut web = container("web");
+        web.ports = vec!["8080:80".into()];
+        web.mounts = vec![ContainerMount {
+            source: "/var/lib/web".into(),
+            destination: "/data".into(),
+            read_only: true,
+        }];
+        c.machine.containers = vec![web];
+        let yaml = c.to_yaml().expect("yaml");
+        let back = NodeConfig::from_yaml(&yaml).expect("parses");
+        assert_eq!(back, c);
+        assert_eq!(back.machine.containers[0].published(), [(8080, 80)]);
+    }
+
+    #[test]
+    fn a_port_published_twice_is_refused_naming_the_first() {
+        let mut c = good();
+        let mut a = container("a");
+        a.ports = vec!["8080:80".into()];
+        let mut b = container("b");
+        b.ports = vec!["9090:90".into(), "8080:81/tcp".into()];
+        c.machine.containers = vec![a, b];
+        let err = NodeConfig::from_yaml(&c.to_yaml().expect("yaml")).expect_err("twice");
+        let msg = err.to_string();
+        assert!(msg.contains("machine.containers[1].ports[1]"), "{msg}");
+        assert!(
+            msg.contains("already published by container \"a\""),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_container_fields_are_named() {
+        type Spoil = Box<dyn Fn(&mut Container)>;
+        let cases: Vec<(Spoil, &str)> = vec![
+            (
+                Box::new(|c| c.name = "containerd".into()),
+                "machine.containers[0].name",
+            ),
+            (
+                Box::new(|c| c.image = "a b".into()),
+                "machine.containers[0].image",
+            ),
+            (
+                Box::new(|c| c.ports = vec!["80".into()]),
+                "machine.containers[0].ports[0]",
+            ),
+            (
+                Box::new(|c| {
+                    c.network = ContainerNetwork::Host;
+                    c.ports = vec!["80:80".into()];
+                }),
+                "machine.containers[0].ports[0]",
+            ),
+            (
+                Box::new(|c| {
+                    c.mounts = vec![ContainerMount {
+                        source: "/etc".into(),
+                        destination: "/x".into(),
+                        read_only: false,
+                    }]
+                }),
+                "machine.containers[0].mounts[0].source",
+            ),
+            (
+                Box::new(|c| {
+                    c.mounts = vec![ContainerMount {
+                        source: "/var/lib/../../etc".into(),
+                        destination: "/x".into(),
+                        read_only: false,
+                    }]
+                }),
+                "machine.containers[0].mounts[0].source",
+            ),
+            (
+                Box::new(|c| {
+                    c.mounts = vec![ContainerMount {
+                        source: "/var/lib/containerd/io.containerd.content.v1.content".into(),
+                        destination: "/x".into(),
+                        read_only: true,
+                    }]
+                }),
+                "machine.containers[0].mounts[0].source",
+            ),
+            (
+                Box::new(|c| c.depends_on = vec!["ghost".into()]),
+                "machine.containers[0].depends_on[0]",
+            ),
+            (
+                Box::new(|c| c.environment = vec!["=x".into()]),
+                "machine.containers[0].environment[0]",
+            ),
+        ];
+        for (i, (bad, field)) in cases.into_iter().enumerate() {
+            let mut c = good();
+            let mut k = container("web");
+            bad(&mut k);
+            c.machine.containers = vec![k];
+            assert_eq!(field_of(&c.to_yaml().expect("yaml")), field, "case {i}");
+        }
+        // A container may not take a service's name.
+        let mut c = good();
+        c.machine.services = vec![service("web", &[])];
+        c.machine.containers = vec![container("web")];
+        assert_eq!(
+            field_of(&c.to_yaml().expect("yaml")),
+            "machine.containers[0].name"
+        );
+        // Nor publish the API's port.
+        let mut c = good();
+        let mut k = container("web");
+        k.ports = vec![format!("{}:80", c.machine.api.port)];
+        c.machine.containers = vec![k];
+        assert_eq!(field_of(&c.to_yaml().expect("yaml")), "machine.containers");
+    }
+
+    #[test]
+    fn containerd_may_be_depended_on_but_not_defined() {
+        let mut c = good();
+        c.machine.services = vec![service("a", &["containerd"])];
+        c.validate()
+            .expect("a dependency on the runtime's containerd");
+        c.machine.services = vec![service("containerd", &[])];
+        assert_eq!(
+            field_of(&c.to_yaml().expect("yaml")),
+            "machine.services[0].name"
+        );
+    }
+
+    #[test]
+    fn an_environment_entry_must_be_key_equals_value() {
+        let mut c = good();
+        c.machine.services = vec![service("a", &[])];
+        c.machine.services[0].environment = vec!["A_1=x=y".into(), "EMPTY=".into()];
+        c.validate().expect("good entries");
+        for bad in ["NOEQUALS", "=x", "1A=x", "A-B=x"] {
+            c.machine.services[0].environment = vec!["OK=1".into(), bad.into()];
+            assert_eq!(
+                field_of(&c.to_yaml().expect("yaml")),
+                "machine.services[0].environment[1]",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

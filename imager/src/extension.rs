@@ -56,6 +56,36 @@ fn placed(rel: &Path) -> Option<PathBuf> {
     }
 }
 
+/// Where an extension's shared libraries are, for its programs' RUNPATH.
+const LIBRARY_DIR: &str = "/usr/local/lib";
+
+/// Makes a dynamically linked program look for its libraries in `/usr/local/lib` first
+/// (its ELF RUNPATH). The root's loader searches only the system's directories, and an
+/// environment variable would not do: runc starts its container's init with an environment of
+/// its own making, without `LD_LIBRARY_PATH`. Static programs are left as they are.
+fn find_libraries_in_usr_local(program: &Path) -> Result<(), ImageError> {
+    let mut magic = [0u8; 4];
+    let elf = std::fs::File::open(program)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && magic == *b"\x7fELF";
+    if !elf {
+        return Ok(());
+    }
+    let dynamic = Command::new("patchelf")
+        .arg("--print-interpreter")
+        .arg(program)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if dynamic {
+        run(Command::new("patchelf")
+            .args(["--set-rpath", LIBRARY_DIR])
+            .arg(program))?;
+    }
+    Ok(())
+}
+
 /// Unpacks `deb` and copies its programs (those of `programs`, or all) and libraries into
 /// `staging`.
 fn unpack_into(
@@ -91,6 +121,9 @@ fn unpack_into(
                 // A file replaces a link of the same name placed before it.
                 let _ = std::fs::remove_file(&dest);
                 std::fs::copy(&from, &dest).map_err(ImageError::io("copying", &from))?;
+                if program {
+                    find_libraries_in_usr_local(&dest)?;
+                }
             }
             ext::Kind::Symlink => {
                 // Library links (libseccomp.so.2 → libseccomp.so.2.5.4) stay links, by name. A
@@ -116,7 +149,11 @@ pub fn build(
     opts: &ExtensionOptions,
     key: &upgrade::bundle::SigningKey,
 ) -> Result<(Vec<u8>, Manifest), ImageError> {
-    require(&[("mksquashfs", "squashfs-tools"), ("dpkg-deb", "dpkg")])?;
+    require(&[
+        ("mksquashfs", "squashfs-tools"),
+        ("dpkg-deb", "dpkg"),
+        ("patchelf", "patchelf"),
+    ])?;
     if !ext::valid_name(&opts.name) {
         return Err(ImageError::Invalid(format!(
             "{:?} is not an extension name (lower-case letters, digits, '-', '_', '.'; at most 64)",

@@ -11,6 +11,7 @@
 //! dosfstools, mtools, e2fsprogs); a missing one is named with its package.
 #![warn(missing_docs)]
 
+pub mod container;
 pub mod disk;
 pub mod extension;
 pub mod initramfs;

@@ -18,6 +18,7 @@ fn ticker() -> Service {
         name: "ticker".into(),
         command: vec!["/sbin/machined".into(), "pause".into(), "--tick".into()],
         depends_on: vec![],
+        environment: vec![],
         restart: RestartPolicy::Always,
         stop_timeout_s: 2,
         health: None,
@@ -56,6 +57,21 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
         "Status" => code(c.status(StatusRequest {}).await),
         "ServiceList" => code(c.service_list(ServiceListRequest {}).await),
         "ExtensionList" => code(c.extension_list(ExtensionListRequest {}).await),
+        // The simulated node has no container runtime: refused after authorization.
+        "ImageList" => code(c.image_list(api::proto::ImageListRequest {}).await),
+        "ContainerList" => code(c.container_list(api::proto::ContainerListRequest {}).await),
+        "ImageImport" => {
+            use api::proto::image_import_request::Msg;
+            let msgs = vec![
+                api::proto::ImageImportRequest {
+                    msg: Some(Msg::Options(api::proto::ImageImportOptions::default())),
+                },
+                api::proto::ImageImportRequest {
+                    msg: Some(Msg::Chunk(b"not an archive".to_vec())),
+                },
+            ];
+            code(c.image_import(tokio_stream::iter(msgs)).await)
+        }
         "Dmesg" => code(c.dmesg(DmesgRequest { follow: false }).await),
         "Logs" => code(
             c.logs(LogsRequest {
@@ -103,7 +119,7 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
 }
 
 /// The RPCs in the order they are walked: the ones that end the boot last.
-const ORDER: [&str; 14] = [
+const ORDER: [&str; 17] = [
     "ApplyConfiguration",
     "GetConfiguration",
     "Reset",
@@ -112,6 +128,9 @@ const ORDER: [&str; 14] = [
     "Status",
     "ServiceList",
     "ExtensionList",
+    "ImageList",
+    "ContainerList",
+    "ImageImport",
     "Dmesg",
     "Logs",
     "Upgrade",

@@ -16,6 +16,7 @@ fn never_healthy() -> Service {
         name: "never-healthy".into(),
         command: vec!["/sbin/machined".into(), "pause".into()],
         depends_on: vec![],
+        environment: vec![],
         restart: RestartPolicy::Always,
         stop_timeout_s: 2,
         health: Some(HealthCheck::Tcp("127.0.0.1:1".into())),

@@ -15,6 +15,7 @@ fn ticker() -> Service {
         name: "ticker".into(),
         command: vec!["/sbin/machined".into(), "pause".into(), "--tick".into()],
         depends_on: vec![],
+        environment: vec![],
         restart: RestartPolicy::Always,
         stop_timeout_s: 3,
         health: None,

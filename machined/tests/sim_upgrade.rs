@@ -199,6 +199,7 @@ async fn an_upgrade_is_refused_at_once_while_a_reboot_runs_and_names_it() {
             "--ignore-sigterm".into(),
         ],
         depends_on: vec![],
+        environment: vec![],
         restart: config::RestartPolicy::Always,
         stop_timeout_s: 3,
         health: None,

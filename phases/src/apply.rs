@@ -73,6 +73,9 @@ pub enum ApplyError {
     /// STATE could not be written.
     #[error("writing the config to STATE: {0}")]
     Write(#[from] PlatformError),
+    /// The containers could not be changed (the config is written).
+    #[error("changing the containers: {0}")]
+    Containers(String),
 }
 
 /// One config being applied.
@@ -207,7 +210,8 @@ async fn write_config(job: Arc<ApplyJob>) -> Result<(), ApplyError> {
     Ok(())
 }
 
-/// Applies what can change without a boot (the host name); says what needs one.
+/// Applies what can change without a boot (the host name, the containers); says what needs
+/// one.
 async fn apply_live(job: Arc<ApplyJob>) -> Result<(), ApplyError> {
     let new = &job.config.machine;
     let Some(old) = job.replaced() else {
@@ -227,6 +231,11 @@ async fn apply_live(job: Arc<ApplyJob>) -> Result<(), ApplyError> {
     }
     if new.services != old.services {
         later.push("machine.services".to_string());
+    }
+    if new.containers != old.containers {
+        crate::tasks::services::apply_containers(&job.rt, &old.containers, &new.containers)
+            .await
+            .map_err(|e| ApplyError::Containers(e.to_string()))?;
     }
     *job.needs_reboot.lock().unwrap_or_else(|p| p.into_inner()) = later;
     Ok(())

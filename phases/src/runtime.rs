@@ -46,6 +46,11 @@ pub mod paths {
     pub const RELEASE: &str = "/etc/plinth-release";
 }
 
+/// The node's containerd: its data on EPHEMERAL, its state and socket on `/run`.
+pub fn containerd() -> workloads::Containerd {
+    workloads::Containerd::new(Path::new(paths::EPHEMERAL), Path::new("/run"))
+}
+
 /// What the initramfs found: the slot it booted and where its disk is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootInfo {
@@ -137,7 +142,13 @@ impl Runtime {
     ) -> Arc<Self> {
         let log_dir = PathBuf::from(paths::SERVICE_LOGS);
         Arc::new(Runtime {
-            services: Supervisor::new(platform.clone(), reaper.clone(), bus.clone(), log_dir),
+            services: Supervisor::new(
+                platform.clone(),
+                reaper.clone(),
+                bus.clone(),
+                log_dir,
+                containerd(),
+            ),
             reaper,
             config_applied: tokio::sync::Notify::new(),
             pending_try: Mutex::new(None),

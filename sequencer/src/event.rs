@@ -149,6 +149,18 @@ pub enum EventKind {
         /// Its version and digest, or why it was refused.
         message: String,
     },
+    /// Something happened to a workload object: an image imported, a container started or
+    /// stopped, a debug container run (the event's actor says who asked).
+    Workload {
+        /// `image`, `container` or `debug`.
+        object: String,
+        /// Its name (an image reference, a container name).
+        name: String,
+        /// What happened (`imported`, `started`, ...).
+        action: String,
+        /// Details: a digest, a command, an error.
+        message: String,
+    },
     /// A supervised service changed state.
     Service {
         /// Service name.
@@ -176,6 +188,7 @@ impl EventKind {
             EventKind::ApiReady { .. } => "api.ready",
             EventKind::Service { .. } => "service",
             EventKind::Extension { .. } => "extension",
+            EventKind::Workload { .. } => "workload",
             EventKind::Slot { .. } => "slot",
             EventKind::Progress { .. } => "progress",
         }

@@ -164,6 +164,8 @@ fn boot_floor(floor_image: &imager::Artifacts) -> (Duration, Duration, Split) {
         services: Vec::new(),
         trusted_keys: Vec::new(),
         extensions: Vec::new(),
+        containers: Vec::new(),
+        forwards: Vec::new(),
     };
     let f = prepare(&spec, floor_image).expect("floor disk");
     let mut vm = Vm::launch(f.vm_spec()).expect("launch floor");

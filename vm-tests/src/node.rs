@@ -36,6 +36,10 @@ pub struct NodeSpec {
     pub trusted_keys: Vec<String>,
     /// System extension files for the ESP's store.
     pub extensions: Vec<PathBuf>,
+    /// Containers for the node config.
+    pub containers: Vec<config::Container>,
+    /// Guest TCP ports to forward from free ports on the host's 127.0.0.1.
+    pub forwards: Vec<u16>,
 }
 
 /// A node ready to boot.
@@ -45,6 +49,8 @@ pub struct PreparedNode {
     pub spec: NodeSpec,
     /// Host port forwarded to the API.
     pub api_port: u16,
+    /// (host port, guest port) of [`NodeSpec::forwards`].
+    pub forwards: Vec<(u16, u16)>,
     /// The admin client config for it.
     pub client: ClientConfig,
     /// Its system disk.
@@ -57,6 +63,14 @@ impl PreparedNode {
     /// The endpoint clients use (`127.0.0.1:PORT`).
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.api_port)
+    }
+
+    /// The host port forwarded to guest port `guest`.
+    pub fn forwarded(&self, guest: u16) -> Option<u16> {
+        self.forwards
+            .iter()
+            .find(|(_, g)| *g == guest)
+            .map(|(h, _)| *h)
     }
 
     /// The admin context.
@@ -74,6 +88,7 @@ impl PreparedNode {
             dir: self.spec.dir.join("vm"),
             disk: self.disk.clone(),
             api_port: self.api_port,
+            forwards: self.forwards.clone(),
             memory_mb: self.spec.memory_mb,
             media: None,
             firmware: self.firmware.clone(),
@@ -102,6 +117,7 @@ pub fn prepare(spec: &NodeSpec, artifacts: &Artifacts) -> Result<PreparedNode, H
     })
     .map_err(|e| HarnessError::Other(format!("generating configs: {e}")))?;
     generated.node.machine.services = spec.services.clone();
+    generated.node.machine.containers = spec.containers.clone();
     generated
         .node
         .validate()
@@ -131,9 +147,15 @@ pub fn prepare(spec: &NodeSpec, artifacts: &Artifacts) -> Result<PreparedNode, H
             extensions: spec.extensions.clone(),
         },
     )?;
+    let forwards = spec
+        .forwards
+        .iter()
+        .map(|g| free_port().map(|h| (h, *g)))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(PreparedNode {
         spec: spec.clone(),
         api_port,
+        forwards,
         client: generated.client,
         disk,
         firmware: firmware_for(artifacts)?,

@@ -47,6 +47,8 @@ pub struct VmSpec {
     pub disk: PathBuf,
     /// Host port on 127.0.0.1 forwarded to the node's API.
     pub api_port: u16,
+    /// More forwards: (host port on 127.0.0.1, guest port), TCP.
+    pub forwards: Vec<(u16, u16)>,
     /// Memory in MiB.
     pub memory_mb: u32,
     /// Installer media (raw), attached read-only as a virtio disk that boots first.
@@ -159,8 +161,12 @@ impl VmSpec {
             s("nvme,serial=plinth0,drive=d0"),
             s("-netdev"),
             format!(
-                "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_API_PORT}",
-                self.api_port
+                "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_API_PORT}{}",
+                self.api_port,
+                self.forwards
+                    .iter()
+                    .map(|(h, g)| format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}"))
+                    .collect::<String>()
             ),
             s("-device"),
             s("virtio-net-pci,netdev=n0"),

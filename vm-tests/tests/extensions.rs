@@ -281,29 +281,6 @@ async fn a_signed_extension_is_overlaid_and_runs_while_tampered_ones_are_refused
 
     // An orderly shutdown takes the extension down before the ESP it lives on: every file
     // system unmounts.
-    let n3 = node.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        common::plinth(&n3, &["-e", &n3.endpoint(), "shutdown"])
-    })
-    .await
-    .expect("cli");
-    assert!(out.contains("shutdown started"), "{out}");
-    vm.wait_exit(Duration::from_secs(120))
-        .expect("QEMU exits by itself");
-    let failed: Vec<String> = vm
-        .serial
-        .lines()
-        .iter()
-        .filter_map(|l| sequencer::trace::parse_line(&l.text))
-        .filter_map(|e| match e.kind {
-            sequencer::EventKind::PhaseStop {
-                sequence,
-                phase,
-                error: Some(error),
-                ..
-            } if sequence == "shutdown" => Some(format!("{phase}: {error}")),
-            _ => None,
-        })
-        .collect();
+    let failed = common::shutdown_failures(&node, &mut vm).await;
     assert!(failed.is_empty(), "shutdown phases failed: {failed:?}");
 }

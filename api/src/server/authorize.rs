@@ -18,12 +18,14 @@ use tonic::Status;
 use super::{Admission, Limits, Mode, PeerInfo};
 use crate::role::{may_call, MAINTENANCE_RPCS, SERVICE};
 
-/// How long a call other than `Upgrade` may take to send its request and get its response
+/// How long a call other than an upload may take to send its request and get its response
 /// started: a peer that trickles a request body must not hold a stream (and its buffer).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
-/// The `Upgrade` method's path.
-const UPGRADE: &str = "/plinth.machine.v1.Machine/Upgrade";
+/// The methods whose request is an upload (a bundle, an image archive): no cap on the body's
+/// size and no request deadline (their handlers bound both), and at most
+/// [`Limits::max_upgrades`] of them open at once.
+const UPLOADS: &[&str] = &["Upgrade", "ImageImport"];
 
 /// Caps on open streams per method, shared by every connection of a server.
 pub(super) struct StreamCaps {
@@ -53,7 +55,7 @@ impl StreamCaps {
             return Some((&self.open_services, "health or reflection"));
         }
         match method {
-            "Upgrade" => Some((&self.upgrade, "Upgrade")),
+            m if UPLOADS.contains(&m) => Some((&self.upgrade, "Upgrade or ImageImport")),
             "Events" => Some((&self.events, "Events")),
             "Dmesg" => Some((&self.dmesg, "Dmesg")),
             "Logs" => Some((&self.logs, "Logs")),
@@ -181,7 +183,7 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for Authorize {
                     let status = Status::resource_exhausted(format!(
                         "too many {name} calls are open on this node ({}): try again later",
                         match name {
-                            "Upgrade" => self.limits.max_upgrades,
+                            "Upgrade or ImageImport" => self.limits.max_upgrades,
                             "Events" => self.limits.max_event_streams,
                             "Dmesg" => self.limits.max_dmesg_streams,
                             "Logs" => self.limits.max_log_streams,
@@ -195,7 +197,7 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for Authorize {
             None => None,
         };
         let guard = CallGuard::new(self.activity.clone(), permit);
-        let upgrade = path == UPGRADE;
+        let upgrade = path.starts_with(SERVICE) && UPLOADS.contains(&method.as_str());
         let limit = if upgrade {
             usize::MAX
         } else {

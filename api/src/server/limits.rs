@@ -2,7 +2,7 @@
 //! through its own API.
 //!
 //! The defaults bound the memory a flood can pin. Request bodies are at most
-//! [`Limits::max_request`] (64 KiB) except `Upgrade`'s, whose streams are at most
+//! [`Limits::max_request`] (64 KiB) except the uploads' (`Upgrade`, `ImageImport`), whose streams are at most
 //! [`Limits::max_upgrades`] at a time; so the data HTTP/2 buffers for a connection is at most
 //! `max_streams × max_request` plus one upload window, and the whole server holds at most
 //! `max_connections` of those. `BENCHMARKS.md` has the figures measured under a flood.
@@ -24,13 +24,13 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Concurrent HTTP/2 streams (calls) per connection.
     pub max_streams: u32,
-    /// Request body bytes of any call but `Upgrade`.
+    /// Request body bytes of any call but the uploads (`Upgrade`, `ImageImport`).
     pub max_request: usize,
-    /// One `Upgrade` message (a bundle chunk).
+    /// One upload message (a bundle or archive chunk).
     pub max_upgrade_message: usize,
     /// HTTP/2 receive window of a stream: how much of an upload may be in flight.
     pub stream_window: u32,
-    /// `Upgrade` calls open at once (one runs; the rest are being refused).
+    /// Upload calls (`Upgrade`, `ImageImport`) open at once.
     pub max_upgrades: usize,
     /// `Events` streams open at once.
     pub max_event_streams: usize,

@@ -70,6 +70,17 @@ pub trait Node: Send + Sync + 'static {
         options: proto::UpgradeOptions,
         bundle: BundleSource,
     ) -> Result<proto::UpgradeResponse, Status>;
+    /// Imports an image archive into the node's containerd.
+    async fn image_import(
+        &self,
+        actor: String,
+        options: proto::ImageImportOptions,
+        archive: BundleStream,
+    ) -> Result<proto::ImageImportResponse, Status>;
+    /// The images in the node's containerd.
+    async fn images(&self) -> Result<proto::ImageListResponse, Status>;
+    /// The node's containers.
+    async fn containers(&self) -> Result<proto::ContainerListResponse, Status>;
     /// Starts a rollback to the other slot.
     fn rollback(&self, actor: String) -> Result<(), Status>;
     /// The kernel log.
@@ -92,7 +103,7 @@ pub trait Node: Send + Sync + 'static {
 /// Log lines for `Dmesg` and `Logs`.
 pub type LineStream = Pin<Box<dyn Stream<Item = Result<proto::LogLine, Status>> + Send>>;
 
-/// The bundle bytes of an `Upgrade` call, as a reader.
+/// The bytes of an upload (an `Upgrade`'s bundle, an `ImageImport`'s archive), as a reader.
 pub type BundleStream = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 
 /// Where an upgrade's bundle comes from.

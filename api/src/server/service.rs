@@ -9,7 +9,7 @@ use sequencer::{Controller, Replay, SubscribeError};
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
-use super::{denied_status, Admission, BundleSource, Limits, LineStream, Node};
+use super::{denied_status, Admission, BundleSource, BundleStream, Limits, LineStream, Node};
 use crate::convert::to_proto;
 use crate::proto::machine_server::{Machine, MachineServer};
 use crate::proto::{
@@ -110,39 +110,39 @@ impl<N: Node> Machine for MachineService<N> {
         &self,
         request: Request<tonic::Streaming<proto::UpgradeRequest>>,
     ) -> Result<Response<proto::UpgradeResponse>, Status> {
-        use futures::StreamExt;
-        let mut stream = request.into_inner();
-        let options = match stream.message().await? {
-            Some(proto::UpgradeRequest {
-                msg: Some(proto::upgrade_request::Msg::Options(o)),
-            }) => o,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first Upgrade message must carry the options",
-                ))
-            }
-        };
-        let bytes = stream.map(|m| match m {
-            Ok(proto::UpgradeRequest {
-                msg: Some(proto::upgrade_request::Msg::Chunk(c)),
-            }) => Ok(bytes::Bytes::from(c)),
-            Ok(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "options after the first Upgrade message",
-            )),
-            Err(status) => Err(std::io::Error::other(format!(
-                "upload failed: {}",
-                status.message()
-            ))),
-        });
+        let (options, bytes) = upload(request.into_inner(), "Upgrade").await?;
         let source = if options.url.is_empty() {
-            BundleSource::Stream(Box::new(tokio_util::io::StreamReader::new(bytes)))
+            BundleSource::Stream(bytes)
         } else {
             BundleSource::Url(options.url.clone())
         };
         let actor = Controller::new_actor();
         let reply = self.node.upgrade(actor, options, source).await?;
         Ok(Response::new(reply))
+    }
+
+    async fn image_import(
+        &self,
+        request: Request<tonic::Streaming<proto::ImageImportRequest>>,
+    ) -> Result<Response<proto::ImageImportResponse>, Status> {
+        let (options, archive) = upload(request.into_inner(), "ImageImport").await?;
+        let actor = Controller::new_actor();
+        let reply = self.node.image_import(actor, options, archive).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn image_list(
+        &self,
+        _: Request<proto::ImageListRequest>,
+    ) -> Result<Response<proto::ImageListResponse>, Status> {
+        Ok(Response::new(self.node.images().await?))
+    }
+
+    async fn container_list(
+        &self,
+        _: Request<proto::ContainerListRequest>,
+    ) -> Result<Response<proto::ContainerListResponse>, Status> {
+        Ok(Response::new(self.node.containers().await?))
     }
 
     async fn rollback(
@@ -240,4 +240,65 @@ impl<N: Node> Machine for MachineService<N> {
         });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// A message of an upload call: its options (first), or a chunk of the bytes.
+trait UploadMessage: Send + 'static {
+    /// The options message.
+    type Options;
+    /// The options, a chunk, or neither.
+    fn part(self) -> (Option<Self::Options>, Option<Vec<u8>>);
+}
+
+impl UploadMessage for proto::UpgradeRequest {
+    type Options = proto::UpgradeOptions;
+    fn part(self) -> (Option<Self::Options>, Option<Vec<u8>>) {
+        use proto::upgrade_request::Msg;
+        match self.msg {
+            Some(Msg::Options(o)) => (Some(o), None),
+            Some(Msg::Chunk(c)) => (None, Some(c)),
+            None => (None, None),
+        }
+    }
+}
+
+impl UploadMessage for proto::ImageImportRequest {
+    type Options = proto::ImageImportOptions;
+    fn part(self) -> (Option<Self::Options>, Option<Vec<u8>>) {
+        use proto::image_import_request::Msg;
+        match self.msg {
+            Some(Msg::Options(o)) => (Some(o), None),
+            Some(Msg::Chunk(c)) => (None, Some(c)),
+            None => (None, None),
+        }
+    }
+}
+
+/// An upload call's options (its first message) and the rest of its bytes as a reader: a
+/// second options message or a broken stream is a read error the node reports.
+async fn upload<M: UploadMessage>(
+    mut stream: tonic::Streaming<M>,
+    method: &'static str,
+) -> Result<(M::Options, BundleStream), Status> {
+    use futures::StreamExt;
+    let options = match stream.message().await?.map(M::part) {
+        Some((Some(o), _)) => o,
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "the first {method} message must carry the options"
+            )))
+        }
+    };
+    let bytes = stream.map(move |m| match m.map(M::part) {
+        Ok((None, Some(c))) => Ok(bytes::Bytes::from(c)),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("options after the first {method} message"),
+        )),
+        Err(status) => Err(std::io::Error::other(format!(
+            "upload failed: {}",
+            status.message()
+        ))),
+    });
+    Ok((options, Box::new(tokio_util::io::StreamReader::new(bytes))))
 }

@@ -105,6 +105,8 @@ pub async fn run(target: &Target, c: Cluster) -> anyhow::Result<()> {
                     services: Vec::new(),
                     trusted_keys: vec![public],
                     extensions: Vec::new(),
+                    containers: Vec::new(),
+                    forwards: Vec::new(),
                 },
                 &artifacts,
             )?;

@@ -104,6 +104,12 @@ pub fn describe(e: &Event) -> String {
             state,
             message,
         } => format!("extension {name} {state}: {message}"),
+        EventKind::Workload {
+            object,
+            name,
+            action,
+            message,
+        } => format!("{object} {name} {action}: {message}"),
         EventKind::Slot {
             slot,
             state,

@@ -1,4 +1,5 @@
-//! `plinth image build`, `bundle`, `extension` and `disk`.
+//! `plinth image build`, `bundle`, `extension`, `busybox` and `disk` (`import` and `list` talk
+//! to a node: [`super::images`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -95,6 +96,24 @@ pub enum Image {
         #[arg(short = 'o', long)]
         out: PathBuf,
     },
+    /// Write a small container image (Debian's busybox-static) as an OCI image archive, for
+    /// `plinth image import`.
+    Busybox {
+        /// The image's name.
+        #[arg(long, default_value = imager::container::BUSYBOX_NAME)]
+        name: String,
+        /// Download cache.
+        #[arg(long, default_value = "out/cache")]
+        cache: PathBuf,
+        /// The archive to write.
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+    },
+    /// Import an image archive (OCI image layout or `docker save` tar) into a node's
+    /// containerd, over the API.
+    Import(super::images::ImportArgs),
+    /// List the images in a node's containerd.
+    List(super::images::ListArgs),
     /// Write a system disk (GPT, slot A installed) from a build, with a node config on STATE.
     Disk {
         /// The build's output directory.
@@ -281,6 +300,15 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             println!("  verity root  {}", m.verity.root);
             Ok(())
         }
+        Image::Busybox { name, cache, out } => {
+            let mut bytes = Vec::new();
+            let digest = imager::container::busybox(&cache, &name, &mut bytes)?;
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} ({name}, {} bytes)", out.display(), bytes.len());
+            println!("  manifest {digest}");
+            Ok(())
+        }
+        Image::Import(_) | Image::List(_) => bail!("this command talks to a node"),
         Image::Disk {
             image_dir,
             node_config,

@@ -6,8 +6,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use api::proto::upgrade_request::Msg;
 use api::proto::{RollbackRequest, StatusRequest, UpgradeOptions, UpgradeRequest, VersionRequest};
-use indicatif::{ProgressBar, ProgressStyle};
-use tokio::io::AsyncReadExt;
 
 use crate::connect::{status_error, Target};
 
@@ -45,8 +43,6 @@ pub struct RollbackArgs {
     #[arg(long, default_value_t = 600)]
     timeout: u64,
 }
-
-const CHUNK: usize = 1 << 20;
 
 async fn boot_id(target: &Target) -> anyhow::Result<String> {
     let (endpoint, mut c) = target.connect().await?;
@@ -126,32 +122,9 @@ async fn send_file(
         .await
         .with_context(|| format!("opening {}", image.display()))?;
     let size = file.metadata().await?.len();
-    let bar = ProgressBar::new(size);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message("sending");
-    let progress = bar.clone();
-    let chunks = futures::stream::unfold(Some(file), move |f| {
-        let progress = progress.clone();
-        async move {
-            let mut f = f?;
-            let mut buf = vec![0u8; CHUNK];
-            match f.read(&mut buf).await {
-                Ok(0) | Err(_) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    progress.inc(n as u64);
-                    Some((
-                        UpgradeRequest {
-                            msg: Some(Msg::Chunk(buf)),
-                        },
-                        Some(f),
-                    ))
-                }
-            }
-        }
+    let bar = crate::upload::bar(size, "sending");
+    let chunks = crate::upload::chunks(file, bar.clone(), |buf| UpgradeRequest {
+        msg: Some(Msg::Chunk(buf)),
     });
     let stream = futures::StreamExt::chain(futures::stream::iter([first]), chunks);
     let (endpoint, mut c) = target.connect_long().await?;

@@ -7,6 +7,12 @@
 //! | the node's state forbids it (not committed, nothing to roll back to, below the security floor) | `FAILED_PRECONDITION` |
 //! | a maintenance call after the node got its config | `PERMISSION_DENIED` |
 //! | an unknown service | `NOT_FOUND` |
+//! | a corrupt or self-contradicting image archive, an image without a name | `INVALID_ARGUMENT` |
+//! | no container runtime on the node, or not healthy | `FAILED_PRECONDITION` |
+//! | another image import running | `ABORTED` |
+//! | an archive larger than EPHEMERAL's free space | `RESOURCE_EXHAUSTED` |
+//! | containerd not answering | `UNAVAILABLE` |
+//! | an image upload that stalls | `DEADLINE_EXCEEDED` |
 //! | a source that stalled or ran out of time | `DEADLINE_EXCEEDED` |
 //! | an upload that broke off, a log that cannot be opened | `UNAVAILABLE` |
 //! | the disk did not keep what was written | `DATA_LOSS` |
@@ -67,6 +73,24 @@ pub enum ApiError {
     /// No such thing.
     #[error("{0}")]
     NotFound(String),
+    /// The node cannot do it in its present state (no container runtime, for instance).
+    #[error("{0}")]
+    Precondition(String),
+    /// Another call of the kind runs.
+    #[error("{0}")]
+    Busy(String),
+    /// More than the node has room for.
+    #[error("{0}")]
+    TooLarge(String),
+    /// An upload that stopped sending.
+    #[error("{0}")]
+    Stalled(String),
+    /// An image archive was refused.
+    #[error("the image archive is refused: {0}")]
+    Archive(#[from] workloads::oci::ArchiveError),
+    /// containerd refused or failed.
+    #[error("{0}")]
+    Workload(#[from] workloads::Error),
     /// Something the call needs is not there now.
     #[error("{0}")]
     Unavailable(String),
@@ -134,9 +158,26 @@ impl ApiError {
                     | phases::install::AdmitError::TooSmall { .. } => Code::FailedPrecondition,
                     phases::install::AdmitError::Unreadable { .. } => Code::Internal,
                 },
-                ApplyError::Yaml(_) | ApplyError::Write(_) => Code::Internal,
+                ApplyError::Yaml(_) | ApplyError::Write(_) | ApplyError::Containers(_) => {
+                    Code::Internal
+                }
             },
             ApiError::NotFound(_) => Code::NotFound,
+            ApiError::Precondition(_) => Code::FailedPrecondition,
+            ApiError::Busy(_) => Code::Aborted,
+            ApiError::TooLarge(_) => Code::ResourceExhausted,
+            ApiError::Stalled(_) => Code::DeadlineExceeded,
+            ApiError::Archive(e) => match e {
+                workloads::oci::ArchiveError::Invalid(_) => Code::InvalidArgument,
+                workloads::oci::ArchiveError::Io { .. } => Code::Internal,
+            },
+            ApiError::Workload(e) => match e {
+                workloads::Error::Refused(_) => Code::InvalidArgument,
+                workloads::Error::Connect { .. } | workloads::Error::Timeout { .. } => {
+                    Code::Unavailable
+                }
+                workloads::Error::Call { .. } => Code::Internal,
+            },
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }

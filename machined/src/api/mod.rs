@@ -6,7 +6,8 @@
 //! - [`upgrade`]: Upgrade and Rollback;
 //! - [`reset`]: the Reset RPC;
 //! - [`config`]: ApplyConfiguration and GetConfiguration;
-//! - [`logs`]: Dmesg and Logs.
+//! - [`logs`]: Dmesg and Logs;
+//! - [`workloads`]: ImageImport, ImageList and ContainerList.
 //!
 //! Every refusal and failure is an [`error::ApiError`], turned into a gRPC status in one
 //! exhaustive match.
@@ -18,6 +19,7 @@ pub mod power;
 pub mod reset;
 pub mod status;
 pub mod upgrade;
+pub mod workloads;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -173,6 +175,23 @@ impl api::server::Node for NodeApi {
         bundle: api::server::BundleSource,
     ) -> Result<api::proto::UpgradeResponse, tonic::Status> {
         Ok(upgrade::upgrade(&self.runtime, actor, options, bundle).await?)
+    }
+
+    async fn image_import(
+        &self,
+        actor: String,
+        options: api::proto::ImageImportOptions,
+        archive: api::server::BundleStream,
+    ) -> Result<api::proto::ImageImportResponse, tonic::Status> {
+        Ok(workloads::import(&self.runtime, actor, options, archive).await?)
+    }
+
+    async fn images(&self) -> Result<api::proto::ImageListResponse, tonic::Status> {
+        Ok(workloads::images(&self.runtime).await?)
+    }
+
+    async fn containers(&self) -> Result<api::proto::ContainerListResponse, tonic::Status> {
+        Ok(workloads::containers(&self.runtime).await?)
     }
 
     fn rollback(&self, actor: String) -> Result<(), tonic::Status> {

@@ -497,7 +497,7 @@ impl Platform for Linux {
         }
     }
 
-    fn spawn(&self, argv: &[String], log: &Path) -> Result<i32, PlatformError> {
+    fn spawn(&self, argv: &[String], env: &[String], log: &Path) -> Result<i32, PlatformError> {
         use std::os::unix::process::CommandExt;
         let Some((program, args)) = argv.split_first() else {
             return Err(PlatformError::Unsupported("an empty command"));
@@ -525,6 +525,7 @@ impl Platform for Linux {
             .args(args)
             .env_clear()
             .env("PATH", "/sbin:/usr/sbin:/bin:/usr/bin")
+            .envs(env.iter().filter_map(|e| e.split_once('=')))
             .stdin(std::process::Stdio::null())
             .stdout(out)
             .stderr(err)

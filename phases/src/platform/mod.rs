@@ -380,9 +380,10 @@ pub trait Platform: Send + Sync + 'static {
     /// Sends a signal to a process; a process that is already gone is not an error.
     fn kill(&self, pid: i32, signal: nix::sys::signal::Signal) -> Result<(), PlatformError>;
 
-    /// Starts a process in its own process group, output appended to `log`; returns its PID.
+    /// Starts a process in its own process group with a default `PATH` and `env` (`KEY=VALUE`),
+    /// output appended to `log`; returns its PID.
     /// The caller registers it with the reaper (see [`crate::reaper::Reaper::spawn`]).
-    fn spawn(&self, argv: &[String], log: &Path) -> Result<i32, PlatformError>;
+    fn spawn(&self, argv: &[String], env: &[String], log: &Path) -> Result<i32, PlatformError>;
 
     /// Whether a partition holds a file system of type `fstype` (its superblock is there).
     fn has_filesystem(&self, device: &Path, fstype: &str) -> Result<bool, PlatformError>;

@@ -1,37 +1,128 @@
 //! Starting and stopping the config's services.
 
+use std::path::Path;
 use std::sync::Arc;
 
+use config::{RestartPolicy, Service};
 use sequencer::TaskError;
 
+use crate::platform::Platform;
 use crate::runtime::Runtime;
+use crate::services::{Probe, Run, Unit};
 
-/// Starts supervising the config's services (each starts when its dependencies are healthy).
+/// Starts supervising the config's services (each starts when its dependencies are healthy),
+/// and containerd first when an active extension provides it or a service depends on it.
 pub async fn start_services(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let cfg = ctx.config().ok_or("the node config is not loaded")?;
-    ctx.services.start(&cfg.machine.services);
-    spawn_log_rotation(
-        &ctx,
-        cfg.machine
+    let mut units: Vec<Unit> = Vec::new();
+    let wanted = !cfg.machine.containers.is_empty()
+        || cfg
+            .machine
             .services
             .iter()
-            .map(|s| s.name.clone())
-            .collect(),
+            .any(|s| s.depends_on.iter().any(|d| d == config::RUNTIME_SERVICE));
+    if wanted || runtime_installed(ctx.platform.as_ref()) {
+        units.push(containerd(ctx.platform.as_ref())?);
+    }
+    units.extend(cfg.machine.services.iter().map(Unit::from));
+    let logs = Path::new(crate::runtime::paths::SERVICE_LOGS);
+    units.extend(
+        cfg.machine
+            .containers
+            .iter()
+            .map(|c| Unit::container(c, logs)),
     );
+    ctx.services.start(&units);
+    spawn_log_rotation(&ctx);
     Ok(())
 }
 
-/// Keeps every service's log under [`crate::logs::MAX_SERVICE_LOG`] (checked every few
-/// seconds; EPHEMERAL must not fill up with one chatty service's output).
-fn spawn_log_rotation(ctx: &Arc<Runtime>, names: Vec<String>) {
-    if names.is_empty() {
-        return;
+/// Applies a change of the config's containers without a reboot: those gone or changed are
+/// stopped and removed, those new or changed started (containerd first, if it was not
+/// supervised yet).
+pub async fn apply_containers(
+    ctx: &Arc<Runtime>,
+    old: &[config::Container],
+    new: &[config::Container],
+) -> Result<(), TaskError> {
+    for c in old {
+        if !new.contains(c) {
+            ctx.services.remove(&c.name).await;
+        }
     }
+    let added: Vec<&config::Container> = new.iter().filter(|c| !old.contains(c)).collect();
+    if added.is_empty() {
+        return Ok(());
+    }
+    // A service of that name runs until the next boot (services change only then).
+    if let Some(c) = added.iter().find(|c| ctx.services.has(&c.name)) {
+        return Err(format!(
+            "a service named {:?} runs until the next boot: the container of that name can start only then",
+            c.name
+        )
+        .into());
+    }
+    let mut units = Vec::new();
+    if !ctx.services.has(config::RUNTIME_SERVICE) {
+        units.push(containerd(ctx.platform.as_ref())?);
+    }
+    let logs = Path::new(crate::runtime::paths::SERVICE_LOGS);
+    units.extend(added.into_iter().map(|c| Unit::container(c, logs)));
+    ctx.services.start(&units);
+    Ok(())
+}
+
+/// Whether an active extension put containerd on `/usr/local`.
+fn runtime_installed(platform: &dyn Platform) -> bool {
+    let program = Path::new(workloads::containerd::PROGRAM);
+    match (program.parent(), program.file_name()) {
+        (Some(dir), Some(name)) => platform
+            .list_dir(dir)
+            .is_ok_and(|names| names.iter().any(|n| n.as_str() == name)),
+        _ => false,
+    }
+}
+
+/// containerd as a service: its config written, its data directory on EPHEMERAL, restarted
+/// whatever its exit, healthy when its API answers. Without the runtime extension it fails to
+/// start, and says that the program is missing.
+fn containerd(platform: &dyn Platform) -> Result<Unit, TaskError> {
+    let c = crate::runtime::containerd();
+    for dir in [&c.root, &c.state] {
+        platform.mkdir_all(dir)?;
+    }
+    if let Some(dir) = c.config.parent() {
+        platform.mkdir_all(dir)?;
+    }
+    platform.write(&c.config, c.config_toml().as_bytes())?;
+    let service = Service {
+        name: config::RUNTIME_SERVICE.to_string(),
+        command: c.command(),
+        environment: workloads::Containerd::environment(),
+        depends_on: Vec::new(),
+        restart: RestartPolicy::Always,
+        // containerd stops its plugins and closes its database; its shims and their
+        // containers outlive it by design, and are stopped before it.
+        stop_timeout_s: 10,
+        health: None,
+    };
+    Ok(Unit {
+        service,
+        probe: Probe::Containerd(c),
+        run: Run::Process,
+    })
+}
+
+/// Keeps every service's and container's log under [`crate::logs::MAX_SERVICE_LOG`] (checked
+/// every few seconds; EPHEMERAL must not fill up with one chatty service's output). A
+/// container's output is appended by its shim, so the log is copied and emptied, not moved.
+fn spawn_log_rotation(ctx: &Arc<Runtime>) {
     let weak = Arc::downgrade(ctx);
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             let Some(rt) = weak.upgrade() else { return };
+            let names: Vec<String> = rt.services.list().into_iter().map(|s| s.name).collect();
             for name in &names {
                 match crate::logs::rotate_if_large(rt.platform.as_ref(), name) {
                     Ok(true) => tracing::info!("rotated the log of service {name}"),

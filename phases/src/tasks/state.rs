@@ -67,7 +67,7 @@ pub async fn format(
         Mkfs::Done => {}
         Mkfs::Run(argv) => {
             let log = Path::new("/run/plinth/mkfs.log");
-            let (pid, exit) = ctx.reaper.spawn(|| ctx.platform.spawn(&argv, log))?;
+            let (pid, exit) = ctx.reaper.spawn(|| ctx.platform.spawn(&argv, &[], log))?;
             let exit = exit
                 .await
                 .map_err(|_| format!("lost the exit of {} (pid {pid})", argv[0]))?;

@@ -96,6 +96,8 @@ pub fn node_with_services(name: &str, services: Vec<config::Service>) -> TestNod
         services,
         trusted_keys: Vec::new(),
         extensions: Vec::new(),
+        containers: Vec::new(),
+        forwards: Vec::new(),
     };
     test_node(prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
 }
@@ -192,6 +194,18 @@ pub fn node_with_extensions(
     extensions: Vec<PathBuf>,
     services: Vec<config::Service>,
 ) -> TestNode {
+    node_with_workloads(name, extensions, services, Vec::new(), Vec::new())
+}
+
+/// [`node_with_extensions`] with `containers` in its config too, and the guest ports
+/// `forwards` forwarded from the host.
+pub fn node_with_workloads(
+    name: &str,
+    extensions: Vec<PathBuf>,
+    services: Vec<config::Service>,
+    containers: Vec<config::Container>,
+    forwards: Vec<u16>,
+) -> TestNode {
     let dir = workspace().join("target/vm-tests").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     let spec = NodeSpec {
@@ -202,6 +216,8 @@ pub fn node_with_extensions(
         services,
         trusted_keys: vec![upgrade::bundle::public_hex(&signing_key().verifying_key())],
         extensions,
+        containers,
+        forwards,
     };
     test_node(prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
 }
@@ -302,8 +318,35 @@ pub fn service(name: &str, command: Vec<String>) -> config::Service {
         name: name.into(),
         command,
         depends_on: vec![],
+        environment: vec![],
         restart: config::RestartPolicy::Always,
         stop_timeout_s: 3,
         health: None,
     }
+}
+
+/// Shuts the node down with `plinth shutdown` and returns the shutdown phases that failed
+/// (every file system must unmount: an extension or a container left mounted would fail one).
+pub async fn shutdown_failures(node: &PreparedNode, vm: &mut vm_tests::qemu::Vm) -> Vec<String> {
+    let n = node.clone();
+    let out = tokio::task::spawn_blocking(move || plinth(&n, &["-e", &n.endpoint(), "shutdown"]))
+        .await
+        .expect("cli");
+    assert!(out.contains("shutdown started"), "{out}");
+    vm.wait_exit(Duration::from_secs(120))
+        .expect("QEMU exits by itself");
+    vm.serial
+        .lines()
+        .iter()
+        .filter_map(|l| sequencer::trace::parse_line(&l.text))
+        .filter_map(|e| match e.kind {
+            sequencer::EventKind::PhaseStop {
+                sequence,
+                phase,
+                error: Some(error),
+                ..
+            } if sequence == "shutdown" => Some(format!("{phase}: {error}")),
+            _ => None,
+        })
+        .collect()
 }

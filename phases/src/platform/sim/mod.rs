@@ -683,7 +683,7 @@ impl Platform for Sim {
         }
     }
 
-    fn spawn(&self, argv: &[String], log: &Path) -> Result<i32, PlatformError> {
+    fn spawn(&self, argv: &[String], env: &[String], log: &Path) -> Result<i32, PlatformError> {
         use std::os::unix::process::CommandExt;
         let Some((program, args)) = argv.split_first() else {
             return Err(PlatformError::Unsupported("an empty command"));
@@ -706,6 +706,7 @@ impl Platform for Sim {
         let err = out.try_clone().map_err(io("opening", &log))?;
         let child = std::process::Command::new(&program)
             .args(args)
+            .envs(env.iter().filter_map(|e| e.split_once('=')))
             .stdin(std::process::Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -1,0 +1,74 @@
+//! `plinth image import` and `plinth image list`: container images on a node.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use api::proto::image_import_request::Msg;
+use api::proto::{ImageImportOptions, ImageImportRequest, ImageListRequest};
+
+use crate::connect::{status_error, Target};
+
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// The archive: an OCI image layout or a `docker save` tar (`plinth image busybox` makes
+    /// one).
+    file: PathBuf,
+    /// The name to give the image, if the archive does not name it (or to rename it).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {}
+
+pub async fn import(target: &Target, args: ImportArgs) -> anyhow::Result<()> {
+    let file = tokio::fs::File::open(&args.file)
+        .await
+        .with_context(|| format!("opening {}", args.file.display()))?;
+    let size = file.metadata().await?.len();
+    let first = ImageImportRequest {
+        msg: Some(Msg::Options(ImageImportOptions {
+            name: args.name.unwrap_or_default(),
+            size,
+        })),
+    };
+    let bar = crate::upload::bar(size, "sending");
+    let chunks = crate::upload::chunks(file, bar.clone(), |buf| ImageImportRequest {
+        msg: Some(Msg::Chunk(buf)),
+    });
+    let stream = futures::StreamExt::chain(futures::stream::iter([first]), chunks);
+    let (endpoint, mut c) = target.connect_long().await?;
+    let reply = c.image_import(stream).await;
+    bar.finish_and_clear();
+    let reply = reply.map_err(|s| status_error(&endpoint, s))?.into_inner();
+    for i in &reply.images {
+        println!("imported {} ({}, {} bytes)", i.name, i.digest, i.size);
+    }
+    eprintln!("actor id {}", reply.actor_id);
+    Ok(())
+}
+
+pub async fn list(target: &Target, _: ListArgs) -> anyhow::Result<()> {
+    let (endpoint, mut c) = target.connect().await?;
+    let r = c
+        .image_list(ImageListRequest {})
+        .await
+        .map_err(|s| status_error(&endpoint, s))?
+        .into_inner();
+    if r.images.is_empty() {
+        println!("no images (plinth image import FILE adds one)");
+        return Ok(());
+    }
+    let width = r
+        .images
+        .iter()
+        .map(|i| i.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!("{:<width$}  DIGEST", "NAME");
+    for i in &r.images {
+        println!("{:<width$}  {}", i.name, i.digest);
+    }
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! The container runtime, the way an operator uses it: a node with the runtime extension
+//! (containerd, its runc shim, runc and libseccomp from Debian's packages) runs containerd as a
+//! service, healthy when its own API answers; `plinth image import` streams a busybox image
+//! into it (a corrupt archive is refused and changes nothing); the config's containers start
+//! once their image is there: a web server on a private network reached from the host through
+//! its published port, a container that keeps exiting and is restarted; `plinth patch config`
+//! changes the containers without a reboot; an orderly shutdown stops them and containerd.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use api::proto::ServiceListRequest;
+use common::{node_with_workloads, signing_key, workspace, BOOT_TIMEOUT};
+use config::{Container, ContainerMount, ContainerNetwork, HealthCheck, RestartPolicy};
+use imager::extension::{ExtensionOptions, RUNTIME_DEBS, RUNTIME_PROGRAMS};
+use vm_tests::node::{wait_for_version, PreparedNode};
+
+fn work() -> PathBuf {
+    workspace().join("target/vm-tests/workloads-build")
+}
+
+/// The runtime extension, built as `plinth image extension --runtime` builds it.
+fn runtime_extension() -> PathBuf {
+    let opts = ExtensionOptions {
+        name: "runtime".into(),
+        version: "1.0".into(),
+        dir: None,
+        debs: RUNTIME_DEBS.iter().map(|d| d.to_string()).collect(),
+        programs: RUNTIME_PROGRAMS.iter().map(|p| p.to_string()).collect(),
+        cache: workspace().join("target/vm-tests/cache"),
+        staging: work().join("runtime.staging"),
+        level: upgrade::extension::LEVEL,
+    };
+    let (bytes, _) = imager::extension::build(&opts, &signing_key()).expect("packing the runtime");
+    let out = work().join("runtime.ext");
+    std::fs::write(&out, bytes).expect("writing the extension");
+    out
+}
+
+/// `plinth image busybox`'s archive.
+fn busybox_image() -> PathBuf {
+    let mut bytes = Vec::new();
+    imager::container::busybox(
+        &workspace().join("target/vm-tests/cache"),
+        imager::container::BUSYBOX_NAME,
+        &mut bytes,
+    )
+    .expect("busybox image");
+    let out = work().join("busybox.tar");
+    std::fs::write(&out, bytes).expect("write");
+    out
+}
+
+fn container(name: &str, command: &[&str]) -> Container {
+    Container {
+        name: name.into(),
+        image: imager::container::BUSYBOX_NAME.into(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        environment: vec![],
+        network: ContainerNetwork::Private,
+        ports: vec![],
+        mounts: vec![],
+        depends_on: vec![],
+        restart: RestartPolicy::Always,
+        stop_timeout_s: 5,
+        health: None,
+    }
+}
+
+/// The plinth CLI against the node, off the async runtime.
+async fn cli(node: &PreparedNode, args: &[&str]) -> (bool, String) {
+    let node = node.clone();
+    let mut full = vec!["-e".to_string(), node.endpoint()];
+    full.extend(args.iter().map(|a| a.to_string()));
+    tokio::task::spawn_blocking(move || common::plinth_output(&node, &full))
+        .await
+        .expect("cli")
+}
+
+/// Waits until `ok` holds for the service list, or panics after `secs` with the list.
+async fn wait_services(
+    node: &PreparedNode,
+    secs: u64,
+    what: &str,
+    ok: impl Fn(&[api::proto::ServiceInfo]) -> bool,
+) -> Vec<api::proto::ServiceInfo> {
+    let ctx = node.context().expect("context").clone();
+    let mut client = api::client::connect_context(&node.endpoint(), &ctx)
+        .await
+        .expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let services = client
+            .service_list(ServiceListRequest {})
+            .await
+            .expect("ServiceList")
+            .into_inner()
+            .services;
+        if ok(&services) {
+            return services;
+        }
+        assert!(Instant::now() < deadline, "{what}: {services:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn healthy(services: &[api::proto::ServiceInfo], name: &str) -> bool {
+    services.iter().any(|s| s.name == name && s.healthy)
+}
+
+/// GET / through the host's forwarded port.
+async fn get(port: u16) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: node\r\n\r\n").await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .map_err(|_| std::io::Error::other("timed out"))??;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_run_from_the_config_with_images_imported_through_the_api() {
+    let _ = std::fs::remove_dir_all(work());
+    std::fs::create_dir_all(work()).expect("mkdir");
+    let runtime = runtime_extension();
+    let image = busybox_image();
+
+    // A service that needs containerd waits for it to answer.
+    let mut after = common::service(
+        "after-containerd",
+        vec!["/sbin/machined".into(), "pause".into()],
+    );
+    after.depends_on = vec![config::RUNTIME_SERVICE.into()];
+    // A web server on its own network, reached only through its published port; its page
+    // is written into a directory of EPHEMERAL mounted into it.
+    let mut web = container(
+        "web",
+        &[
+            "/bin/sh",
+            "-c",
+            "echo served from a container > /www/index.html && exec httpd -f -p 80 -h /www",
+        ],
+    );
+    web.ports = vec!["8080:80".into()];
+    web.mounts = vec![ContainerMount {
+        source: "/var/lib/web".into(),
+        destination: "/www".into(),
+        read_only: false,
+    }];
+    web.health = Some(HealthCheck::Tcp("127.0.0.1:8080".into()));
+    // One that exits every few seconds, restarted each time.
+    let ticker = container("ticker", &["/bin/sh", "-c", "echo tick; sleep 2; exit 1"]);
+    let node = node_with_workloads(
+        "workloads",
+        vec![runtime],
+        vec![after],
+        vec![web, ticker],
+        vec![8080],
+    );
+    let ctx = node.context().expect("context").clone();
+    let mut vm = node.boot().expect("launch");
+    wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("boot");
+
+    // containerd answers its API; what depends on it starts after.
+    wait_services(&node, 180, "containerd never became healthy", |s| {
+        healthy(s, "containerd") && healthy(s, "after-containerd")
+    })
+    .await;
+    // The containers cannot start yet, and say why.
+    let (_, events) = cli(&node, &["events", "--tail", "400"]).await;
+    assert!(
+        events.contains("image plinth.local/busybox:latest is not on this node"),
+        "{events}"
+    );
+
+    // A corrupt archive is refused by name and imports nothing.
+    let corrupt = work().join("corrupt.tar");
+    let mut bytes = std::fs::read(&image).expect("read");
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x55;
+    std::fs::write(&corrupt, bytes).expect("write");
+    let (ok, out) = cli(&node, &["image", "import", corrupt.to_str().expect("path")]).await;
+    assert!(!ok, "a corrupt archive must be refused: {out}");
+    assert!(
+        out.contains("InvalidArgument") && out.contains("corrupt"),
+        "{out}"
+    );
+    let (_, list) = cli(&node, &["image", "list"]).await;
+    assert!(list.contains("no images"), "{list}");
+
+    // The good one goes in, and the containers start from it.
+    let (ok, out) = cli(&node, &["image", "import", image.to_str().expect("path")]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("imported plinth.local/busybox:latest"),
+        "{out}"
+    );
+    let (_, list) = cli(&node, &["image", "list"]).await;
+    assert!(list.contains("plinth.local/busybox:latest"), "{list}");
+    wait_services(&node, 180, "web never became healthy", |s| {
+        healthy(s, "web")
+    })
+    .await;
+
+    // The host reaches the web server: host → QEMU's forward → node port 8080 → machined →
+    // the container's own loopback.
+    let port = node.forwarded(8080).expect("forwarded");
+    let page = get(port).await.expect("GET");
+    assert!(page.contains("served from a container"), "{page}");
+
+    // The ticker exits (exit code 1) and comes back: its output is in its log twice.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, logs) = cli(&node, &["logs", "ticker"]).await;
+        if logs.matches("tick").count() >= 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            let (_, table) = cli(&node, &["containers"]).await;
+            let (_, services) = cli(&node, &["services"]).await;
+            let (_, containerd) = cli(&node, &["logs", "containerd", "--tail", "40"]).await;
+            panic!("the ticker did not run twice: {logs}\n{table}\n{services}\n{containerd}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let ticker = wait_services(&node, 10, "ticker", |s| {
+        s.iter().any(|x| x.name == "ticker")
+    })
+    .await;
+    let ticker = ticker.iter().find(|x| x.name == "ticker").expect("ticker");
+    assert!(ticker.restarts >= 2, "{ticker:?}");
+    let (_, table) = cli(&node, &["containers"]).await;
+    println!("{table}");
+    let web_line = table
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("no web in {table}"));
+    assert!(
+        web_line.contains("running") && web_line.contains("yes"),
+        "{table}"
+    );
+
+    // Without a reboot: the ticker goes, another container comes.
+    let patch = serde_json::json!({"machine": {"containers": [
+        serde_json::to_value(&node.spec.containers[0]).expect("json"),
+        serde_json::to_value(container("hello", &["/bin/sh", "-c", "echo hello from the patch; exec sleep 100000"])).expect("json"),
+    ]}})
+    .to_string();
+    let (ok, out) = cli(&node, &["patch", "config", "-p", &patch]).await;
+    assert!(ok, "{out}");
+    assert!(!out.contains("next boot"), "no reboot is needed: {out}");
+    wait_services(&node, 120, "hello never ran, or ticker stayed", |s| {
+        s.iter().any(|x| x.name == "hello" && x.state == "running")
+            && !s.iter().any(|x| x.name == "ticker")
+    })
+    .await;
+    let (_, table) = cli(&node, &["containers"]).await;
+    assert!(
+        table.contains("hello") && !table.contains("ticker"),
+        "{table}"
+    );
+    assert!(get(port)
+        .await
+        .expect("GET")
+        .contains("served from a container"));
+
+    // An orderly shutdown stops the containers, then containerd, and unmounts everything.
+    let failed = common::shutdown_failures(&node, &mut vm).await;
+    assert!(failed.is_empty(), "shutdown phases failed: {failed:?}");
+}
