@@ -251,6 +251,39 @@ pub fn start_order(services: &[Service]) -> Vec<String> {
     order
 }
 
+/// The units in the order they stop: groups that may stop together, each after every unit
+/// that depends on one of its members (the deepest dependents first).
+pub fn stop_levels(services: &[Service]) -> Vec<Vec<String>> {
+    let mut depth: BTreeMap<String, usize> = BTreeMap::new();
+    for name in start_order(services) {
+        let d = services
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| {
+                s.depends_on
+                    .iter()
+                    .filter_map(|dep| depth.get(dep))
+                    .map(|d| d + 1)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        depth.insert(name, d);
+    }
+    let top = depth.values().copied().max().unwrap_or(0);
+    (0..=top)
+        .rev()
+        .map(|l| {
+            depth
+                .iter()
+                .filter(|(_, d)| **d == l)
+                .map(|(n, _)| n.clone())
+                .collect::<Vec<_>>()
+        })
+        .filter(|level| !level.is_empty())
+        .collect()
+}
+
 impl Supervisor {
     /// A supervisor with no services; service output goes to `log_dir/<name>.log`;
     /// containers run through `containerd`.
@@ -570,8 +603,10 @@ impl Supervisor {
     /// Stops every service, dependents before their dependencies.
     pub async fn stop_all(&self) {
         let configs: Vec<Service> = self.lock().values().map(|e| e.config.clone()).collect();
-        for name in start_order(&configs).into_iter().rev() {
-            self.stop(&name).await;
+        for level in stop_levels(&configs) {
+            // One level at once: twenty containers that ignore SIGTERM take one stop timeout,
+            // not twenty.
+            futures::future::join_all(level.iter().map(|n| self.stop(n))).await;
         }
     }
 
@@ -708,5 +743,41 @@ impl Supervisor {
     /// Whether a unit of this name is supervised.
     pub fn has(&self, name: &str) -> bool {
         self.lock().contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(name: &str, deps: &[&str]) -> Service {
+        Service {
+            name: name.into(),
+            command: vec!["/bin/true".into()],
+            environment: vec![],
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            restart: RestartPolicy::Never,
+            stop_timeout_s: 1,
+            health: None,
+        }
+    }
+
+    #[test]
+    fn dependents_stop_a_level_before_what_they_depend_on_and_peers_together() {
+        let units = [
+            unit("containerd", &[]),
+            unit("web", &["containerd"]),
+            unit("db", &["containerd"]),
+            unit("app", &["web", "db"]),
+            unit("lone", &[]),
+        ];
+        assert_eq!(
+            stop_levels(&units),
+            vec![
+                vec!["app".to_string()],
+                vec!["db".to_string(), "web".to_string()],
+                vec!["containerd".to_string(), "lone".to_string()],
+            ]
+        );
     }
 }

@@ -4,7 +4,8 @@
 //! into it (a corrupt archive is refused and changes nothing); the config's containers start
 //! once their image is there: a web server on a private network reached from the host through
 //! its published port, a container that keeps exiting and is restarted; `plinth patch config`
-//! changes the containers without a reboot; an orderly shutdown stops them and containerd.
+//! changes the containers without a reboot; an A/B upgrade carries the extension, the image and
+//! the containers over to slot B; an orderly shutdown stops them and containerd.
 
 mod common;
 
@@ -12,45 +13,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use api::proto::ServiceListRequest;
-use common::{node_with_workloads, signing_key, workspace, BOOT_TIMEOUT};
+use common::{node_with_workloads, workspace, BOOT_TIMEOUT};
 use config::{Container, ContainerMount, ContainerNetwork, HealthCheck, RestartPolicy};
-use imager::extension::{ExtensionOptions, RUNTIME_DEBS, RUNTIME_PROGRAMS};
 use vm_tests::node::{wait_for_version, PreparedNode};
 
 fn work() -> PathBuf {
     workspace().join("target/vm-tests/workloads-build")
-}
-
-/// The runtime extension, built as `plinth image extension --runtime` builds it.
-fn runtime_extension() -> PathBuf {
-    let opts = ExtensionOptions {
-        name: "runtime".into(),
-        version: "1.0".into(),
-        dir: None,
-        debs: RUNTIME_DEBS.iter().map(|d| d.to_string()).collect(),
-        programs: RUNTIME_PROGRAMS.iter().map(|p| p.to_string()).collect(),
-        cache: workspace().join("target/vm-tests/cache"),
-        staging: work().join("runtime.staging"),
-        level: upgrade::extension::LEVEL,
-    };
-    let (bytes, _) = imager::extension::build(&opts, &signing_key()).expect("packing the runtime");
-    let out = work().join("runtime.ext");
-    std::fs::write(&out, bytes).expect("writing the extension");
-    out
-}
-
-/// `plinth image busybox`'s archive.
-fn busybox_image() -> PathBuf {
-    let mut bytes = Vec::new();
-    imager::container::busybox(
-        &workspace().join("target/vm-tests/cache"),
-        imager::container::BUSYBOX_NAME,
-        &mut bytes,
-    )
-    .expect("busybox image");
-    let out = work().join("busybox.tar");
-    std::fs::write(&out, bytes).expect("write");
-    out
 }
 
 fn container(name: &str, command: &[&str]) -> Container {
@@ -126,8 +94,9 @@ async fn get(port: u16) -> std::io::Result<String> {
 async fn containers_run_from_the_config_with_images_imported_through_the_api() {
     let _ = std::fs::remove_dir_all(work());
     std::fs::create_dir_all(work()).expect("mkdir");
-    let runtime = runtime_extension();
-    let image = busybox_image();
+    let runtime = common::runtime_extension(&work());
+    let image = common::busybox_image(&work());
+    let next = common::bundle("workloads-next", "0.2.0-workloads", &[]);
 
     // A service that needs containerd waits for it to answer.
     let mut after = common::service(
@@ -173,11 +142,18 @@ async fn containers_run_from_the_config_with_images_imported_through_the_api() {
     })
     .await;
     // The containers cannot start yet, and say why.
-    let (_, events) = cli(&node, &["events", "--tail", "400"]).await;
-    assert!(
-        events.contains("image plinth.local/busybox:latest is not on this node"),
-        "{events}"
-    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, events) = cli(&node, &["events", "--tail", "400"]).await;
+        if events.contains("image plinth.local/busybox:latest is not on this node") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refusal naming the image: {events}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // A corrupt archive is refused by name and imports nothing.
     let corrupt = work().join("corrupt.tar");
@@ -271,6 +247,36 @@ async fn containers_run_from_the_config_with_images_imported_through_the_api() {
         .contains("served from a container"));
 
     // An orderly shutdown stops the containers, then containerd, and unmounts everything.
+    // An A/B upgrade: the extension (in the ESP's store, outside both slots), the image (on
+    // EPHEMERAL) and the config carry over, and B's trial commits only once its containers
+    // are healthy again.
+    let (ok, out) = cli(
+        &node,
+        &["upgrade", "--image", next.to_str().expect("path"), "--wait"],
+    )
+    .await;
+    assert!(
+        ok && out.contains("upgrade committed: slot B runs Plinth 0.2.0-workloads"),
+        "{out}"
+    );
+    let (v, _) = wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("B answers");
+    assert_eq!(v.slot, "B");
+    wait_services(&node, 180, "web and hello did not come back on B", |s| {
+        healthy(s, "web") && s.iter().any(|x| x.name == "hello" && x.state == "running")
+    })
+    .await;
+    assert!(get(port)
+        .await
+        .expect("GET on B")
+        .contains("served from a container"));
+    let (_, extensions) = cli(&node, &["get", "extensions"]).await;
+    assert!(
+        extensions.contains("runtime") && extensions.contains("active"),
+        "{extensions}"
+    );
+
     let failed = common::shutdown_failures(&node, &mut vm).await;
     assert!(failed.is_empty(), "shutdown phases failed: {failed:?}");
 }

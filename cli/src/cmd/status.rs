@@ -52,6 +52,7 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                 "trial": s.trial,
                 "committed": s.committed,
                 "security_floor": s.security_floor,
+                "machined_rss_kib": s.machined_rss_kib,
                 "slots": s.slots.iter().map(|x| serde_json::json!({
                     "slot": x.slot, "state": x.state, "version": x.version, "attempts": x.attempts,
                     "failure": x.failure, "breadcrumbs": x.breadcrumbs,
@@ -96,6 +97,9 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
             );
             println!("Committed: slot {}", s.committed);
             println!("Boot ID:  {}", s.boot_id);
+            if s.machined_rss_kib > 0 {
+                println!("machined: {} KiB resident", s.machined_rss_kib);
+            }
             if let Some(t) = &s.trust {
                 println!("Secure Boot: {}", t.secure_boot);
                 if t.verity_root.is_empty() {

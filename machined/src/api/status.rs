@@ -101,6 +101,7 @@ pub fn status(runtime: &Runtime, fixed: &VersionResponse) -> StatusResponse {
     );
     boot_entries.sort_by_key(|e| e.number);
     StatusResponse {
+        machined_rss_kib: rss_kib().unwrap_or(0),
         state: state.to_string(),
         superstate: state.superstate().into(),
         running_sequence,
@@ -244,4 +245,16 @@ pub fn extensions(runtime: &Runtime) -> api::proto::ExtensionListResponse {
             .collect(),
         os_level: upgrade::extension::LEVEL,
     }
+}
+
+/// machined's resident set, from `/proc/self/status` (`VmRSS:   12345 kB`).
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

@@ -350,3 +350,36 @@ pub async fn shutdown_failures(node: &PreparedNode, vm: &mut vm_tests::qemu::Vm)
         })
         .collect()
 }
+
+/// The runtime extension in `dir`, built as `plinth image extension --runtime` builds it.
+pub fn runtime_extension(dir: &std::path::Path) -> PathBuf {
+    use imager::extension::{ExtensionOptions, RUNTIME_DEBS, RUNTIME_PROGRAMS};
+    let opts = ExtensionOptions {
+        name: "runtime".into(),
+        version: "1.0".into(),
+        dir: None,
+        debs: RUNTIME_DEBS.iter().map(|d| d.to_string()).collect(),
+        programs: RUNTIME_PROGRAMS.iter().map(|p| p.to_string()).collect(),
+        cache: workspace().join("target/vm-tests/cache"),
+        staging: dir.join("runtime.staging"),
+        level: upgrade::extension::LEVEL,
+    };
+    let (bytes, _) = imager::extension::build(&opts, &signing_key()).expect("packing the runtime");
+    let out = dir.join("runtime.ext");
+    std::fs::write(&out, bytes).expect("writing the extension");
+    out
+}
+
+/// `plinth image busybox`'s archive, in `dir`.
+pub fn busybox_image(dir: &std::path::Path) -> PathBuf {
+    let mut bytes = Vec::new();
+    imager::container::busybox(
+        &workspace().join("target/vm-tests/cache"),
+        imager::container::BUSYBOX_NAME,
+        &mut bytes,
+    )
+    .expect("busybox image");
+    let out = dir.join("busybox.tar");
+    std::fs::write(&out, bytes).expect("write");
+    out
+}
