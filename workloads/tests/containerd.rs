@@ -17,8 +17,14 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// Debian's containerd unpacked (downloaded once with `apt-get download`).
+/// Debian's containerd unpacked (downloaded once with `apt-get download`). The tests of this
+/// binary run side by side: one of them unpacks, the others wait for it.
 fn containerd_package() -> PathBuf {
+    static PACKAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PACKAGE.get_or_init(unpack_containerd_package).clone()
+}
+
+fn unpack_containerd_package() -> PathBuf {
     let cache = workspace().join("target/tmp/containerd-package");
     let unpacked = cache.join("root");
     if unpacked.join("usr/bin/containerd").is_file() {
@@ -40,12 +46,15 @@ fn containerd_package() -> PathBuf {
             assert!(ok.success(), "apt-get download {package}");
         }
     }
+    // Unpacked beside, then moved into place whole: a run cut short leaves no half tree.
+    let staging = cache.join("root.partial");
+    let _ = std::fs::remove_dir_all(&staging);
     for deb in std::fs::read_dir(&cache).expect("read").flatten() {
         if deb.path().extension().is_some_and(|e| e == "deb") {
             let ok = Command::new("dpkg-deb")
                 .arg("-x")
                 .arg(deb.path())
-                .arg(&unpacked)
+                .arg(&staging)
                 .status()
                 .expect("dpkg-deb");
             assert!(ok.success());
@@ -56,10 +65,12 @@ fn containerd_package() -> PathBuf {
     let ok = Command::new("patchelf")
         .arg("--set-rpath")
         .arg(unpacked.join("usr/lib/x86_64-linux-gnu"))
-        .arg(unpacked.join("usr/sbin/runc"))
+        .arg(staging.join("usr/sbin/runc"))
         .status()
         .expect("patchelf (apt-get install patchelf)");
     assert!(ok.success());
+    let _ = std::fs::remove_dir_all(&unpacked);
+    std::fs::rename(&staging, &unpacked).expect("moving the package into place");
     unpacked
 }
 
