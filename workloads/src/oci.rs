@@ -775,6 +775,16 @@ mod tests {
         assert!(e.contains("not"), "{e}");
     }
 
+    /// A tar of regular files at `path`.
+    fn write_tar(path: &Path, files: &[(&str, &Vec<u8>)]) {
+        let mut b = tar::Builder::new(std::fs::File::create(path).expect("create"));
+        for (p, d) in files {
+            let mut h = header(tar::EntryType::Regular, 0o644, d.len() as u64);
+            b.append_data(&mut h, p, d.as_slice()).expect("append");
+        }
+        b.finish().expect("finish");
+    }
+
     #[test]
     fn a_docker_archive_gets_a_manifest_made_for_it() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -789,17 +799,14 @@ mod tests {
         ]))
         .expect("json");
         let path = dir.path().join("docker.tar");
-        let mut b = tar::Builder::new(std::fs::File::create(&path).expect("create"));
-        for (p, d) in [
-            ("manifest.json", &manifest),
-            ("cfg.json", &config),
-            ("l1/layer.tar", &layer),
-        ] {
-            let mut h = header(tar::EntryType::Regular, 0o644, d.len() as u64);
-            b.append_data(&mut h, p, d.as_slice()).expect("append");
-        }
-        b.finish().expect("finish");
-        drop(b);
+        write_tar(
+            &path,
+            &[
+                ("manifest.json", &manifest),
+                ("cfg.json", &config),
+                ("l1/layer.tar", &layer),
+            ],
+        );
         let a = read(&path).expect("reads");
         let i = &a.images[0];
         assert_eq!(i.name.as_deref(), Some("docker.io/library/busybox:latest"));
@@ -824,17 +831,14 @@ mod tests {
         ]))
         .expect("json");
         let path = dir.path().join("d.tar");
-        let mut b = tar::Builder::new(std::fs::File::create(&path).expect("create"));
-        for (p, d) in [
-            ("manifest.json", &manifest),
-            ("c.json", &config),
-            ("l.tar", &layer),
-        ] {
-            let mut h = header(tar::EntryType::Regular, 0o644, d.len() as u64);
-            b.append_data(&mut h, p, d.as_slice()).expect("append");
-        }
-        b.finish().expect("finish");
-        drop(b);
+        write_tar(
+            &path,
+            &[
+                ("manifest.json", &manifest),
+                ("c.json", &config),
+                ("l.tar", &layer),
+            ],
+        );
         let e = read(&path).expect_err("mismatch").to_string();
         assert!(e.contains("lists 0 layers and its manifest 1"), "{e}");
     }
