@@ -72,6 +72,7 @@ pub const RPCS: &[&str] = &[
     "ImageImport",
     "ImageList",
     "ContainerList",
+    "Debug",
     "Reboot",
     "Shutdown",
     "Dmesg",

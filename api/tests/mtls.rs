@@ -320,3 +320,122 @@ async fn an_image_import_is_an_upload_for_admins_only() {
         assert!(err.contains("PermissionDenied"), "{role}: {err}");
     }
 }
+
+/// Opens a Debug session as `id` whose stdin is `stdin`, then whatever `more` sends; returns
+/// the answer's stream once the node has sent its first message.
+async fn open_debug(
+    f: &Fixture,
+    id: &Identity,
+    stdin: usize,
+    more: impl futures::Stream<Item = api::proto::DebugRequest> + Send + 'static,
+) -> Result<tonic::Streaming<api::proto::DebugResponse>, String> {
+    use api::proto::{debug_request, DebugOptions, DebugRequest};
+    use futures::StreamExt;
+    let tls = tls::client_config(f.ca.cert_pem(), Some((&id.cert_pem, &id.key_pem)))
+        .map_err(|e| e.to_string())?;
+    let mut c = client::connect(&endpoint(f), tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut msgs = vec![DebugRequest {
+        msg: Some(debug_request::Msg::Options(DebugOptions {
+            image: "plinth.local/busybox:latest".into(),
+            command: vec!["cat".into()],
+            ..Default::default()
+        })),
+    }];
+    for chunk in vec![7u8; stdin].chunks(16 << 10) {
+        msgs.push(DebugRequest {
+            msg: Some(debug_request::Msg::Stdin(chunk.to_vec())),
+        });
+    }
+    let mut out = c
+        .debug(futures::stream::iter(msgs).chain(more))
+        .await
+        .map_err(|s| client::describe_status(&s))?
+        .into_inner();
+    out.message()
+        .await
+        .map_err(|s| client::describe_status(&s))?
+        .ok_or("the session ended at once")?;
+    Ok(out)
+}
+
+/// Bytes of stdout until the exit status.
+async fn debug_output(
+    mut out: tonic::Streaming<api::proto::DebugResponse>,
+) -> Result<usize, String> {
+    use api::proto::debug_response::Msg;
+    let mut got = 0;
+    while let Some(m) = out
+        .message()
+        .await
+        .map_err(|s| client::describe_status(&s))?
+    {
+        match m.msg {
+            Some(Msg::Stdout(b)) => got += b.len(),
+            Some(Msg::ExitStatus(_)) => return Ok(got),
+            _ => {}
+        }
+    }
+    Err("the session ended without an exit status".into())
+}
+
+#[tokio::test]
+async fn debug_sessions_are_for_admins_carry_long_input_and_are_capped() {
+    let f = start().await;
+    let admin =
+        f.ca.issue_client(&ClientSpec::new("admin", Role::Admin))
+            .expect("client");
+    // A session's stdin is not held to the 64 KiB other requests are.
+    let size = 1 << 20;
+    let out = open_debug(&f, &admin, size, futures::stream::empty())
+        .await
+        .expect("opens");
+    assert_eq!(debug_output(out).await, Ok(size));
+    for role in [Role::Reader, Role::Operator] {
+        let id =
+            f.ca.issue_client(&ClientSpec::new("someone", role))
+                .expect("client");
+        let err = open_debug(&f, &id, 10, futures::stream::empty())
+            .await
+            .expect_err("refused");
+        assert!(
+            err.contains("PermissionDenied") && err.contains("Debug"),
+            "{role}: {err}"
+        );
+    }
+    // Sessions held open fill the cap; one more is refused at once, not queued.
+    let cap = api::server::Limits::default().max_debug_sessions;
+    let mut open = Vec::new();
+    for _ in 0..cap {
+        // Its stdin stays open until the sender goes.
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        let more = futures::StreamExt::filter_map(futures::stream::once(closed), |_| async {
+            None::<api::proto::DebugRequest>
+        });
+        let out = open_debug(&f, &admin, 0, more).await.expect("opens");
+        open.push((close, out));
+    }
+    let err = open_debug(&f, &admin, 0, futures::stream::empty())
+        .await
+        .expect_err("over the cap");
+    assert!(
+        err.contains("ResourceExhausted") && err.contains("Debug"),
+        "{err}"
+    );
+    // A session that ends makes room.
+    let (close, out) = open.pop().expect("one");
+    drop(close);
+    assert_eq!(debug_output(out).await, Ok(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match open_debug(&f, &admin, 0, futures::stream::empty()).await {
+            Ok(out) => {
+                assert_eq!(debug_output(out).await, Ok(0));
+                break;
+            }
+            Err(e) if std::time::Instant::now() > deadline => panic!("no room: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}

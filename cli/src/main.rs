@@ -48,6 +48,9 @@ enum Cmd {
     Services(cmd::services::Args),
     /// List the node's containers (from its config, run through containerd).
     Containers(cmd::containers::Args),
+    /// Run a program in a debug container on the node: its namespaces, its root at /host, this
+    /// terminal's stdin and output (admin; every run is an event).
+    Debug(cmd::debug::Args),
     /// Write a bundle into the other slot and try it (A/B, rolls back by itself on failure).
     Upgrade(cmd::upgrade::UpgradeArgs),
     /// Go back to the other slot, if it is good.
@@ -119,6 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Shutdown(a) => cmd::power::shutdown(&target, a).await,
         Cmd::Services(a) => cmd::services::run(&target, a).await,
         Cmd::Containers(a) => cmd::containers::run(&target, a).await,
+        Cmd::Debug(a) => cmd::debug::run(&target, a).await,
         Cmd::Upgrade(a) => cmd::upgrade::upgrade(&target, a).await,
         Cmd::Rollback(a) => cmd::upgrade::rollback(&target, a).await,
         Cmd::ApplyConfig(a) => cmd::apply::run(&target, a).await,

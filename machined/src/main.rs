@@ -106,6 +106,9 @@ fn main() {
         ));
         std::process::exit(2);
     }
+    // The kernel started the initramfs's /init, and this process goes on past switch_root:
+    // name it for what it is, so that /proc/1/comm, ps and a debug container say machined.
+    let _ = nix::sys::prctl::set_name(c"machined");
     let outcome = match role {
         Role::Initramfs => initramfs::run(),
         Role::Node => node::run(),

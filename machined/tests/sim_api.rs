@@ -72,6 +72,18 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
             ];
             code(c.image_import(tokio_stream::iter(msgs)).await)
         }
+        // Refused after authorization: the simulated node has no container runtime.
+        "Debug" => {
+            let msgs = vec![api::proto::DebugRequest {
+                msg: Some(api::proto::debug_request::Msg::Options(
+                    api::proto::DebugOptions {
+                        image: "plinth.local/busybox:latest".into(),
+                        ..Default::default()
+                    },
+                )),
+            }];
+            code(c.debug(tokio_stream::iter(msgs)).await)
+        }
         "Dmesg" => code(c.dmesg(DmesgRequest { follow: false }).await),
         "Logs" => code(
             c.logs(LogsRequest {
@@ -119,7 +131,7 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
 }
 
 /// The RPCs in the order they are walked: the ones that end the boot last.
-const ORDER: [&str; 17] = [
+const ORDER: [&str; 18] = [
     "ApplyConfiguration",
     "GetConfiguration",
     "Reset",
@@ -131,6 +143,7 @@ const ORDER: [&str; 17] = [
     "ImageList",
     "ContainerList",
     "ImageImport",
+    "Debug",
     "Dmesg",
     "Logs",
     "Upgrade",

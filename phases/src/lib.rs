@@ -22,6 +22,7 @@ pub mod reaper;
 pub mod reset;
 pub mod runtime;
 pub mod services;
+pub mod sessions;
 pub mod shutdown;
 pub mod slots;
 pub mod tasks;

@@ -120,6 +120,8 @@ pub struct Runtime {
     pub services: Arc<Supervisor>,
     /// The one owner of child exits.
     pub reaper: Arc<Reaper>,
+    /// Sessions callers hold open (debug containers), ended before the services stop.
+    pub sessions: crate::sessions::Sessions,
     /// Signalled when a node in maintenance mode has been given its config.
     pub config_applied: tokio::sync::Notify,
     pending_try: Mutex<Option<tokio_util::sync::CancellationToken>>,
@@ -150,6 +152,7 @@ impl Runtime {
                 containerd(),
             ),
             reaper,
+            sessions: crate::sessions::Sessions::default(),
             config_applied: tokio::sync::Notify::new(),
             pending_try: Mutex::new(None),
             platform,

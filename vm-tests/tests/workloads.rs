@@ -4,8 +4,10 @@
 //! into it (a corrupt archive is refused and changes nothing); the config's containers start
 //! once their image is there: a web server on a private network reached from the host through
 //! its published port, a container that keeps exiting and is restarted; `plinth patch config`
-//! changes the containers without a reboot; an A/B upgrade carries the extension, the image and
-//! the containers over to slot B; an orderly shutdown stops them and containerd.
+//! changes the containers without a reboot; `plinth debug` reads the node's PID 1 through
+//! /host (a reader may not, every run is an event); an A/B upgrade carries the extension, the image and
+//! the containers over to slot B; an orderly shutdown ends an open debug session, stops the
+//! containers and containerd.
 
 mod common;
 
@@ -246,6 +248,88 @@ async fn containers_run_from_the_config_with_images_imported_through_the_api() {
         .expect("GET")
         .contains("served from a container"));
 
+    // The debug container: the node's PID 1 seen through /host, from an image archive
+    // imported on the way; the run is an event with its actor, the image's digest and the
+    // command.
+    let (ok, out) = cli(
+        &node,
+        &[
+            "debug",
+            image.to_str().expect("path"),
+            "--",
+            "cat",
+            "/host/proc/1/comm",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(out.lines().any(|l| l == "machined"), "{out}");
+    let actor = out
+        .split("actor id ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no actor id in {out}"))
+        .to_string();
+    let (_, events) = cli(&node, &["events", "--actor", &actor]).await;
+    assert!(
+        events.contains("debug debug.")
+            && events.contains("started: image plinth.local/busybox:latest (sha256:")
+            && events.contains(r#"command ["cat", "/host/proc/1/comm"]"#)
+            && events.contains("ended: exit status 0"),
+        "{events}"
+    );
+    // The program's exit status is the CLI's.
+    let (ok, out) = cli(
+        &node,
+        &[
+            "debug",
+            imager::container::BUSYBOX_NAME,
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    // A reader may not.
+    let reader = node.spec.dir.join("reader-config");
+    common::plinth(
+        &node,
+        &[
+            "gen",
+            "client",
+            "--name",
+            "viewer",
+            "--role",
+            "os:reader",
+            "--secrets",
+            node.spec.dir.to_str().expect("dir"),
+            "--from",
+            node.spec.dir.join("plinthconfig").to_str().expect("path"),
+            "-o",
+            reader.to_str().expect("path"),
+            "--force",
+        ],
+    );
+    let refused = std::process::Command::new(common::plinth_cli())
+        .args([
+            "-e",
+            &node.endpoint(),
+            "debug",
+            imager::container::BUSYBOX_NAME,
+        ])
+        .args(["--", "cat", "/host/proc/1/comm"])
+        .env("PLINTHCONFIG", &reader)
+        .output()
+        .expect("plinth");
+    let text = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success(), "a reader ran a debug container");
+    assert!(
+        text.contains("PermissionDenied") && text.contains("may not call Debug"),
+        "{text}"
+    );
+
     // An orderly shutdown stops the containers, then containerd, and unmounts everything.
     // An A/B upgrade: the extension (in the ESP's store, outside both slots), the image (on
     // EPHEMERAL) and the config carry over, and B's trial commits only once its containers
@@ -277,6 +361,43 @@ async fn containers_run_from_the_config_with_images_imported_through_the_api() {
         "{extensions}"
     );
 
+    // A debug session still open when the node goes down is ended first (its container
+    // would hold EPHEMERAL): the shutdown has no failure, and the session says why it ended.
+    let open = std::process::Command::new(common::plinth_cli())
+        .args([
+            "-e",
+            &node.endpoint(),
+            "debug",
+            imager::container::BUSYBOX_NAME,
+        ])
+        .args(["--", "sleep", "100000"])
+        .env("PLINTHCONFIG", node.spec.dir.join("plinthconfig"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("plinth debug");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, table) = cli(&node, &["containers"]).await;
+        if table
+            .lines()
+            .any(|l| l.starts_with("debug.") && l.contains("running"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no debug container: {table}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let failed = common::shutdown_failures(&node, &mut vm).await;
     assert!(failed.is_empty(), "shutdown phases failed: {failed:?}");
+    let ended = tokio::task::spawn_blocking(move || open.wait_with_output())
+        .await
+        .expect("join")
+        .expect("plinth debug ends");
+    let text = String::from_utf8_lossy(&ended.stderr);
+    assert!(
+        !ended.status.success() && text.contains("going down"),
+        "{text}"
+    );
 }

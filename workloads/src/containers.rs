@@ -99,100 +99,16 @@ impl Containerd {
     pub async fn start_container(&self, spec: &ContainerSpec) -> Result<u32, Error> {
         let channel = self.connect().await?;
         remove(&channel, &spec.name).await;
-        let (image, config) = image_config(&channel, &spec.image).await?;
-        let top = chain_ids(config.rootfs().diff_ids())
-            .pop()
-            .ok_or_else(|| Error::Refused(format!("image {} has no layers", spec.image)))?;
-        let runtime_spec = runtime_spec(spec, &config)?;
-        let json = serde_json::to_vec(&runtime_spec)
-            .map_err(|e| Error::Refused(format!("encoding the runtime spec: {e}")))?;
-        let record = Container {
-            id: spec.name.clone(),
-            image: image.clone(),
-            runtime: Some(container::Runtime {
-                name: RUNTIME.into(),
-                options: None,
-            }),
-            spec: Some(prost_types::Any {
-                type_url: SPEC_TYPE.into(),
-                value: json,
-            }),
-            snapshotter: SNAPSHOTTER.into(),
-            snapshot_key: spec.name.clone(),
-            labels: HashMap::from([("plinth.dev/managed".to_string(), "true".to_string())]),
-            ..Default::default()
-        };
-        ContainersClient::new(channel.clone())
-            .create(request(
-                CreateContainerRequest {
-                    container: Some(record),
-                },
-                None,
-            ))
-            .await
-            .map_err(call("Containers.Create"))?;
-        // The snapshot after the record that names it: garbage collection (which a removal
-        // elsewhere can start at any moment) keeps a snapshot a container names, and would
-        // take one that nothing names yet.
-        let mut snapshots = SnapshotsClient::new(channel.clone());
-        let prepared = snapshots
-            .prepare(request(
-                PrepareSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.into(),
-                    key: spec.name.clone(),
-                    parent: top,
-                    labels: HashMap::new(),
-                },
-                None,
-            ))
-            .await;
-        let mounts = match prepared {
-            Ok(r) => r.into_inner().mounts,
-            Err(s) => {
-                remove(&channel, &spec.name).await;
-                return Err(match s.code() {
-                    tonic::Code::NotFound => Error::Refused(format!(
-                        "image {} is not unpacked on this node: import it again",
-                        spec.image
-                    )),
-                    _ => call("Snapshots.Prepare")(s),
-                });
-            }
-        };
+        let image = image_config(&channel, &spec.image).await?;
+        let runtime_spec = runtime_spec(spec, &image.config)?;
         let log = format!("file://{}", spec.log.display());
-        let mut tasks = TasksClient::new(channel.clone());
-        let created = tasks
-            .create(request(
-                CreateTaskRequest {
-                    container_id: spec.name.clone(),
-                    rootfs: mounts,
-                    stdout: log.clone(),
-                    stderr: log,
-                    ..Default::default()
-                },
-                None,
-            ))
-            .await;
-        if let Err(s) = created {
-            remove(&channel, &spec.name).await;
-            return Err(call("Tasks.Create")(s));
-        }
-        let started = tasks
-            .start(request(
-                StartRequest {
-                    container_id: spec.name.clone(),
-                    exec_id: String::new(),
-                },
-                None,
-            ))
-            .await;
-        match started {
-            Ok(r) => Ok(r.into_inner().pid),
-            Err(s) => {
-                remove(&channel, &spec.name).await;
-                Err(call("Tasks.Start")(s))
-            }
-        }
+        let io = TaskIo {
+            stdin: String::new(),
+            stdout: log.clone(),
+            stderr: log,
+            terminal: false,
+        };
+        create_and_start(&channel, &spec.name, &image, &runtime_spec, io).await
     }
 
     /// Waits until the container's task exits; returns its exit status.
@@ -301,7 +217,7 @@ pub fn check_mount_source(source: &std::path::Path) -> Result<(), Error> {
 
 /// Deletes the task (killing it if it runs), the record and the snapshot of `name`; each
 /// that is not there is fine.
-async fn remove(channel: &Channel, name: &str) {
+pub(crate) async fn remove(channel: &Channel, name: &str) {
     let mut tasks = TasksClient::new(channel.clone());
     let kill = KillRequest {
         container_id: name.into(),
@@ -342,6 +258,119 @@ async fn remove(channel: &Channel, name: &str) {
         .await;
 }
 
+/// Where a task's standard streams go: `file://` URIs or FIFO paths; empty for none.
+pub(crate) struct TaskIo {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+/// Creates the container `name` from `image` with `runtime_spec` (record, then a writable
+/// snapshot on the image's top layer), then its task with `io`, and starts it; returns the
+/// task's PID. Whatever was made is removed again when a step fails.
+pub(crate) async fn create_and_start(
+    channel: &Channel,
+    name: &str,
+    image: &Image,
+    runtime_spec: &Spec,
+    io: TaskIo,
+) -> Result<u32, Error> {
+    let top = chain_ids(image.config.rootfs().diff_ids())
+        .pop()
+        .ok_or_else(|| Error::Refused(format!("image {} has no layers", image.name)))?;
+    let json = serde_json::to_vec(runtime_spec)
+        .map_err(|e| Error::Refused(format!("encoding the runtime spec: {e}")))?;
+    let record = Container {
+        id: name.to_string(),
+        image: image.name.clone(),
+        runtime: Some(container::Runtime {
+            name: RUNTIME.into(),
+            options: None,
+        }),
+        spec: Some(prost_types::Any {
+            type_url: SPEC_TYPE.into(),
+            value: json,
+        }),
+        snapshotter: SNAPSHOTTER.into(),
+        snapshot_key: name.to_string(),
+        labels: HashMap::from([("plinth.dev/managed".to_string(), "true".to_string())]),
+        ..Default::default()
+    };
+    ContainersClient::new(channel.clone())
+        .create(request(
+            CreateContainerRequest {
+                container: Some(record),
+            },
+            None,
+        ))
+        .await
+        .map_err(call("Containers.Create"))?;
+    // The snapshot after the record that names it: garbage collection (which a removal
+    // elsewhere can start at any moment) keeps a snapshot a container names, and would
+    // take one that nothing names yet.
+    let mut snapshots = SnapshotsClient::new(channel.clone());
+    let prepared = snapshots
+        .prepare(request(
+            PrepareSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: name.to_string(),
+                parent: top,
+                labels: HashMap::new(),
+            },
+            None,
+        ))
+        .await;
+    let mounts = match prepared {
+        Ok(r) => r.into_inner().mounts,
+        Err(s) => {
+            remove(channel, name).await;
+            return Err(match s.code() {
+                tonic::Code::NotFound => Error::Refused(format!(
+                    "image {} is not unpacked on this node: import it again",
+                    image.name
+                )),
+                _ => call("Snapshots.Prepare")(s),
+            });
+        }
+    };
+    let mut tasks = TasksClient::new(channel.clone());
+    let created = tasks
+        .create(request(
+            CreateTaskRequest {
+                container_id: name.to_string(),
+                rootfs: mounts,
+                stdin: io.stdin,
+                stdout: io.stdout,
+                stderr: io.stderr,
+                terminal: io.terminal,
+                ..Default::default()
+            },
+            None,
+        ))
+        .await;
+    if let Err(s) = created {
+        remove(channel, name).await;
+        return Err(call("Tasks.Create")(s));
+    }
+    let started = tasks
+        .start(request(
+            StartRequest {
+                container_id: name.to_string(),
+                exec_id: String::new(),
+            },
+            None,
+        ))
+        .await;
+    match started {
+        Ok(r) => Ok(r.into_inner().pid),
+        Err(s) => {
+            remove(channel, name).await;
+            Err(call("Tasks.Start")(s))
+        }
+    }
+}
+
 /// Reads a blob of the content store whole (at most [`MAX_DOCUMENT`]).
 async fn read_blob(channel: &Channel, digest: &str, size: i64) -> Result<Vec<u8>, Error> {
     if size > MAX_DOCUMENT {
@@ -371,11 +400,18 @@ async fn read_blob(channel: &Channel, digest: &str, size: i64) -> Result<Vec<u8>
     Ok(out)
 }
 
-/// The image record's name and the image's config.
-async fn image_config(
-    channel: &Channel,
-    reference: &str,
-) -> Result<(String, ImageConfiguration), Error> {
+/// An image as containerd holds it.
+pub(crate) struct Image {
+    /// The image record's name.
+    pub name: String,
+    /// Its manifest's digest.
+    pub digest: String,
+    /// Its config.
+    pub config: ImageConfiguration,
+}
+
+/// The image record `reference` and its config.
+pub(crate) async fn image_config(channel: &Channel, reference: &str) -> Result<Image, Error> {
     let image = ImagesClient::new(channel.clone())
         .get(request(
             GetImageRequest {
@@ -401,7 +437,11 @@ async fn image_config(
     let config: ImageConfiguration =
         serde_json::from_slice(&read_blob(channel, c.digest().as_ref(), c.size() as i64).await?)
             .map_err(|e| Error::Refused(format!("the config of {reference}: {e}")))?;
-    Ok((reference.to_string(), config))
+    Ok(Image {
+        name: reference.to_string(),
+        digest: image.digest,
+        config,
+    })
 }
 
 /// The OCI runtime spec of a container: the defaults of runc's own `spec` made stricter (a

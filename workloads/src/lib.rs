@@ -7,6 +7,7 @@
 
 pub mod containerd;
 pub mod containers;
+pub mod debug;
 pub mod images;
 pub mod network;
 pub mod oci;

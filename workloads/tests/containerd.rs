@@ -329,7 +329,7 @@ fn busybox_archive(dir: &Path) -> PathBuf {
         LayerEntry::Dir("www".into(), 0o755),
         LayerEntry::Dir("tmp".into(), 0o1777),
     ];
-    for applet in ["sh", "httpd", "echo", "sleep", "cat"] {
+    for applet in ["sh", "httpd", "echo", "sleep", "cat", "readlink", "stty"] {
         files.push(LayerEntry::Symlink(
             format!("bin/{applet}"),
             "busybox".into(),
@@ -518,4 +518,195 @@ async fn containers_run_on_the_host_network_or_a_private_one_with_a_published_po
         e.contains("plinth.local/nothing:1") && e.contains("import"),
         "{e}"
     );
+}
+
+/// What a debug session printed, and how it ended.
+struct Session {
+    stdout: String,
+    stderr: String,
+    ending: workloads::debug::Ending,
+}
+
+/// Runs a debug session of `command` with `stdin` sent (then closed), to its end.
+async fn debug(
+    host: &Host,
+    name: &str,
+    command: &[&str],
+    terminal: Option<(u16, u16)>,
+    stdin: &[&str],
+) -> Session {
+    use workloads::debug::{DebugSpec, Input, Output};
+    let dir = host.dir.join("debug").join(name);
+    let task = host
+        .containerd
+        .start_debug(
+            &DebugSpec {
+                name: name.into(),
+                image: "plinth.local/busybox:test".into(),
+                command: command.iter().map(|s| s.to_string()).collect(),
+                terminal,
+            },
+            &dir,
+        )
+        .await
+        .expect("starts");
+    assert!(task.pid > 0 && task.digest.starts_with("sha256:"));
+    let input = futures::stream::iter(
+        stdin
+            .iter()
+            .map(|s| Ok(Input::Stdin(s.as_bytes().to_vec())))
+            .collect::<Vec<_>>(),
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let run = tokio::spawn(task.run(input, tx, |o| o, tokio_util::sync::CancellationToken::new()));
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    while let Some(o) = rx.recv().await {
+        match o {
+            Output::Stdout(b) => stdout.extend(b),
+            Output::Stderr(b) => stderr.extend(b),
+        }
+    }
+    let ending = run.await.expect("runs");
+    assert!(!dir.exists(), "the FIFOs are removed");
+    Session {
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        ending,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debug_container_runs_in_the_hosts_namespaces_with_its_root_at_host() {
+    use workloads::debug::{DebugSpec, Ending, Input};
+    let host = Host::start("containerd-debug");
+    host.ready().await;
+    let work = host.dir.join("work");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    let archive = workloads::oci::read(&busybox_archive(&work)).expect("checks");
+    host.containerd
+        .import(&archive, None, &|_| {})
+        .await
+        .expect("imports");
+
+    // The host's PID 1 and its root, seen from inside.
+    let s = debug(
+        &host,
+        "debug-comm",
+        &["cat", "/host/proc/1/comm"],
+        None,
+        &[],
+    )
+    .await;
+    let comm = std::fs::read_to_string("/proc/1/comm").expect("comm");
+    assert_eq!(s.stdout, comm);
+    assert_eq!(s.ending, Ending::Exited(0));
+    let s = debug(
+        &host,
+        "debug-pid",
+        &[
+            "sh",
+            "-c",
+            "readlink /proc/self/ns/pid; readlink /proc/self/ns/net",
+        ],
+        None,
+        &[],
+    )
+    .await;
+    let ns = |n: &str| {
+        std::fs::read_link(format!("/proc/self/ns/{n}"))
+            .expect("ns")
+            .display()
+            .to_string()
+    };
+    assert_eq!(
+        s.stdout,
+        format!("{}\n{}\n", ns("pid"), ns("net")),
+        "{:?} {:?}",
+        s.stderr,
+        s.ending
+    );
+
+    // Stdin reaches the program, end-of-file included; stderr and the exit status come back.
+    let s = debug(&host, "debug-cat", &["cat"], None, &["hello ", "debug\n"]).await;
+    assert_eq!(
+        (s.stdout.as_str(), s.ending),
+        ("hello debug\n", Ending::Exited(0))
+    );
+    let s = debug(
+        &host,
+        "debug-err",
+        &["sh", "-c", "echo oops >&2; exit 4"],
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!((s.stderr.as_str(), s.ending), ("oops\n", Ending::Exited(4)));
+
+    // On a terminal of the size asked for.
+    let s = debug(
+        &host,
+        "debug-tty",
+        &[
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo terminal; stty size",
+        ],
+        Some((33, 101)),
+        &[],
+    )
+    .await;
+    assert!(
+        s.stdout.contains("terminal") && s.stdout.contains("33 101"),
+        "{:?}",
+        s.stdout
+    );
+
+    // The caller going away kills and removes the container.
+    let task = host
+        .containerd
+        .start_debug(
+            &DebugSpec {
+                name: "debug-gone".into(),
+                image: "plinth.local/busybox:test".into(),
+                command: vec!["sleep".into(), "1000".into()],
+                terminal: None,
+            },
+            &host.dir.join("debug/gone"),
+        )
+        .await
+        .expect("starts");
+    let (tx, rx) = tokio::sync::mpsc::channel::<workloads::debug::Output>(4);
+    let never = futures::stream::pending::<Result<Input, String>>();
+    let run = tokio::spawn(task.run(never, tx, |o| o, tokio_util::sync::CancellationToken::new()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(rx);
+    let ending = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("ends")
+        .expect("runs");
+    assert_eq!(ending, Ending::CallerGone);
+    assert!(host
+        .containerd
+        .containers()
+        .await
+        .expect("lists")
+        .is_empty());
+
+    // A missing image is named, and nothing is left.
+    let e = host
+        .containerd
+        .start_debug(
+            &DebugSpec {
+                name: "debug-ghost".into(),
+                image: "plinth.local/nothing:1".into(),
+                command: vec![],
+                terminal: None,
+            },
+            &host.dir.join("debug/ghost"),
+        )
+        .await
+        .err()
+        .expect("no such image")
+        .to_string();
+    assert!(e.contains("plinth.local/nothing:1"), "{e}");
 }

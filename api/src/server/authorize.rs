@@ -27,9 +27,15 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 /// [`Limits::max_upgrades`] of them open at once.
 const UPLOADS: &[&str] = &["Upgrade", "ImageImport"];
 
+/// A debug session: its request body is the program's stdin for as long as it runs, so it has
+/// no cap on the body's size (tonic caps each message) and at most [`Limits::max_debug_sessions`]
+/// are open at once. Its response must start within the deadline like any call's.
+const DEBUG: &str = "Debug";
+
 /// Caps on open streams per method, shared by every connection of a server.
 pub(super) struct StreamCaps {
     upgrade: Arc<Semaphore>,
+    debug: Arc<Semaphore>,
     events: Arc<Semaphore>,
     dmesg: Arc<Semaphore>,
     logs: Arc<Semaphore>,
@@ -42,6 +48,7 @@ impl StreamCaps {
     pub(super) fn new(l: &Limits) -> Self {
         StreamCaps {
             upgrade: Arc::new(Semaphore::new(l.max_upgrades)),
+            debug: Arc::new(Semaphore::new(l.max_debug_sessions)),
             events: Arc::new(Semaphore::new(l.max_event_streams)),
             dmesg: Arc::new(Semaphore::new(l.max_dmesg_streams)),
             logs: Arc::new(Semaphore::new(l.max_log_streams)),
@@ -56,6 +63,7 @@ impl StreamCaps {
         }
         match method {
             m if UPLOADS.contains(&m) => Some((&self.upgrade, "Upgrade or ImageImport")),
+            DEBUG => Some((&self.debug, DEBUG)),
             "Events" => Some((&self.events, "Events")),
             "Dmesg" => Some((&self.dmesg, "Dmesg")),
             "Logs" => Some((&self.logs, "Logs")),
@@ -184,6 +192,7 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for Authorize {
                         "too many {name} calls are open on this node ({}): try again later",
                         match name {
                             "Upgrade or ImageImport" => self.limits.max_upgrades,
+                            DEBUG => self.limits.max_debug_sessions,
                             "Events" => self.limits.max_event_streams,
                             "Dmesg" => self.limits.max_dmesg_streams,
                             "Logs" => self.limits.max_log_streams,
@@ -198,7 +207,8 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for Authorize {
         };
         let guard = CallGuard::new(self.activity.clone(), permit);
         let upgrade = path.starts_with(SERVICE) && UPLOADS.contains(&method.as_str());
-        let limit = if upgrade {
+        let debug = path.starts_with(SERVICE) && method == DEBUG;
+        let limit = if upgrade || debug {
             usize::MAX
         } else {
             self.limits.max_request

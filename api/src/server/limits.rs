@@ -3,7 +3,8 @@
 //!
 //! The defaults bound the memory a flood can pin. Request bodies are at most
 //! [`Limits::max_request`] (64 KiB) except the uploads' (`Upgrade`, `ImageImport`), whose streams are at most
-//! [`Limits::max_upgrades`] at a time; so the data HTTP/2 buffers for a connection is at most
+//! [`Limits::max_upgrades`] at a time, and a `Debug` session's stdin (at most
+//! [`Limits::max_debug_sessions`] at a time); so the data HTTP/2 buffers for a connection is at most
 //! `max_streams × max_request` plus one upload window, and the whole server holds at most
 //! `max_connections` of those. `BENCHMARKS.md` has the figures measured under a flood.
 
@@ -32,6 +33,8 @@ pub struct Limits {
     pub stream_window: u32,
     /// Upload calls (`Upgrade`, `ImageImport`) open at once.
     pub max_upgrades: usize,
+    /// `Debug` sessions open at once (each holds a container and its shim on the node).
+    pub max_debug_sessions: usize,
     /// `Events` streams open at once.
     pub max_event_streams: usize,
     /// `Dmesg` streams open at once.
@@ -63,6 +66,7 @@ impl Default for Limits {
             // windows held the slot write at 48 MiB/s; BENCHMARKS.md).
             stream_window: 4 << 20,
             max_upgrades: 2,
+            max_debug_sessions: 4,
             max_event_streams: 64,
             max_dmesg_streams: 16,
             max_log_streams: 32,

@@ -81,6 +81,14 @@ pub trait Node: Send + Sync + 'static {
     async fn images(&self) -> Result<proto::ImageListResponse, Status>;
     /// The node's containers.
     async fn containers(&self) -> Result<proto::ContainerListResponse, Status>;
+    /// Starts a debug container; its output (started, output, exit) is the answer. `input` is
+    /// the rest of the call: stdin and resizes, ending when the caller closes its side.
+    async fn debug(
+        &self,
+        actor: String,
+        options: proto::DebugOptions,
+        input: DebugInput,
+    ) -> Result<DebugOutput, Status>;
     /// Starts a rollback to the other slot.
     fn rollback(&self, actor: String) -> Result<(), Status>;
     /// The kernel log.
@@ -102,6 +110,12 @@ pub trait Node: Send + Sync + 'static {
 
 /// Log lines for `Dmesg` and `Logs`.
 pub type LineStream = Pin<Box<dyn Stream<Item = Result<proto::LogLine, Status>> + Send>>;
+
+/// A `Debug` call's messages after its options.
+pub type DebugInput = Pin<Box<dyn Stream<Item = Result<proto::DebugRequest, Status>> + Send>>;
+
+/// A `Debug` call's answer.
+pub type DebugOutput = Pin<Box<dyn Stream<Item = Result<proto::DebugResponse, Status>> + Send>>;
 
 /// The bytes of an upload (an `Upgrade`'s bundle, an `ImageImport`'s archive), as a reader.
 pub type BundleStream = Box<dyn tokio::io::AsyncRead + Send + Unpin>;

@@ -9,7 +9,9 @@ use sequencer::{Controller, Replay, SubscribeError};
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
-use super::{denied_status, Admission, BundleSource, BundleStream, Limits, LineStream, Node};
+use super::{
+    denied_status, Admission, BundleSource, BundleStream, DebugOutput, Limits, LineStream, Node,
+};
 use crate::convert::to_proto;
 use crate::proto::machine_server::{Machine, MachineServer};
 use crate::proto::{
@@ -143,6 +145,29 @@ impl<N: Node> Machine for MachineService<N> {
         _: Request<proto::ContainerListRequest>,
     ) -> Result<Response<proto::ContainerListResponse>, Status> {
         Ok(Response::new(self.node.containers().await?))
+    }
+
+    type DebugStream = DebugOutput;
+
+    async fn debug(
+        &self,
+        request: Request<tonic::Streaming<proto::DebugRequest>>,
+    ) -> Result<Response<DebugOutput>, Status> {
+        use proto::debug_request::Msg;
+        let mut input = request.into_inner();
+        let options = match input.message().await? {
+            Some(proto::DebugRequest {
+                msg: Some(Msg::Options(o)),
+            }) => o,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first Debug message must carry the options",
+                ))
+            }
+        };
+        let actor = Controller::new_actor();
+        let output = self.node.debug(actor, options, Box::pin(input)).await?;
+        Ok(Response::new(output))
     }
 
     async fn rollback(

@@ -79,6 +79,41 @@ impl Node for FakeNode {
     async fn containers(&self) -> Result<api::proto::ContainerListResponse, tonic::Status> {
         Ok(api::proto::ContainerListResponse::default())
     }
+    async fn debug(
+        &self,
+        actor: String,
+        _: api::proto::DebugOptions,
+        input: api::server::DebugInput,
+    ) -> Result<api::server::DebugOutput, tonic::Status> {
+        // Echoes stdin as stdout, then exits 0: a test sees a long session get through.
+        use api::proto::{debug_request, debug_response, DebugResponse, DebugStarted};
+        use futures::StreamExt;
+        let started = DebugResponse {
+            msg: Some(debug_response::Msg::Started(DebugStarted {
+                actor_id: actor,
+                ..Default::default()
+            })),
+        };
+        let echo = input.filter_map(|m| async move {
+            match m {
+                Ok(api::proto::DebugRequest {
+                    msg: Some(debug_request::Msg::Stdin(b)),
+                }) => Some(Ok(DebugResponse {
+                    msg: Some(debug_response::Msg::Stdout(b)),
+                })),
+                Ok(_) => None,
+                Err(s) => Some(Err(s)),
+            }
+        });
+        let exit = DebugResponse {
+            msg: Some(debug_response::Msg::ExitStatus(0)),
+        };
+        Ok(Box::pin(
+            futures::stream::iter([Ok(started)])
+                .chain(echo)
+                .chain(futures::stream::iter([Ok(exit)])),
+        ))
+    }
     fn rollback(&self, _: String) -> Result<(), tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }

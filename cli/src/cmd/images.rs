@@ -1,6 +1,6 @@
 //! `plinth image import` and `plinth image list`: container images on a node.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use api::proto::image_import_request::Msg;
@@ -22,30 +22,36 @@ pub struct ImportArgs {
 pub struct ListArgs {}
 
 pub async fn import(target: &Target, args: ImportArgs) -> anyhow::Result<()> {
-    let file = tokio::fs::File::open(&args.file)
+    let reply = upload(target, &args.file, args.name.unwrap_or_default()).await?;
+    for i in &reply.images {
+        println!("imported {} ({}, {} bytes)", i.name, i.digest, i.size);
+    }
+    eprintln!("actor id {}", reply.actor_id);
+    Ok(())
+}
+
+/// Sends the archive `file` to the node with a progress bar; `name` names its image.
+pub async fn upload(
+    target: &Target,
+    file: &Path,
+    name: String,
+) -> anyhow::Result<api::proto::ImageImportResponse> {
+    let opened = tokio::fs::File::open(file)
         .await
-        .with_context(|| format!("opening {}", args.file.display()))?;
-    let size = file.metadata().await?.len();
+        .with_context(|| format!("opening {}", file.display()))?;
+    let size = opened.metadata().await?.len();
     let first = ImageImportRequest {
-        msg: Some(Msg::Options(ImageImportOptions {
-            name: args.name.unwrap_or_default(),
-            size,
-        })),
+        msg: Some(Msg::Options(ImageImportOptions { name, size })),
     };
     let bar = crate::upload::bar(size, "sending");
-    let chunks = crate::upload::chunks(file, bar.clone(), |buf| ImageImportRequest {
+    let chunks = crate::upload::chunks(opened, bar.clone(), |buf| ImageImportRequest {
         msg: Some(Msg::Chunk(buf)),
     });
     let stream = futures::StreamExt::chain(futures::stream::iter([first]), chunks);
     let (endpoint, mut c) = target.connect_long().await?;
     let reply = c.image_import(stream).await;
     bar.finish_and_clear();
-    let reply = reply.map_err(|s| status_error(&endpoint, s))?.into_inner();
-    for i in &reply.images {
-        println!("imported {} ({}, {} bytes)", i.name, i.digest, i.size);
-    }
-    eprintln!("actor id {}", reply.actor_id);
-    Ok(())
+    Ok(reply.map_err(|s| status_error(&endpoint, s))?.into_inner())
 }
 
 pub async fn list(target: &Target, _: ListArgs) -> anyhow::Result<()> {

@@ -5,6 +5,7 @@ pub mod bootchart;
 pub mod cluster;
 pub mod config;
 pub mod containers;
+pub mod debug;
 pub mod events;
 pub mod gen;
 pub mod image;

@@ -7,12 +7,14 @@
 //! - [`reset`]: the Reset RPC;
 //! - [`config`]: ApplyConfiguration and GetConfiguration;
 //! - [`logs`]: Dmesg and Logs;
-//! - [`workloads`]: ImageImport, ImageList and ContainerList.
+//! - [`workloads`]: ImageImport, ImageList and ContainerList;
+//! - [`debug`]: Debug, the audited debug container.
 //!
 //! Every refusal and failure is an [`error::ApiError`], turned into a gRPC status in one
 //! exhaustive match.
 
 pub mod config;
+pub mod debug;
 pub mod error;
 pub mod logs;
 pub mod power;
@@ -192,6 +194,15 @@ impl api::server::Node for NodeApi {
 
     async fn containers(&self) -> Result<api::proto::ContainerListResponse, tonic::Status> {
         Ok(workloads::containers(&self.runtime).await?)
+    }
+
+    async fn debug(
+        &self,
+        actor: String,
+        options: api::proto::DebugOptions,
+        input: api::server::DebugInput,
+    ) -> Result<api::server::DebugOutput, tonic::Status> {
+        Ok(debug::debug(&self.runtime, actor, options, input).await?)
     }
 
     fn rollback(&self, actor: String) -> Result<(), tonic::Status> {

@@ -36,7 +36,7 @@ fn import_dir() -> PathBuf {
 }
 
 /// The node's containerd, if it runs and answers; otherwise why the call cannot go on.
-fn containerd(rt: &Runtime) -> Result<workloads::Containerd, ApiError> {
+pub(super) fn containerd(rt: &Runtime) -> Result<workloads::Containerd, ApiError> {
     let service = rt
         .services
         .list()

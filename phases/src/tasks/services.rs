@@ -159,8 +159,13 @@ pub async fn wait_services_healthy(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     }
 }
 
-/// Stops every service, dependents first, each with SIGTERM then SIGKILL at its deadline.
+/// How long the debug sessions get to end (each kills its container and removes it).
+const SESSIONS_END: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Ends the debug sessions (their containers need containerd to be removed), then stops every
+/// service, dependents first, each with SIGTERM then SIGKILL at its deadline.
 pub async fn stop_services(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    ctx.sessions.end_all(SESSIONS_END).await;
     ctx.services.stop_all().await;
     Ok(())
 }

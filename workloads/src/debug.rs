@@ -1,0 +1,634 @@
+//! The debug container: the node's one way in for an admin who must look around, as Talos's
+//! `talosctl debug` is. An imported image runs with the node's PID, network, IPC and UTS
+//! namespaces, every capability and the node's root bound at `/host`; its stdin and output
+//! are relayed through FIFOs (as containerd's own client does) between the shim and the
+//! caller, and it is killed and removed when the caller goes.
+//!
+//! Deliberately narrow: one program per session, no exec into it, nothing kept after it ends.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::{
+    CloseIoRequest, DeleteTaskRequest, ResizePtyRequest, WaitRequest,
+};
+use futures::{Stream, StreamExt};
+use oci_spec::image::ImageConfiguration;
+use oci_spec::runtime::{
+    Capability, LinuxCapabilitiesBuilder, LinuxDeviceCgroupBuilder, LinuxNamespaceType,
+    MountBuilder, Spec,
+};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::containerd::{Containerd, Error};
+use crate::containers::{create_and_start, image_config, remove, runtime_spec, ContainerSpec};
+use crate::images::request;
+
+/// Where the node's root appears in the container.
+pub const HOST_MOUNT: &str = "/host";
+
+/// How long the shim may take to hand over the last of the output once the program exited.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Every capability, in the kernel's numbering (`CAP_CHOWN` is 0): a debug container gets
+/// those the node has, as Docker's `--privileged` does.
+const CAPABILITIES_BY_NUMBER: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::DacReadSearch,
+    Capability::Fowner,
+    Capability::Fsetid,
+    Capability::Kill,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setpcap,
+    Capability::LinuxImmutable,
+    Capability::NetBindService,
+    Capability::NetBroadcast,
+    Capability::NetAdmin,
+    Capability::NetRaw,
+    Capability::IpcLock,
+    Capability::IpcOwner,
+    Capability::SysModule,
+    Capability::SysRawio,
+    Capability::SysChroot,
+    Capability::SysPtrace,
+    Capability::SysPacct,
+    Capability::SysAdmin,
+    Capability::SysBoot,
+    Capability::SysNice,
+    Capability::SysResource,
+    Capability::SysTime,
+    Capability::SysTtyConfig,
+    Capability::Mknod,
+    Capability::Lease,
+    Capability::AuditWrite,
+    Capability::AuditControl,
+    Capability::Setfcap,
+    Capability::MacOverride,
+    Capability::MacAdmin,
+    Capability::Syslog,
+    Capability::WakeAlarm,
+    Capability::BlockSuspend,
+    Capability::AuditRead,
+    Capability::Perfmon,
+    Capability::Bpf,
+    Capability::CheckpointRestore,
+];
+
+/// This process's capability bounding set (`CapBnd` of `/proc/self/status`): runc refuses to
+/// grant a capability the node itself cannot hold (an older kernel's, a sandbox's).
+pub fn bounding_set() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        // Unknown: the capabilities every kernel this runs on has (up to CAP_AUDIT_READ).
+        .unwrap_or((1 << 38) - 1)
+}
+
+/// What a debug session asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebugSpec {
+    /// The container's name (unique on the node).
+    pub name: String,
+    /// The image's normalised reference.
+    pub image: String,
+    /// Program and arguments; empty for the image's entrypoint and command.
+    pub command: Vec<String>,
+    /// On a terminal of this size (rows, columns); otherwise stdout and stderr apart.
+    pub terminal: Option<(u16, u16)>,
+}
+
+/// What the caller sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Bytes for the program's stdin.
+    Stdin(Vec<u8>),
+    /// The terminal's new size (rows, columns).
+    Resize(u16, u16),
+}
+
+/// What the program writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// On stdout (or the terminal).
+    Stdout(Vec<u8>),
+    /// On stderr.
+    Stderr(Vec<u8>),
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The program exited with this status.
+    Exited(u32),
+    /// The caller went away (or its stream broke): the container was killed.
+    CallerGone,
+    /// The node asked for it (shutting down): the container was killed.
+    Cancelled,
+}
+
+/// A started debug container with its FIFOs open; [`DebugTask::run`] relays until it ends.
+pub struct DebugTask {
+    channel: Channel,
+    name: String,
+    dir: PathBuf,
+    /// The image's manifest digest.
+    pub digest: String,
+    /// The program's PID on the node.
+    pub pid: u32,
+    terminal: bool,
+    stdin: Option<pipe::Sender>,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+}
+
+/// The runtime spec of a debug container: a container's (the image's process settings) with
+/// the node's namespaces but the mount namespace, every capability and device, nothing masked,
+/// and the node's root bound at [`HOST_MOUNT`].
+/// `bounding` is the node's capability bounding set ([`bounding_set`]).
+pub fn debug_spec(d: &DebugSpec, image: &ImageConfiguration, bounding: u64) -> Result<Spec, Error> {
+    let refused = |e: oci_spec::OciSpecError| Error::Refused(format!("debug {}: {e}", d.name));
+    let base = ContainerSpec {
+        name: d.name.clone(),
+        image: d.image.clone(),
+        command: d.command.clone(),
+        environment: if d.terminal.is_some() {
+            vec!["TERM=xterm".into()]
+        } else {
+            Vec::new()
+        },
+        host_network: true,
+        mounts: Vec::new(),
+        log: PathBuf::new(),
+    };
+    let mut spec = runtime_spec(&base, image)?;
+    // Without its own UTS namespace a container may not set a host name.
+    spec.set_hostname(None);
+    let all: HashSet<Capability> = CAPABILITIES_BY_NUMBER
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| bounding & (1 << n) != 0)
+        .map(|(_, c)| *c)
+        .collect();
+    let capabilities = LinuxCapabilitiesBuilder::default()
+        .bounding(all.clone())
+        .effective(all.clone())
+        .permitted(all)
+        .inheritable(HashSet::new())
+        .ambient(HashSet::new())
+        .build()
+        .map_err(refused)?;
+    if let Some(p) = spec.process_mut() {
+        p.set_capabilities(Some(capabilities));
+        p.set_terminal(Some(d.terminal.is_some()));
+        if let Some((rows, cols)) = d.terminal {
+            p.set_console_size(Some(
+                oci_spec::runtime::BoxBuilder::default()
+                    .height(u64::from(rows))
+                    .width(u64::from(cols))
+                    .build()
+                    .map_err(refused)?,
+            ));
+        }
+    }
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.push(
+        MountBuilder::default()
+            .destination(HOST_MOUNT)
+            .typ("bind")
+            .source("/")
+            .options(vec!["rbind".to_string(), "rw".into(), "rslave".into()])
+            .build()
+            .map_err(refused)?,
+    );
+    spec.set_mounts(Some(mounts));
+    if let Some(linux) = spec.linux_mut() {
+        let namespaces = linux
+            .namespaces()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| {
+                !matches!(
+                    n.typ(),
+                    LinuxNamespaceType::Pid
+                        | LinuxNamespaceType::Network
+                        | LinuxNamespaceType::Ipc
+                        | LinuxNamespaceType::Uts
+                )
+            })
+            .collect();
+        linux.set_namespaces(Some(namespaces));
+        linux.set_masked_paths(None);
+        linux.set_readonly_paths(None);
+        if let Some(resources) = linux.resources_mut() {
+            resources.set_devices(Some(vec![LinuxDeviceCgroupBuilder::default()
+                .allow(true)
+                .access("rwm")
+                .build()
+                .map_err(refused)?]));
+        }
+    }
+    Ok(spec)
+}
+
+/// Makes a FIFO at `path` (only the owner may use it).
+fn fifo(path: &Path) -> Result<(), Error> {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| Error::Refused(format!("making the FIFO {}: {e}", path.display())))
+}
+
+impl Containerd {
+    /// Starts the debug container `spec` describes, its FIFOs in `dir` (made, and removed when
+    /// the session ends).
+    pub async fn start_debug(&self, spec: &DebugSpec, dir: &Path) -> Result<DebugTask, Error> {
+        let channel = self.connect().await?;
+        let image = image_config(&channel, &spec.image).await?;
+        let runtime_spec = debug_spec(spec, &image.config, bounding_set())?;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Refused(format!("making {}: {e}", dir.display())))?;
+        let opened = open_fifos(dir, spec.terminal.is_some());
+        let (stdin, stdout, stderr, io) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(e);
+            }
+        };
+        match create_and_start(&channel, &spec.name, &image, &runtime_spec, io).await {
+            Ok(pid) => Ok(DebugTask {
+                channel,
+                name: spec.name.clone(),
+                dir: dir.to_path_buf(),
+                digest: image.digest,
+                pid,
+                terminal: spec.terminal.is_some(),
+                stdin: Some(stdin),
+                stdout: Some(stdout),
+                stderr,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(dir);
+                Err(e)
+            }
+        }
+    }
+}
+
+type Fifos = (
+    pipe::Sender,
+    pipe::Receiver,
+    Option<pipe::Receiver>,
+    crate::containers::TaskIo,
+);
+
+/// Makes and opens the session's FIFOs. Each is opened read-write on our side, so neither end
+/// waits for the other: the shim opens its ends when the task is created.
+fn open_fifos(dir: &Path, terminal: bool) -> Result<Fifos, Error> {
+    let path = |n: &str| dir.join(n);
+    fn opened(p: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |e| Error::Refused(format!("opening the FIFO {}: {e}", p.display()))
+    }
+    let (i, o, e) = (path("stdin"), path("stdout"), path("stderr"));
+    fifo(&i)?;
+    fifo(&o)?;
+    let stdin = pipe::OpenOptions::new()
+        .read_write(true)
+        .open_sender(&i)
+        .map_err(opened(&i))?;
+    let stdout = pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(&o)
+        .map_err(opened(&o))?;
+    // On a terminal the program's stderr is the terminal too.
+    let stderr = if terminal {
+        None
+    } else {
+        fifo(&e)?;
+        Some(
+            pipe::OpenOptions::new()
+                .read_write(true)
+                .open_receiver(&e)
+                .map_err(opened(&e))?,
+        )
+    };
+    let io = crate::containers::TaskIo {
+        stdin: i.display().to_string(),
+        stdout: o.display().to_string(),
+        stderr: if terminal {
+            String::new()
+        } else {
+            e.display().to_string()
+        },
+        terminal,
+    };
+    Ok((stdin, stdout, stderr, io))
+}
+
+/// Reads what `r` has (it never ends: our side holds it open for writing too).
+async fn read_some(r: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match r {
+        Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes what is in `r` now, without waiting.
+fn drain(r: &mut pipe::Receiver, buf: &mut [u8], out: &mut Vec<u8>) {
+    while let Ok(n) = r.try_read(buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+impl DebugTask {
+    /// The container's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Relays `input` to the program and its output to `output` (each wrapped by `wrap`) until
+    /// it exits, the caller goes (`input` fails, or `output` is dropped) or `cancel` fires;
+    /// then removes the container and its FIFOs. `input` ending closes the program's stdin.
+    pub async fn run<T: Send, S>(
+        mut self,
+        mut input: S,
+        output: mpsc::Sender<T>,
+        wrap: impl Fn(Output) -> T,
+        cancel: CancellationToken,
+    ) -> Ending
+    where
+        S: Stream<Item = Result<Input, String>> + Unpin,
+    {
+        let mut tasks = TasksClient::new(self.channel.clone());
+        let wait = WaitRequest {
+            container_id: self.name.clone(),
+            exec_id: String::new(),
+        };
+        let mut waiter = TasksClient::new(self.channel.clone());
+        let exited = waiter.wait(request(wait, None));
+        tokio::pin!(exited);
+        let mut pending: Vec<u8> = Vec::new();
+        let mut input_open = true;
+        let mut out_buf = vec![0u8; 32 << 10];
+        let mut err_buf = vec![0u8; 32 << 10];
+        let mut stdout = self.stdout.take();
+        let mut stderr = self.stderr.take();
+        let ending = loop {
+            tokio::select! {
+                r = &mut exited => {
+                    break match r {
+                        Ok(r) => Ending::Exited(r.into_inner().exit_status),
+                        // containerd went away: the session cannot go on.
+                        Err(_) => Ending::Cancelled,
+                    };
+                }
+                _ = cancel.cancelled() => break Ending::Cancelled,
+                _ = output.closed() => break Ending::CallerGone,
+                m = input.next(), if input_open && pending.is_empty() => match m {
+                    Some(Ok(Input::Stdin(b))) => pending = b,
+                    Some(Ok(Input::Resize(rows, cols))) => {
+                        if self.terminal {
+                            let _ = tasks.resize_pty(request(ResizePtyRequest {
+                                container_id: self.name.clone(),
+                                exec_id: String::new(),
+                                width: u32::from(cols),
+                                height: u32::from(rows),
+                            }, None)).await;
+                        }
+                    }
+                    Some(Err(_)) => break Ending::CallerGone,
+                    None => {
+                        input_open = false;
+                        self.close_stdin(&mut tasks).await;
+                    }
+                },
+                w = async { match &self.stdin { Some(s) => s.writable().await, None => std::future::pending().await } }, if !pending.is_empty() => {
+                    if w.is_err() {
+                        pending.clear();
+                        continue;
+                    }
+                    if let Some(s) = &self.stdin {
+                        match s.try_write(&pending) {
+                            Ok(n) => { pending.drain(..n); }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            // The program closed its stdin: what it was sent is dropped.
+                            Err(_) => pending.clear(),
+                        }
+                    }
+                }
+                n = read_some(&mut stdout, &mut out_buf) => {
+                    if let Ok(n) = n {
+                        if n > 0 && output.send(wrap(Output::Stdout(out_buf[..n].to_vec()))).await.is_err() {
+                            break Ending::CallerGone;
+                        }
+                    }
+                }
+                n = read_some(&mut stderr, &mut err_buf) => {
+                    if let Ok(n) = n {
+                        if n > 0 && output.send(wrap(Output::Stderr(err_buf[..n].to_vec()))).await.is_err() {
+                            break Ending::CallerGone;
+                        }
+                    }
+                }
+            }
+        };
+        if let Ending::Exited(_) = ending {
+            // The shim's delete waits (up to 2 s) for its copy of the output to finish; keep
+            // reading meanwhile so that it never waits on a full pipe, then take what is left.
+            let delete = tasks.delete(request(
+                DeleteTaskRequest {
+                    container_id: self.name.clone(),
+                },
+                None,
+            ));
+            tokio::pin!(delete);
+            let deadline = tokio::time::sleep(DRAIN);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    _ = &mut delete => break,
+                    _ = &mut deadline => break,
+                    n = read_some(&mut stdout, &mut out_buf) => {
+                        if let Ok(n @ 1..) = n {
+                            let _ = output.send(wrap(Output::Stdout(out_buf[..n].to_vec()))).await;
+                        }
+                    }
+                    n = read_some(&mut stderr, &mut err_buf) => {
+                        if let Ok(n @ 1..) = n {
+                            let _ = output.send(wrap(Output::Stderr(err_buf[..n].to_vec()))).await;
+                        }
+                    }
+                }
+            }
+            for (r, stream) in [(stdout.as_mut(), true), (stderr.as_mut(), false)] {
+                let Some(r) = r else { continue };
+                let mut rest = Vec::new();
+                drain(r, &mut out_buf, &mut rest);
+                if !rest.is_empty() {
+                    let o = if stream {
+                        Output::Stdout(rest)
+                    } else {
+                        Output::Stderr(rest)
+                    };
+                    let _ = output.send(wrap(o)).await;
+                }
+            }
+        }
+        self.end(ending).await
+    }
+
+    async fn close_stdin(&mut self, tasks: &mut TasksClient<Channel>) {
+        // Ours was the only writer: the shim reads end-of-file and closes the program's stdin.
+        self.stdin = None;
+        let _ = tasks
+            .close_io(request(
+                CloseIoRequest {
+                    container_id: self.name.clone(),
+                    exec_id: String::new(),
+                    stdin: true,
+                },
+                None,
+            ))
+            .await;
+    }
+
+    /// Kills what is left, removes the container (task, record, snapshot) and the FIFOs.
+    async fn end(self, ending: Ending) -> Ending {
+        remove(&self.channel, &self.name).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        ending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> ImageConfiguration {
+        serde_json::from_value(serde_json::json!({
+            "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": []},
+        }))
+        .expect("config")
+    }
+
+    fn spec(terminal: Option<(u16, u16)>) -> Spec {
+        debug_spec(
+            &DebugSpec {
+                name: "debug-1".into(),
+                image: "plinth.local/busybox:latest".into(),
+                command: vec!["cat".into(), "/host/proc/1/comm".into()],
+                terminal,
+            },
+            &image(),
+            u64::MAX,
+        )
+        .expect("spec")
+    }
+
+    #[test]
+    fn a_debug_container_shares_the_nodes_namespaces_but_mounts() {
+        let s = spec(None);
+        let kinds: Vec<_> = s
+            .linux()
+            .clone()
+            .expect("linux")
+            .namespaces()
+            .clone()
+            .expect("namespaces")
+            .iter()
+            .map(|n| n.typ())
+            .collect();
+        assert!(kinds.contains(&LinuxNamespaceType::Mount));
+        for shared in [
+            LinuxNamespaceType::Pid,
+            LinuxNamespaceType::Network,
+            LinuxNamespaceType::Ipc,
+            LinuxNamespaceType::Uts,
+        ] {
+            assert!(!kinds.contains(&shared), "{shared:?}");
+        }
+        assert_eq!(s.hostname(), &None);
+        let host = s
+            .mounts()
+            .clone()
+            .expect("mounts")
+            .into_iter()
+            .find(|m| m.destination() == Path::new(HOST_MOUNT))
+            .expect("/host");
+        assert_eq!(host.source().clone().expect("source"), PathBuf::from("/"));
+        let caps = s
+            .process()
+            .clone()
+            .expect("p")
+            .capabilities()
+            .clone()
+            .expect("caps");
+        assert!(caps
+            .effective()
+            .clone()
+            .expect("e")
+            .contains(&Capability::SysAdmin));
+        assert_eq!(
+            s.process().clone().expect("p").args().clone().expect("a"),
+            ["cat", "/host/proc/1/comm"]
+        );
+    }
+
+    #[test]
+    fn only_the_capabilities_the_node_holds_are_given() {
+        let d = DebugSpec {
+            name: "debug-1".into(),
+            image: "plinth.local/busybox:latest".into(),
+            command: vec![],
+            terminal: None,
+        };
+        // CAP_CHOWN (0) and CAP_SYS_ADMIN (21) only.
+        let s = debug_spec(&d, &image(), 1 | (1 << 21)).expect("spec");
+        let caps = s
+            .process()
+            .clone()
+            .expect("p")
+            .capabilities()
+            .clone()
+            .expect("caps")
+            .bounding()
+            .clone()
+            .expect("b");
+        assert_eq!(
+            caps,
+            HashSet::from([Capability::Chown, Capability::SysAdmin])
+        );
+    }
+
+    #[test]
+    fn a_terminal_session_asks_for_a_terminal_of_its_size() {
+        let p = spec(Some((40, 120))).process().clone().expect("p");
+        assert_eq!(p.terminal(), Some(true));
+        let size = p.console_size().expect("size");
+        assert_eq!((size.height(), size.width()), (40, 120));
+        assert!(p
+            .env()
+            .clone()
+            .expect("env")
+            .contains(&"TERM=xterm".to_string()));
+        assert_eq!(
+            spec(None).process().clone().expect("p").terminal(),
+            Some(false)
+        );
+    }
+}
