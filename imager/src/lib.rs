@@ -98,6 +98,9 @@ pub struct BuildOptions {
     /// benchmark's floor has `plinth-floor` as `/init` and carries machined here, so the kernel
     /// unpacks as much as for a node.
     pub initramfs_ballast: Option<PathBuf>,
+    /// The system extension level the OS provides (`upgrade::extension::LEVEL` unless a
+    /// release raises it): written into its os-release and its bundles.
+    pub extension_level: u32,
 }
 
 /// What a build made.
@@ -122,6 +125,13 @@ pub struct Artifacts {
     /// The Secure Boot keys the UKIs are signed with, if they are.
     #[serde(default)]
     pub secureboot: Option<PathBuf>,
+    /// The system extension level the OS provides.
+    #[serde(default = "first_level")]
+    pub extension_level: u32,
+}
+
+fn first_level() -> u32 {
+    1
 }
 
 impl Artifacts {
@@ -200,6 +210,7 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
         &squashfs,
         &opts.machined,
         &opts.version,
+        opts.extension_level,
         &opts.out_dir.join("rootfs"),
         opts.filler_bytes,
     )?;
@@ -222,7 +233,7 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
             kernel: &kernel.vmlinuz,
             initrd: &initrd,
             cmdline: &cmdline.join(" "),
-            os_release: &rootfs::os_release(&opts.version),
+            os_release: &rootfs::os_release(&opts.version, opts.extension_level),
             work_dir: &opts.out_dir,
             out: &path,
             pcr_signing: keys.as_ref(),
@@ -245,6 +256,7 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
         uki_a,
         uki_b,
         secureboot: keys.map(|k| k.dir),
+        extension_level: opts.extension_level,
     };
     let manifest = Artifacts::manifest_path(&opts.out_dir);
     let json =
@@ -259,15 +271,17 @@ pub fn bundle(
     artifacts: &Artifacts,
     key: &upgrade::bundle::SigningKey,
 ) -> Result<Vec<u8>, ImageError> {
-    bundle_release(artifacts, key, 0, None)
+    bundle_release(artifacts, key, 0, None, &[])
 }
 
-/// The signed upgrade bundle of a build at `security_version`, expiring at `expires_unix_s`.
+/// The signed upgrade bundle of a build at `security_version`, expiring at `expires_unix_s`,
+/// bringing the extension files `extensions` (built for the build's extension level).
 pub fn bundle_release(
     artifacts: &Artifacts,
     key: &upgrade::bundle::SigningKey,
     security_version: u64,
     expires_unix_s: Option<u64>,
+    extensions: &[PathBuf],
 ) -> Result<Vec<u8>, ImageError> {
     let read = |p: &Path| std::fs::read(p).map_err(ImageError::io("reading", p));
     upgrade::bundle::build_release(
@@ -276,10 +290,15 @@ pub fn bundle_release(
             arch: std::env::consts::ARCH.into(),
             security_version,
             expires_unix_s,
+            extension_level: artifacts.extension_level,
         },
         &read(&artifacts.uki_a)?,
         &read(&artifacts.uki_b)?,
         &read(&artifacts.rootfs)?,
+        &extensions
+            .iter()
+            .map(|p| read(p))
+            .collect::<Result<Vec<_>, _>>()?,
         key,
     )
     .map_err(|e| ImageError::Invalid(format!("making the bundle: {e}")))

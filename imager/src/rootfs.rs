@@ -81,10 +81,11 @@ fn node_tools(root: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// The os-release text for an image version (also the UKI's `.osrel`).
-pub fn os_release(version: &str) -> String {
+/// The os-release text for an image version (also the UKI's `.osrel`). `SYSEXT_LEVEL` is the
+/// system extension level the OS provides, the field systemd-sysext matches extensions by.
+pub fn os_release(version: &str, extension_level: u32) -> String {
     format!(
-        "NAME=\"Plinth\"\nID=plinth\nVERSION_ID=\"{version}\"\nPRETTY_NAME=\"Plinth {version}\"\n"
+        "NAME=\"Plinth\"\nID=plinth\nVERSION_ID=\"{version}\"\nPRETTY_NAME=\"Plinth {version}\"\nSYSEXT_LEVEL={extension_level}\n"
     )
 }
 
@@ -93,6 +94,7 @@ pub fn build(
     out: &Path,
     machined: &Path,
     version: &str,
+    extension_level: u32,
     staging: &Path,
     filler_bytes: u64,
 ) -> Result<(), ImageError> {
@@ -108,7 +110,7 @@ pub fn build(
     let etc = staging.join("etc");
     let release = format!("NAME=Plinth\nVERSION={version}\n");
     std::fs::write(etc.join("plinth-release"), release).map_err(ImageError::io("writing", &etc))?;
-    std::fs::write(etc.join("os-release"), os_release(version))
+    std::fs::write(etc.join("os-release"), os_release(version, extension_level))
         .map_err(ImageError::io("writing", &etc))?;
     node_tools(staging)?;
     if filler_bytes > 0 {

@@ -15,7 +15,10 @@
 //!
 //! The store is on the ESP, outside the slots: extensions stay across upgrades and resets, and
 //! a node keeps one file per extension and level (`NAME@LEVEL.ext`), so a slot of another
-//! level finds its own.
+//! level finds its own. The extensions an upgrade bundle brings go into the store's directory
+//! of the slot written (`A/`, `B/`), where they stand in for the store's own for that slot
+//! alone; they replace the store's when that slot commits. A trial that fails lands back on a
+//! slot that never saw them.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -80,6 +83,57 @@ pub fn store() -> PathBuf {
     Path::new(paths::ESP).join(STORE)
 }
 
+/// Where an upgrade keeps the extensions its bundle brought for `slot` until it commits.
+pub fn slot_store(slot: upgrade::Slot) -> PathBuf {
+    store().join(slot.to_string())
+}
+
+/// The system extension level this OS provides: `SYSEXT_LEVEL` of its os-release (the build's
+/// [`ext::LEVEL`] when it does not say).
+pub fn os_level(rt: &Runtime) -> u32 {
+    rt.platform
+        .read(Path::new("/etc/os-release"))
+        .ok()
+        .and_then(|b| ext::os_level(&String::from_utf8_lossy(&b)))
+        .unwrap_or(ext::LEVEL)
+}
+
+/// The extension files in `dir`.
+fn files_in(rt: &Runtime, dir: &Path) -> Vec<String> {
+    rt.platform
+        .list_dir(dir)
+        .map(|names| {
+            names
+                .into_iter()
+                .filter(|n| n.ends_with(ext::SUFFIX))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The extension files the store has for every slot (not those an upgrade brought).
+pub fn stored(rt: &Runtime) -> Vec<String> {
+    files_in(rt, &store())
+}
+
+/// Empties `slot`'s directory of the store (what an earlier upgrade of it brought).
+pub fn clear_slot(rt: &Runtime, slot: upgrade::Slot) -> Result<(), crate::platform::PlatformError> {
+    let dir = slot_store(slot);
+    for n in rt.platform.list_dir(&dir).unwrap_or_default() {
+        rt.platform.remove(&dir.join(n))?;
+    }
+    Ok(())
+}
+
+/// Makes the extensions an upgrade brought for `slot` the store's own (the slot committed).
+pub fn promote(rt: &Runtime, slot: upgrade::Slot) -> Result<(), crate::platform::PlatformError> {
+    let dir = slot_store(slot);
+    for n in files_in(rt, &dir) {
+        rt.platform.rename(&dir.join(&n), &store().join(&n))?;
+    }
+    Ok(())
+}
+
 /// The file name an extension has in the store.
 pub fn file_name(m: &Manifest) -> String {
     format!("{}@{}{}", m.name, m.level, ext::SUFFIX)
@@ -108,18 +162,20 @@ fn stem(file: &str) -> String {
     file.split(['@', '.']).next().unwrap_or(file).to_string()
 }
 
-/// The extensions in the store, by file name.
+/// The extensions in the store, by file name: the store's own, and those an upgrade brought
+/// for the booted slot in their place.
 fn list(rt: &Runtime) -> Vec<PathBuf> {
-    let Ok(names) = rt.platform.list_dir(&store()) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = names
+    let mut files: std::collections::BTreeMap<String, PathBuf> = stored(rt)
         .into_iter()
-        .filter(|n| n.ends_with(ext::SUFFIX))
-        .map(|n| store().join(n))
+        .map(|n| (n.clone(), store().join(n)))
         .collect();
-    files.sort();
-    files
+    if let Some(boot) = rt.boot() {
+        let dir = slot_store(boot.slot);
+        for n in files_in(rt, &dir) {
+            files.insert(n.clone(), dir.join(n));
+        }
+    }
+    files.into_values().collect()
 }
 
 /// Reads an extension file's head and checks its signature; the file is left open.
@@ -139,8 +195,12 @@ fn read_signed(
 }
 
 /// Checks a signed extension up to its mount: compatibility, then the image and its hash tree.
-fn check_rest(mut f: std::fs::File, v: ext::Verified) -> Result<ext::Verified, ExtensionError> {
-    ext::check_compatible(&v.manifest, ext::LEVEL, std::env::consts::ARCH)?;
+fn check_rest(
+    mut f: std::fs::File,
+    v: ext::Verified,
+    level: u32,
+) -> Result<ext::Verified, ExtensionError> {
+    ext::check_compatible(&v.manifest, level, std::env::consts::ARCH)?;
     f.seek(SeekFrom::Start(v.image_offset))
         .map_err(ExtensionError::Io)?;
     let mut r = Feeding {
@@ -309,6 +369,7 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
         return Ok(());
     }
     let rt2 = rt.clone();
+    let level = os_level(rt);
     let statuses = tokio::task::spawn_blocking(move || {
         let mut statuses = Vec::new();
         let mut lower = Vec::new();
@@ -321,7 +382,7 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
                 status.version = v.manifest.version.clone();
                 status.level = v.manifest.level;
                 status.digest = v.digest.clone();
-                let v = check_rest(f, v)?;
+                let v = check_rest(f, v, level)?;
                 if statuses
                     .iter()
                     .any(|s: &ExtensionStatus| s.active && s.name == v.manifest.name)

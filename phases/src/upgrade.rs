@@ -102,6 +102,15 @@ pub enum UpgradeError {
     /// The source failed (an upload broke off, a server refused).
     #[error("{0}")]
     Source(String),
+    /// The bundle's OS provides another extension level, and neither the node's store nor the
+    /// bundle has a version of an active extension for it.
+    #[error("the bundle's OS provides extension level {level}, and no version of {} for it is in this node's store or in the bundle: the new slot would run without it. Add one to the bundle (plinth image bundle --extension FILE)", .orphans.join(", "))]
+    Orphans {
+        /// The bundle's extension level.
+        level: u32,
+        /// The active extensions left without a version (name, version, level).
+        orphans: Vec<String>,
+    },
     /// The slot did not keep what was written.
     #[error("slot {slot} does not read back as written: {reason}")]
     Verify {
@@ -277,6 +286,10 @@ pub fn upgrade() -> Sequence<Arc<UpgradeJob>> {
         .interruptible_phase("readBundle", [Task::new("readBundle", t::read_bundle)])
         .interruptible_phase("receiveUki", [Task::new("receiveUki", t::receive_uki)])
         .interruptible_phase("writeSlot", [Task::new("writeSlot", t::write_slot)])
+        .interruptible_phase(
+            "receiveExtensions",
+            [Task::new("receiveExtensions", t::receive_extensions)],
+        )
         .interruptible_phase("verifySlot", [Task::new("verifySlot", t::verify_slot)])
         .phase("installUki", [Task::new("installUki", t::install_uki)])
         .phase("markPending", [Task::new("markPending", t::mark_pending)])
@@ -368,6 +381,7 @@ mod tests {
                 "readBundle",
                 "receiveUki",
                 "writeSlot",
+                "receiveExtensions",
                 "verifySlot",
                 "installUki",
                 "markPending",

@@ -5,7 +5,8 @@
 //! u32 LE   manifest length
 //! manifest JSON
 //! 64 bytes ed25519 signature of SIGNING_CONTEXT ‖ manifest JSON
-//! components, in manifest order (UKI for slot A, UKI for slot B, root image), then nothing
+//! components, in manifest order (UKI for slot A, UKI for slot B, root image, then the system
+//! extensions it brings, each a whole extension file), then nothing
 //! ```
 //!
 //! The signature covers a domain-separated message (the fixed [`SIGNING_CONTEXT`], then the
@@ -28,10 +29,15 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use crate::verity::{self, VerityRoot};
 
 const MAGIC: &[u8; 14] = b"PLINTH-BUNDLE\n";
-/// The manifest format this build reads and writes (2: security version, expiry,
-/// domain-separated signature; 3: the root image carries its dm-verity hash tree, and the
-/// manifest the root hash the UKIs pin).
-pub const FORMAT: u32 = 3;
+/// The manifest format this build writes (2: security version, expiry, domain-separated
+/// signature; 3: the root image carries its dm-verity hash tree, and the manifest the root
+/// hash the UKIs pin; 4: the OS's extension level, and system extensions as components).
+pub const FORMAT: u32 = 4;
+/// The oldest format this build reads (a format-3 bundle is an OS of extension level 1 that
+/// brings no extensions).
+pub const MIN_FORMAT: u32 = 3;
+/// The most extensions one bundle brings.
+pub const MAX_EXTENSIONS: usize = 16;
 /// What a bundle signature signs before the manifest.
 pub const SIGNING_CONTEXT: &[u8] = b"plinth bundle manifest v3\0";
 /// The largest manifest accepted (it is a few hundred bytes; more is not a bundle).
@@ -43,12 +49,15 @@ pub const ROOTFS: &str = "rootfs";
 pub const UKI_A: &str = "uki-A";
 /// The UKI built for slot B.
 pub const UKI_B: &str = "uki-B";
+/// The prefix of an extension component's name: `extension:NAME@LEVEL.ext`, its name in the
+/// node's store.
+pub const EXTENSION_PREFIX: &str = "extension:";
 
 /// One image in the bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Component {
-    /// `rootfs`, `uki-A` or `uki-B`.
+    /// `rootfs`, `uki-A`, `uki-B` or `extension:NAME@LEVEL.ext`.
     pub name: String,
     /// Size in bytes.
     pub size: u64,
@@ -76,14 +85,29 @@ pub struct Manifest {
     /// replayed forever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_unix_s: Option<u64>,
+    /// The system extension level the bundle's OS provides (`SYSEXT_LEVEL` of its
+    /// os-release): the extensions it runs are those built for it.
+    #[serde(default = "first_level")]
+    pub extension_level: u32,
     /// The components, in stream order.
     pub components: Vec<Component>,
+}
+
+fn first_level() -> u32 {
+    1
 }
 
 impl Manifest {
     /// A component by name.
     pub fn component(&self, name: &str) -> Option<&Component> {
         self.components.iter().find(|c| c.name == name)
+    }
+
+    /// The extension components, in stream order, with their store file names.
+    pub fn extensions(&self) -> impl Iterator<Item = (&Component, &str)> {
+        self.components
+            .iter()
+            .filter_map(|c| c.name.strip_prefix(EXTENSION_PREFIX).map(|f| (c, f)))
     }
 }
 
@@ -98,6 +122,8 @@ pub struct Release {
     pub security_version: u64,
     /// See [`Manifest::expires_unix_s`].
     pub expires_unix_s: Option<u64>,
+    /// See [`Manifest::extension_level`].
+    pub extension_level: u32,
 }
 
 /// The digest that names a bundle: blake3 of its signed manifest (which pins every
@@ -263,21 +289,56 @@ pub async fn read_signed_head<R: AsyncRead + Unpin>(
 pub fn parse_manifest(json: &[u8]) -> Result<Manifest, BundleError> {
     let manifest: Manifest =
         serde_json::from_slice(json).map_err(|e| BundleError::BadManifest(e.to_string()))?;
-    if manifest.format != FORMAT {
+    if !(MIN_FORMAT..=FORMAT).contains(&manifest.format) {
         return Err(BundleError::BadManifest(format!(
-            "format {} (this node reads {FORMAT})",
+            "format {} (this node reads {MIN_FORMAT} to {FORMAT})",
             manifest.format
         )));
     }
-    for name in [ROOTFS, UKI_A, UKI_B] {
-        if manifest.component(name).is_none() {
-            return Err(BundleError::BadManifest(format!("no {name} component")));
-        }
+    let order: Vec<&str> = manifest
+        .components
+        .iter()
+        .take(3)
+        .map(|c| c.name.as_str())
+        .collect();
+    if order != [UKI_A, UKI_B, ROOTFS] {
+        return Err(BundleError::BadManifest(format!(
+            "components must start with uki-A, uki-B, rootfs in that order, not {order:?}"
+        )));
     }
-    if manifest.components.len() != 3 {
-        return Err(BundleError::BadManifest(
-            "expected exactly rootfs, uki-A and uki-B".into(),
-        ));
+    let extensions = &manifest.components[3..];
+    if extensions.len() > MAX_EXTENSIONS {
+        return Err(BundleError::BadManifest(format!(
+            "{} extensions: a bundle brings at most {MAX_EXTENSIONS}",
+            extensions.len()
+        )));
+    }
+    let mut names = std::collections::HashSet::new();
+    for c in extensions {
+        let (name, level) = c
+            .name
+            .strip_prefix(EXTENSION_PREFIX)
+            .and_then(|f| f.strip_suffix(crate::extension::SUFFIX))
+            .and_then(|f| f.split_once('@'))
+            .filter(|(n, _)| crate::extension::valid_name(n))
+            .and_then(|(n, l)| Some((n, l.parse::<u32>().ok()?)))
+            .ok_or_else(|| {
+                BundleError::BadManifest(format!(
+                    "{:?} is not a component of a bundle (uki-A, uki-B, rootfs, then {EXTENSION_PREFIX}NAME@LEVEL.ext)",
+                    c.name
+                ))
+            })?;
+        if level != manifest.extension_level {
+            return Err(BundleError::BadManifest(format!(
+                "extension {name} is built for level {level}, and the bundle's OS provides level {}",
+                manifest.extension_level
+            )));
+        }
+        if !names.insert(name) {
+            return Err(BundleError::BadManifest(format!(
+                "extension {name} comes twice"
+            )));
+        }
     }
     let v = &manifest.root_verity;
     let root_size = manifest.component(ROOTFS).map_or(0, |c| c.size);
@@ -337,17 +398,20 @@ pub fn build(
         arch: arch.into(),
         security_version: 0,
         expires_unix_s: None,
+        extension_level: crate::extension::LEVEL,
     };
-    build_release(&release, uki_a, uki_b, rootfs, key)
+    build_release(&release, uki_a, uki_b, rootfs, &[], key)
 }
 
 /// A whole bundle, in memory: the components are hashed, the manifest signed with `key`.
-/// `rootfs` is a partition image made by [`verity::image`] (data, then its hash tree).
+/// `rootfs` is a partition image made by [`verity::image`] (data, then its hash tree);
+/// `extensions` are extension files (`plinth image extension`) built for the release's level.
 pub fn build_release(
     release: &Release,
     uki_a: &[u8],
     uki_b: &[u8],
     rootfs: &[u8],
+    extensions: &[Vec<u8>],
     key: &SigningKey,
 ) -> Result<Vec<u8>, BundleError> {
     let component = |name: &str, data: &[u8]| Component {
@@ -358,6 +422,12 @@ pub fn build_release(
     let root_verity = verity::pinned_by(rootfs)
         .map_err(|e| BundleError::BadManifest(format!("the root image: {e}")))?;
     let root = component(ROOTFS, rootfs);
+    let mut components = vec![component(UKI_A, uki_a), component(UKI_B, uki_b), root];
+    for e in extensions {
+        let file = crate::extension::store_name(e)
+            .map_err(|err| BundleError::BadManifest(format!("an extension: {err}")))?;
+        components.push(component(&format!("{EXTENSION_PREFIX}{file}"), e));
+    }
     let manifest = Manifest {
         format: FORMAT,
         version: release.version.clone(),
@@ -365,13 +435,21 @@ pub fn build_release(
         root_verity,
         security_version: release.security_version,
         expires_unix_s: release.expires_unix_s,
-        components: vec![component(UKI_A, uki_a), component(UKI_B, uki_b), root],
+        extension_level: release.extension_level,
+        components,
     };
+    // The node's own check, before anything is signed: levels, names, no extension twice.
+    let json =
+        serde_json::to_vec(&manifest).map_err(|e| BundleError::BadManifest(e.to_string()))?;
+    parse_manifest(&json)?;
     let mut out = head(&manifest, key)?;
     out.reserve(uki_a.len() + uki_b.len() + rootfs.len());
     out.extend_from_slice(uki_a);
     out.extend_from_slice(uki_b);
     out.extend_from_slice(rootfs);
+    for e in extensions {
+        out.extend_from_slice(e);
+    }
     Ok(out)
 }
 
@@ -440,7 +518,8 @@ mod tests {
             },
             security_version: 3,
             expires_unix_s: None,
-            components: vec![c(ROOTFS, 4096), c(UKI_A, 10), c(UKI_B, 10)],
+            extension_level: 1,
+            components: vec![c(UKI_A, 10), c(UKI_B, 10), c(ROOTFS, 4096)],
         }
     }
 
@@ -537,7 +616,7 @@ mod tests {
     #[test]
     fn a_root_whose_size_is_not_its_verity_roots_is_refused() {
         let mut m = manifest();
-        m.components[0].size = 8192;
+        m.components[2].size = 8192;
         let json = serde_json::to_vec(&m).expect("json");
         let err = parse_manifest(&json).expect_err("refused");
         assert!(
@@ -557,6 +636,44 @@ mod tests {
         assert_eq!(m.root_verity, pin);
         let err = build("1", "x86_64", b"a", b"b", &[7u8; 4096 * 2], &key()).expect_err("no tree");
         assert!(err.to_string().contains("the root image"), "{err}");
+    }
+
+    #[test]
+    fn extension_components_follow_the_root_once_each_at_the_bundles_level() {
+        let ext = |name: &str| Component {
+            name: format!("{EXTENSION_PREFIX}{name}"),
+            size: 10,
+            blake3: "00".repeat(32),
+        };
+        let with = |level: u32, names: &[&str]| {
+            let mut m = manifest();
+            m.extension_level = level;
+            m.components.extend(names.iter().map(|n| ext(n)));
+            parse_manifest(&serde_json::to_vec(&m).expect("json"))
+        };
+        let m = with(2, &["runtime@2.ext", "tools@2.ext"]).expect("two extensions");
+        let files: Vec<&str> = m.extensions().map(|(_, f)| f).collect();
+        assert_eq!(files, ["runtime@2.ext", "tools@2.ext"]);
+        for (level, names, says) in [
+            (2, vec!["runtime@1.ext"], "built for level 1"),
+            (2, vec!["runtime@2.ext", "runtime@2.ext"], "comes twice"),
+            (2, vec!["../x@2.ext"], "is not a component"),
+            (2, vec!["runtime@two.ext"], "is not a component"),
+        ] {
+            let err = with(level, &names).expect_err("refused").to_string();
+            assert!(err.contains(says), "{names:?}: {err}");
+        }
+        // The required three come first, in order.
+        let mut m = manifest();
+        m.components.swap(0, 2);
+        let err = parse_manifest(&serde_json::to_vec(&m).expect("json")).expect_err("order");
+        assert!(err.to_string().contains("in that order"), "{err}");
+        // A format-3 manifest has no level: it is an OS of level 1.
+        let mut v = serde_json::to_value(manifest()).expect("json");
+        v["format"] = 3.into();
+        v.as_object_mut().expect("object").remove("extension_level");
+        let m = parse_manifest(&serde_json::to_vec(&v).expect("json")).expect("format 3");
+        assert_eq!(m.extension_level, 1);
     }
 
     #[test]

@@ -437,6 +437,16 @@ pub fn store_name(head: &[u8]) -> Result<String, ExtensionError> {
     Ok(format!("{}@{}{SUFFIX}", m.name, m.level))
 }
 
+/// The extension level an os-release says its OS provides (`SYSEXT_LEVEL=`, as
+/// systemd-sysext reads it).
+pub fn os_level(os_release: &str) -> Option<u32> {
+    os_release
+        .lines()
+        .find_map(|l| l.strip_prefix("SYSEXT_LEVEL="))
+        .map(|v| v.trim().trim_matches('"'))
+        .and_then(|v| v.parse().ok())
+}
+
 /// Checks an extension against the OS: its id, extension level and architecture.
 pub fn check_compatible(m: &Manifest, level: u32, arch: &str) -> Result<(), ExtensionError> {
     if m.os_id != OS_ID {

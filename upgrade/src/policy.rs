@@ -146,6 +146,7 @@ mod tests {
             },
             security_version: sv,
             expires_unix_s: expires,
+            extension_level: 1,
             components: vec![],
         }
     }

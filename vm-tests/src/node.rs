@@ -322,5 +322,6 @@ pub fn ensure_artifacts(
         filler_bytes: 0,
         secureboot: Some(keys),
         initramfs_ballast: None,
+        extension_level: upgrade::extension::LEVEL,
     })?)
 }

@@ -98,7 +98,12 @@ async fn containers_run_from_the_config_with_images_imported_through_the_api() {
     std::fs::create_dir_all(work()).expect("mkdir");
     let runtime = common::runtime_extension(&work());
     let image = common::busybox_image(&work());
-    let next = common::bundle("workloads-next", "0.2.0-workloads", &[]);
+    // The next release raises the extension level: its bundle alone would leave the runtime
+    // behind; with the runtime built for level 2 it carries it over.
+    let next_os = common::image_at_level("workloads-next", "0.2.0-workloads", 2);
+    let orphaning = common::bundle_of(&next_os, &[], "orphaning.plinth");
+    let runtime2 = common::runtime_extension_at(&work(), 2);
+    let next = common::bundle_of(&next_os, &[runtime2], "with-runtime.plinth");
 
     // A service that needs containerd waits for it to answer.
     let mut after = common::service(
@@ -330,10 +335,40 @@ async fn containers_run_from_the_config_with_images_imported_through_the_api() {
         "{text}"
     );
 
-    // An orderly shutdown stops the containers, then containerd, and unmounts everything.
-    // An A/B upgrade: the extension (in the ESP's store, outside both slots), the image (on
-    // EPHEMERAL) and the config carry over, and B's trial commits only once its containers
-    // are healthy again.
+    // An upgrade to an OS of another extension level that brings no runtime for it is refused
+    // before anything is written: slot B stays as it was.
+    let (_, before) = cli(&node, &["status"]).await;
+    let (ok, out) = cli(
+        &node,
+        &[
+            "upgrade",
+            "--image",
+            orphaning.to_str().expect("path"),
+            "--wait",
+        ],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FailedPrecondition")
+            && out.contains("extension level 2")
+            && out.contains("runtime 1.0 (level 1)")
+            && out.contains("nothing on the disk was changed"),
+        "{out}"
+    );
+    let (_, after) = cli(&node, &["status"]).await;
+    let slots = |s: &str| {
+        s.lines()
+            .filter(|l| l.starts_with("A ") || l.starts_with("B "))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(slots(&before).len(), 2, "{before}");
+    assert_eq!(slots(&before), slots(&after), "{before}\n{after}");
+
+    // An A/B upgrade to it with the runtime for its level: the extension goes into the
+    // store for slot B, the image (on EPHEMERAL) and the config carry over, and B's trial
+    // commits only once its containers are healthy again.
     let (ok, out) = cli(
         &node,
         &["upgrade", "--image", next.to_str().expect("path"), "--wait"],
@@ -356,8 +391,12 @@ async fn containers_run_from_the_config_with_images_imported_through_the_api() {
         .expect("GET on B")
         .contains("served from a container"));
     let (_, extensions) = cli(&node, &["get", "extensions"]).await;
+    // The runtime built for level 2 runs; the one for level 1 stays for slot A.
     assert!(
-        extensions.contains("runtime") && extensions.contains("active"),
+        extensions.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() >= 4 && w[0] == "runtime" && w[2] == "2" && w[3] == "active"
+        }),
         "{extensions}"
     );
 

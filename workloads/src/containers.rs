@@ -258,6 +258,21 @@ pub(crate) async fn remove(channel: &Channel, name: &str) {
         .await;
 }
 
+/// Whether containerd holds a container `name`; `None` when it does not answer.
+pub(crate) async fn exists(channel: &Channel, name: &str) -> Option<bool> {
+    let got = ContainersClient::new(channel.clone())
+        .get(request(
+            containerd_client::services::v1::GetContainerRequest { id: name.into() },
+            None,
+        ))
+        .await;
+    match got {
+        Ok(_) => Some(true),
+        Err(s) if s.code() == tonic::Code::NotFound => Some(false),
+        Err(_) => None,
+    }
+}
+
 /// Where a task's standard streams go: `file://` URIs or FIFO paths; empty for none.
 pub(crate) struct TaskIo {
     pub stdin: String,

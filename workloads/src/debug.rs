@@ -10,9 +10,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use containerd_client::services::v1::tasks_client::TasksClient;
-use containerd_client::services::v1::{
-    CloseIoRequest, DeleteTaskRequest, ResizePtyRequest, WaitRequest,
-};
+use containerd_client::services::v1::{CloseIoRequest, ResizePtyRequest, WaitRequest};
 use futures::{Stream, StreamExt};
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{
@@ -31,9 +29,6 @@ use crate::images::request;
 
 /// Where the node's root appears in the container.
 pub const HOST_MOUNT: &str = "/host";
-
-/// How long the shim may take to hand over the last of the output once the program exited.
-const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Every capability, in the kernel's numbering (`CAP_CHOWN` is 0): a debug container gets
 /// those the node has, as Docker's `--privileged` does.
@@ -127,14 +122,19 @@ pub enum Output {
 }
 
 /// How a session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
     /// The program exited with this status.
     Exited(u32),
-    /// The caller went away (or its stream broke): the container was killed.
+    /// The caller went away: the container was killed.
     CallerGone,
+    /// The caller's stream broke or carried something that is not input: killed.
+    BadInput(String),
     /// The node asked for it (shutting down): the container was killed.
     Cancelled,
+    /// containerd stopped answering for the task (it restarted or died): killed once it
+    /// answers again.
+    RuntimeLost(String),
 }
 
 /// A started debug container with its FIFOs open; [`DebugTask::run`] relays until it ends.
@@ -147,9 +147,19 @@ pub struct DebugTask {
     /// The program's PID on the node.
     pub pid: u32,
     terminal: bool,
+    fifos: Fifos,
+}
+
+/// Our ends of a session's FIFOs. The outputs are read through read-only descriptors, so that
+/// they end (end-of-file) when the shim has handed over the last byte and closed its end; a
+/// read-write descriptor of each (`keep`) stands in for the shim's end until the program has
+/// exited, so that neither side ever waits for the other to open and no end-of-file comes
+/// early.
+struct Fifos {
     stdin: Option<pipe::Sender>,
     stdout: Option<pipe::Receiver>,
     stderr: Option<pipe::Receiver>,
+    keep: Vec<std::fs::File>,
 }
 
 /// The runtime spec of a debug container: a container's (the image's process settings) with
@@ -189,6 +199,14 @@ pub fn debug_spec(d: &DebugSpec, image: &ImageConfiguration, bounding: u64) -> R
         .build()
         .map_err(refused)?;
     if let Some(p) = spec.process_mut() {
+        // Root whatever the image says: another user would lose every capability at exec.
+        p.set_user(
+            oci_spec::runtime::UserBuilder::default()
+                .uid(0u32)
+                .gid(0u32)
+                .build()
+                .map_err(refused)?,
+        );
         p.set_capabilities(Some(capabilities));
         p.set_terminal(Some(d.terminal.is_some()));
         if let Some((rows, cols)) = d.terminal {
@@ -250,16 +268,17 @@ fn fifo(path: &Path) -> Result<(), Error> {
 
 impl Containerd {
     /// Starts the debug container `spec` describes, its FIFOs in `dir` (made, and removed when
-    /// the session ends).
+    /// the session ends). Whatever an earlier session of the name left is removed first.
     pub async fn start_debug(&self, spec: &DebugSpec, dir: &Path) -> Result<DebugTask, Error> {
         let channel = self.connect().await?;
         let image = image_config(&channel, &spec.image).await?;
         let runtime_spec = debug_spec(spec, &image.config, bounding_set())?;
+        remove(&channel, &spec.name).await;
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Refused(format!("making {}: {e}", dir.display())))?;
         let opened = open_fifos(dir, spec.terminal.is_some());
-        let (stdin, stdout, stderr, io) = match opened {
+        let (fifos, io) = match opened {
             Ok(o) => o,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(dir);
@@ -274,9 +293,7 @@ impl Containerd {
                 digest: image.digest,
                 pid,
                 terminal: spec.terminal.is_some(),
-                stdin: Some(stdin),
-                stdout: Some(stdout),
-                stderr,
+                fifos,
             }),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(dir);
@@ -286,42 +303,37 @@ impl Containerd {
     }
 }
 
-type Fifos = (
-    pipe::Sender,
-    pipe::Receiver,
-    Option<pipe::Receiver>,
-    crate::containers::TaskIo,
-);
-
-/// Makes and opens the session's FIFOs. Each is opened read-write on our side, so neither end
-/// waits for the other: the shim opens its ends when the task is created.
-fn open_fifos(dir: &Path, terminal: bool) -> Result<Fifos, Error> {
-    let path = |n: &str| dir.join(n);
+/// Makes and opens the session's FIFOs (see [`Fifos`]).
+fn open_fifos(dir: &Path, terminal: bool) -> Result<(Fifos, crate::containers::TaskIo), Error> {
     fn opened(p: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
         move |e| Error::Refused(format!("opening the FIFO {}: {e}", p.display()))
     }
-    let (i, o, e) = (path("stdin"), path("stdout"), path("stderr"));
+    let output = |p: &Path, keep: &mut Vec<std::fs::File>| -> Result<pipe::Receiver, Error> {
+        fifo(p)?;
+        keep.push(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(opened(p))?,
+        );
+        pipe::OpenOptions::new().open_receiver(p).map_err(opened(p))
+    };
+    let (i, o, e) = (dir.join("stdin"), dir.join("stdout"), dir.join("stderr"));
+    let mut keep = Vec::new();
     fifo(&i)?;
-    fifo(&o)?;
+    // Read-write: the shim's read end need not be open yet, and the program's stdin stays
+    // open for as long as the session holds it.
     let stdin = pipe::OpenOptions::new()
         .read_write(true)
         .open_sender(&i)
         .map_err(opened(&i))?;
-    let stdout = pipe::OpenOptions::new()
-        .read_write(true)
-        .open_receiver(&o)
-        .map_err(opened(&o))?;
+    let stdout = output(&o, &mut keep)?;
     // On a terminal the program's stderr is the terminal too.
     let stderr = if terminal {
         None
     } else {
-        fifo(&e)?;
-        Some(
-            pipe::OpenOptions::new()
-                .read_write(true)
-                .open_receiver(&e)
-                .map_err(opened(&e))?,
-        )
+        Some(output(&e, &mut keep)?)
     };
     let io = crate::containers::TaskIo {
         stdin: i.display().to_string(),
@@ -333,10 +345,18 @@ fn open_fifos(dir: &Path, terminal: bool) -> Result<Fifos, Error> {
         },
         terminal,
     };
-    Ok((stdin, stdout, stderr, io))
+    Ok((
+        Fifos {
+            stdin: Some(stdin),
+            stdout: Some(stdout),
+            stderr,
+            keep,
+        },
+        io,
+    ))
 }
 
-/// Reads what `r` has (it never ends: our side holds it open for writing too).
+/// Reads what `r` has; `Ok(0)` is its end. A stream already ended never becomes ready.
 async fn read_some(r: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> std::io::Result<usize> {
     match r {
         Some(r) => r.read(buf).await,
@@ -344,13 +364,27 @@ async fn read_some(r: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> std::io::R
     }
 }
 
-/// Takes what is in `r` now, without waiting.
-fn drain(r: &mut pipe::Receiver, buf: &mut [u8], out: &mut Vec<u8>) {
-    while let Ok(n) = r.try_read(buf) {
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&buf[..n]);
+/// The most stdin held for a program that does not read it; beyond it, input waits.
+const MAX_PENDING: usize = 256 << 10;
+
+/// How long the output may go on after the program exited (a child it left holding stdout).
+const OUTPUT_AFTER_EXIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What came of handing one piece of output to the caller.
+enum Sent {
+    Ok,
+    Gone,
+    Cancelled,
+}
+
+/// Hands `item` to the caller, waiting while it is slow but not past `cancel`.
+async fn send<T>(output: &mpsc::Sender<T>, item: T, cancel: &CancellationToken) -> Sent {
+    tokio::select! {
+        r = output.send(item) => match r {
+            Ok(()) => Sent::Ok,
+            Err(_) => Sent::Gone,
+        },
+        _ = cancel.cancelled() => Sent::Cancelled,
     }
 }
 
@@ -361,8 +395,9 @@ impl DebugTask {
     }
 
     /// Relays `input` to the program and its output to `output` (each wrapped by `wrap`) until
-    /// it exits, the caller goes (`input` fails, or `output` is dropped) or `cancel` fires;
-    /// then removes the container and its FIFOs. `input` ending closes the program's stdin.
+    /// it exits and its output has ended, the caller goes (`output` is dropped), `input` fails,
+    /// or `cancel` fires; then removes the container and its FIFOs. `input` ending closes the
+    /// program's stdin (on a terminal it does not: closing a terminal's input hangs it up).
     pub async fn run<T: Send, S>(
         mut self,
         mut input: S,
@@ -374,32 +409,44 @@ impl DebugTask {
         S: Stream<Item = Result<Input, String>> + Unpin,
     {
         let mut tasks = TasksClient::new(self.channel.clone());
-        let wait = WaitRequest {
-            container_id: self.name.clone(),
-            exec_id: String::new(),
-        };
         let mut waiter = TasksClient::new(self.channel.clone());
-        let exited = waiter.wait(request(wait, None));
+        let exited = waiter.wait(request(
+            WaitRequest {
+                container_id: self.name.clone(),
+                exec_id: String::new(),
+            },
+            None,
+        ));
         tokio::pin!(exited);
+        let mut status: Option<u32> = None;
+        let after_exit = tokio::time::sleep(std::time::Duration::MAX);
+        tokio::pin!(after_exit);
         let mut pending: Vec<u8> = Vec::new();
         let mut input_open = true;
         let mut out_buf = vec![0u8; 32 << 10];
         let mut err_buf = vec![0u8; 32 << 10];
-        let mut stdout = self.stdout.take();
-        let mut stderr = self.stderr.take();
+        let mut stdout = self.fifos.stdout.take();
+        let mut stderr = self.fifos.stderr.take();
         let ending = loop {
+            if status.is_some() && stdout.is_none() && stderr.is_none() {
+                break Ending::Exited(status.unwrap_or_default());
+            }
             tokio::select! {
-                r = &mut exited => {
-                    break match r {
-                        Ok(r) => Ending::Exited(r.into_inner().exit_status),
-                        // containerd went away: the session cannot go on.
-                        Err(_) => Ending::Cancelled,
-                    };
-                }
+                r = &mut exited, if status.is_none() => match r {
+                    Ok(r) => {
+                        status = Some(r.into_inner().exit_status);
+                        // The shim's ends are the only writers now: each output ends once
+                        // the shim has copied the last of it.
+                        self.fifos.keep.clear();
+                        after_exit.as_mut().reset(tokio::time::Instant::now() + OUTPUT_AFTER_EXIT);
+                    }
+                    Err(s) => break Ending::RuntimeLost(s.message().to_string()),
+                },
+                _ = &mut after_exit => break Ending::Exited(status.unwrap_or_default()),
                 _ = cancel.cancelled() => break Ending::Cancelled,
                 _ = output.closed() => break Ending::CallerGone,
-                m = input.next(), if input_open && pending.is_empty() => match m {
-                    Some(Ok(Input::Stdin(b))) => pending = b,
+                m = input.next(), if input_open && pending.len() < MAX_PENDING => match m {
+                    Some(Ok(Input::Stdin(b))) => pending.extend_from_slice(&b),
                     Some(Ok(Input::Resize(rows, cols))) => {
                         if self.terminal {
                             let _ = tasks.resize_pty(request(ResizePtyRequest {
@@ -410,90 +457,55 @@ impl DebugTask {
                             }, None)).await;
                         }
                     }
-                    Some(Err(_)) => break Ending::CallerGone,
+                    Some(Err(e)) => break Ending::BadInput(e),
                     None => {
                         input_open = false;
-                        self.close_stdin(&mut tasks).await;
+                        if pending.is_empty() && !self.terminal {
+                            self.close_stdin(&mut tasks).await;
+                        }
                     }
                 },
-                w = async { match &self.stdin { Some(s) => s.writable().await, None => std::future::pending().await } }, if !pending.is_empty() => {
+                w = async { match &self.fifos.stdin { Some(s) => s.writable().await, None => std::future::pending().await } }, if !pending.is_empty() => {
                     if w.is_err() {
                         pending.clear();
                         continue;
                     }
-                    if let Some(s) = &self.stdin {
+                    if let Some(s) = &self.fifos.stdin {
                         match s.try_write(&pending) {
                             Ok(n) => { pending.drain(..n); }
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                            // The program closed its stdin: what it was sent is dropped.
                             Err(_) => pending.clear(),
                         }
                     }
-                }
-                n = read_some(&mut stdout, &mut out_buf) => {
-                    if let Ok(n) = n {
-                        if n > 0 && output.send(wrap(Output::Stdout(out_buf[..n].to_vec()))).await.is_err() {
-                            break Ending::CallerGone;
-                        }
+                    // The caller's input ended while some of it waited: close it now.
+                    if pending.is_empty() && !input_open && !self.terminal && self.fifos.stdin.is_some() {
+                        self.close_stdin(&mut tasks).await;
                     }
                 }
-                n = read_some(&mut stderr, &mut err_buf) => {
-                    if let Ok(n) = n {
-                        if n > 0 && output.send(wrap(Output::Stderr(err_buf[..n].to_vec()))).await.is_err() {
-                            break Ending::CallerGone;
-                        }
-                    }
-                }
+                n = read_some(&mut stdout, &mut out_buf) => match n {
+                    Ok(0) | Err(_) => stdout = None,
+                    Ok(n) => match send(&output, wrap(Output::Stdout(out_buf[..n].to_vec())), &cancel).await {
+                        Sent::Ok => {}
+                        Sent::Gone => break Ending::CallerGone,
+                        Sent::Cancelled => break Ending::Cancelled,
+                    },
+                },
+                n = read_some(&mut stderr, &mut err_buf) => match n {
+                    Ok(0) | Err(_) => stderr = None,
+                    Ok(n) => match send(&output, wrap(Output::Stderr(err_buf[..n].to_vec())), &cancel).await {
+                        Sent::Ok => {}
+                        Sent::Gone => break Ending::CallerGone,
+                        Sent::Cancelled => break Ending::Cancelled,
+                    },
+                },
             }
         };
-        if let Ending::Exited(_) = ending {
-            // The shim's delete waits (up to 2 s) for its copy of the output to finish; keep
-            // reading meanwhile so that it never waits on a full pipe, then take what is left.
-            let delete = tasks.delete(request(
-                DeleteTaskRequest {
-                    container_id: self.name.clone(),
-                },
-                None,
-            ));
-            tokio::pin!(delete);
-            let deadline = tokio::time::sleep(DRAIN);
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    _ = &mut delete => break,
-                    _ = &mut deadline => break,
-                    n = read_some(&mut stdout, &mut out_buf) => {
-                        if let Ok(n @ 1..) = n {
-                            let _ = output.send(wrap(Output::Stdout(out_buf[..n].to_vec()))).await;
-                        }
-                    }
-                    n = read_some(&mut stderr, &mut err_buf) => {
-                        if let Ok(n @ 1..) = n {
-                            let _ = output.send(wrap(Output::Stderr(err_buf[..n].to_vec()))).await;
-                        }
-                    }
-                }
-            }
-            for (r, stream) in [(stdout.as_mut(), true), (stderr.as_mut(), false)] {
-                let Some(r) = r else { continue };
-                let mut rest = Vec::new();
-                drain(r, &mut out_buf, &mut rest);
-                if !rest.is_empty() {
-                    let o = if stream {
-                        Output::Stdout(rest)
-                    } else {
-                        Output::Stderr(rest)
-                    };
-                    let _ = output.send(wrap(o)).await;
-                }
-            }
-        }
         self.end(ending).await
     }
 
     async fn close_stdin(&mut self, tasks: &mut TasksClient<Channel>) {
         // Ours was the only writer: the shim reads end-of-file and closes the program's stdin.
-        self.stdin = None;
+        self.fifos.stdin = None;
         let _ = tasks
             .close_io(request(
                 CloseIoRequest {
@@ -506,9 +518,23 @@ impl DebugTask {
             .await;
     }
 
-    /// Kills what is left, removes the container (task, record, snapshot) and the FIFOs.
+    /// Kills what is left, removes the container (task, record, snapshot) and the FIFOs. When
+    /// containerd is away (restarting), asks again for a while: a privileged container must
+    /// not outlive its session.
     async fn end(self, ending: Ending) -> Ending {
-        remove(&self.channel, &self.name).await;
+        let mut tries = 0;
+        loop {
+            remove(&self.channel, &self.name).await;
+            tries += 1;
+            let gone = crate::containers::exists(&self.channel, &self.name).await == Some(false);
+            if gone || tries >= 10 {
+                if !gone {
+                    tracing::error!("debug container {} could not be removed", self.name);
+                }
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
         ending
     }

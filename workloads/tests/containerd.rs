@@ -661,6 +661,74 @@ async fn a_debug_container_runs_in_the_hosts_namespaces_with_its_root_at_host() 
         s.stdout
     );
 
+    // Output written just before the exit all arrives, to a caller that reads slowly.
+    let task = host
+        .containerd
+        .start_debug(
+            &DebugSpec {
+                name: "debug-lines".into(),
+                image: "plinth.local/busybox:test".into(),
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done".into(),
+                ],
+                terminal: None,
+            },
+            &host.dir.join("debug/lines"),
+        )
+        .await
+        .expect("starts");
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<workloads::debug::Output>(2);
+    let run = tokio::spawn(task.run(
+        futures::stream::empty(),
+        tx,
+        |o| o,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    let mut got = Vec::new();
+    while let Some(o) = rx.recv().await {
+        if let workloads::debug::Output::Stdout(b) = o {
+            got.extend(b);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(run.await.expect("runs"), Ending::Exited(0));
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(text.lines().count(), 20000);
+    assert_eq!(text.lines().last(), Some("line-19999"));
+
+    // The node ending the session kills and removes the container.
+    let task = host
+        .containerd
+        .start_debug(
+            &DebugSpec {
+                name: "debug-stop".into(),
+                image: "plinth.local/busybox:test".into(),
+                command: vec!["sleep".into(), "1000".into()],
+                terminal: None,
+            },
+            &host.dir.join("debug/stop"),
+        )
+        .await
+        .expect("starts");
+    let (tx, _rx) = tokio::sync::mpsc::channel::<workloads::debug::Output>(4);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(task.run(
+        futures::stream::pending::<Result<Input, String>>(),
+        tx,
+        |o| o,
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    let ending = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("ends")
+        .expect("runs");
+    assert_eq!(ending, Ending::Cancelled);
+    assert!(!host.dir.join("debug/stop").exists());
+
     // The caller going away kills and removes the container.
     let task = host
         .containerd
@@ -709,4 +777,11 @@ async fn a_debug_container_runs_in_the_hosts_namespaces_with_its_root_at_host() 
         .expect("no such image")
         .to_string();
     assert!(e.contains("plinth.local/nothing:1"), "{e}");
+    assert!(!host.dir.join("debug/ghost").exists());
+    assert!(host
+        .containerd
+        .containers()
+        .await
+        .expect("lists")
+        .is_empty());
 }

@@ -135,8 +135,10 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
     };
     drop(raw);
     ended?;
+    // Exit here: the stdin pump's blocking read cannot be cancelled, and the runtime's
+    // shutdown would wait for it (for a line on a terminal).
+    let _ = stdout.flush();
     match status {
-        Some(0) => Ok(()),
         Some(s) => std::process::exit(i32::try_from(s.min(255)).unwrap_or(1)),
         None => anyhow::bail!("the debug session ended without the program's exit status"),
     }

@@ -44,6 +44,10 @@ pub enum Image {
         /// installer media then carry the lists that enrol them.
         #[arg(long)]
         secureboot_keys: Option<PathBuf>,
+        /// The system extension level the OS provides: raise it with a release that changes
+        /// what extensions rely on (the loader, the C library, the kernel's interfaces).
+        #[arg(long, default_value_t = upgrade::extension::LEVEL)]
+        extension_level: u32,
     },
     /// Make a signed upgrade bundle from a build.
     Bundle {
@@ -63,6 +67,11 @@ pub enum Image {
         /// After this moment (seconds since the epoch) nodes refuse the bundle.
         #[arg(long, value_name = "UNIX_SECONDS")]
         expires: Option<u64>,
+        /// A system extension the bundle brings (repeatable), built for the build's extension
+        /// level: the node keeps it for the new slot, and it is how an upgrade that raises the
+        /// level carries an extension over.
+        #[arg(long = "extension", value_name = "FILE")]
+        extensions: Vec<PathBuf>,
     },
     /// Pack a signed system extension: a directory (every file under /usr/local), or the
     /// programs and libraries of Debian packages; `--runtime` packs the container runtime
@@ -188,6 +197,7 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             installer,
             signing_key,
             secureboot_keys,
+            extension_level,
         } => {
             let machined = machined(m)?;
             // Read the key before the long build: a bad path fails at once.
@@ -203,6 +213,7 @@ pub fn run(i: Image) -> anyhow::Result<()> {
                 filler_bytes: 0,
                 secureboot: secureboot_keys,
                 initramfs_ballast: None,
+                extension_level,
             })?;
             println!("Plinth {} (kernel {})", a.version, a.kernel_release);
             println!(
@@ -234,9 +245,16 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             out,
             security_version,
             expires,
+            extensions,
         } => {
             let a = Artifacts::load(&image_dir).context("run `plinth image build` first")?;
-            let bytes = imager::bundle_release(&a, &read_key(&key)?, security_version, expires)?;
+            let bytes = imager::bundle_release(
+                &a,
+                &read_key(&key)?,
+                security_version,
+                expires,
+                &extensions,
+            )?;
             std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
             println!(
                 "wrote {} (Plinth {}, security version {security_version}, {} bytes)",

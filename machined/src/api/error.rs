@@ -129,7 +129,8 @@ impl ApiError {
                 | UpgradeError::Uki(_)
                 | UpgradeError::Trailing(_)
                 | UpgradeError::Policy(PolicyError::NotExpected { .. }) => Code::InvalidArgument,
-                UpgradeError::Policy(
+                UpgradeError::Orphans { .. }
+                | UpgradeError::Policy(
                     PolicyError::BelowFloor { .. }
                     | PolicyError::Expired { .. }
                     | PolicyError::Downgrade { .. },

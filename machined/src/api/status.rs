@@ -243,7 +243,7 @@ pub fn extensions(runtime: &Runtime) -> api::proto::ExtensionListResponse {
                 }
             })
             .collect(),
-        os_level: upgrade::extension::LEVEL,
+        os_level: phases::extensions::os_level(runtime),
     }
 }
 

@@ -14,7 +14,7 @@ use super::error::{ApiError, Failure};
 fn changed(target: upgrade::Slot, phase: &str) -> String {
     match phase {
         "readBundle" | "receiveUki" => "nothing on the disk was changed".into(),
-        "writeSlot" | "verifySlot" | "installUki" | "markPending" => format!(
+        "writeSlot" | "receiveExtensions" | "verifySlot" | "installUki" | "markPending" => format!(
             "slot {target}'s previous image and its boot entry are gone (the slot is marked empty or writing, so nothing boots it); the running slot {} and its entry are unchanged",
             target.other()
         ),

@@ -62,10 +62,12 @@ pub fn sim_release(version: &str, security_version: u64, expires_unix_s: Option<
             arch: std::env::consts::ARCH.into(),
             security_version,
             expires_unix_s,
+            extension_level: upgrade::extension::LEVEL,
         },
         &image.uki_pinning(upgrade::Slot::A, &pin),
         &image.uki_pinning(upgrade::Slot::B, &pin),
         &root,
+        &[],
         &signing_key(),
     )
     .expect("bundle")

@@ -580,6 +580,14 @@ impl Platform for Linux {
         list_dir(path, path)
     }
 
+    fn create_file(&self, path: &Path) -> Result<std::fs::File, PlatformError> {
+        create_file(path, path)
+    }
+
+    fn free_bytes(&self, path: &Path) -> Result<u64, PlatformError> {
+        free_bytes(path, path)
+    }
+
     fn kernel_log_path(&self) -> PathBuf {
         PathBuf::from("/dev/kmsg")
     }
@@ -1054,6 +1062,20 @@ fn sync_parent(path: &Path) -> Result<(), PlatformError> {
 }
 
 /// The names in `dir` (`shown` in errors).
+pub(crate) fn create_file(path: &Path, shown: &Path) -> Result<std::fs::File, PlatformError> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)
+            .map_err(|e| PlatformError::io("creating the directory of", shown, e))?;
+    }
+    std::fs::File::create(path).map_err(|e| PlatformError::io("creating", shown, e))
+}
+
+pub(crate) fn free_bytes(path: &Path, shown: &Path) -> Result<u64, PlatformError> {
+    nix::sys::statvfs::statvfs(path)
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+        .map_err(|e| PlatformError::io("reading the free space of", shown, e.into()))
+}
+
 pub(crate) fn list_dir(dir: &Path, shown: &Path) -> Result<Vec<String>, PlatformError> {
     std::fs::read_dir(dir)
         .and_then(|d| {

@@ -397,6 +397,12 @@ pub trait Platform: Send + Sync + 'static {
     /// Opens a file for reading.
     fn open_file(&self, path: &Path) -> Result<std::fs::File, PlatformError>;
 
+    /// Creates (or truncates) a file for writing, its directory made if missing.
+    fn create_file(&self, path: &Path) -> Result<std::fs::File, PlatformError>;
+
+    /// Bytes free for files in the file system holding `path`.
+    fn free_bytes(&self, path: &Path) -> Result<u64, PlatformError>;
+
     /// The names in a directory (not sorted).
     fn list_dir(&self, path: &Path) -> Result<Vec<String>, PlatformError>;
 

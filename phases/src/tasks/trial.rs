@@ -217,6 +217,11 @@ pub async fn commit(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     slots::follow_committed(&ctx, slot)?;
     let m = slots::update_meta(&ctx, |m| m.commit(slot))?;
     ctx.set_trial(false);
+    // What the upgrade's bundle brought becomes the store's own (until now it served this
+    // slot alone). If this fails, the slot keeps using them from its directory.
+    if let Err(e) = crate::extensions::promote(&ctx, slot) {
+        tracing::warn!("keeping the extensions slot {slot} brought in its own directory: {e}");
+    }
     slot_event(
         &ctx,
         slot,

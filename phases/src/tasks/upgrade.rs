@@ -54,18 +54,8 @@ pub async fn read_bundle(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
         }
         .into());
     }
+    // Its components' order and names were checked with the manifest (bundle::parse_manifest).
     let manifest = head.manifest;
-    let order: Vec<&str> = manifest
-        .components
-        .iter()
-        .map(|c| c.name.as_str())
-        .collect();
-    if order != [UKI_A, UKI_B, ROOTFS] {
-        return Err(BundleError::BadManifest(format!(
-            "components must be uki-A, uki-B, rootfs in that order, not {order:?}"
-        ))
-        .into());
-    }
     // The installer writes a blank disk: no floor and nothing running to compare, but the
     // expiry still holds (policy::admit with a zero floor). A node with no META record at all
     // is refused: its floor would be unknown.
@@ -103,6 +93,7 @@ pub async fn read_bundle(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
             .into());
         }
     }
+    check_extensions(&job, &manifest)?;
     tracing::info!(
         "bundle {} (security version {}) for {} is signed by a trusted key; writing slot {}",
         manifest.version,
@@ -111,6 +102,58 @@ pub async fn read_bundle(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
         job.target
     );
     job.state().manifest = Some(manifest);
+    Ok(())
+}
+
+/// Room left free on the ESP after the extensions a bundle brings (a UKI is written there
+/// next, beside the old one until it is renamed over it).
+const ESP_RESERVE: u64 = 64 << 20;
+
+/// Refuses, before anything is written, a bundle whose OS provides another extension level
+/// when an active extension has no version for it in the store or the bundle (the new slot
+/// would come up without it, and its workloads with it), or whose extensions the ESP cannot
+/// hold.
+fn check_extensions(job: &UpgradeJob, m: &bundle::Manifest) -> Result<(), UpgradeError> {
+    let rt = &job.rt;
+    let brought: Vec<&str> = m.extensions().map(|(_, f)| f).collect();
+    if !job.source_is_bundle {
+        // Installer media carry the release alone; its extensions go on the disk image.
+        return match brought.is_empty() {
+            true => Ok(()),
+            false => Err(BundleError::BadManifest(
+                "an installer's bundle brings no extensions (plinth image disk --extension puts them on the disk)".into(),
+            )
+            .into()),
+        };
+    }
+    let level = m.extension_level;
+    let stored = crate::extensions::stored(rt);
+    let orphans: Vec<String> = rt
+        .extensions()
+        .into_iter()
+        .filter(|e| e.active)
+        .filter(|e| {
+            let file = format!("{}@{level}{}", e.name, upgrade::extension::SUFFIX);
+            !brought.contains(&file.as_str()) && !stored.contains(&file)
+        })
+        .map(|e| format!("{} {} (level {})", e.name, e.version, e.level))
+        .collect();
+    if !orphans.is_empty() {
+        return Err(UpgradeError::Orphans { level, orphans });
+    }
+    let need: u64 = m.extensions().map(|(c, _)| c.size).sum();
+    if need > 0 {
+        let store = crate::extensions::store();
+        let free = rt.platform.free_bytes(&store)?;
+        if need.saturating_add(ESP_RESERVE) > free {
+            return Err(BundleError::TooBig {
+                component: format!("the bundle's {} extensions", brought.len()),
+                size: need,
+                capacity: free.saturating_sub(ESP_RESERVE),
+            }
+            .into());
+        }
+    }
     Ok(())
 }
 
@@ -300,19 +343,6 @@ async fn write_root(job: &UpgradeJob) -> Result<(), UpgradeError> {
                 );
             }
         }
-        // The signed manifest says where the bundle ends: anything after it is not this
-        // bundle.
-        let mut one = [0u8; 1];
-        if job.source_is_bundle
-            && src
-                .read(&mut one)
-                .await
-                .map_err(UpgradeError::from_source)?
-                != 0
-        {
-            let total = manifest.components.iter().map(|c| c.size).sum::<u64>();
-            return Err(UpgradeError::Trailing(total));
-        }
         Ok(())
     }
     .await;
@@ -353,6 +383,143 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
     let _ = unsafe {
         libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
     };
+}
+
+/// Receives the extensions the bundle brings into the target slot's directory of the store
+/// (emptied first: what an earlier upgrade of that slot brought), each hashed against the
+/// manifest as it is written and its own signature, level and name checked before it is put
+/// in place; then the bundle must end.
+pub async fn receive_extensions(job: Arc<UpgradeJob>) -> Result<(), UpgradeError> {
+    let result = receive_extension_files(&job).await;
+    if result.is_err() {
+        // Neither the slot nor what was received for it is to be used.
+        let target = job.target;
+        if let Err(e) = slots::update_meta(&job.rt, |m| m.abandon_write(target)) {
+            tracing::warn!("marking slot {target} empty after a failed upgrade: {e}");
+        }
+        if job.source_is_bundle {
+            if let Err(e) = crate::extensions::clear_slot(&job.rt, target) {
+                tracing::warn!("removing the extensions received for slot {target}: {e}");
+            }
+        }
+    }
+    result
+}
+
+async fn receive_extension_files(job: &UpgradeJob) -> Result<(), UpgradeError> {
+    let rt = &job.rt;
+    let manifest = job
+        .manifest()
+        .ok_or_else(|| node_err("the manifest was not read"))?;
+    if job.source_is_bundle {
+        crate::extensions::clear_slot(rt, job.target)?;
+    }
+    let trusted = rt
+        .config()
+        .map(|c| c.machine.upgrade.trusted_keys)
+        .unwrap_or_default()
+        .iter()
+        .map(|k| bundle::public_from_hex(k))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dir = crate::extensions::slot_store(job.target);
+    let mut src = job.source.lock().await;
+    for (c, file) in manifest.extensions() {
+        let partial = dir.join(format!("{file}.partial"));
+        let mut out = rt.platform.create_file(&partial)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut head = Vec::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0u64;
+        while done < c.size {
+            let want = usize::try_from((c.size - done).min(buf.len() as u64)).unwrap_or(1 << 20);
+            let n = read_full(&mut *src, &mut buf[..want])
+                .await
+                .map_err(UpgradeError::from_source)?;
+            if n == 0 {
+                return Err(BundleError::Truncated {
+                    what: c.name.clone(),
+                    expected: c.size,
+                    got: done,
+                }
+                .into());
+            }
+            hasher.update(&buf[..n]);
+            if head.len() < EXTENSION_HEAD {
+                let take = n.min(EXTENSION_HEAD - head.len());
+                head.extend_from_slice(&buf[..take]);
+            }
+            out.write_all(&buf[..n])
+                .map_err(|e| PlatformError::io("writing", &partial, e))?;
+            done += n as u64;
+        }
+        out.sync_all()
+            .map_err(|e| PlatformError::io("syncing", &partial, e))?;
+        drop(out);
+        let checked = check_extension(
+            &c.blake3,
+            hasher,
+            &head,
+            file,
+            manifest.extension_level,
+            &trusted,
+        );
+        if let Err(e) = checked {
+            let _ = rt.platform.remove(&partial);
+            return Err(e);
+        }
+        rt.platform.rename(&partial, &dir.join(file))?;
+        tracing::info!("extension {file} received for slot {}", job.target);
+    }
+    // The signed manifest says where the bundle ends: anything after it is not this bundle.
+    let mut one = [0u8; 1];
+    if job.source_is_bundle
+        && src
+            .read(&mut one)
+            .await
+            .map_err(UpgradeError::from_source)?
+            != 0
+    {
+        let total = manifest.components.iter().map(|c| c.size).sum::<u64>();
+        return Err(UpgradeError::Trailing(total));
+    }
+    Ok(())
+}
+
+/// Enough of an extension file to hold its head (magic, manifest, signature).
+const EXTENSION_HEAD: usize = 70 * 1024;
+
+/// An extension component as received: its digest the manifest's, signed by a trusted key,
+/// built for the bundle's level and this machine, and named for what it is.
+fn check_extension(
+    expected: &str,
+    hasher: blake3::Hasher,
+    head: &[u8],
+    file: &str,
+    level: u32,
+    trusted: &[bundle::VerifyingKey],
+) -> Result<(), UpgradeError> {
+    let actual = hasher.finalize().to_hex().to_string();
+    if actual != expected {
+        return Err(BundleError::Digest {
+            component: format!("{}{file}", bundle::EXTENSION_PREFIX),
+            expected: expected.into(),
+            actual,
+        }
+        .into());
+    }
+    let refused = |e: upgrade::extension::ExtensionError| {
+        UpgradeError::Bundle(BundleError::BadManifest(format!("extension {file}: {e}")))
+    };
+    let v = upgrade::extension::read_head(head, trusted).map_err(refused)?;
+    upgrade::extension::check_compatible(&v.manifest, level, std::env::consts::ARCH)
+        .map_err(refused)?;
+    if crate::extensions::file_name(&v.manifest) != file {
+        return Err(UpgradeError::Bundle(BundleError::BadManifest(format!(
+            "the component {file} holds the extension {}",
+            crate::extensions::file_name(&v.manifest)
+        ))));
+    }
+    Ok(())
 }
 
 /// Reads the slot back and checks it as the kernel will: the hash tree on the disk must be the

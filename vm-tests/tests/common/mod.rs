@@ -228,6 +228,15 @@ pub fn bundle(name: &str, version: &str, extra_cmdline: &[&str]) -> PathBuf {
     bundle_filled(name, version, extra_cmdline, 0)
 }
 
+/// The bundle of build `a` bringing the extension files `extensions`, written as `file` beside
+/// the build.
+pub fn bundle_of(a: &imager::Artifacts, extensions: &[PathBuf], file: &str) -> PathBuf {
+    let bytes = imager::bundle_release(a, &signing_key(), 0, None, extensions).expect("bundle");
+    let path = a.rootfs.with_file_name(file);
+    std::fs::write(&path, bytes).expect("write bundle");
+    path
+}
+
 /// [`bundle`], with `filler_bytes` of incompressible filler in its root (for benchmarks).
 pub fn bundle_filled(
     name: &str,
@@ -267,6 +276,11 @@ pub fn image_filled(
     image_with(name, version, extra_cmdline, filler_bytes, "machined")
 }
 
+/// [`image`] of an OS providing extension `level`.
+pub fn image_at_level(name: &str, version: &str, level: u32) -> imager::Artifacts {
+    image_built(name, version, &[], 0, "machined", level)
+}
+
 /// [`image_filled`] with another static binary of this workspace as `/init` (the boot
 /// benchmark's floor, `plinth-floor`).
 pub fn image_with(
@@ -275,6 +289,24 @@ pub fn image_with(
     extra_cmdline: &[&str],
     filler_bytes: u64,
     init: &str,
+) -> imager::Artifacts {
+    image_built(
+        name,
+        version,
+        extra_cmdline,
+        filler_bytes,
+        init,
+        upgrade::extension::LEVEL,
+    )
+}
+
+fn image_built(
+    name: &str,
+    version: &str,
+    extra_cmdline: &[&str],
+    filler_bytes: u64,
+    init: &str,
+    extension_level: u32,
 ) -> imager::Artifacts {
     let base = artifacts();
     let out_dir = workspace().join("target/vm-tests/images").join(name);
@@ -296,6 +328,7 @@ pub fn image_with(
         // Another /init (the floor) still carries machined, so its initramfs is the node's.
         initramfs_ballast: (init != "machined")
             .then(|| workspace().join("target/x86_64-unknown-linux-gnu/release/machined")),
+        extension_level,
     })
     .unwrap_or_else(|e| panic!("building image {name}: {e}"))
 }
@@ -353,6 +386,11 @@ pub async fn shutdown_failures(node: &PreparedNode, vm: &mut vm_tests::qemu::Vm)
 
 /// The runtime extension in `dir`, built as `plinth image extension --runtime` builds it.
 pub fn runtime_extension(dir: &std::path::Path) -> PathBuf {
+    runtime_extension_at(dir, upgrade::extension::LEVEL)
+}
+
+/// [`runtime_extension`] built for extension `level`.
+pub fn runtime_extension_at(dir: &std::path::Path, level: u32) -> PathBuf {
     use imager::extension::{ExtensionOptions, RUNTIME_DEBS, RUNTIME_PROGRAMS};
     let opts = ExtensionOptions {
         name: "runtime".into(),
@@ -362,10 +400,10 @@ pub fn runtime_extension(dir: &std::path::Path) -> PathBuf {
         programs: RUNTIME_PROGRAMS.iter().map(|p| p.to_string()).collect(),
         cache: workspace().join("target/vm-tests/cache"),
         staging: dir.join("runtime.staging"),
-        level: upgrade::extension::LEVEL,
+        level,
     };
     let (bytes, _) = imager::extension::build(&opts, &signing_key()).expect("packing the runtime");
-    let out = dir.join("runtime.ext");
+    let out = dir.join(format!("runtime@{level}.ext"));
     std::fs::write(&out, bytes).expect("writing the extension");
     out
 }

@@ -783,6 +783,15 @@ impl Platform for Sim {
         crate::platform::linux::list_dir(&self.resolve(path), path)
     }
 
+    fn create_file(&self, path: &Path) -> Result<File, PlatformError> {
+        fault::step(&format!("create {}", path.display()));
+        crate::platform::linux::create_file(&self.resolve(path), path)
+    }
+
+    fn free_bytes(&self, path: &Path) -> Result<u64, PlatformError> {
+        crate::platform::linux::free_bytes(&self.resolve(path), path)
+    }
+
     fn kernel_log_path(&self) -> PathBuf {
         // The simulated kernel's log: what the firmware and "kernel" printed, per machine.
         self.dir.join("kmsg")
