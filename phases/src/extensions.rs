@@ -60,15 +60,13 @@ pub struct ExtensionStatus {
 }
 
 impl ExtensionStatus {
-    /// What is known of a file in the store before its manifest is read.
-    fn unread(path: &Path) -> ExtensionStatus {
-        let file = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    /// What is known of a file in the store before its manifest is read; `file` is its path
+    /// from the store.
+    fn unread(file: &str) -> ExtensionStatus {
+        let base = file.rsplit('/').next().unwrap_or(file);
         ExtensionStatus {
-            name: stem(&file),
-            file,
+            name: stem(base),
+            file: file.to_string(),
             version: String::new(),
             level: 0,
             digest: String::new(),
@@ -125,11 +123,45 @@ pub fn clear_slot(rt: &Runtime, slot: upgrade::Slot) -> Result<(), crate::platfo
     Ok(())
 }
 
-/// Makes the extensions an upgrade brought for `slot` the store's own (the slot committed).
+/// Makes the extensions an upgrade brought for `slot`, and that came up this boot, the
+/// store's own (the slot committed). The store's file each replaces moves into the other
+/// slot's directory first, so that the other slot (the fallback) keeps exactly what it ran;
+/// nothing is renamed over an existing file (not atomic on FAT). A file that was refused
+/// stays where it is. Idempotent: run at the commit and at every boot of a committed slot,
+/// so that a commit cut short finishes.
 pub fn promote(rt: &Runtime, slot: upgrade::Slot) -> Result<(), crate::platform::PlatformError> {
     let dir = slot_store(slot);
+    let active: Vec<String> = rt
+        .extensions()
+        .into_iter()
+        .filter(|e| e.active)
+        .map(|e| e.file)
+        .collect();
+    let mut moved = false;
     for n in files_in(rt, &dir) {
-        rt.platform.rename(&dir.join(&n), &store().join(&n))?;
+        if !active.iter().any(|a| a == &format!("{slot}/{n}")) {
+            continue;
+        }
+        let (mine, shared, theirs) = (
+            dir.join(&n),
+            store().join(&n),
+            slot_store(slot.other()).join(&n),
+        );
+        if stored(rt).contains(&n) {
+            rt.platform.mkdir_all(&slot_store(slot.other()))?;
+            if files_in(rt, &slot_store(slot.other())).contains(&n) {
+                // The other slot has its own already: the store's is nobody's.
+                rt.platform.remove(&shared)?;
+            } else {
+                rt.platform.rename(&shared, &theirs)?;
+            }
+        }
+        rt.platform.rename(&mine, &shared)?;
+        moved = true;
+    }
+    if moved {
+        // The renames must reach the disk before anything relies on them.
+        rt.platform.sync();
     }
     Ok(())
 }
@@ -163,16 +195,16 @@ fn stem(file: &str) -> String {
 }
 
 /// The extensions in the store, by file name: the store's own, and those an upgrade brought
-/// for the booted slot in their place.
-fn list(rt: &Runtime) -> Vec<PathBuf> {
-    let mut files: std::collections::BTreeMap<String, PathBuf> = stored(rt)
+/// for the booted slot in their place; each with its path from the store (`B/x@2.ext`).
+fn list(rt: &Runtime) -> Vec<(String, PathBuf)> {
+    let mut files: std::collections::BTreeMap<String, (String, PathBuf)> = stored(rt)
         .into_iter()
-        .map(|n| (n.clone(), store().join(n)))
+        .map(|n| (n.clone(), (n.clone(), store().join(n))))
         .collect();
     if let Some(boot) = rt.boot() {
         let dir = slot_store(boot.slot);
         for n in files_in(rt, &dir) {
-            files.insert(n.clone(), dir.join(n));
+            files.insert(n.clone(), (format!("{}/{n}", boot.slot), dir.join(n)));
         }
     }
     files.into_values().collect()
@@ -356,10 +388,10 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
         tracing::error!("no extensions this boot: {e}");
         let statuses = files
             .iter()
-            .map(|path| {
+            .map(|(file, _)| {
                 let status = ExtensionStatus {
                     refused: Some(("mount".into(), e.clone())),
-                    ..ExtensionStatus::unread(path)
+                    ..ExtensionStatus::unread(file)
                 };
                 event(rt, &status.name, "refused", format!("mount: {e}"));
                 status
@@ -373,8 +405,8 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
     let statuses = tokio::task::spawn_blocking(move || {
         let mut statuses = Vec::new();
         let mut lower = Vec::new();
-        for path in files {
-            let mut status = ExtensionStatus::unread(&path);
+        for (file, path) in files {
+            let mut status = ExtensionStatus::unread(&file);
             let file = status.file.clone();
             let outcome = read_signed(&rt2, &path, &trusted).and_then(|(f, v)| {
                 // Signed: what it says about itself is worth showing, even if refused.

@@ -111,6 +111,15 @@ pub enum UpgradeError {
         /// The active extensions left without a version (name, version, level).
         orphans: Vec<String>,
     },
+    /// The ESP cannot hold the extensions the bundle brings.
+    #[error("the bundle brings {need} bytes of extensions and the ESP has room for {room}")]
+    EspFull {
+        /// Bytes the bundle's extensions take.
+        need: u64,
+        /// Bytes free on the ESP (less what is kept free), with what the slot's earlier
+        /// extensions take.
+        room: u64,
+    },
     /// The slot did not keep what was written.
     #[error("slot {slot} does not read back as written: {reason}")]
     Verify {

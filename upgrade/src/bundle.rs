@@ -38,6 +38,8 @@ pub const FORMAT: u32 = 4;
 pub const MIN_FORMAT: u32 = 3;
 /// The most extensions one bundle brings.
 pub const MAX_EXTENSIONS: usize = 16;
+/// The largest extension a bundle brings (an ESP is 256 MiB).
+pub const MAX_EXTENSION: u64 = 128 << 20;
 /// What a bundle signature signs before the manifest.
 pub const SIGNING_CONTEXT: &[u8] = b"plinth bundle manifest v3\0";
 /// The largest manifest accepted (it is a few hundred bytes; more is not a bundle).
@@ -87,7 +89,7 @@ pub struct Manifest {
     pub expires_unix_s: Option<u64>,
     /// The system extension level the bundle's OS provides (`SYSEXT_LEVEL` of its
     /// os-release): the extensions it runs are those built for it.
-    #[serde(default = "first_level")]
+    #[serde(default = "first_level", skip_serializing_if = "is_first_level")]
     pub extension_level: u32,
     /// The components, in stream order.
     pub components: Vec<Component>,
@@ -95,6 +97,10 @@ pub struct Manifest {
 
 fn first_level() -> u32 {
     1
+}
+
+fn is_first_level(level: &u32) -> bool {
+    *level == 1
 }
 
 impl Manifest {
@@ -307,6 +313,12 @@ pub fn parse_manifest(json: &[u8]) -> Result<Manifest, BundleError> {
         )));
     }
     let extensions = &manifest.components[3..];
+    if manifest.format < 4 && (manifest.extension_level != 1 || !extensions.is_empty()) {
+        return Err(BundleError::BadManifest(format!(
+            "format {} has no extension level and brings no extensions",
+            manifest.format
+        )));
+    }
     if extensions.len() > MAX_EXTENSIONS {
         return Err(BundleError::BadManifest(format!(
             "{} extensions: a bundle brings at most {MAX_EXTENSIONS}",
@@ -322,6 +334,10 @@ pub fn parse_manifest(json: &[u8]) -> Result<Manifest, BundleError> {
             .and_then(|f| f.split_once('@'))
             .filter(|(n, _)| crate::extension::valid_name(n))
             .and_then(|(n, l)| Some((n, l.parse::<u32>().ok()?)))
+            // Only the name the store would give it (no `+2`, no `02`).
+            .filter(|(n, l)| {
+                c.name == format!("{EXTENSION_PREFIX}{n}@{l}{}", crate::extension::SUFFIX)
+            })
             .ok_or_else(|| {
                 BundleError::BadManifest(format!(
                     "{:?} is not a component of a bundle (uki-A, uki-B, rootfs, then {EXTENSION_PREFIX}NAME@LEVEL.ext)",
@@ -333,6 +349,13 @@ pub fn parse_manifest(json: &[u8]) -> Result<Manifest, BundleError> {
                 "extension {name} is built for level {level}, and the bundle's OS provides level {}",
                 manifest.extension_level
             )));
+        }
+        if c.size > MAX_EXTENSION {
+            return Err(BundleError::TooBig {
+                component: c.name.clone(),
+                size: c.size,
+                capacity: MAX_EXTENSION,
+            });
         }
         if !names.insert(name) {
             return Err(BundleError::BadManifest(format!(
@@ -428,8 +451,15 @@ pub fn build_release(
             .map_err(|err| BundleError::BadManifest(format!("an extension: {err}")))?;
         components.push(component(&format!("{EXTENSION_PREFIX}{file}"), e));
     }
+    // A release of level 1 that brings nothing is written as format 3, which nodes of the
+    // previous release read too.
+    let format = if release.extension_level == 1 && extensions.is_empty() {
+        MIN_FORMAT
+    } else {
+        FORMAT
+    };
     let manifest = Manifest {
-        format: FORMAT,
+        format,
         version: release.version.clone(),
         arch: release.arch.clone(),
         root_verity,
@@ -659,6 +689,8 @@ mod tests {
             (2, vec!["runtime@2.ext", "runtime@2.ext"], "comes twice"),
             (2, vec!["../x@2.ext"], "is not a component"),
             (2, vec!["runtime@two.ext"], "is not a component"),
+            (2, vec!["runtime@+2.ext"], "is not a component"),
+            (2, vec!["runtime@02.ext"], "is not a component"),
         ] {
             let err = with(level, &names).expect_err("refused").to_string();
             assert!(err.contains(says), "{names:?}: {err}");
@@ -671,9 +703,11 @@ mod tests {
         // A format-3 manifest has no level: it is an OS of level 1.
         let mut v = serde_json::to_value(manifest()).expect("json");
         v["format"] = 3.into();
-        v.as_object_mut().expect("object").remove("extension_level");
+        assert!(v.get("extension_level").is_none(), "level 1 is not written");
         let m = parse_manifest(&serde_json::to_vec(&v).expect("json")).expect("format 3");
         assert_eq!(m.extension_level, 1);
+        v["extension_level"] = 2.into();
+        assert!(parse_manifest(&serde_json::to_vec(&v).expect("json")).is_err());
     }
 
     #[test]

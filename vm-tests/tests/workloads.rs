@@ -430,6 +430,15 @@ async fn containers_run_from_the_config_with_images_imported_through_the_api() {
     }
     let failed = common::shutdown_failures(&node, &mut vm).await;
     assert!(failed.is_empty(), "shutdown phases failed: {failed:?}");
+    // B committed: the runtime it brought is the store's own now; A's stays as A ran it.
+    let mut store = common::esp_dir(&node, "::/EFI/plinth/extensions");
+    store.sort();
+    assert!(
+        store.contains(&"runtime@1.ext".to_string())
+            && store.contains(&"runtime@2.ext".to_string()),
+        "{store:?}"
+    );
+    assert!(common::esp_dir(&node, "::/EFI/plinth/extensions/B").is_empty());
     let ended = tokio::task::spawn_blocking(move || open.wait_with_output())
         .await
         .expect("join")

@@ -130,6 +130,7 @@ impl ApiError {
                 | UpgradeError::Trailing(_)
                 | UpgradeError::Policy(PolicyError::NotExpected { .. }) => Code::InvalidArgument,
                 UpgradeError::Orphans { .. }
+                | UpgradeError::EspFull { .. }
                 | UpgradeError::Policy(
                     PolicyError::BelowFloor { .. }
                     | PolicyError::Expired { .. }

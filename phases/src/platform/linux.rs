@@ -1061,7 +1061,7 @@ fn sync_parent(path: &Path) -> Result<(), PlatformError> {
         .map_err(|e| PlatformError::io("syncing directory", dir, e))
 }
 
-/// The names in `dir` (`shown` in errors).
+/// Creates `path` for writing, its directory too (`shown` in errors).
 pub(crate) fn create_file(path: &Path, shown: &Path) -> Result<std::fs::File, PlatformError> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)
@@ -1070,12 +1070,14 @@ pub(crate) fn create_file(path: &Path, shown: &Path) -> Result<std::fs::File, Pl
     std::fs::File::create(path).map_err(|e| PlatformError::io("creating", shown, e))
 }
 
+/// Bytes free for files in the file system of `path` (`shown` in errors).
 pub(crate) fn free_bytes(path: &Path, shown: &Path) -> Result<u64, PlatformError> {
     nix::sys::statvfs::statvfs(path)
         .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
         .map_err(|e| PlatformError::io("reading the free space of", shown, e.into()))
 }
 
+/// The names in `dir` (`shown` in errors).
 pub(crate) fn list_dir(dir: &Path, shown: &Path) -> Result<Vec<String>, PlatformError> {
     std::fs::read_dir(dir)
         .and_then(|d| {

@@ -173,5 +173,19 @@ pub async fn stop_services(ctx: Arc<Runtime>) -> Result<(), TaskError> {
 /// Checks the system extensions in the ESP's store and overlays those that pass on
 /// `/usr/local` ([`crate::extensions`]); a refused one is reported and left out.
 pub async fn mount_extensions(ctx: Arc<Runtime>) -> Result<(), TaskError> {
-    crate::extensions::activate(&ctx).await
+    crate::extensions::activate(&ctx).await?;
+    // A committed slot's own extensions become the store's (a commit cut short by a power
+    // cut finishes here; normally there is nothing to do).
+    if let Some(slot) = ctx.boot().map(|b| b.slot) {
+        let committed = crate::slots::read_meta(&ctx)
+            .ok()
+            .flatten()
+            .is_some_and(|l| l.meta.committed == slot);
+        if committed && !ctx.trial() {
+            if let Err(e) = crate::extensions::promote(&ctx, slot) {
+                tracing::warn!("the extensions slot {slot} brought stay in its directory: {e}");
+            }
+        }
+    }
+    Ok(())
 }

@@ -128,10 +128,11 @@ fn check_extensions(job: &UpgradeJob, m: &bundle::Manifest) -> Result<(), Upgrad
     }
     let level = m.extension_level;
     let stored = crate::extensions::stored(rt);
+    // What runs now, and what would have if the kernel had let it mount this boot.
     let orphans: Vec<String> = rt
         .extensions()
         .into_iter()
-        .filter(|e| e.active)
+        .filter(|e| e.active || e.refused.as_ref().is_some_and(|(r, _)| r == "mount"))
         .filter(|e| {
             let file = format!("{}@{level}{}", e.name, upgrade::extension::SUFFIX);
             !brought.contains(&file.as_str()) && !stored.contains(&file)
@@ -141,17 +142,26 @@ fn check_extensions(job: &UpgradeJob, m: &bundle::Manifest) -> Result<(), Upgrad
     if !orphans.is_empty() {
         return Err(UpgradeError::Orphans { level, orphans });
     }
+    // Each is at most bundle::MAX_EXTENSION and there are at most 16: no overflow.
     let need: u64 = m.extensions().map(|(c, _)| c.size).sum();
     if need > 0 {
-        let store = crate::extensions::store();
-        let free = rt.platform.free_bytes(&store)?;
-        if need.saturating_add(ESP_RESERVE) > free {
-            return Err(BundleError::TooBig {
-                component: format!("the bundle's {} extensions", brought.len()),
-                size: need,
-                capacity: free.saturating_sub(ESP_RESERVE),
-            }
-            .into());
+        let free = rt
+            .platform
+            .free_bytes(std::path::Path::new(crate::runtime::paths::ESP))?;
+        // What an earlier upgrade of this slot brought goes before these are written.
+        let dir = crate::extensions::slot_store(job.target);
+        let earlier: u64 = rt
+            .platform
+            .list_dir(&dir)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| rt.platform.open_file(&dir.join(n)).ok())
+            .filter_map(|f| f.metadata().ok())
+            .map(|md| md.len())
+            .sum();
+        let room = free.saturating_add(earlier).saturating_sub(ESP_RESERVE);
+        if need > room {
+            return Err(UpgradeError::EspFull { need, room });
         }
     }
     Ok(())
@@ -448,13 +458,19 @@ async fn receive_extension_files(job: &UpgradeJob) -> Result<(), UpgradeError> {
                 let take = n.min(EXTENSION_HEAD - head.len());
                 head.extend_from_slice(&buf[..take]);
             }
-            out.write_all(&buf[..n])
-                .map_err(|e| PlatformError::io("writing", &partial, e))?;
+            // On a blocking thread, as the slot's writes are: the ESP may be slow, and the
+            // API and the watchdog keep their workers.
+            let p = partial.clone();
+            let wrote = tokio::task::spawn_blocking(move || {
+                out.write_all(&buf[..n])
+                    .map_err(|e| PlatformError::io("writing", &p, e))
+                    .map(|()| (out, buf))
+            })
+            .await
+            .map_err(|e| node_err(format!("the extension writer stopped: {e}")))??;
+            (out, buf) = wrote;
             done += n as u64;
         }
-        out.sync_all()
-            .map_err(|e| PlatformError::io("syncing", &partial, e))?;
-        drop(out);
         let checked = check_extension(
             &c.blake3,
             hasher,
@@ -463,6 +479,30 @@ async fn receive_extension_files(job: &UpgradeJob) -> Result<(), UpgradeError> {
             manifest.extension_level,
             &trusted,
         );
+        let p = partial.clone();
+        let platform = rt.platform.clone();
+        let checked = match checked {
+            // Its image against its own signed hash tree, as the boot will check it: a bad
+            // one is refused now, not after a trial.
+            Ok(v) => tokio::task::spawn_blocking(move || {
+                out.sync_all()
+                    .map_err(|e| node_err(PlatformError::io("syncing", &p, e)))?;
+                let mut f = platform.open_file(&p).map_err(node_err)?;
+                f.seek(SeekFrom::Start(v.image_offset))
+                    .map_err(|e| node_err(PlatformError::io("seeking in", &p, e)))?;
+                upgrade::extension::check_image(
+                    &v.manifest,
+                    &mut std::io::BufReader::with_capacity(1 << 20, f),
+                )
+                .map_err(|e| {
+                    UpgradeError::Bundle(BundleError::BadManifest(format!("extension {e}")))
+                })
+            })
+            .await
+            .map_err(|e| node_err(format!("the extension check stopped: {e}")))
+            .and_then(|r| r),
+            Err(e) => Err(e),
+        };
         if let Err(e) = checked {
             let _ = rt.platform.remove(&partial);
             return Err(e);
@@ -497,7 +537,7 @@ fn check_extension(
     file: &str,
     level: u32,
     trusted: &[bundle::VerifyingKey],
-) -> Result<(), UpgradeError> {
+) -> Result<upgrade::extension::Verified, UpgradeError> {
     let actual = hasher.finalize().to_hex().to_string();
     if actual != expected {
         return Err(BundleError::Digest {
@@ -519,7 +559,7 @@ fn check_extension(
             crate::extensions::file_name(&v.manifest)
         ))));
     }
-    Ok(())
+    Ok(v)
 }
 
 /// Reads the slot back and checks it as the kernel will: the hash tree on the disk must be the

@@ -139,6 +139,23 @@ pub fn plinth(node: &PreparedNode, args: &[&str]) -> String {
     text
 }
 
+/// The names in `dir` (`::/EFI/...`) of a powered-off node's ESP (mtools reads the FAT).
+pub fn esp_dir(node: &PreparedNode, dir: &str) -> Vec<String> {
+    let (offset, _) = partition(node, upgrade::layout::LABEL_ESP);
+    let out = std::process::Command::new("mdir")
+        .args(["-b", "-i"])
+        .arg(format!("{}@@{offset}", node.disk.display()))
+        .arg(dir)
+        .output()
+        .expect("mdir (apt-get install mtools)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Where partition `label` of a node's raw disk starts and how long it is.
 /// Where partition `label` is on the node's disk: offset and length in bytes.
 pub fn partition(node: &PreparedNode, label: &str) -> (u64, u64) {
