@@ -515,6 +515,8 @@ impl Supervisor {
         tokio::spawn(async move {
             let exit = loop {
                 match containerd.wait(&name).await {
+                    // runc reports a process a signal killed as 128 + the signal.
+                    Ok(status @ 129..=192) => break Exit::Signal(status as i32 - 128),
                     Ok(status) => break Exit::Code(status as i32),
                     // Gone (removed meanwhile): how it ended is not known.
                     Err(e) if e.is_not_found() => break Exit::Code(-1),

@@ -7,6 +7,8 @@
 //! - API call → container answering: `plinth patch config` adding a web container on a private
 //!   network (the image imported), until its page comes back through its published port and
 //!   QEMU's forward; then the same with the container removed first, `RUNS` times.
+//! - A debug session (`plinth debug IMAGE -- cat /host/proc/1/comm`) end to end, beside the same
+//!   CLI's `version` call.
 //! - machined's resident memory (`Status`) with no container, then with 20.
 //!
 //! `PLINTH_IMAGE_DIR=$PWD/out cargo bench -p vm-tests --bench workloads [-- RUNS]` (3 by
@@ -233,6 +235,33 @@ async fn main() {
     let started = Instant::now();
     cli(&with, &["image", "import", image.to_str().expect("path")]).await;
     println!("image import (2 MB archive): {}", ms(started.elapsed()));
+    // A debug session end to end (CLI start, TLS, container made, run, removed) beside the
+    // floor: the same CLI's Version call.
+    let (mut floor, mut debug) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        cli(&with, &["version"]).await;
+        floor.push(t.elapsed());
+        let t = Instant::now();
+        let out = cli(
+            &with,
+            &[
+                "debug",
+                imager::container::BUSYBOX_NAME,
+                "--",
+                "cat",
+                "/host/proc/1/comm",
+            ],
+        )
+        .await;
+        debug.push(t.elapsed());
+        assert!(out.contains("machined"), "{out}");
+    }
+    println!(
+        "plinth debug -- cat /host/proc/1/comm (median of {runs}): {}; plinth version (the floor): {}",
+        ms(median(debug)),
+        ms(median(floor))
+    );
     let rss_idle = rss(&with).await;
     let mut answers = Vec::new();
     for run in 0..runs {

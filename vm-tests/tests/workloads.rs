@@ -297,6 +297,45 @@ async fn containers_run_from_the_config_with_images_imported_through_the_api() {
     )
     .await;
     assert!(!ok, "{out}");
+    // Killed (SIGKILL from a debug container, which sees the node's processes), the web
+    // container is restarted and serves again.
+    let (_, table) = cli(&node, &["containers"]).await;
+    let fields: Vec<String> = table
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("no web in {table}"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let (pid, restarts) = (
+        fields[3].clone(),
+        fields[5].parse::<u32>().expect("restarts"),
+    );
+    let (ok, out) = cli(
+        &node,
+        &[
+            "debug",
+            imager::container::BUSYBOX_NAME,
+            "--",
+            "kill",
+            "-9",
+            &pid,
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    wait_services(&node, 120, "web was not restarted after SIGKILL", |s| {
+        s.iter()
+            .any(|x| x.name == "web" && x.restarts > restarts && x.healthy)
+    })
+    .await;
+    assert!(get(port)
+        .await
+        .expect("GET after the restart")
+        .contains("served from a container"));
+    let (_, events) = cli(&node, &["events", "--tail", "400"]).await;
+    assert!(events.contains("SIGKILL"), "{events}");
+
     // A reader may not.
     let reader = node.spec.dir.join("reader-config");
     common::plinth(
