@@ -88,9 +88,15 @@ fn name(cn: &str, org: Option<&str>) -> DistinguishedName {
 impl Ca {
     /// A new self-signed CA named after the cluster.
     pub fn generate(cluster: &str) -> Result<Ca, PkiError> {
+        Ca::generate_named(&format!("plinth CA {cluster}"))
+    }
+
+    /// A new self-signed CA with this common name (etcd's CA is one of its own: a certificate
+    /// it signs opens etcd, not the node API).
+    pub fn generate_named(common_name: &str) -> Result<Ca, PkiError> {
         let key = KeyPair::generate().map_err(ctx("generating the CA key"))?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = name(&format!("plinth CA {cluster}"), Some("plinth"));
+        params.distinguished_name = name(common_name, Some("plinth"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -121,12 +127,35 @@ impl Ca {
 
     /// A server certificate for a node, valid for the given names and addresses.
     pub fn issue_server(&self, node: &str, sans: &[String]) -> Result<Identity, PkiError> {
+        self.issue_for_names(node, sans, &[ExtendedKeyUsagePurpose::ServerAuth])
+    }
+
+    /// An etcd member's certificate: etcd serves clients and peers and dials peers with the
+    /// same one, so it is marked for both ends.
+    pub fn issue_member(&self, node: &str, sans: &[String]) -> Result<Identity, PkiError> {
+        self.issue_for_names(
+            node,
+            sans,
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// A certificate valid for ten years (nodes have no rotation yet) for these names.
+    fn issue_for_names(
+        &self,
+        node: &str,
+        sans: &[String],
+        usages: &[ExtendedKeyUsagePurpose],
+    ) -> Result<Identity, PkiError> {
         let key = KeyPair::generate().map_err(ctx("generating the server key"))?;
         let mut params =
             CertificateParams::new(sans.to_vec()).map_err(ctx("reading the server names"))?;
         params.distinguished_name = name(node, None);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = usages.to_vec();
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(1);
         params.not_after = now + Duration::days(3650);

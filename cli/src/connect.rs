@@ -16,6 +16,8 @@ pub struct Target {
     pub context: Option<String>,
     /// `-e/--endpoints`.
     pub endpoints: Vec<String>,
+    /// `-n/--nodes`: the nodes to call, each at its own endpoint.
+    pub nodes: Vec<String>,
 }
 
 impl Target {
@@ -34,6 +36,16 @@ impl Target {
     /// Like [`Self::connect`], for a call with no time limit (an upgrade: the node bounds it).
     pub async fn connect_long(&self) -> anyhow::Result<(String, MachineClient<Channel>)> {
         self.connect_as(true).await
+    }
+
+    /// The selected context (its CA and client certificate serve every node it names).
+    pub fn context(&self) -> anyhow::Result<config::Context> {
+        let path = self.config_path();
+        let cfg = ClientConfig::load_or_default(&path)?;
+        let (_, ctx) = cfg
+            .context(self.context.as_deref())
+            .with_context(|| format!("client config {}", path.display()))?;
+        Ok(ctx.clone())
     }
 
     async fn connect_as(&self, long: bool) -> anyhow::Result<(String, MachineClient<Channel>)> {

@@ -3,6 +3,7 @@
 mod chart;
 mod cmd;
 mod connect;
+mod fanout;
 mod output;
 mod upload;
 
@@ -23,6 +24,12 @@ pub struct Cli {
     /// Endpoints to use instead of the context's (host[:port], comma-separated).
     #[arg(short = 'e', long, global = true, value_delimiter = ',')]
     endpoints: Vec<String>,
+    /// Nodes to run the command on, all at once (host[:port], comma-separated; `version`,
+    /// `status`, `services` and `containers` so far): the output says which node each line
+    /// is from, and the exit status is non-zero if any node failed. For `gen config`: how
+    /// many nodes to generate.
+    #[arg(short = 'n', long, global = true, value_delimiter = ',')]
+    nodes: Vec<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -111,9 +118,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         config: cli.config.clone(),
         context: cli.context.clone(),
         endpoints: cli.endpoints.clone(),
+        nodes: cli.nodes.clone(),
     };
     match cli.cmd {
-        Cmd::Gen(g) => cmd::gen::run(g),
+        Cmd::Gen(g) => cmd::gen::run(g, &cli.nodes),
         Cmd::Version(a) => cmd::version::run(&target, a).await,
         Cmd::Events(a) => cmd::events::run(&target, a).await,
         Cmd::Bootchart(a) => cmd::bootchart::run(&target, a).await,

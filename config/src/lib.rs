@@ -14,8 +14,9 @@ pub mod node;
 
 pub use client::{ClientConfig, Context};
 pub use node::{
-    ApiConfig, Container, ContainerMount, ContainerNetwork, Encryption, HealthCheck, Interface,
-    Machine, Network, NodeConfig, RestartPolicy, Service, Upgrade, WithoutTpm, RUNTIME_SERVICE,
+    ApiConfig, CertKey, Cluster, ClusterMember, Container, ContainerMount, ContainerNetwork,
+    Encryption, EtcdPki, HealthCheck, Interface, Machine, MachineType, Network, NodeConfig,
+    RestartPolicy, Service, Upgrade, WithoutTpm, RUNTIME_SERVICE,
 };
 
 /// A configuration document could not be used.

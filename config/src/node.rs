@@ -40,6 +40,90 @@ pub struct NodeConfig {
     pub version: String,
     /// The machine's settings.
     pub machine: Machine,
+    /// The cluster the node belongs to: required for a control-plane node or a worker,
+    /// refused on a standalone one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
+}
+
+/// What the node is in a cluster (`machine.type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineType {
+    /// A node on its own: no cluster, no etcd.
+    #[default]
+    Standalone,
+    /// An etcd member of its cluster (`plinth bootstrap` starts the cluster on one of them).
+    Controlplane,
+    /// Runs workloads; reaches the cluster's etcd as a client only.
+    Worker,
+}
+
+impl MachineType {
+    fn is_standalone(&self) -> bool {
+        *self == MachineType::Standalone
+    }
+
+    /// As written in the config.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MachineType::Standalone => "standalone",
+            MachineType::Controlplane => "controlplane",
+            MachineType::Worker => "worker",
+        }
+    }
+}
+
+/// The etcd client port.
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+/// The etcd peer port.
+pub const ETCD_PEER_PORT: u16 = 2380;
+
+/// The cluster section: its name, its control-plane nodes (the etcd members), and this node's
+/// etcd credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// The cluster's name (also the etcd cluster token).
+    pub name: String,
+    /// Every control-plane node, by name and address: where etcd's members are.
+    pub controlplanes: Vec<ClusterMember>,
+    /// etcd's PKI as this node holds it.
+    pub etcd: EtcdPki,
+}
+
+/// A control-plane node as the cluster section names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMember {
+    /// Its `machine.name` (its etcd member name).
+    pub name: String,
+    /// The address its etcd listens on (peers and clients), without a prefix.
+    pub address: String,
+}
+
+/// etcd's CA and the node's certificates for it (PEM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdPki {
+    /// The etcd CA's certificate: peers, servers and clients must chain to it.
+    pub ca: String,
+    /// A control-plane node's etcd member certificate (server and peer, for its name and
+    /// address) and key; a worker has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<CertKey>,
+    /// machined's etcd client certificate and key.
+    pub client: CertKey,
+}
+
+/// A certificate and its key (PEM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertKey {
+    /// Certificate, PEM.
+    pub cert: String,
+    /// Private key, PEM.
+    pub key: String,
 }
 
 /// The machine section.
@@ -48,6 +132,13 @@ pub struct NodeConfig {
 pub struct Machine {
     /// Node name; also the hostname.
     pub name: String,
+    /// What the node is in a cluster; standalone when absent.
+    #[serde(
+        default,
+        rename = "type",
+        skip_serializing_if = "MachineType::is_standalone"
+    )]
+    pub machine_type: MachineType,
     /// Network settings.
     #[serde(default)]
     pub network: Network,
@@ -410,6 +501,7 @@ impl NodeConfig {
         require_pem(&api.key, "machine.api.key", "PRIVATE KEY")?;
         validate_services(&self.machine.services)?;
         validate_containers(&self.machine)?;
+        self.validate_cluster()?;
         if let Some(i) = &self.machine.install {
             // A device node, like /dev/nvme0n1 (the simulated machine's are image paths).
             let p = std::path::Path::new(&i.disk);
@@ -478,6 +570,106 @@ impl NodeConfig {
 /// The service machined runs from the runtime extension; a config service may depend on it
 /// but not take its name.
 pub const RUNTIME_SERVICE: &str = "containerd";
+
+impl NodeConfig {
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let kind = self.machine.machine_type;
+        let Some(c) = &self.cluster else {
+            if kind.is_standalone() {
+                return Ok(());
+            }
+            return Err(ConfigError::invalid(
+                "cluster",
+                format!(
+                    "a {} node needs the cluster section (plinth gen config --nodes writes it)",
+                    kind.as_str()
+                ),
+            ));
+        };
+        if kind.is_standalone() {
+            return Err(ConfigError::invalid(
+                "machine.type",
+                "a node with a cluster section is a controlplane or a worker",
+            ));
+        }
+        if validate_hostname(&c.name).is_err() {
+            return Err(ConfigError::invalid(
+                "cluster.name",
+                format!(
+                    "{:?} is not a cluster name (letters, digits and '-')",
+                    c.name
+                ),
+            ));
+        }
+        if c.controlplanes.is_empty() {
+            return Err(ConfigError::invalid(
+                "cluster.controlplanes",
+                "a cluster needs at least one control-plane node",
+            ));
+        }
+        for (i, m) in c.controlplanes.iter().enumerate() {
+            let at = format!("cluster.controlplanes[{i}]");
+            if validate_hostname(&m.name).is_err() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.name"),
+                    format!("{:?} is not a node name", m.name),
+                ));
+            }
+            if m.address.parse::<IpAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    format!("{at}.address"),
+                    format!("{:?} is not an IP address", m.address),
+                ));
+            }
+            if let Some(j) = c.controlplanes[..i]
+                .iter()
+                .position(|o| o.name == m.name || o.address == m.address)
+            {
+                return Err(ConfigError::invalid(
+                    at,
+                    format!("names the same node or address as cluster.controlplanes[{j}]"),
+                ));
+            }
+        }
+        require_pem(&c.etcd.ca, "cluster.etcd.ca", "CERTIFICATE")?;
+        require_pem(
+            &c.etcd.client.cert,
+            "cluster.etcd.client.cert",
+            "CERTIFICATE",
+        )?;
+        require_pem(&c.etcd.client.key, "cluster.etcd.client.key", "PRIVATE KEY")?;
+        let listed = c.controlplanes.iter().any(|m| m.name == self.machine.name);
+        match (kind, &c.etcd.member) {
+            (MachineType::Controlplane, None) => Err(ConfigError::invalid(
+                "cluster.etcd.member",
+                "a control-plane node needs its etcd member certificate",
+            )),
+            (MachineType::Controlplane, Some(_)) if !listed => Err(ConfigError::invalid(
+                "cluster.controlplanes",
+                format!(
+                    "does not list this node ({:?}), a control-plane node",
+                    self.machine.name
+                ),
+            )),
+            (MachineType::Controlplane, Some(m)) => {
+                require_pem(&m.cert, "cluster.etcd.member.cert", "CERTIFICATE")?;
+                require_pem(&m.key, "cluster.etcd.member.key", "PRIVATE KEY")
+            }
+            (_, Some(_)) => Err(ConfigError::invalid(
+                "cluster.etcd.member",
+                "only a control-plane node is an etcd member",
+            )),
+            (_, None) if listed => Err(ConfigError::invalid(
+                "cluster.controlplanes",
+                format!(
+                    "lists this node ({:?}), which is a worker",
+                    self.machine.name
+                ),
+            )),
+            (_, None) => Ok(()),
+        }
+    }
+}
 
 fn validate_services(services: &[Service]) -> Result<(), ConfigError> {
     let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
@@ -823,6 +1015,7 @@ mod tests {
             version: VERSION.into(),
             machine: Machine {
                 name: "node-1".into(),
+                machine_type: MachineType::Standalone,
                 network: Network {
                     interfaces: vec![Interface {
                         name: "eth0".into(),
@@ -843,7 +1036,117 @@ mod tests {
                 install: None,
                 encryption: Default::default(),
             },
+            cluster: None,
         }
+    }
+
+    fn cluster_node(kind: MachineType) -> NodeConfig {
+        let mut c = good();
+        c.machine.machine_type = kind;
+        c.cluster = Some(Cluster {
+            name: "prod".into(),
+            controlplanes: vec![
+                ClusterMember {
+                    name: "node-1".into(),
+                    address: "10.5.0.2".into(),
+                },
+                ClusterMember {
+                    name: "node-2".into(),
+                    address: "10.5.0.3".into(),
+                },
+            ],
+            etcd: EtcdPki {
+                ca: PEM_CERT.into(),
+                member: (kind == MachineType::Controlplane).then(|| CertKey {
+                    cert: PEM_CERT.into(),
+                    key: PEM_KEY.into(),
+                }),
+                client: CertKey {
+                    cert: PEM_CERT.into(),
+                    key: PEM_KEY.into(),
+                },
+            },
+        });
+        c
+    }
+
+    fn refused(c: &NodeConfig) -> (String, String) {
+        match c.validate() {
+            Err(ConfigError::Invalid { field, reason }) => (field, reason),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_control_plane_node_round_trips_with_its_type_and_cluster() {
+        let c = cluster_node(MachineType::Controlplane);
+        c.validate().expect("valid");
+        let yaml = c.to_yaml().expect("yaml");
+        assert!(yaml.contains("type: controlplane"), "{yaml}");
+        assert_eq!(NodeConfig::from_yaml(&yaml).expect("parse"), c);
+        // A standalone node writes neither.
+        let yaml = good().to_yaml().expect("yaml");
+        assert!(
+            !yaml.contains("type:") && !yaml.contains("cluster:"),
+            "{yaml}"
+        );
+    }
+
+    #[test]
+    fn cluster_sections_that_cannot_work_are_refused_by_field() {
+        let mut c = cluster_node(MachineType::Worker);
+        c.machine.name = "node-3".into();
+        c.validate()
+            .expect("a worker outside the control-plane list");
+
+        let mut c = cluster_node(MachineType::Controlplane);
+        c.cluster = None;
+        assert_eq!(refused(&c).0, "cluster");
+
+        let mut c = good();
+        c.cluster = cluster_node(MachineType::Worker).cluster;
+        assert_eq!(refused(&c).0, "machine.type");
+
+        let mut c = cluster_node(MachineType::Controlplane);
+        if let Some(cl) = c.cluster.as_mut() {
+            cl.etcd.member = None;
+        }
+        assert_eq!(refused(&c).0, "cluster.etcd.member");
+
+        let mut c = cluster_node(MachineType::Controlplane);
+        c.machine.name = "node-9".into();
+        let (field, reason) = refused(&c);
+        assert_eq!(field, "cluster.controlplanes");
+        assert!(reason.contains("node-9"), "{reason}");
+
+        // A worker named as a control plane, or holding a member certificate.
+        let c = cluster_node(MachineType::Worker);
+        assert_eq!(refused(&c).0, "cluster.controlplanes");
+        let mut c = cluster_node(MachineType::Controlplane);
+        c.machine.machine_type = MachineType::Worker;
+        c.machine.name = "node-3".into();
+        assert_eq!(refused(&c).0, "cluster.etcd.member");
+
+        let mut c = cluster_node(MachineType::Controlplane);
+        if let Some(cl) = c.cluster.as_mut() {
+            cl.controlplanes[1].address = "10.5.0.2".into();
+        }
+        let (field, reason) = refused(&c);
+        assert_eq!(field, "cluster.controlplanes[1]");
+        assert!(reason.contains("[0]"), "{reason}");
+
+        let mut c = cluster_node(MachineType::Controlplane);
+        if let Some(cl) = c.cluster.as_mut() {
+            cl.controlplanes[1].address = "10.5.0.3/24".into();
+        }
+        assert_eq!(refused(&c).0, "cluster.controlplanes[1].address");
+
+        let yaml = cluster_node(MachineType::Controlplane)
+            .to_yaml()
+            .expect("yaml")
+            .replace("type: controlplane", "type: master");
+        let err = NodeConfig::from_yaml(&yaml).expect_err("unknown type");
+        assert!(err.to_string().contains("machine.type"), "{err}");
     }
 
     fn field_of(yaml: &str) -> String {

@@ -439,20 +439,54 @@ impl Vm {
 
     /// Presses the ACPI power button (QMP `system_powerdown`).
     pub fn press_power_button(&self) -> Result<(), HarnessError> {
+        self.qmp(r#"{"execute":"system_powerdown"}"#).map(drop)
+    }
+
+    /// Presses the reset button (QMP `system_reset`): the firmware starts again, as after a
+    /// power cycle, with the disk, the variable store and the TPM as they are.
+    pub fn press_reset(&self) -> Result<(), HarnessError> {
+        self.qmp(r#"{"execute":"system_reset"}"#).map(drop)
+    }
+
+    /// Where each vCPU is (`RIP`, `CR0`, privilege level, halted), from QEMU's monitor: tells a
+    /// guest stuck in the firmware (low addresses) from one stuck in the kernel
+    /// (`ffffffff8…`), for an error message.
+    pub fn cpu_state(&self) -> String {
+        let reply = match self.qmp(
+            r#"{"execute":"human-monitor-command","arguments":{"command-line":"info registers -a"}}"#,
+        ) {
+            Ok(r) => r,
+            Err(e) => return format!("(no vCPU state: {e})"),
+        };
+        let text = serde_json::from_str::<serde_json::Value>(&reply)
+            .ok()
+            .and_then(|v| v.get("return")?.as_str().map(str::to_string))
+            .unwrap_or(reply);
+        text.lines()
+            .filter(|l| {
+                ["CPU#", "RIP=", "EIP=", "CR0="]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Sends one QMP command (after the greeting and the capabilities negotiation) and returns
+    /// its reply line.
+    fn qmp(&self, cmd: &str) -> Result<String, HarnessError> {
         use std::io::{BufRead, BufReader, Write};
         let sock = std::os::unix::net::UnixStream::connect(self.spec.qmp_socket())
             .map_err(HarnessError::io("connecting to QMP"))?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(HarnessError::io("QMP"))?;
         let mut reader = BufReader::new(sock.try_clone().map_err(HarnessError::io("QMP"))?);
         let mut writer = sock;
         let mut line = String::new();
-        // Greeting, then capabilities negotiation, then the command.
         reader
             .read_line(&mut line)
             .map_err(HarnessError::io("reading the QMP greeting"))?;
-        for cmd in [
-            r#"{"execute":"qmp_capabilities"}"#,
-            r#"{"execute":"system_powerdown"}"#,
-        ] {
+        for cmd in [r#"{"execute":"qmp_capabilities"}"#, cmd] {
             writeln!(writer, "{cmd}").map_err(HarnessError::io("writing to QMP"))?;
             loop {
                 line.clear();
@@ -467,7 +501,7 @@ impl Vm {
                 }
             }
         }
-        Ok(())
+        Ok(line)
     }
 
     /// Kills QEMU (a power cut) and waits for it, and its TPM.

@@ -117,6 +117,15 @@ impl SerialLog {
             .map(|(i, l)| (i, l.clone()))
     }
 
+    /// The last complete line.
+    pub fn last(&self) -> Option<Line> {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .cloned()
+    }
+
     /// The last `n` lines as text.
     pub fn tail(&self, n: usize) -> String {
         let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());

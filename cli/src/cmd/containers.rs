@@ -1,8 +1,9 @@
 //! `plinth containers`.
 
-use api::proto::ContainerListRequest;
+use api::proto::{ContainerInfo, ContainerListRequest};
 
 use crate::connect::{status_error, Target};
+use crate::fanout::{node_column, print, Show, NODE_HEADER};
 use crate::output::Format;
 
 #[derive(clap::Args, Debug)]
@@ -13,15 +14,28 @@ pub struct Args {
 }
 
 pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
-    let (endpoint, mut c) = target.connect().await?;
-    let list = c
-        .container_list(ContainerListRequest {})
-        .await
-        .map_err(|s| status_error(&endpoint, s))?
-        .into_inner()
-        .containers;
-    match args.output {
-        Format::Json => {
+    let replies = target
+        .each(|endpoint, mut c| async move {
+            c.container_list(ContainerListRequest {})
+                .await
+                .map(|r| r.into_inner().containers)
+                .map_err(|s| status_error(&endpoint, s))
+        })
+        .await?;
+    // One IMAGE column for every node's rows.
+    let width = replies
+        .iter()
+        .filter_map(|r| r.result.as_ref().ok())
+        .flatten()
+        .map(|c| c.image.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let none = replies
+        .iter()
+        .all(|r| r.result.as_ref().is_ok_and(Vec::is_empty));
+    let show = Show {
+        json: |_: &str, list: &Vec<ContainerInfo>| {
             let docs: Vec<_> = list
                 .iter()
                 .map(|c| {
@@ -32,17 +46,27 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::Value::Array(docs));
-        }
-        Format::Text if list.is_empty() => {
-            println!("no containers (machine.containers in the node config runs them)");
-        }
-        Format::Text => {
-            let width = list.iter().map(|c| c.image.len()).max().unwrap_or(5).max(5);
+            serde_json::Value::Array(docs)
+        },
+        key: "containers",
+        header: |many: bool| {
+            if none {
+                println!("no containers (machine.containers in the node config runs them)");
+                return;
+            }
             println!(
-                "{:<20} {:<width$} {:<8} {:>7} {:<9} {:>8} {:<8} LAST EXIT",
-                "CONTAINER", "IMAGE", "TASK", "PID", "STATE", "RESTARTS", "HEALTHY"
+                "{}{:<20} {:<width$} {:<8} {:>7} {:<9} {:>8} {:<8} LAST EXIT",
+                if many { NODE_HEADER } else { "" },
+                "CONTAINER",
+                "IMAGE",
+                "TASK",
+                "PID",
+                "STATE",
+                "RESTARTS",
+                "HEALTHY"
             );
+        },
+        render: |endpoint: &str, many: bool, list: &Vec<ContainerInfo>| {
             for c in list {
                 let pid = if c.pid > 0 {
                     c.pid.to_string()
@@ -50,7 +74,8 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                     "-".into()
                 };
                 println!(
-                    "{:<20} {:<width$} {:<8} {:>7} {:<9} {:>8} {:<8} {}",
+                    "{}{:<20} {:<width$} {:<8} {:>7} {:<9} {:>8} {:<8} {}",
+                    node_column(endpoint, many),
                     c.name,
                     c.image,
                     c.task,
@@ -65,7 +90,7 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                     },
                 );
             }
-        }
-    }
-    Ok(())
+        },
+    };
+    print(target, replies, args.output, show)
 }

@@ -8,13 +8,23 @@ use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
 pub enum Gen {
-    /// Generate a CA, a node config (node.yaml) and an admin client config (plinthconfig).
+    /// Generate a CA, a node config (node.yaml) and an admin client config (plinthconfig); with
+    /// --nodes, a cluster: one config per node (NAME-cp-1.yaml, NAME-worker-1.yaml, ...), etcd's
+    /// CA and certificates, and a client config for every node.
     Config {
-        /// Node name (also the client context's name).
+        /// Node name (also the client context's name); with --nodes, the cluster's name.
         name: String,
-        /// How clients reach the node's API: IP[:PORT] (port 50000 by default).
+        /// How clients reach the node's API: IP[:PORT] (port 50000 by default); with --nodes,
+        /// the first node's, the others' addresses following it (.2, .3, ...).
         #[arg(long)]
         endpoint: String,
+        /// With --nodes N (the global flag, here a count): how many of the N nodes are control
+        /// planes (etcd members; an odd number keeps quorum through one loss).
+        #[arg(long, default_value_t = 1)]
+        control_planes: u16,
+        /// With --nodes N: the cluster's network prefix length (addresses are IP/PREFIX).
+        #[arg(long, default_value_t = 24)]
+        prefix: u8,
         /// Directory to write into.
         #[arg(short = 'o', long = "output-dir", default_value = ".")]
         output_dir: PathBuf,
@@ -94,16 +104,36 @@ fn write(path: &Path, data: &str, force: bool) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-pub fn run(g: Gen) -> anyhow::Result<()> {
-    match g {
-        Gen::Client {
-            name,
-            role,
-            secrets,
-            from,
-            out,
-            force,
-        } => {
+/// `gen config --nodes N`: the global `-n/--nodes` names nodes to call everywhere else; here
+/// it says how many to generate.
+fn cluster_size(nodes: &[String]) -> anyhow::Result<Option<u16>> {
+    match nodes {
+        [] => Ok(None),
+        [n] => match n.parse::<u16>() {
+            Ok(n @ 1..=250) => Ok(Some(n)),
+            _ => bail!("--nodes {n:?}: gen config takes how many nodes to generate, 1 to 250"),
+        },
+        _ => bail!("--nodes: gen config takes one number, how many nodes to generate"),
+    }
+}
+
+pub fn run(g: Gen, nodes: &[String]) -> anyhow::Result<()> {
+    let size = match &g {
+        Gen::Config { .. } => cluster_size(nodes)?,
+        _ => None,
+    };
+    match (g, size) {
+        (
+            Gen::Client {
+                name,
+                role,
+                secrets,
+                from,
+                out,
+                force,
+            },
+            _,
+        ) => {
             let role: api::Role = role.parse()?;
             let read = |f: &str| {
                 let p = secrets.join(f);
@@ -130,7 +160,7 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
             println!("wrote {} for {name} with role {role}", out.display());
             Ok(())
         }
-        Gen::SecurebootKeys { output_dir, name } => {
+        (Gen::SecurebootKeys { output_dir, name }, _) => {
             let keys = imager::secureboot::generate(&output_dir, &name)?;
             println!(
                 "wrote Secure Boot keys for {name:?} to {}",
@@ -148,7 +178,7 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
             println!("keep the .key files secret: whoever holds db.key can sign what these machines boot");
             Ok(())
         }
-        Gen::SigningKey { output_dir, force } => {
+        (Gen::SigningKey { output_dir, force }, _) => {
             std::fs::create_dir_all(&output_dir)
                 .with_context(|| format!("creating {}", output_dir.display()))?;
             let key = upgrade::bundle::generate_key()?;
@@ -171,18 +201,98 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
             println!("{public}");
             Ok(())
         }
-        Gen::Config {
-            name,
-            endpoint,
-            output_dir,
-            interface,
-            address,
-            gateway,
-            trusted_keys,
-            install_disk,
-            install_wipe,
-            force,
-        } => {
+        (
+            Gen::Config {
+                name,
+                endpoint,
+                control_planes,
+                prefix,
+                output_dir,
+                interface,
+                gateway,
+                trusted_keys,
+                install_disk,
+                install_wipe,
+                force,
+                address,
+            },
+            Some(nodes),
+        ) => {
+            if address.is_some() {
+                bail!("--address is for one node; with --nodes the addresses follow --endpoint");
+            }
+            let opts = cluster_options(ClusterArgs {
+                cluster: &name,
+                endpoint: &endpoint,
+                nodes,
+                control_planes,
+                prefix,
+                interface,
+                gateway,
+                trusted_keys,
+            })?;
+            let mut generated = api::gen::generate_cluster(&opts)?;
+            if let Some(disk) = install_disk {
+                for node in &mut generated.nodes {
+                    node.machine.install = Some(config::node::Install {
+                        disk: disk.clone(),
+                        wipe: install_wipe,
+                    });
+                    node.validate()?;
+                }
+            }
+            std::fs::create_dir_all(output_dir.join("secrets"))
+                .with_context(|| format!("creating {}", output_dir.display()))?;
+            let mut files: Vec<(String, String)> = vec![
+                ("secrets/ca.crt".into(), generated.ca.cert_pem().into()),
+                ("secrets/ca.key".into(), generated.ca.0.key_pem.clone()),
+                (
+                    "secrets/etcd-ca.crt".into(),
+                    generated.etcd_ca.cert_pem().into(),
+                ),
+                (
+                    "secrets/etcd-ca.key".into(),
+                    generated.etcd_ca.0.key_pem.clone(),
+                ),
+            ];
+            for node in &generated.nodes {
+                files.push((format!("{}.yaml", node.machine.name), node.to_yaml()?));
+            }
+            let client_path = output_dir.join("plinthconfig");
+            // Every file is checked before any is written: a refusal leaves nothing half made.
+            for path in files
+                .iter()
+                .map(|(f, _)| output_dir.join(f))
+                .chain([client_path.clone()])
+            {
+                if path.exists() && !force {
+                    bail!("{} exists: pass --force to overwrite it", path.display());
+                }
+            }
+            for (f, data) in &files {
+                write(&output_dir.join(f), data, true)?;
+                println!("wrote {}", output_dir.join(f).display());
+            }
+            generated.client.save(&client_path)?;
+            println!("wrote {}", client_path.display());
+            Ok(())
+        }
+        (
+            Gen::Config {
+                name,
+                endpoint,
+                output_dir,
+                interface,
+                address,
+                gateway,
+                trusted_keys,
+                install_disk,
+                install_wipe,
+                force,
+                ..
+            },
+            None,
+        ) => {
             let (host, _) = api::client::split_endpoint(&endpoint)?;
             let address = address.or_else(|| match host.parse::<std::net::IpAddr>() {
                 Ok(ip) if !ip.is_loopback() && ip.is_ipv4() => Some(format!("{ip}/24")),
@@ -239,4 +349,79 @@ pub fn run(g: Gen) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What `gen config --nodes` was given.
+struct ClusterArgs<'a> {
+    cluster: &'a str,
+    endpoint: &'a str,
+    nodes: u16,
+    control_planes: u16,
+    prefix: u8,
+    interface: String,
+    gateway: Option<String>,
+    trusted_keys: Vec<String>,
+}
+
+/// The cluster's nodes: control planes first (`CLUSTER-cp-N`), then workers
+/// (`CLUSTER-worker-N`), at consecutive IPv4 addresses from the endpoint's.
+fn cluster_options(a: ClusterArgs<'_>) -> anyhow::Result<api::gen::ClusterOptions> {
+    use config::MachineType;
+    if a.control_planes == 0 || a.control_planes > a.nodes {
+        bail!(
+            "--control-planes {} with --nodes {}: a cluster has between one control plane and \
+             all of its nodes",
+            a.control_planes,
+            a.nodes
+        );
+    }
+    let (host, port) = api::client::split_endpoint(a.endpoint)?;
+    let first: std::net::Ipv4Addr = host.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--endpoint {host:?}: a cluster's nodes are numbered from an IPv4 address \
+             (e.g. 10.5.0.2)"
+        )
+    })?;
+    if a.prefix > 30 {
+        bail!("--prefix {}: too long for a network of nodes", a.prefix);
+    }
+    let net = ipnet::Ipv4Net::new(first, a.prefix)?.trunc();
+    let mut nodes = Vec::new();
+    for i in 0..a.nodes {
+        let ip = u32::from(first)
+            .checked_add(u32::from(i))
+            .map(std::net::Ipv4Addr::from)
+            .filter(|ip| net.contains(ip) && *ip != net.broadcast())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} nodes from {first} do not fit in {net}: pick a lower first address or a \
+                     shorter --prefix",
+                    a.nodes
+                )
+            })?;
+        let (machine_type, name) = if i < a.control_planes {
+            (
+                MachineType::Controlplane,
+                format!("{}-cp-{}", a.cluster, i + 1),
+            )
+        } else {
+            (
+                MachineType::Worker,
+                format!("{}-worker-{}", a.cluster, i - a.control_planes + 1),
+            )
+        };
+        nodes.push(api::gen::ClusterNode {
+            name,
+            machine_type,
+            address: format!("{ip}/{}", a.prefix),
+            endpoint: format!("{ip}:{port}"),
+        });
+    }
+    Ok(api::gen::ClusterOptions {
+        cluster: a.cluster.into(),
+        nodes,
+        interface: a.interface,
+        gateway: a.gateway,
+        trusted_keys: a.trusted_keys,
+    })
 }

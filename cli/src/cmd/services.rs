@@ -1,8 +1,9 @@
 //! `plinth services`.
 
-use api::proto::ServiceListRequest;
+use api::proto::{ServiceInfo, ServiceListRequest};
 
 use crate::connect::{status_error, Target};
+use crate::fanout::{node_column, print, Show, NODE_HEADER};
 use crate::output::Format;
 
 #[derive(clap::Args, Debug)]
@@ -13,15 +14,16 @@ pub struct Args {
 }
 
 pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
-    let (endpoint, mut c) = target.connect().await?;
-    let list = c
-        .service_list(ServiceListRequest {})
-        .await
-        .map_err(|s| status_error(&endpoint, s))?
-        .into_inner()
-        .services;
-    match args.output {
-        Format::Json => {
+    let replies = target
+        .each(|endpoint, mut c| async move {
+            c.service_list(ServiceListRequest {})
+                .await
+                .map(|r| r.into_inner().services)
+                .map_err(|s| status_error(&endpoint, s))
+        })
+        .await?;
+    let show = Show {
+        json: |_: &str, list: &Vec<ServiceInfo>| {
             let docs: Vec<_> = list
                 .iter()
                 .map(|s| {
@@ -31,13 +33,22 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::Value::Array(docs));
-        }
-        Format::Text => {
+            serde_json::Value::Array(docs)
+        },
+        key: "services",
+        header: |many: bool| {
             println!(
-                "{:<20} {:<9} {:>7} {:>8} {:<8} {:<24} DEPENDS ON",
-                "SERVICE", "STATE", "PID", "RESTARTS", "HEALTHY", "LAST EXIT"
+                "{}{:<20} {:<9} {:>7} {:>8} {:<8} {:<24} DEPENDS ON",
+                if many { NODE_HEADER } else { "" },
+                "SERVICE",
+                "STATE",
+                "PID",
+                "RESTARTS",
+                "HEALTHY",
+                "LAST EXIT"
             );
+        },
+        render: |endpoint: &str, many: bool, list: &Vec<ServiceInfo>| {
             for s in list {
                 let pid = if s.pid > 0 {
                     s.pid.to_string()
@@ -45,7 +56,8 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                     "-".into()
                 };
                 println!(
-                    "{:<20} {:<9} {:>7} {:>8} {:<8} {:<24} {}",
+                    "{}{:<20} {:<9} {:>7} {:>8} {:<8} {:<24} {}",
+                    node_column(endpoint, many),
                     s.name,
                     s.state,
                     pid,
@@ -59,7 +71,7 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                     s.depends_on.join(",")
                 );
             }
-        }
-    }
-    Ok(())
+        },
+    };
+    print(target, replies, args.output, show)
 }

@@ -1,8 +1,9 @@
 //! `plinth version`.
 
-use api::proto::VersionRequest;
+use api::proto::{VersionRequest, VersionResponse};
 
 use crate::connect::{status_error, Target};
+use crate::fanout::{print, Show};
 use crate::output::Format;
 
 #[derive(clap::Args, Debug)]
@@ -27,15 +28,20 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let (endpoint, mut c) = target.connect().await?;
-    let v = c
-        .version(VersionRequest {})
-        .await
-        .map_err(|s| status_error(&endpoint, s))?
-        .into_inner();
-    match args.output {
-        Format::Json => {
-            let doc = serde_json::json!({
+    let replies = target
+        .each(|endpoint, mut c| async move {
+            c.version(VersionRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| status_error(&endpoint, s))
+        })
+        .await?;
+    if args.output == Format::Text {
+        println!("Client:   plinth {client_version}");
+    }
+    let show = Show {
+        json: |endpoint: &str, v: &VersionResponse| {
+            serde_json::json!({
                 "client": { "version": client_version },
                 "node": {
                     "endpoint": endpoint,
@@ -51,11 +57,14 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                     "kernel": v.kernel,
                     "state": v.state,
                 }
-            });
-            println!("{doc}");
-        }
-        Format::Text => {
-            println!("Client:   plinth {client_version}");
+            })
+        },
+        key: "version",
+        header: |_| {},
+        render: |endpoint: &str, many: bool, v: &VersionResponse| {
+            if many {
+                println!("NODE: {endpoint}");
+            }
             println!("Node:     {} ({endpoint})", v.node_name);
             println!("Version:  Plinth {}", v.version);
             println!("Slot:     {}", v.slot);
@@ -71,7 +80,7 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
             println!("Kernel:   {} ({})", v.kernel, v.arch);
             println!("State:    {}", v.state);
             println!("Boot ID:  {}", v.boot_id);
-        }
-    }
-    Ok(())
+        },
+    };
+    print(target, replies, args.output, show)
 }

@@ -190,13 +190,51 @@ fn start_inner_env(
     g.node.machine.upgrade.trusted_keys =
         vec![upgrade::bundle::public_hex(&signing_key().verifying_key())];
     tweak(&mut g.node);
+    let ctx = g.client.context(None).expect("ctx").1.clone();
+    start_provisioned(
+        dir,
+        endpoint,
+        &g.node,
+        (disk, extra_cmdline, env),
+        ctx,
+        g.ca,
+    )
+}
+
+/// Starts a simulated node whose config is `node` (its API on `endpoint`, on 127.0.0.1) with
+/// slot A installed: for nodes made together, like a cluster's.
+pub fn start_configured(
+    node: &config::NodeConfig,
+    endpoint: String,
+    ctx: config::Context,
+    ca: api::pki::Ca,
+) -> SimNode {
+    let dir = tempfile::tempdir().expect("tmp");
+    start_provisioned(
+        dir,
+        endpoint,
+        node,
+        (Disk::Installed(true, SLOT_BYTES), &[], &[]),
+        ctx,
+        ca,
+    )
+}
+
+fn start_provisioned(
+    dir: tempfile::TempDir,
+    endpoint: String,
+    node: &config::NodeConfig,
+    (disk, extra_cmdline, env): (Disk, &[&str], &[(&str, String)]),
+    ctx: config::Context,
+    ca: api::pki::Ca,
+) -> SimNode {
     let image = SimImage {
         version: "1.0-sim".into(),
         extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
         payload_bytes: 0,
     };
     let machine = dir.path().join("machine");
-    let yaml = g.node.to_yaml().expect("yaml");
+    let yaml = node.to_yaml().expect("yaml");
     match disk {
         Disk::Installed(configured, slot_bytes) => {
             provision(
@@ -212,12 +250,11 @@ fn start_inner_env(
             provision_installer(&machine, &image, &bundle, 1 << 30).expect("provision");
         }
     }
-    let ctx = g.client.context(None).expect("ctx").1.clone();
     let mut node = SimNode {
         dir,
         endpoint,
         ctx,
-        ca: g.ca,
+        ca,
         child: None,
     };
     node.launch(env);
