@@ -161,6 +161,9 @@ pub struct ClusterNode {
     pub address: String,
     /// How clients reach its API (`host[:port]`; a forward in a local cluster).
     pub endpoint: String,
+    /// etcd's client and peer ports on a control plane (2379 and 2380; simulated nodes
+    /// sharing one address need their own).
+    pub etcd_ports: (u16, u16),
 }
 
 /// What to generate for a cluster.
@@ -206,6 +209,8 @@ pub fn generate_cluster(opts: &ClusterOptions) -> Result<GeneratedCluster, GenEr
         .map(|n| ClusterMember {
             name: n.name.clone(),
             address: ip(n),
+            client_port: n.etcd_ports.0,
+            peer_port: n.etcd_ports.1,
         })
         .collect();
     let mut nodes = Vec::new();
@@ -298,6 +303,7 @@ mod tests {
             machine_type: kind,
             address: format!("10.5.0.{}/24", 2 + i),
             endpoint: format!("10.5.0.{}", 2 + i),
+            etcd_ports: (2379, 2380),
         };
         let mut nodes: Vec<ClusterNode> = (0..cps)
             .map(|i| node(format!("cp-{}", i + 1), MachineType::Controlplane, i))

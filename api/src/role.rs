@@ -82,6 +82,8 @@ pub const RPCS: &[&str] = &[
     "ApplyConfiguration",
     "Reset",
     "GetConfiguration",
+    "Bootstrap",
+    "EtcdMembers",
 ];
 
 /// What a node in maintenance mode (no config, no client certificates yet) answers, to anyone.
@@ -105,7 +107,7 @@ pub fn is_open_service(path: &str) -> bool {
 pub fn allowed_roles(method: &str) -> &'static [Role] {
     match method {
         "Version" | "Events" | "Status" | "ServiceList" | "ExtensionList" | "ImageList"
-        | "ContainerList" => READS,
+        | "ContainerList" | "EtcdMembers" => READS,
         // Logs can carry anything a service prints, secrets included: not for readers.
         "Reboot" | "Shutdown" | "Dmesg" | "Logs" => OPERATE,
         // Anything not listed: admin only.

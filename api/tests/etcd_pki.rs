@@ -74,6 +74,7 @@ fn etcd_serves_its_members_and_machined_with_the_generated_certificates_and_no_o
         machine_type: kind,
         address: format!("127.0.0.{i}/8"),
         endpoint: format!("127.0.0.{i}"),
+        etcd_ports: (2379, 2380),
     };
     let g = generate_cluster(&ClusterOptions {
         cluster: "pki".into(),

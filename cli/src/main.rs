@@ -25,7 +25,7 @@ pub struct Cli {
     #[arg(short = 'e', long, global = true, value_delimiter = ',')]
     endpoints: Vec<String>,
     /// Nodes to run the command on, all at once (host[:port], comma-separated; `version`,
-    /// `status`, `services` and `containers` so far): the output says which node each line
+    /// `status`, `services`, `containers` and `etcd members` so far): the output says which node each line
     /// is from, and the exit status is non-zero if any node failed. For `gen config`: how
     /// many nodes to generate.
     #[arg(short = 'n', long, global = true, value_delimiter = ',')]
@@ -77,6 +77,11 @@ enum Cmd {
     Dmesg(cmd::logs::DmesgArgs),
     /// Print a service's output.
     Logs(cmd::logs::LogsArgs),
+    /// Start the cluster's etcd on this control-plane node (once, on one of them).
+    Bootstrap(cmd::etcd::BootstrapArgs),
+    /// The cluster's etcd.
+    #[command(subcommand)]
+    Etcd(cmd::etcd::Etcd),
     /// Build images; import container images into a node and list them.
     #[command(subcommand)]
     Image(cmd::image::Image),
@@ -144,5 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Image(cmd::image::Image::List(a)) => cmd::images::list(&target, a).await,
         Cmd::Image(i) => cmd::image::run(i),
         Cmd::Cluster(c) => cmd::cluster::run(&target, c).await,
+        Cmd::Bootstrap(a) => cmd::etcd::bootstrap(&target, a).await,
+        Cmd::Etcd(e) => cmd::etcd::run(&target, e).await,
     }
 }

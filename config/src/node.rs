@@ -100,6 +100,54 @@ pub struct ClusterMember {
     pub name: String,
     /// The address its etcd listens on (peers and clients), without a prefix.
     pub address: String,
+    /// etcd's client port on it.
+    #[serde(
+        default = "etcd_client_port",
+        skip_serializing_if = "is_etcd_client_port"
+    )]
+    pub client_port: u16,
+    /// etcd's peer port on it.
+    #[serde(default = "etcd_peer_port", skip_serializing_if = "is_etcd_peer_port")]
+    pub peer_port: u16,
+}
+
+impl ClusterMember {
+    /// Its etcd client URL.
+    pub fn client_url(&self) -> String {
+        format!(
+            "https://{}",
+            join_host_port(&self.address, self.client_port)
+        )
+    }
+
+    /// Its etcd peer URL.
+    pub fn peer_url(&self) -> String {
+        format!("https://{}", join_host_port(&self.address, self.peer_port))
+    }
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn etcd_client_port() -> u16 {
+    ETCD_CLIENT_PORT
+}
+
+fn etcd_peer_port() -> u16 {
+    ETCD_PEER_PORT
+}
+
+fn is_etcd_client_port(p: &u16) -> bool {
+    *p == ETCD_CLIENT_PORT
+}
+
+fn is_etcd_peer_port(p: &u16) -> bool {
+    *p == ETCD_PEER_PORT
 }
 
 /// etcd's CA and the node's certificates for it (PEM).
@@ -621,10 +669,19 @@ impl NodeConfig {
                     format!("{:?} is not an IP address", m.address),
                 ));
             }
-            if let Some(j) = c.controlplanes[..i]
-                .iter()
-                .position(|o| o.name == m.name || o.address == m.address)
-            {
+            if m.client_port == 0 || m.peer_port == 0 || m.client_port == m.peer_port {
+                return Err(ConfigError::invalid(
+                    at,
+                    "etcd's client and peer ports must be two ports",
+                ));
+            }
+            if let Some(j) = c.controlplanes[..i].iter().position(|o| {
+                o.name == m.name
+                    || (o.address == m.address
+                        && [o.client_port, o.peer_port]
+                            .iter()
+                            .any(|p| [m.client_port, m.peer_port].contains(p)))
+            }) {
                 return Err(ConfigError::invalid(
                     at,
                     format!("names the same node or address as cluster.controlplanes[{j}]"),
@@ -1049,10 +1106,14 @@ mod tests {
                 ClusterMember {
                     name: "node-1".into(),
                     address: "10.5.0.2".into(),
+                    client_port: ETCD_CLIENT_PORT,
+                    peer_port: ETCD_PEER_PORT,
                 },
                 ClusterMember {
                     name: "node-2".into(),
                     address: "10.5.0.3".into(),
+                    client_port: ETCD_CLIENT_PORT,
+                    peer_port: ETCD_PEER_PORT,
                 },
             ],
             etcd: EtcdPki {

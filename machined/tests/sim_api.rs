@@ -124,6 +124,9 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
             .await,
         ),
         "GetConfiguration" => code(c.get_configuration(GetConfigurationRequest {}).await),
+        // Refused after authorization: a standalone node runs no etcd and is in no cluster.
+        "Bootstrap" => code(c.bootstrap(api::proto::BootstrapRequest {}).await),
+        "EtcdMembers" => code(c.etcd_members(api::proto::EtcdMembersRequest {}).await),
         "Reboot" => code(c.reboot(RebootRequest {}).await),
         "Shutdown" => code(c.shutdown(ShutdownRequest { force: false }).await),
         other => panic!("no call for {other}"),
@@ -131,9 +134,11 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
 }
 
 /// The RPCs in the order they are walked: the ones that end the boot last.
-const ORDER: [&str; 18] = [
+const ORDER: [&str; 20] = [
     "ApplyConfiguration",
     "GetConfiguration",
+    "Bootstrap",
+    "EtcdMembers",
     "Reset",
     "Version",
     "Events",

@@ -52,6 +52,7 @@ impl Cluster {
                     },
                     address: format!("10.5.0.{}/24", i + 2),
                     endpoint: e.clone(),
+                    etcd_ports: (2379, 2380),
                 }
             })
             .collect();

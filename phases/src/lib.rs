@@ -8,6 +8,7 @@
 
 pub mod apply;
 pub mod boot;
+pub mod etcd;
 pub mod extensions;
 /// The DHCP client (its own crate, so the fuzzer can take it alone).
 pub use dhcp;

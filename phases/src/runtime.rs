@@ -124,6 +124,8 @@ pub struct Runtime {
     pub sessions: crate::sessions::Sessions,
     /// Signalled when a node in maintenance mode has been given its config.
     pub config_applied: tokio::sync::Notify,
+    /// Where this node's etcd stands (a bootstrap and a join decide under it).
+    pub etcd: tokio::sync::Mutex<crate::etcd::EtcdState>,
     pending_try: Mutex<Option<tokio_util::sync::CancellationToken>>,
     found: Mutex<Found>,
     config_write: Mutex<()>,
@@ -154,6 +156,7 @@ impl Runtime {
             reaper,
             sessions: crate::sessions::Sessions::default(),
             config_applied: tokio::sync::Notify::new(),
+            etcd: tokio::sync::Mutex::new(crate::etcd::EtcdState::Off),
             pending_try: Mutex::new(None),
             platform,
             controller: Controller::new(bus.clone()),

@@ -83,6 +83,13 @@ pub enum Probe {
     Tcp(String),
     /// containerd answers its `Version` call on its socket.
     Containerd(workloads::Containerd),
+    /// etcd answers a quorum read at this client URL.
+    Etcd {
+        /// The member's client URL.
+        endpoint: String,
+        /// machined's etcd credentials.
+        credentials: etcd::Credentials,
+    },
     /// A private container accepts TCP connections on this port of its own loopback (a TCP
     /// check of a port it publishes: machined's listener on the node port always accepts).
     Published {
@@ -129,6 +136,15 @@ impl Probe {
                 }
             }
             Probe::Containerd(c) => c.version().await.map(|_| ()).map_err(|e| e.to_string()),
+            Probe::Etcd {
+                endpoint,
+                credentials,
+            } => {
+                let etcd = etcd::Etcd::connect(std::slice::from_ref(endpoint), credentials)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                etcd.check_quorum().await.map_err(|e| e.to_string())
+            }
         }
     }
 }

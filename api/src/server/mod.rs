@@ -91,6 +91,10 @@ pub trait Node: Send + Sync + 'static {
     ) -> Result<DebugOutput, Status>;
     /// Starts a rollback to the other slot.
     fn rollback(&self, actor: String) -> Result<(), Status>;
+    /// Starts a new etcd cluster on this control plane.
+    async fn bootstrap(&self, actor: String) -> Result<(), Status>;
+    /// The etcd cluster's members.
+    async fn etcd_members(&self) -> Result<proto::EtcdMembersResponse, Status>;
     /// The kernel log.
     fn dmesg(&self, follow: bool) -> Result<LineStream, Status>;
     /// A service's output.

@@ -170,6 +170,21 @@ impl<N: Node> Machine for MachineService<N> {
         Ok(Response::new(output))
     }
 
+    async fn bootstrap(
+        &self,
+        _: Request<proto::BootstrapRequest>,
+    ) -> Result<Response<proto::BootstrapResponse>, Status> {
+        self.node.bootstrap(Controller::new_actor()).await?;
+        Ok(Response::new(proto::BootstrapResponse {}))
+    }
+
+    async fn etcd_members(
+        &self,
+        _: Request<proto::EtcdMembersRequest>,
+    ) -> Result<Response<proto::EtcdMembersResponse>, Status> {
+        Ok(Response::new(self.node.etcd_members().await?))
+    }
+
     async fn rollback(
         &self,
         _: Request<proto::RollbackRequest>,

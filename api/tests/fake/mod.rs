@@ -117,6 +117,12 @@ impl Node for FakeNode {
     fn rollback(&self, _: String) -> Result<(), tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
+    async fn bootstrap(&self, _: String) -> Result<(), tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    async fn etcd_members(&self) -> Result<api::proto::EtcdMembersResponse, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
     fn dmesg(&self, _: bool) -> Result<api::server::LineStream, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }

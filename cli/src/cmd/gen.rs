@@ -415,6 +415,7 @@ fn cluster_options(a: ClusterArgs<'_>) -> anyhow::Result<api::gen::ClusterOption
             machine_type,
             address: format!("{ip}/{}", a.prefix),
             endpoint: format!("{ip}:{port}"),
+            etcd_ports: (config::node::ETCD_CLIENT_PORT, config::node::ETCD_PEER_PORT),
         });
     }
     Ok(api::gen::ClusterOptions {

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config;
 pub mod containers;
 pub mod debug;
+pub mod etcd;
 pub mod events;
 pub mod gen;
 pub mod image;

@@ -97,6 +97,12 @@ pub enum ApiError {
     /// The node failed at its own work.
     #[error("{0}")]
     Internal(String),
+    /// A bootstrap was refused.
+    #[error("{0}")]
+    Bootstrap(#[from] phases::etcd::BootstrapError),
+    /// etcd refused or did not answer.
+    #[error("{0}")]
+    Etcd(#[from] etcd::EtcdError),
 }
 
 impl ApiError {
@@ -104,6 +110,18 @@ impl ApiError {
     pub fn code(&self) -> Code {
         match self {
             ApiError::BadRequest(_) => Code::InvalidArgument,
+            ApiError::Bootstrap(e) => match e {
+                phases::etcd::BootstrapError::NotControlPlane(_) => Code::Unimplemented,
+                phases::etcd::BootstrapError::NotReady(_) => Code::FailedPrecondition,
+                phases::etcd::BootstrapError::AlreadyBootstrapped(_) => Code::AlreadyExists,
+                phases::etcd::BootstrapError::Failed(_) => Code::Internal,
+            },
+            ApiError::Etcd(e) => match e {
+                etcd::EtcdError::NotAMember(_) => Code::FailedPrecondition,
+                etcd::EtcdError::Client { .. } | etcd::EtcdError::Timeout { .. } => {
+                    Code::Unavailable
+                }
+            },
             ApiError::Reset(e) => match e {
                 phases::reset::ResetError::LabelsAndDisk
                 | phases::reset::ResetError::UnknownLabel { .. } => Code::InvalidArgument,

@@ -13,6 +13,7 @@
 //! Every refusal and failure is an [`error::ApiError`], turned into a gRPC status in one
 //! exhaustive match.
 
+pub mod cluster;
 pub mod config;
 pub mod debug;
 pub mod error;
@@ -207,6 +208,14 @@ impl api::server::Node for NodeApi {
 
     fn rollback(&self, actor: String) -> Result<(), tonic::Status> {
         Ok(upgrade::rollback(&self.runtime, actor)?)
+    }
+
+    async fn bootstrap(&self, actor: String) -> Result<(), tonic::Status> {
+        Ok(cluster::bootstrap(&self.runtime, actor).await?)
+    }
+
+    async fn etcd_members(&self) -> Result<api::proto::EtcdMembersResponse, tonic::Status> {
+        Ok(cluster::members(&self.runtime).await?)
     }
 
     fn dmesg(&self, follow: bool) -> Result<api::server::LineStream, tonic::Status> {

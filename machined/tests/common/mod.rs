@@ -198,6 +198,7 @@ fn start_inner_env(
         (disk, extra_cmdline, env),
         ctx,
         g.ca,
+        |_| {},
     )
 }
 
@@ -209,6 +210,17 @@ pub fn start_configured(
     ctx: config::Context,
     ca: api::pki::Ca,
 ) -> SimNode {
+    start_configured_with(node, endpoint, ctx, ca, |_| {})
+}
+
+/// [`start_configured`], with `prepare` given the machine directory before machined starts.
+pub fn start_configured_with(
+    node: &config::NodeConfig,
+    endpoint: String,
+    ctx: config::Context,
+    ca: api::pki::Ca,
+    prepare: impl FnOnce(&std::path::Path),
+) -> SimNode {
     let dir = tempfile::tempdir().expect("tmp");
     start_provisioned(
         dir,
@@ -217,6 +229,7 @@ pub fn start_configured(
         (Disk::Installed(true, SLOT_BYTES), &[], &[]),
         ctx,
         ca,
+        prepare,
     )
 }
 
@@ -227,6 +240,7 @@ fn start_provisioned(
     (disk, extra_cmdline, env): (Disk, &[&str], &[(&str, String)]),
     ctx: config::Context,
     ca: api::pki::Ca,
+    prepare: impl FnOnce(&std::path::Path),
 ) -> SimNode {
     let image = SimImage {
         version: "1.0-sim".into(),
@@ -250,6 +264,7 @@ fn start_provisioned(
             provision_installer(&machine, &image, &bundle, 1 << 30).expect("provision");
         }
     }
+    prepare(&machine);
     let mut node = SimNode {
         dir,
         endpoint,

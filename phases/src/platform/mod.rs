@@ -253,6 +253,12 @@ pub trait Platform: Send + Sync + 'static {
     /// Writes a whole file (created with mode 0600).
     fn write(&self, path: &Path, data: &[u8]) -> Result<(), PlatformError>;
 
+    /// Where `path` of the node is for a program machined starts (the same path on a real
+    /// machine; inside the simulated machine's directory on the simulated one).
+    fn host_path(&self, path: &Path) -> std::path::PathBuf {
+        path.to_path_buf()
+    }
+
     /// Replaces a file atomically and durably: the data goes to a temporary file beside it
     /// (mode 0600), which is synced, renamed over `path`, and the directory synced. A power cut
     /// at any point leaves the old file or the new one, never a torn or empty one.

@@ -24,6 +24,9 @@ pub async fn start_services(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     if wanted || runtime_installed(ctx.platform.as_ref()) {
         units.push(containerd(ctx.platform.as_ref())?);
     }
+    if let Some(etcd) = crate::etcd::at_boot(&ctx, &cfg).await? {
+        units.push(etcd);
+    }
     units.extend(cfg.machine.services.iter().map(Unit::from));
     let logs = Path::new(crate::runtime::paths::SERVICE_LOGS);
     units.extend(

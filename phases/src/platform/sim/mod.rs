@@ -226,6 +226,15 @@ impl Sim {
         }
     }
 
+    /// A program an extension would put under `/usr/local`, from `DIR/usr-local` (the simulated
+    /// machine activates no extensions: a test puts there what one would bring, such as the
+    /// host's etcd).
+    fn extension_program(&self, program: &Path) -> Option<PathBuf> {
+        let rest = program.strip_prefix("/usr/local").ok()?;
+        let p = self.dir.join("usr-local").join(rest);
+        p.exists().then_some(p)
+    }
+
     /// The partition behind `DIR/disk.img#N`: (disk image, offset, length).
     fn partition(&self, device: &Path) -> Option<(PathBuf, u64, u64)> {
         let s = device.to_str()?;
@@ -683,6 +692,10 @@ impl Platform for Sim {
         }
     }
 
+    fn host_path(&self, path: &Path) -> PathBuf {
+        self.resolve(path)
+    }
+
     fn spawn(&self, argv: &[String], env: &[String], log: &Path) -> Result<i32, PlatformError> {
         use std::os::unix::process::CommandExt;
         let Some((program, args)) = argv.split_first() else {
@@ -691,6 +704,8 @@ impl Platform for Sim {
         // The node's machined is this very binary.
         let program = if program == crate::runtime::paths::MACHINED {
             std::env::current_exe().map_err(io("finding", Path::new(program)))?
+        } else if let Some(p) = self.extension_program(Path::new(program)) {
+            p
         } else {
             self.resolve(Path::new(program))
         };

@@ -1,0 +1,402 @@
+//! The cluster's etcd as machined runs it and talks to it.
+//!
+//! [`Member`] is how a control-plane node runs its etcd member (its command line, from the
+//! node config's cluster section); [`Etcd`] is machined's client of the cluster (etcd-client
+//! over mutual TLS with the node's etcd client certificate): health by a quorum read, the
+//! member list, adding a learner, promoting and removing members.
+#![warn(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::node::{Cluster, ClusterMember};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, MemberAddOptions, TlsOptions,
+};
+
+/// Where etcd's data lives on the node (EPHEMERAL).
+pub const DATA_DIR: &str = "/var/lib/etcd";
+/// Where machined writes etcd's certificates from the config (a tmpfs: the key is on disk only
+/// in the config, on STATE).
+pub const PKI_DIR: &str = "/run/plinth/etcd";
+/// The etcd program the extension provides.
+pub const PROGRAM: &str = "/usr/local/bin/etcd";
+
+/// Something went wrong talking to etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// The config has no cluster section, or does not name this node as a control plane.
+    #[error("{0}")]
+    NotAMember(String),
+    /// etcd refused or could not be reached.
+    #[error("etcd at {endpoints}: {source}")]
+    Client {
+        /// The endpoints tried.
+        endpoints: String,
+        /// etcd-client's error.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A call took too long (no quorum, or no member answering).
+    #[error("etcd at {endpoints}: no answer within {secs} s ({what})")]
+    Timeout {
+        /// The endpoints tried.
+        endpoints: String,
+        /// How long.
+        secs: u64,
+        /// The call.
+        what: &'static str,
+    },
+}
+
+/// How this control-plane node starts its member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// A new one-member cluster (`plinth bootstrap`).
+    New,
+    /// Joining the existing cluster whose members (name, peer URL) include this one, added as
+    /// a learner before it starts.
+    Join(Vec<(String, String)>),
+    /// With the data directory it already has (a reboot): the flags about the cluster's
+    /// membership are ignored by etcd then.
+    Restart,
+}
+
+/// A control-plane node's etcd member, from its config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The member's name (the node's).
+    pub name: String,
+    /// The cluster's name (etcd's cluster token).
+    pub cluster: String,
+    /// This member as the cluster section lists it.
+    pub me: ClusterMember,
+    /// The data directory (as etcd sees it).
+    pub data_dir: PathBuf,
+    /// The CA, certificate and key files (as etcd sees them).
+    pub pki: PkiFiles,
+}
+
+/// etcd's certificate files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PkiFiles {
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// The member certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+impl PkiFiles {
+    /// The files under `dir`.
+    pub fn under(dir: &Path) -> PkiFiles {
+        PkiFiles {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("member.crt"),
+            key: dir.join("member.key"),
+        }
+    }
+}
+
+impl Member {
+    /// This node's member, if the config makes it a control plane.
+    pub fn of(
+        node: &str,
+        cluster: &Cluster,
+        data_dir: &Path,
+        pki: PkiFiles,
+    ) -> Result<Member, EtcdError> {
+        let me = cluster
+            .controlplanes
+            .iter()
+            .find(|m| m.name == node)
+            .ok_or_else(|| {
+                EtcdError::NotAMember(format!("{node} is not among the cluster's control planes"))
+            })?
+            .clone();
+        Ok(Member {
+            name: node.into(),
+            cluster: cluster.name.clone(),
+            me,
+            data_dir: data_dir.into(),
+            pki,
+        })
+    }
+
+    /// etcd's command line (without the program) to start this member as `start` says.
+    pub fn args(&self, start: &Start) -> Vec<String> {
+        let (client, peer) = (self.me.client_url(), self.me.peer_url());
+        let p = |f: &Path| f.display().to_string();
+        let mut args = vec![
+            format!("--name={}", self.name),
+            format!("--data-dir={}", p(&self.data_dir)),
+            format!("--listen-client-urls={client}"),
+            format!("--advertise-client-urls={client}"),
+            format!("--listen-peer-urls={peer}"),
+            format!("--initial-advertise-peer-urls={peer}"),
+            format!("--initial-cluster-token={}", self.cluster),
+            format!("--cert-file={}", p(&self.pki.cert)),
+            format!("--key-file={}", p(&self.pki.key)),
+            format!("--trusted-ca-file={}", p(&self.pki.ca)),
+            "--client-cert-auth".into(),
+            format!("--peer-cert-file={}", p(&self.pki.cert)),
+            format!("--peer-key-file={}", p(&self.pki.key)),
+            format!("--peer-trusted-ca-file={}", p(&self.pki.ca)),
+            "--peer-client-cert-auth".into(),
+            // A learner catches up from a snapshot of the leader; small clusters snapshot
+            // often enough at the default.
+            "--logger=zap".into(),
+        ];
+        match start {
+            Start::New => {
+                args.push(format!("--initial-cluster={}={peer}", self.name));
+                args.push("--initial-cluster-state=new".into());
+            }
+            Start::Join(members) => {
+                let list: Vec<String> = members.iter().map(|(n, u)| format!("{n}={u}")).collect();
+                args.push(format!("--initial-cluster={}", list.join(",")));
+                args.push("--initial-cluster-state=existing".into());
+            }
+            Start::Restart => {}
+        }
+        args
+    }
+}
+
+/// A member as the cluster lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    /// Its id.
+    pub id: u64,
+    /// Its name (empty until a learner has started).
+    pub name: String,
+    /// Its peer URLs.
+    pub peer_urls: Vec<String>,
+    /// Its client URLs (empty until it has started).
+    pub client_urls: Vec<String>,
+    /// Whether it is a learner (not voting yet).
+    pub learner: bool,
+}
+
+/// A member added to join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// Its id.
+    pub id: u64,
+    /// `--initial-cluster` for its first start: (name, peer URL) of every member.
+    pub initial: Vec<(String, String)>,
+}
+
+/// machined's credentials for etcd (PEM).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// etcd's CA.
+    pub ca: String,
+    /// The node's etcd client certificate.
+    pub cert: String,
+    /// Its key.
+    pub key: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    // The key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials { .. }")
+    }
+}
+
+impl Credentials {
+    /// The node's, from its cluster section.
+    pub fn of(cluster: &Cluster) -> Credentials {
+        Credentials {
+            ca: cluster.etcd.ca.clone(),
+            cert: cluster.etcd.client.cert.clone(),
+            key: cluster.etcd.client.key.clone(),
+        }
+    }
+}
+
+/// How long one call to etcd may take.
+const CALL: Duration = Duration::from_secs(5);
+
+/// machined's client of the cluster's etcd.
+pub struct Etcd {
+    client: Client,
+    endpoints: String,
+}
+
+impl Etcd {
+    /// Connects to the first of `endpoints` (client URLs) that answers. One endpoint at a time,
+    /// not etcd-client's balanced channel: that one sends each call to the next endpoint in
+    /// turn, and a member that is down fails the call instead of another member taking it.
+    pub async fn connect(endpoints: &[String], creds: &Credentials) -> Result<Etcd, EtcdError> {
+        let mut last = None;
+        for endpoint in endpoints {
+            match Etcd::connect_one(endpoint, creds).await {
+                Ok(e) => return Ok(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| EtcdError::NotAMember("no etcd endpoints to connect to".into())))
+    }
+
+    async fn connect_one(endpoint: &str, creds: &Credentials) -> Result<Etcd, EtcdError> {
+        let tls = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(&creds.ca))
+            .identity(Identity::from_pem(&creds.cert, &creds.key));
+        let options = ConnectOptions::new()
+            .with_tls(tls)
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(CALL);
+        let mut client = timed(
+            endpoint,
+            "connecting",
+            Client::connect([endpoint], Some(options)),
+        )
+        .await?;
+        // The member answers (the channel may connect lazily).
+        timed(endpoint, "asking its status", client.status()).await?;
+        Ok(Etcd {
+            client,
+            endpoints: endpoint.into(),
+        })
+    }
+
+    /// The cluster's endpoints for this node: every control plane's client URL.
+    pub fn endpoints_of(cluster: &Cluster) -> Vec<String> {
+        cluster
+            .controlplanes
+            .iter()
+            .map(ClusterMember::client_url)
+            .collect()
+    }
+
+    /// Healthy when a linearizable read (one that needs the leader and a quorum) answers.
+    pub async fn check_quorum(&self) -> Result<(), EtcdError> {
+        let mut kv = self.client.kv_client();
+        timed(
+            &self.endpoints,
+            "a quorum read",
+            kv.get("/plinth/health", Some(GetOptions::new().with_count_only())),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The members.
+    pub async fn members(&self) -> Result<Vec<MemberInfo>, EtcdError> {
+        let mut c = self.client.cluster_client();
+        let list = timed(&self.endpoints, "listing members", c.member_list()).await?;
+        Ok(list.members().iter().map(info).collect())
+    }
+
+    /// Adds a learner at `peer_url`; returns its id.
+    pub async fn add_learner(&self, peer_url: &str) -> Result<u64, EtcdError> {
+        let mut c = self.client.cluster_client();
+        let r = timed(
+            &self.endpoints,
+            "adding a learner",
+            c.member_add(
+                [peer_url.to_string()],
+                Some(MemberAddOptions::new().with_is_learner()),
+            ),
+        )
+        .await?;
+        Ok(r.member().map(|m| m.id()).unwrap_or_default())
+    }
+
+    /// Adds the member `name` at `peer_url` as a learner and returns its id and the
+    /// `--initial-cluster` it starts with (every member's peer URLs, as `etcdctl member add`
+    /// prints them). A learner already listed at that URL that never started (a join cut
+    /// short) is reused; a started member of the same name (this node before its data was
+    /// wiped) is removed first, as etcd would not take it back.
+    pub async fn join(&self, name: &str, peer_url: &str) -> Result<Joined, EtcdError> {
+        let members = self.members().await?;
+        let mut id = None;
+        for m in &members {
+            let same_url = m.peer_urls.iter().any(|u| u == peer_url);
+            if same_url && m.name.is_empty() {
+                id = Some(m.id);
+            } else if m.name == name || same_url {
+                tracing::info!("removing the stale etcd member {name} ({:x})", m.id);
+                self.remove(m.id).await?;
+            }
+        }
+        let id = match id {
+            Some(id) => id,
+            None => self.add_learner(peer_url).await?,
+        };
+        let initial = self
+            .members()
+            .await?
+            .into_iter()
+            .flat_map(|m| {
+                let n = if m.id == id { name.to_string() } else { m.name };
+                m.peer_urls.into_iter().map(move |u| (n.clone(), u))
+            })
+            .collect();
+        Ok(Joined { id, initial })
+    }
+
+    /// Promotes learner `id` to a voting member (etcd refuses until it has caught up).
+    pub async fn promote(&self, id: u64) -> Result<(), EtcdError> {
+        let mut c = self.client.cluster_client();
+        timed(&self.endpoints, "promoting a learner", c.member_promote(id))
+            .await
+            .map(drop)
+    }
+
+    /// Removes member `id`.
+    pub async fn remove(&self, id: u64) -> Result<(), EtcdError> {
+        let mut c = self.client.cluster_client();
+        timed(&self.endpoints, "removing a member", c.member_remove(id))
+            .await
+            .map(drop)
+    }
+
+    /// Writes `value` at `key` (tests and the fleet's own records).
+    pub async fn put(&self, key: &str, value: &str) -> Result<(), EtcdError> {
+        let mut kv = self.client.kv_client();
+        timed(&self.endpoints, "a write", kv.put(key, value, None))
+            .await
+            .map(drop)
+    }
+
+    /// The value at `key`, if any.
+    pub async fn get(&self, key: &str) -> Result<Option<String>, EtcdError> {
+        let mut kv = self.client.kv_client();
+        let r = timed(&self.endpoints, "a read", kv.get(key, None)).await?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+}
+
+fn info(m: &etcd_client::Member) -> MemberInfo {
+    MemberInfo {
+        id: m.id(),
+        name: m.name().into(),
+        peer_urls: m.peer_urls().to_vec(),
+        client_urls: m.client_urls().to_vec(),
+        learner: m.is_learner(),
+    }
+}
+
+async fn timed<T>(
+    endpoints: &str,
+    what: &'static str,
+    call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, EtcdError> {
+    match tokio::time::timeout(CALL * 2, call).await {
+        Ok(r) => r.map_err(|source| EtcdError::Client {
+            endpoints: endpoints.into(),
+            source,
+        }),
+        Err(_) => Err(EtcdError::Timeout {
+            endpoints: endpoints.into(),
+            secs: (CALL * 2).as_secs(),
+            what,
+        }),
+    }
+}

