@@ -119,6 +119,21 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let fans_out = matches!(
+        cli.cmd,
+        Cmd::Version(_)
+            | Cmd::Status(_)
+            | Cmd::Services(_)
+            | Cmd::Containers(_)
+            | Cmd::Etcd(_)
+            | Cmd::Gen(_)
+    );
+    if !cli.nodes.is_empty() && !fans_out {
+        anyhow::bail!(
+            "-n/--nodes works with version, status, services, containers and etcd members so far; \
+             this command runs on one node (pick it with -e)"
+        );
+    }
     let target = connect::Target {
         config: cli.config.clone(),
         context: cli.context.clone(),

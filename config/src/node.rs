@@ -126,6 +126,16 @@ impl ClusterMember {
     }
 }
 
+impl std::fmt::Debug for CertKey {
+    // The key stays out of logs and error messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertKey")
+            .field("cert", &self.cert)
+            .field("key", &"(redacted)")
+            .finish()
+    }
+}
+
 fn join_host_port(host: &str, port: u16) -> String {
     if host.contains(':') {
         format!("[{host}]:{port}")
@@ -165,7 +175,7 @@ pub struct EtcdPki {
 }
 
 /// A certificate and its key (PEM).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertKey {
     /// Certificate, PEM.
@@ -663,11 +673,14 @@ impl NodeConfig {
                     format!("{:?} is not a node name", m.name),
                 ));
             }
-            if m.address.parse::<IpAddr>().is_err() {
-                return Err(ConfigError::invalid(
-                    format!("{at}.address"),
-                    format!("{:?} is not an IP address", m.address),
-                ));
+            match m.address.parse::<IpAddr>() {
+                Ok(ip) if !ip.is_unspecified() => {}
+                _ => {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.address"),
+                        format!("{:?} is not a node's IP address", m.address),
+                    ))
+                }
             }
             if m.client_port == 0 || m.peer_port == 0 || m.client_port == m.peer_port {
                 return Err(ConfigError::invalid(
@@ -677,7 +690,7 @@ impl NodeConfig {
             }
             if let Some(j) = c.controlplanes[..i].iter().position(|o| {
                 o.name == m.name
-                    || (o.address == m.address
+                    || (o.address.parse::<IpAddr>().ok() == m.address.parse::<IpAddr>().ok()
                         && [o.client_port, o.peer_port]
                             .iter()
                             .any(|p| [m.client_port, m.peer_port].contains(p)))

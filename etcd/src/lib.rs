@@ -37,6 +37,10 @@ pub enum EtcdError {
         #[source]
         source: etcd_client::Error,
     },
+    /// The cluster has a member this node cannot be (a live one of its name, or another
+    /// name at its peer URL).
+    #[error("{0}")]
+    Conflict(String),
     /// A call took too long (no quorum, or no member answering).
     #[error("etcd at {endpoints}: no answer within {secs} s ({what})")]
     Timeout {
@@ -249,14 +253,20 @@ impl Etcd {
             .with_tls(tls)
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(CALL);
-        let mut client = timed(
+        let client = timed(
             endpoint,
             "connecting",
             Client::connect([endpoint], Some(options)),
         )
         .await?;
-        // The member answers (the channel may connect lazily).
-        timed(endpoint, "asking its status", client.status()).await?;
+        // A voting member answers (the channel may connect lazily; a learner serves only
+        // status and serializable reads, and is passed over for the next endpoint).
+        timed(
+            endpoint,
+            "listing members",
+            client.cluster_client().member_list(),
+        )
+        .await?;
         Ok(Etcd {
             client,
             endpoints: endpoint.into(),
@@ -309,34 +319,76 @@ impl Etcd {
     /// Adds the member `name` at `peer_url` as a learner and returns its id and the
     /// `--initial-cluster` it starts with (every member's peer URLs, as `etcdctl member add`
     /// prints them). A learner already listed at that URL that never started (a join cut
-    /// short) is reused; a started member of the same name (this node before its data was
-    /// wiped) is removed first, as etcd would not take it back.
-    pub async fn join(&self, name: &str, peer_url: &str) -> Result<Joined, EtcdError> {
+    /// short) is reused. A member of the same name that does not answer (this node before its
+    /// data was wiped) is removed first, as etcd would not take it back; one that answers, or
+    /// another name at this peer URL, is a conflict and nothing is changed.
+    pub async fn join(
+        &self,
+        name: &str,
+        peer_url: &str,
+        creds: &Credentials,
+    ) -> Result<Joined, EtcdError> {
         let members = self.members().await?;
-        let mut id = None;
+        let mut reuse = None;
+        let mut stale = None;
         for m in &members {
             let same_url = m.peer_urls.iter().any(|u| u == peer_url);
             if same_url && m.name.is_empty() {
-                id = Some(m.id);
-            } else if m.name == name || same_url {
-                tracing::info!("removing the stale etcd member {name} ({:x})", m.id);
-                self.remove(m.id).await?;
+                reuse = Some(m.id);
+            } else if m.name == name {
+                let live = match m.client_urls.first() {
+                    Some(url) => Etcd::connect_one(url, creds).await.is_ok(),
+                    None => false,
+                };
+                if live {
+                    return Err(EtcdError::Conflict(format!(
+                        "a live member named {name} ({:x}) answers at {}: another machine with this node's name?",
+                        m.id,
+                        m.client_urls.join(",")
+                    )));
+                }
+                stale = Some(m.id);
+            } else if same_url {
+                return Err(EtcdError::Conflict(format!(
+                    "member {} ({:x}) has this node's peer URL {peer_url}",
+                    m.name, m.id
+                )));
             }
         }
-        let id = match id {
-            Some(id) => id,
-            None => self.add_learner(peer_url).await?,
+        if let Some(id) = stale {
+            tracing::info!("removing the stale etcd member {name} ({id:x}): it does not answer");
+            self.remove(id).await?;
+        }
+        let (id, added) = match reuse {
+            Some(id) => (id, false),
+            None => (self.add_learner(peer_url).await?, true),
         };
-        let initial = self
+        let initial = match self.members().await {
+            Ok(list) => list
+                .into_iter()
+                .flat_map(|m| {
+                    let n = if m.id == id { name.to_string() } else { m.name };
+                    m.peer_urls.into_iter().map(move |u| (n.clone(), u))
+                })
+                .collect(),
+            Err(e) => {
+                // Not left behind: a learner that never starts blocks every later join.
+                if added {
+                    let _ = self.remove(id).await;
+                }
+                return Err(e);
+            }
+        };
+        Ok(Joined { id, initial })
+    }
+
+    /// This node's member, by its peer URL, if the cluster lists it.
+    pub async fn find(&self, peer_url: &str) -> Result<Option<MemberInfo>, EtcdError> {
+        Ok(self
             .members()
             .await?
             .into_iter()
-            .flat_map(|m| {
-                let n = if m.id == id { name.to_string() } else { m.name };
-                m.peer_urls.into_iter().map(move |u| (n.clone(), u))
-            })
-            .collect();
-        Ok(Joined { id, initial })
+            .find(|m| m.peer_urls.iter().any(|u| u == peer_url)))
     }
 
     /// Promotes learner `id` to a voting member (etcd refuses until it has caught up).

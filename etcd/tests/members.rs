@@ -1,6 +1,7 @@
 //! Debian's etcd run with the command lines [`Member`] makes, and machined's client calls
 //! against it: a new one-member cluster, two more joining as learners and promoted once caught
-//! up, a quorum read, a member removed, and a cluster that lost quorum reported unhealthy.
+//! up, a quorum read, a live member's name or URL refused, a member that lost its data removed
+//! and added anew, and a cluster that lost quorum reported unhealthy.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -112,7 +113,7 @@ async fn members_join_as_learners_are_promoted_and_quorum_is_checked() {
     for (i, m) in members.iter().enumerate().skip(1) {
         // etcd refuses a new member until the cluster has been healthy for a few seconds.
         let peer = m.me.peer_url();
-        let joined = until("adding a learner", 30, || etcd.join(&m.name, &peer)).await;
+        let joined = until("adding a learner", 30, || etcd.join(&m.name, &peer, &creds)).await;
         let list = etcd.members().await.expect("members");
         assert!(
             list.iter().any(|x| x.id == joined.id && x.learner),
@@ -120,7 +121,7 @@ async fn members_join_as_learners_are_promoted_and_quorum_is_checked() {
         );
         assert_eq!(joined.initial.len(), i + 1, "{joined:?}");
         // Asked again before it started (a join cut short): the same learner.
-        let again = etcd.join(&m.name, &peer).await.expect("again");
+        let again = etcd.join(&m.name, &peer, &creds).await.expect("again");
         assert_eq!(again.id, joined.id);
         running.push(start(m, &Start::Join(joined.initial), &log(i)));
         until("promoting the learner", 60, || etcd.promote(joined.id)).await;
@@ -136,6 +137,39 @@ async fn members_join_as_learners_are_promoted_and_quorum_is_checked() {
         all.get("/plinth/test").await.expect("get").as_deref(),
         Some("before")
     );
+
+    // A live member's name, or another name at a live member's peer URL: refused, nothing
+    // changed.
+    let err = all
+        .join("cp-2", &members[1].me.peer_url(), &creds)
+        .await
+        .expect_err("cp-2 is alive");
+    assert!(matches!(err, etcd::EtcdError::Conflict(_)), "{err}");
+    let err = all
+        .join("cp-9", &members[1].me.peer_url(), &creds)
+        .await
+        .expect_err("cp-2's URL");
+    assert!(matches!(err, etcd::EtcdError::Conflict(_)), "{err}");
+    assert_eq!(all.members().await.expect("members").len(), 3);
+
+    // cp-3 loses its data (a reset): joining again removes the stale member of its name and
+    // adds it anew.
+    let old = all
+        .find(&members[2].me.peer_url())
+        .await
+        .expect("find")
+        .expect("cp-3 listed");
+    drop(running.pop());
+    std::fs::remove_dir_all(&members[2].data_dir).expect("wipe cp-3");
+    let peer = members[2].me.peer_url();
+    let joined = until("joining again", 30, || all.join("cp-3", &peer, &creds)).await;
+    assert_ne!(joined.id, old.id);
+    let list = all.members().await.expect("members");
+    assert!(list.iter().all(|m| m.id != old.id), "{list:?}");
+    running.push(start(&members[2], &Start::Join(joined.initial), &log(3)));
+    until("promoting the new cp-3", 60, || all.promote(joined.id)).await;
+    all.check_quorum().await.expect("quorum");
+    assert_eq!(all.members().await.expect("members").len(), 3);
 
     // Two of three gone: no quorum, and the read says so instead of hanging.
     drop(running.split_off(1));

@@ -150,6 +150,20 @@ async fn every_named_node_answers_and_a_node_that_is_down_fails_the_run_alone() 
         );
     }
 
+    // A control plane without the etcd extension cannot be bootstrapped, and says why.
+    let err = cluster.nodes[0]
+        .client()
+        .await
+        .bootstrap(api::proto::BootstrapRequest {})
+        .await
+        .expect_err("no etcd program");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("etcd"), "{err:?}");
+
+    // -n on a command that runs on one node is refused, not ignored.
+    let (ok, _, err) = cluster.plinth(&["-n", &all, "reboot"]);
+    assert!(!ok && err.contains("-n/--nodes"), "{err}");
+
     // Without -n: the context's first node, the output as it always was.
     let (ok, out, err) = cluster.plinth(&["version", "-o", "json"]);
     assert!(ok, "{out}{err}");

@@ -214,11 +214,11 @@ async fn write_config(job: Arc<ApplyJob>) -> Result<(), ApplyError> {
 /// one.
 async fn apply_live(job: Arc<ApplyJob>) -> Result<(), ApplyError> {
     let new = &job.config.machine;
-    let Some(old) = job.replaced() else {
+    let Some(old_config) = job.replaced() else {
         // The first config: the boot that follows applies all of it.
         return Ok(());
     };
-    let old = &old.machine;
+    let old = &old_config.machine;
     if new.name != old.name {
         job.rt.platform.set_hostname(&new.name)?;
     }
@@ -231,6 +231,13 @@ async fn apply_live(job: Arc<ApplyJob>) -> Result<(), ApplyError> {
     }
     if new.services != old.services {
         later.push("machine.services".to_string());
+    }
+    // etcd runs as the boot's config made it.
+    if new.machine_type != old.machine_type {
+        later.push("machine.type".to_string());
+    }
+    if job.config.cluster != old_config.cluster {
+        later.push("cluster".to_string());
     }
     if new.containers != old.containers {
         crate::tasks::services::apply_containers(&job.rt, &old.containers, &new.containers)

@@ -44,11 +44,8 @@ pub enum BootstrapError {
     #[error("the node is not ready to bootstrap: {0}")]
     NotReady(String),
     /// There is a cluster already.
-    #[error("etcd is already bootstrapped here: {0}")]
+    #[error("etcd is already bootstrapped: {0}")]
     AlreadyBootstrapped(String),
-    /// Writing the member's files failed.
-    #[error("starting etcd: {0}")]
-    Failed(String),
 }
 
 /// This node's member and machined's credentials, if the config makes it a control plane.
@@ -70,11 +67,23 @@ fn member(rt: &Runtime, cfg: &NodeConfig) -> Result<Option<(Member, Credentials)
     Ok(Some((m, Credentials::of(cluster))))
 }
 
-/// Whether etcd has data on this node (a member was started here before).
-fn has_data(rt: &Runtime) -> bool {
-    rt.platform
-        .list_dir(&Path::new(etcd::DATA_DIR).join("member"))
-        .is_ok_and(|names| !names.is_empty())
+/// Whether etcd has data on this node (a member was started here before). Read where etcd
+/// reads it; only a missing or empty directory is "no data": a node that cannot tell must not
+/// join again (that would remove its own live member).
+fn has_data(rt: &Runtime) -> Result<bool, String> {
+    let dir = rt
+        .platform
+        .host_path(&Path::new(etcd::DATA_DIR).join("member"));
+    match std::fs::read_dir(&dir) {
+        Ok(mut entries) => Ok(entries.next().is_some()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(format!("reading {}: {e}", dir.display())),
+    }
+}
+
+/// Whether the etcd extension's program is there.
+fn has_program(rt: &Runtime) -> bool {
+    rt.platform.host_path(Path::new(etcd::PROGRAM)).is_file()
 }
 
 /// The member's certificate files, written from the config (on a tmpfs).
@@ -146,8 +155,26 @@ pub async fn at_boot(rt: &Arc<Runtime>, cfg: &NodeConfig) -> Result<Option<Unit>
         .map_err(|e| e.to_string())?;
     write_pki(rt, cfg)?;
     let mut state = rt.etcd.lock().await;
-    if has_data(rt) {
+    let data = match has_data(rt) {
+        Ok(d) => d,
+        Err(e) => {
+            // Neither restarted nor joined: the node stays up to be looked at.
+            let message = format!("etcd not started: cannot tell whether it has data: {e}");
+            tracing::error!("{message}");
+            event(rt, "failed", message);
+            return Ok(None);
+        }
+    };
+    if data {
         *state = EtcdState::Started;
+        drop(state);
+        // A learner whose promotion a reboot cut short is promoted now.
+        spawn_promote(
+            rt.clone(),
+            member.clone(),
+            credentials.clone(),
+            others(cfg, &member),
+        );
         return Ok(Some(unit(&member, &credentials, &Start::Restart)));
     }
     *state = EtcdState::Waiting;
@@ -168,15 +195,7 @@ fn spawn_join(rt: Arc<Runtime>, member: Member, credentials: Credentials, cfg: N
     let weak = Arc::downgrade(&rt);
     drop(rt);
     tokio::spawn(async move {
-        let Some(cluster) = cfg.cluster.as_ref() else {
-            return;
-        };
-        let others: Vec<String> = cluster
-            .controlplanes
-            .iter()
-            .filter(|m| m.name != member.name)
-            .map(|m| m.client_url())
-            .collect();
+        let others = others(&cfg, &member);
         if others.is_empty() {
             return;
         }
@@ -199,7 +218,14 @@ fn spawn_join(rt: Arc<Runtime>, member: Member, credentials: Credentials, cfg: N
             if *state != EtcdState::Waiting {
                 return;
             }
-            let joined = match etcd.join(&member.name, &member.me.peer_url()).await {
+            if !has_program(&rt) {
+                tracing::warn!("etcd: a cluster answers, but {} is missing: the etcd extension is not installed", etcd::PROGRAM);
+                continue;
+            }
+            let joined = match etcd
+                .join(&member.name, &member.me.peer_url(), &credentials)
+                .await
+            {
                 Ok(j) => j,
                 Err(e) => {
                     tracing::info!("etcd: joining the cluster: {e} (trying again)");
@@ -215,33 +241,60 @@ fn spawn_join(rt: Arc<Runtime>, member: Member, credentials: Credentials, cfg: N
                 .start(&[unit(&member, &credentials, &Start::Join(joined.initial))]);
             *state = EtcdState::Started;
             drop(state);
-            promote(&rt, &etcd, joined.id).await;
+            spawn_promote(rt.clone(), member, credentials, others);
             return;
         }
     });
 }
 
-/// Promotes the learner once it has caught up (etcd refuses before), then says so.
-async fn promote(rt: &Runtime, etcd: &Etcd, id: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-    loop {
-        match etcd.promote(id).await {
-            Ok(()) => {
+/// Every other control plane's client URL.
+fn others(cfg: &NodeConfig, member: &Member) -> Vec<String> {
+    cfg.cluster
+        .iter()
+        .flat_map(|c| c.controlplanes.iter())
+        .filter(|m| m.name != member.name)
+        .map(|m| m.client_url())
+        .collect()
+}
+
+/// Promotes this node's member if the cluster lists it as a learner, once etcd accepts (it
+/// refuses until the learner has caught up), however long that takes: a learner left as one
+/// is unhealthy and keeps every other control plane from joining (etcd takes one learner at a
+/// time). Ends when the member votes, or is not listed.
+fn spawn_promote(rt: Arc<Runtime>, member: Member, credentials: Credentials, others: Vec<String>) {
+    let weak = Arc::downgrade(&rt);
+    drop(rt);
+    if others.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let peer = member.me.peer_url();
+        let mut wait = Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(10));
+            let Some(rt) = weak.upgrade() else { return };
+            let Ok(etcd) = Etcd::connect(&others, &credentials).await else {
+                continue;
+            };
+            let me = match etcd.find(&peer).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(_) => continue,
+            };
+            if !me.learner {
+                return;
+            }
+            if etcd.promote(me.id).await.is_ok() {
                 event(
-                    rt,
+                    &rt,
                     "running",
-                    format!("promoted to a voting member ({id:x})"),
+                    format!("promoted to a voting member ({:x})", me.id),
                 );
                 return;
             }
-            Err(e) if tokio::time::Instant::now() > deadline => {
-                tracing::warn!("etcd: learner {id:x} not promoted after 600 s: {e}");
-                event(rt, "failed", format!("learner {id:x} not promoted: {e}"));
-                return;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
         }
-    }
+    });
 }
 
 /// `plinth bootstrap`: starts a new one-member cluster on this control plane.
@@ -269,16 +322,36 @@ pub async fn bootstrap(rt: &Arc<Runtime>) -> Result<(), BootstrapError> {
         }
         EtcdState::Waiting => {}
     }
-    if has_data(rt) {
+    if has_data(rt).map_err(BootstrapError::NotReady)? {
         return Err(BootstrapError::AlreadyBootstrapped(format!(
             "{} holds data",
             etcd::DATA_DIR
         )));
     }
+    if !has_program(rt) {
+        return Err(BootstrapError::NotReady(format!(
+            "{} is missing: the etcd extension is not installed",
+            etcd::PROGRAM
+        )));
+    }
+    // A cluster on the other control planes is joined, never split by a second one.
+    let others = others(&cfg, &member);
+    if let Ok(etcd) = Etcd::connect(&others, &credentials).await {
+        let names: Vec<String> = etcd
+            .members()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| m.name)
+            .filter(|n| !n.is_empty())
+            .collect();
+        return Err(BootstrapError::AlreadyBootstrapped(format!(
+            "the cluster's etcd answers on the other control planes (members {}): this node joins it by itself",
+            names.join(", ")
+        )));
+    }
     rt.services
         .start(&[unit(&member, &credentials, &Start::New)]);
     *state = EtcdState::Started;
-    drop(state);
-    event(rt, "starting", "bootstrapped: a new one-member cluster");
     Ok(())
 }

@@ -23,6 +23,9 @@ pub struct Args {
 
 pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
     if args.insecure {
+        if target.fans_out() {
+            anyhow::bail!("--insecure asks one node in maintenance mode (-e), not -n/--nodes");
+        }
         let endpoint = target.insecure_endpoint()?;
         let fingerprint = match args.cert_fingerprint.clone() {
             Some(fp) => fp,

@@ -114,10 +114,11 @@ impl ApiError {
                 phases::etcd::BootstrapError::NotControlPlane(_) => Code::Unimplemented,
                 phases::etcd::BootstrapError::NotReady(_) => Code::FailedPrecondition,
                 phases::etcd::BootstrapError::AlreadyBootstrapped(_) => Code::AlreadyExists,
-                phases::etcd::BootstrapError::Failed(_) => Code::Internal,
             },
             ApiError::Etcd(e) => match e {
-                etcd::EtcdError::NotAMember(_) => Code::FailedPrecondition,
+                etcd::EtcdError::NotAMember(_) | etcd::EtcdError::Conflict(_) => {
+                    Code::FailedPrecondition
+                }
                 etcd::EtcdError::Client { .. } | etcd::EtcdError::Timeout { .. } => {
                     Code::Unavailable
                 }

@@ -693,7 +693,8 @@ impl Platform for Sim {
     }
 
     fn host_path(&self, path: &Path) -> PathBuf {
-        self.resolve(path)
+        self.extension_program(path)
+            .unwrap_or_else(|| self.resolve(path))
     }
 
     fn spawn(&self, argv: &[String], env: &[String], log: &Path) -> Result<i32, PlatformError> {
