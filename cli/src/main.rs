@@ -82,6 +82,10 @@ enum Cmd {
     /// The cluster's etcd.
     #[command(subcommand)]
     Etcd(cmd::etcd::Etcd),
+    /// Check the cluster: every node answers, etcd's members are the control planes and
+    /// healthy, every service is healthy, every node booted its committed slot (the context's
+    /// nodes, or -n).
+    Health(cmd::health::Args),
     /// Build images; import container images into a node and list them.
     #[command(subcommand)]
     Image(cmd::image::Image),
@@ -126,6 +130,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             | Cmd::Services(_)
             | Cmd::Containers(_)
             | Cmd::Etcd(_)
+            | Cmd::Health(_)
             | Cmd::Gen(_)
     );
     if !cli.nodes.is_empty() && !fans_out {
@@ -166,5 +171,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Cluster(c) => cmd::cluster::run(&target, c).await,
         Cmd::Bootstrap(a) => cmd::etcd::bootstrap(&target, a).await,
         Cmd::Etcd(e) => cmd::etcd::run(&target, e).await,
+        Cmd::Health(a) => cmd::health::run(&target, a).await,
     }
 }

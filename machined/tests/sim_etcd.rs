@@ -276,6 +276,16 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
         .expect_err("joined");
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
 
+    // plinth health, over the context's four nodes: every check passes.
+    let (ok, out) = cluster.plinth(&["health"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("PASS")).count(),
+        5,
+        "{out}"
+    );
+    assert!(out.contains("cp-1, cp-2, cp-3"), "{out}");
+
     // A key written through the cluster survives a control plane's reboot, which restarts its
     // member from its data (no join, no bootstrap) and leaves three voting members.
     let creds = etcd::Credentials {
@@ -320,4 +330,35 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
     for name in ["cp-1", "cp-2", "cp-3"] {
         assert!(out.contains(name), "{out}");
     }
+
+    // A control plane lost (powered off): health says which node and which member, and fails
+    // after waiting for as long as it was told.
+    let mut cluster = cluster;
+    let lost = cluster.nodes.remove(2);
+    let lost_endpoint = lost.endpoint.clone();
+    drop(lost);
+    let started = Instant::now();
+    let (ok, out) = cluster.plinth(&["health", "--wait-timeout", "3s"]);
+    assert!(!ok, "{out}");
+    assert!(started.elapsed() >= Duration::from_secs(3), "did not wait");
+    let line = |what: &str| {
+        out.lines()
+            .find(|l| l.contains(what))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let answers = line("every node answers");
+    assert!(
+        answers.starts_with("FAIL") && answers.contains(&lost_endpoint),
+        "{out}"
+    );
+    let members = line("etcd members match");
+    assert!(
+        members.starts_with("FAIL") && members.contains("cp-3"),
+        "{out}"
+    );
+    assert!(
+        line("booted its committed slot").starts_with("PASS"),
+        "{out}"
+    );
 }

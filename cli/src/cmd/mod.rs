@@ -9,6 +9,7 @@ pub mod debug;
 pub mod etcd;
 pub mod events;
 pub mod gen;
+pub mod health;
 pub mod image;
 pub mod images;
 pub mod logs;

@@ -80,6 +80,8 @@ fn status_json(endpoint: &str, s: &StatusResponse) -> serde_json::Value {
         "committed": s.committed,
         "security_floor": s.security_floor,
         "machined_rss_kib": s.machined_rss_kib,
+        "machine_type": s.machine_type,
+        "cluster": s.cluster,
         "slots": s.slots.iter().map(|x| serde_json::json!({
             "slot": x.slot, "state": x.state, "version": x.version, "attempts": x.attempts,
             "failure": x.failure, "breadcrumbs": x.breadcrumbs,
@@ -113,6 +115,9 @@ fn status_json(endpoint: &str, s: &StatusResponse) -> serde_json::Value {
 fn render(endpoint: &str, s: &StatusResponse) {
     println!("Node:     {endpoint}");
     println!("State:    {} ({})", s.state, s.superstate);
+    if !s.cluster.is_empty() {
+        println!("Cluster:  {} ({})", s.cluster, s.machine_type);
+    }
     if !s.running_sequence.is_empty() {
         println!(
             "Running:  {} (actor {})",

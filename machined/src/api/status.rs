@@ -100,7 +100,17 @@ pub fn status(runtime: &Runtime, fixed: &VersionResponse) -> StatusResponse {
             }),
     );
     boot_entries.sort_by_key(|e| e.number);
+    let cfg = runtime.config();
     StatusResponse {
+        machine_type: cfg
+            .as_ref()
+            .map(|c| c.machine.machine_type.as_str().to_string())
+            .unwrap_or_default(),
+        cluster: cfg
+            .as_ref()
+            .and_then(|c| c.cluster.as_ref())
+            .map(|c| c.name.clone())
+            .unwrap_or_default(),
         machined_rss_kib: rss_kib().unwrap_or(0),
         state: state.to_string(),
         superstate: state.superstate().into(),
