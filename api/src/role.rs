@@ -84,6 +84,8 @@ pub const RPCS: &[&str] = &[
     "GetConfiguration",
     "Bootstrap",
     "EtcdMembers",
+    "EtcdLeave",
+    "EtcdRemoveMember",
 ];
 
 /// What a node in maintenance mode (no config, no client certificates yet) answers, to anyone.

@@ -129,7 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             | Cmd::Status(_)
             | Cmd::Services(_)
             | Cmd::Containers(_)
-            | Cmd::Etcd(_)
+            | Cmd::Etcd(cmd::etcd::Etcd::Members(_))
             | Cmd::Health(_)
             | Cmd::Gen(_)
     );

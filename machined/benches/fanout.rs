@@ -88,7 +88,11 @@ async fn main() {
             .output()
             .expect("plinth");
         let took = started.elapsed();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         took
     };
     let (mut one, mut many) = (Vec::new(), Vec::new());

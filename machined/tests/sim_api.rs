@@ -127,6 +127,11 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
         // Refused after authorization: a standalone node runs no etcd and is in no cluster.
         "Bootstrap" => code(c.bootstrap(api::proto::BootstrapRequest {}).await),
         "EtcdMembers" => code(c.etcd_members(api::proto::EtcdMembersRequest {}).await),
+        "EtcdLeave" => code(c.etcd_leave(api::proto::EtcdLeaveRequest {}).await),
+        "EtcdRemoveMember" => code(
+            c.etcd_remove_member(api::proto::EtcdRemoveMemberRequest { id: 1 })
+                .await,
+        ),
         "Reboot" => code(c.reboot(RebootRequest {}).await),
         "Shutdown" => code(c.shutdown(ShutdownRequest { force: false }).await),
         other => panic!("no call for {other}"),
@@ -134,11 +139,13 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
 }
 
 /// The RPCs in the order they are walked: the ones that end the boot last.
-const ORDER: [&str; 20] = [
+const ORDER: [&str; 22] = [
     "ApplyConfiguration",
     "GetConfiguration",
     "Bootstrap",
     "EtcdMembers",
+    "EtcdLeave",
+    "EtcdRemoveMember",
     "Reset",
     "Version",
     "Events",

@@ -32,6 +32,9 @@ pub enum EtcdState {
     Waiting,
     /// Its member has been started (bootstrapped, joined or restarted).
     Started,
+    /// It left the cluster (`plinth etcd leave`, a graceful reset): until the next boot it
+    /// neither joins nor is bootstrapped.
+    Left,
 }
 
 /// Why `plinth bootstrap` was refused.
@@ -320,6 +323,11 @@ pub async fn bootstrap(rt: &Arc<Runtime>) -> Result<(), BootstrapError> {
                 "its member runs (bootstrapped, joined, or restarted from its data)".into(),
             ))
         }
+        EtcdState::Left => {
+            return Err(BootstrapError::NotReady(
+                "this node left the cluster: it joins again after a reboot".into(),
+            ))
+        }
         EtcdState::Waiting => {}
     }
     if has_data(rt).map_err(BootstrapError::NotReady)? {
@@ -353,5 +361,136 @@ pub async fn bootstrap(rt: &Arc<Runtime>) -> Result<(), BootstrapError> {
     rt.services
         .start(&[unit(&member, &credentials, &Start::New)]);
     *state = EtcdState::Started;
+    Ok(())
+}
+
+/// Why leaving or removing a member was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    /// Not a control plane, or its member is not running here.
+    #[error("{0}")]
+    NotReady(String),
+    /// The member named is this node's own (`leave` is for that).
+    #[error("{0}")]
+    Own(String),
+    /// No such member.
+    #[error("no etcd member {0:x}")]
+    NotFound(u64),
+    /// etcd refused or did not answer.
+    #[error(transparent)]
+    Etcd(#[from] etcd::EtcdError),
+}
+
+/// This node's member, its credentials and every control plane's client URL; refused unless
+/// the member has been started here.
+async fn running_member(rt: &Runtime) -> Result<(Member, Credentials, Vec<String>), MemberError> {
+    let cfg = rt
+        .config()
+        .ok_or_else(|| MemberError::NotReady("no node config loaded".into()))?;
+    let (member, credentials) = member(rt, &cfg)
+        .map_err(MemberError::NotReady)?
+        .ok_or_else(|| {
+            MemberError::NotReady(format!(
+                "this node is a {}: it has no etcd member",
+                cfg.machine.machine_type.as_str()
+            ))
+        })?;
+    let state = *rt.etcd.lock().await;
+    if state != EtcdState::Started {
+        return Err(MemberError::NotReady(format!(
+            "this node's etcd member is not running ({state:?})"
+        )));
+    }
+    let endpoints = cfg
+        .cluster
+        .iter()
+        .flat_map(|c| c.controlplanes.iter())
+        .map(|m| m.client_url())
+        .collect();
+    Ok((member, credentials, endpoints))
+}
+
+/// Takes this control plane out of the cluster: its member removed (through any member),
+/// its etcd stopped and its data deleted (a later boot joins anew instead of restarting a
+/// removed member). Until the next boot the node neither joins nor is bootstrapped.
+pub async fn leave(rt: &Arc<Runtime>) -> Result<(), MemberError> {
+    let (member, credentials, endpoints) = running_member(rt).await?;
+    let etcd = Etcd::connect(&endpoints, &credentials).await?;
+    let mut state = rt.etcd.lock().await;
+    if let Some(me) = etcd.find(&member.me.peer_url()).await? {
+        etcd.remove(me.id).await?;
+        event(
+            rt,
+            "leaving",
+            format!("member {:x} removed from the cluster", me.id),
+        );
+    }
+    *state = EtcdState::Left;
+    drop(state);
+    rt.services.remove(SERVICE).await;
+    let data = rt.platform.host_path(Path::new(etcd::DATA_DIR));
+    if let Err(e) = remove_contents(&data) {
+        tracing::warn!("etcd: deleting its data after leaving: {e}");
+    }
+    event(rt, "left", "left the cluster; its data is deleted");
+    Ok(())
+}
+
+/// Deletes what `dir` holds (the directory itself is EPHEMERAL's, kept).
+fn remove_contents(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p)?;
+        } else {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes another member (one whose node is gone) from the cluster.
+pub async fn remove_member(rt: &Arc<Runtime>, id: u64) -> Result<(), MemberError> {
+    let cfg = rt
+        .config()
+        .ok_or_else(|| MemberError::NotReady("no node config loaded".into()))?;
+    let cluster = cfg.cluster.as_ref().ok_or_else(|| {
+        MemberError::NotReady("this node is standalone: it belongs to no cluster".into())
+    })?;
+    let etcd = Etcd::connect(&Etcd::endpoints_of(cluster), &Credentials::of(cluster)).await?;
+    let members = etcd.members().await?;
+    let m = members
+        .iter()
+        .find(|m| m.id == id)
+        .ok_or(MemberError::NotFound(id))?;
+    if m.name == cfg.machine.name {
+        return Err(MemberError::Own(format!(
+            "{id:x} is this node's own member: use plinth etcd leave"
+        )));
+    }
+    etcd.remove(id).await?;
+    event(
+        rt,
+        "running",
+        format!("member {} ({id:x}) removed from the cluster", m.name),
+    );
+    Ok(())
+}
+
+/// A graceful reset's first step on a control plane: leave the cluster. Best effort: a member
+/// left behind is removed when the wiped node joins again (it no longer answers), and the
+/// reset must go on either way.
+pub async fn leave_before_reset(rt: Arc<Runtime>) -> Result<(), sequencer::TaskError> {
+    if *rt.etcd.lock().await != EtcdState::Started {
+        return Ok(());
+    }
+    if let Err(e) = leave(&rt).await {
+        tracing::warn!("etcd: leaving the cluster before the reset: {e} (going on)");
+        event(
+            &rt,
+            "failed",
+            format!("did not leave the cluster before the reset: {e}"),
+        );
+    }
     Ok(())
 }

@@ -78,6 +78,10 @@ pub fn admit(labels: &[String], system_disk: bool) -> Result<WipeTarget, ResetEr
     Ok(WipeTarget::Labels(out))
 }
 
+async fn leave_etcd(j: Arc<ResetJob>) -> Result<(), TaskError> {
+    crate::etcd::leave_before_reset(j.rt.clone()).await
+}
+
 async fn stop_services(j: Arc<ResetJob>) -> Result<(), TaskError> {
     services::stop_services(j.rt.clone()).await
 }
@@ -156,6 +160,12 @@ async fn wipe(j: Arc<ResetJob>) -> Result<(), TaskError> {
 /// The reset phase table.
 pub fn reset() -> Sequence<Arc<ResetJob>> {
     Sequence::new("reset")
+        // A control plane leaves etcd while its services still run.
+        .phase_when(
+            "leaveEtcd",
+            |j: &Arc<ResetJob>| j.graceful,
+            [Task::new("leaveEtcd", leave_etcd)],
+        )
         .phase_when(
             "stopServices",
             |j: &Arc<ResetJob>| j.graceful,
@@ -231,6 +241,7 @@ mod tests {
         assert_eq!(
             reset().phase_names(),
             [
+                "leaveEtcd",
                 "stopServices",
                 "killProcesses",
                 "unmountFilesystems",

@@ -95,6 +95,10 @@ pub trait Node: Send + Sync + 'static {
     async fn bootstrap(&self, actor: String) -> Result<(), Status>;
     /// The etcd cluster's members.
     async fn etcd_members(&self) -> Result<proto::EtcdMembersResponse, Status>;
+    /// Takes this control plane out of the etcd cluster.
+    async fn etcd_leave(&self, actor: String) -> Result<(), Status>;
+    /// Removes another node's etcd member.
+    async fn etcd_remove_member(&self, actor: String, id: u64) -> Result<(), Status>;
     /// The kernel log.
     fn dmesg(&self, follow: bool) -> Result<LineStream, Status>;
     /// A service's output.

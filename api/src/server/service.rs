@@ -185,6 +185,25 @@ impl<N: Node> Machine for MachineService<N> {
         Ok(Response::new(self.node.etcd_members().await?))
     }
 
+    async fn etcd_leave(
+        &self,
+        _: Request<proto::EtcdLeaveRequest>,
+    ) -> Result<Response<proto::EtcdLeaveResponse>, Status> {
+        self.node.etcd_leave(Controller::new_actor()).await?;
+        Ok(Response::new(proto::EtcdLeaveResponse {}))
+    }
+
+    async fn etcd_remove_member(
+        &self,
+        request: Request<proto::EtcdRemoveMemberRequest>,
+    ) -> Result<Response<proto::EtcdRemoveMemberResponse>, Status> {
+        let id = request.into_inner().id;
+        self.node
+            .etcd_remove_member(Controller::new_actor(), id)
+            .await?;
+        Ok(Response::new(proto::EtcdRemoveMemberResponse {}))
+    }
+
     async fn rollback(
         &self,
         _: Request<proto::RollbackRequest>,

@@ -123,6 +123,12 @@ impl Node for FakeNode {
     async fn etcd_members(&self) -> Result<api::proto::EtcdMembersResponse, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
+    async fn etcd_leave(&self, _: String) -> Result<(), tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    async fn etcd_remove_member(&self, _: String, _: u64) -> Result<(), tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
     fn dmesg(&self, _: bool) -> Result<api::server::LineStream, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }

@@ -23,6 +23,15 @@ pub async fn bootstrap(target: &Target, _: BootstrapArgs) -> anyhow::Result<()> 
 pub enum Etcd {
     /// List the etcd cluster's members.
     Members(MembersArgs),
+    /// Take this control plane out of the etcd cluster: its member removed, its etcd stopped,
+    /// its data deleted (it joins again after a reboot; a graceful reset leaves by itself).
+    Leave,
+    /// Remove another node's member (one that is gone) from the etcd cluster, by its id as
+    /// `plinth etcd members` shows it.
+    RemoveMember {
+        /// The member's id (hex).
+        id: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -35,6 +44,26 @@ pub struct MembersArgs {
 pub async fn run(target: &Target, e: Etcd) -> anyhow::Result<()> {
     match e {
         Etcd::Members(args) => members(target, args).await,
+        Etcd::Leave => {
+            let (endpoint, mut c) = target.connect().await?;
+            c.etcd_leave(api::proto::EtcdLeaveRequest {})
+                .await
+                .map_err(|s| status_error(&endpoint, s))?;
+            println!("{endpoint}: left the etcd cluster");
+            Ok(())
+        }
+        Etcd::RemoveMember { id } => {
+            let hex = id.trim_start_matches("0x");
+            let id = u64::from_str_radix(hex, 16).map_err(|_| {
+                anyhow::anyhow!("{id:?} is not a member id (hex, as plinth etcd members shows it)")
+            })?;
+            let (endpoint, mut c) = target.connect().await?;
+            c.etcd_remove_member(api::proto::EtcdRemoveMemberRequest { id })
+                .await
+                .map_err(|s| status_error(&endpoint, s))?;
+            println!("{endpoint}: member {id:x} removed");
+            Ok(())
+        }
     }
 }
 

@@ -59,3 +59,32 @@ pub async fn members(rt: &Arc<Runtime>) -> Result<EtcdMembersResponse, ApiError>
         .collect();
     Ok(EtcdMembersResponse { members })
 }
+
+/// Takes this control plane out of the cluster; an event with the caller's actor id either way.
+pub async fn leave(rt: &Arc<Runtime>, actor: String) -> Result<(), ApiError> {
+    let result = phases::etcd::leave(rt).await;
+    audit(rt, &actor, "leave", &result);
+    Ok(result?)
+}
+
+/// Removes another node's member; an event with the caller's actor id either way.
+pub async fn remove_member(rt: &Arc<Runtime>, actor: String, id: u64) -> Result<(), ApiError> {
+    let result = phases::etcd::remove_member(rt, id).await;
+    audit(rt, &actor, &format!("remove-member {id:x}"), &result);
+    Ok(result?)
+}
+
+fn audit<E: std::fmt::Display>(rt: &Runtime, actor: &str, what: &str, result: &Result<(), E>) {
+    let (state, message) = match result {
+        Ok(()) => ("running", format!("{what} done")),
+        Err(e) => ("refused", format!("{what} refused: {e}")),
+    };
+    rt.bus.publish(
+        EventKind::Service {
+            service: phases::etcd::SERVICE.into(),
+            state: state.into(),
+            message,
+        },
+        Some(actor),
+    );
+}

@@ -103,9 +103,21 @@ pub enum ApiError {
     /// etcd refused or did not answer.
     #[error("{0}")]
     Etcd(#[from] etcd::EtcdError),
+    /// Leaving or removing a member was refused.
+    #[error("{0}")]
+    Member(#[from] phases::etcd::MemberError),
 }
 
 impl ApiError {
+    fn etcd_code(e: &etcd::EtcdError) -> Code {
+        match e {
+            etcd::EtcdError::NotAMember(_) | etcd::EtcdError::Conflict(_) => {
+                Code::FailedPrecondition
+            }
+            etcd::EtcdError::Client { .. } | etcd::EtcdError::Timeout { .. } => Code::Unavailable,
+        }
+    }
+
     /// The gRPC code: every variant, and every inner error that decides, named here.
     pub fn code(&self) -> Code {
         match self {
@@ -115,14 +127,14 @@ impl ApiError {
                 phases::etcd::BootstrapError::NotReady(_) => Code::FailedPrecondition,
                 phases::etcd::BootstrapError::AlreadyBootstrapped(_) => Code::AlreadyExists,
             },
-            ApiError::Etcd(e) => match e {
-                etcd::EtcdError::NotAMember(_) | etcd::EtcdError::Conflict(_) => {
+            ApiError::Member(e) => match e {
+                phases::etcd::MemberError::NotReady(_) | phases::etcd::MemberError::Own(_) => {
                     Code::FailedPrecondition
                 }
-                etcd::EtcdError::Client { .. } | etcd::EtcdError::Timeout { .. } => {
-                    Code::Unavailable
-                }
+                phases::etcd::MemberError::NotFound(_) => Code::NotFound,
+                phases::etcd::MemberError::Etcd(e) => ApiError::etcd_code(e),
             },
+            ApiError::Etcd(e) => ApiError::etcd_code(e),
             ApiError::Reset(e) => match e {
                 phases::reset::ResetError::LabelsAndDisk
                 | phases::reset::ResetError::UnknownLabel { .. } => Code::InvalidArgument,

@@ -218,6 +218,14 @@ impl api::server::Node for NodeApi {
         Ok(cluster::members(&self.runtime).await?)
     }
 
+    async fn etcd_leave(&self, actor: String) -> Result<(), tonic::Status> {
+        Ok(cluster::leave(&self.runtime, actor).await?)
+    }
+
+    async fn etcd_remove_member(&self, actor: String, id: u64) -> Result<(), tonic::Status> {
+        Ok(cluster::remove_member(&self.runtime, actor, id).await?)
+    }
+
     fn dmesg(&self, follow: bool) -> Result<api::server::LineStream, tonic::Status> {
         Ok(logs::dmesg(&self.runtime, follow)?)
     }
