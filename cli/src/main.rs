@@ -25,7 +25,7 @@ pub struct Cli {
     #[arg(short = 'e', long, global = true, value_delimiter = ',')]
     endpoints: Vec<String>,
     /// Nodes to run the command on, all at once (host[:port], comma-separated; `version`,
-    /// `status`, `services`, `containers` and `etcd members` so far): the output says which node each line
+    /// `status`, `services`, `containers`, `etcd members` and `health` so far): the output says which node each line
     /// is from, and the exit status is non-zero if any node failed. For `gen config`: how
     /// many nodes to generate.
     #[arg(short = 'n', long, global = true, value_delimiter = ',')]
@@ -135,8 +135,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     if !cli.nodes.is_empty() && !fans_out {
         anyhow::bail!(
-            "-n/--nodes works with version, status, services, containers and etcd members so far; \
-             this command runs on one node (pick it with -e)"
+            "-n/--nodes works with version, status, services, containers, etcd members and \
+             health so far (and is a count for gen config); this command runs on one node \
+             (pick it with -e)"
         );
     }
     let target = connect::Target {

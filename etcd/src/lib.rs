@@ -183,6 +183,20 @@ pub struct MemberInfo {
     pub learner: bool,
 }
 
+impl EtcdError {
+    /// The gRPC code etcd answered with, if it answered (a refusal, not an unreachable
+    /// member): `FAILED_PRECONDITION` for removing the last started member, for instance.
+    pub fn grpc_code(&self) -> Option<i32> {
+        match self {
+            EtcdError::Client {
+                source: etcd_client::Error::GRpcStatus(status),
+                ..
+            } => Some(status.code() as i32),
+            _ => None,
+        }
+    }
+}
+
 /// A member added to join.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Joined {
@@ -246,19 +260,7 @@ impl Etcd {
     }
 
     async fn connect_one(endpoint: &str, creds: &Credentials) -> Result<Etcd, EtcdError> {
-        let tls = TlsOptions::new()
-            .ca_certificate(Certificate::from_pem(&creds.ca))
-            .identity(Identity::from_pem(&creds.cert, &creds.key));
-        let options = ConnectOptions::new()
-            .with_tls(tls)
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(CALL);
-        let client = timed(
-            endpoint,
-            "connecting",
-            Client::connect([endpoint], Some(options)),
-        )
-        .await?;
+        let client = Etcd::client_at(endpoint, creds).await?;
         // A voting member answers (the channel may connect lazily; a learner serves only
         // status and serializable reads, and is passed over for the next endpoint).
         timed(
@@ -271,6 +273,35 @@ impl Etcd {
             client,
             endpoints: endpoint.into(),
         })
+    }
+
+    /// The id of the member serving at `client_url` (learners too), from its own status: how a
+    /// node knows which member is its own whatever its config says now.
+    pub async fn member_id_at(client_url: &str, creds: &Credentials) -> Result<u64, EtcdError> {
+        let mut client = Etcd::client_at(client_url, creds).await?;
+        let status = timed(client_url, "asking its status", client.status()).await?;
+        Ok(status.header().map(|h| h.member_id()).unwrap_or_default())
+    }
+
+    /// Whether a member answers at `client_url` (a learner too).
+    pub async fn answers(client_url: &str, creds: &Credentials) -> bool {
+        Etcd::member_id_at(client_url, creds).await.is_ok()
+    }
+
+    async fn client_at(endpoint: &str, creds: &Credentials) -> Result<Client, EtcdError> {
+        let tls = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(&creds.ca))
+            .identity(Identity::from_pem(&creds.cert, &creds.key));
+        let options = ConnectOptions::new()
+            .with_tls(tls)
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(CALL);
+        timed(
+            endpoint,
+            "connecting",
+            Client::connect([endpoint], Some(options)),
+        )
+        .await
     }
 
     /// The cluster's endpoints for this node: every control plane's client URL.
@@ -337,7 +368,7 @@ impl Etcd {
                 reuse = Some(m.id);
             } else if m.name == name {
                 let live = match m.client_urls.first() {
-                    Some(url) => Etcd::connect_one(url, creds).await.is_ok(),
+                    Some(url) => Etcd::answers(url, creds).await,
                     None => false,
                 };
                 if live {

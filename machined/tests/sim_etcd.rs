@@ -352,13 +352,111 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
         answers.starts_with("FAIL") && answers.contains(&lost_endpoint),
         "{out}"
     );
-    let members = line("etcd members match");
+    let etcd_line = line("etcd is healthy");
     assert!(
-        members.starts_with("FAIL") && members.contains("cp-3"),
+        etcd_line.starts_with("FAIL") && etcd_line.contains("cp-3 (did not answer)"),
         "{out}"
     );
     assert!(
         line("booted its committed slot").starts_with("PASS"),
         "{out}"
     );
+
+    // Members removed by id: not this node's own, not an unknown one, not one that answers;
+    // the lost one, through the CLI.
+    let cp1 = &cluster.nodes[0];
+    let members = cp1
+        .client()
+        .await
+        .etcd_members(EtcdMembersRequest {})
+        .await
+        .expect("members")
+        .into_inner()
+        .members;
+    let id = |name: &str| {
+        members
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.id)
+            .expect("listed")
+    };
+    let mut c = cp1.client().await;
+    for (id, code) in [
+        (id("cp-1"), tonic::Code::FailedPrecondition),
+        (id("cp-2"), tonic::Code::FailedPrecondition),
+        (7, tonic::Code::NotFound),
+    ] {
+        let err = c
+            .etcd_remove_member(api::proto::EtcdRemoveMemberRequest { id })
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), code, "{id:x}: {err:?}");
+    }
+    let (ok, out) = cluster.plinth(&[
+        "-e",
+        &cp1.endpoint,
+        "etcd",
+        "remove-member",
+        &format!("{:x}", id("cp-3")),
+    ]);
+    assert!(ok, "{out}");
+    // The cluster's config still names three control planes: health says which is missing.
+    let rest: Vec<String> = cluster.nodes.iter().map(|n| n.endpoint.clone()).collect();
+    let (ok, out) = cluster.plinth(&["-n", &rest.join(","), "health"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("not members: cp-3")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("PASS") && l.contains("every node answers")),
+        "{out}"
+    );
+
+    // A graceful reset of cp-2 leaves the cluster first: cp-1 is its only member.
+    cluster.nodes[1]
+        .client()
+        .await
+        .reset(api::proto::ResetRequest {
+            graceful: true,
+            ..Default::default()
+        })
+        .await
+        .expect("reset");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let names: Vec<String> = cp1
+            .client()
+            .await
+            .etcd_members(EtcdMembersRequest {})
+            .await
+            .map(|r| r.into_inner().members.into_iter().map(|m| m.name).collect())
+            .unwrap_or_default();
+        if names == ["cp-1"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members {names:?}\ncp-2:\n{}",
+            etcd_lines(&cluster.nodes[1])
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !etcd_healthy(cp1).await {
+        assert!(Instant::now() < deadline, "{}", etcd_lines(cp1));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // The last member cannot leave: etcd's refusal, with its code.
+    let err = cp1
+        .client()
+        .await
+        .etcd_leave(api::proto::EtcdLeaveRequest {})
+        .await
+        .expect_err("the last member");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(etcd_healthy(cp1).await);
 }

@@ -177,6 +177,7 @@ pub async fn at_boot(rt: &Arc<Runtime>, cfg: &NodeConfig) -> Result<Option<Unit>
             member.clone(),
             credentials.clone(),
             others(cfg, &member),
+            Some(cfg.clone()),
         );
         return Ok(Some(unit(&member, &credentials, &Start::Restart)));
     }
@@ -244,7 +245,7 @@ fn spawn_join(rt: Arc<Runtime>, member: Member, credentials: Credentials, cfg: N
                 .start(&[unit(&member, &credentials, &Start::Join(joined.initial))]);
             *state = EtcdState::Started;
             drop(state);
-            spawn_promote(rt.clone(), member, credentials, others);
+            spawn_promote(rt.clone(), member, credentials, others, None);
             return;
         }
     });
@@ -264,7 +265,13 @@ fn others(cfg: &NodeConfig, member: &Member) -> Vec<String> {
 /// refuses until the learner has caught up), however long that takes: a learner left as one
 /// is unhealthy and keeps every other control plane from joining (etcd takes one learner at a
 /// time). Ends when the member votes, or is not listed.
-fn spawn_promote(rt: Arc<Runtime>, member: Member, credentials: Credentials, others: Vec<String>) {
+fn spawn_promote(
+    rt: Arc<Runtime>,
+    member: Member,
+    credentials: Credentials,
+    others: Vec<String>,
+    rejoin: Option<NodeConfig>,
+) {
     let weak = Arc::downgrade(&rt);
     drop(rt);
     if others.is_empty() {
@@ -282,7 +289,17 @@ fn spawn_promote(rt: Arc<Runtime>, member: Member, credentials: Credentials, oth
             };
             let me = match etcd.find(&peer).await {
                 Ok(Some(m)) => m,
-                Ok(None) => return,
+                Ok(None) => {
+                    // Removed while this node was away (a leave cut short, a remove-member):
+                    // etcd will not run a removed member, so the data goes and the node joins
+                    // anew. Not while its own etcd answers: then it is alive somewhere.
+                    if let Some(cfg) = rejoin {
+                        if !Etcd::answers(&member.me.client_url(), &credentials).await {
+                            start_over(&rt, member, credentials, cfg).await;
+                        }
+                    }
+                    return;
+                }
                 Err(_) => continue,
             };
             if !me.learner {
@@ -298,6 +315,30 @@ fn spawn_promote(rt: Arc<Runtime>, member: Member, credentials: Credentials, oth
             }
         }
     });
+}
+
+/// This node's member is not in the cluster any more: its etcd stopped, its data deleted, and
+/// it waits to join again.
+async fn start_over(rt: &Arc<Runtime>, member: Member, credentials: Credentials, cfg: NodeConfig) {
+    let mut state = rt.etcd.lock().await;
+    if *state != EtcdState::Started {
+        return;
+    }
+    rt.services.remove(SERVICE).await;
+    let data = rt.platform.host_path(Path::new(etcd::DATA_DIR));
+    if let Err(e) = remove_contents(&data) {
+        tracing::error!("etcd: deleting the data of a removed member: {e}");
+        event(rt, "failed", format!("this node's member was removed from the cluster, and its data could not be deleted: {e}"));
+        return;
+    }
+    *state = EtcdState::Waiting;
+    drop(state);
+    event(
+        rt,
+        "waiting",
+        "this node's member is no longer in the cluster: its data is deleted and it joins again",
+    );
+    spawn_join(rt.clone(), member, credentials, cfg);
 }
 
 /// `plinth bootstrap`: starts a new one-member cluster on this control plane.
@@ -370,7 +411,7 @@ pub enum MemberError {
     /// Not a control plane, or its member is not running here.
     #[error("{0}")]
     NotReady(String),
-    /// The member named is this node's own (`leave` is for that).
+    /// The member named is this node's own (`leave` is for that), or alive on its node.
     #[error("{0}")]
     Own(String),
     /// No such member.
@@ -415,25 +456,81 @@ async fn running_member(rt: &Runtime) -> Result<(Member, Credentials, Vec<String
 /// removed member). Until the next boot the node neither joins nor is bootstrapped.
 pub async fn leave(rt: &Arc<Runtime>) -> Result<(), MemberError> {
     let (member, credentials, endpoints) = running_member(rt).await?;
+    // The member this node runs, by the id its own etcd reports: not by the config, which may
+    // have changed since the boot.
+    let own = Etcd::member_id_at(&member.me.client_url(), &credentials)
+        .await
+        .map_err(|e| {
+            MemberError::NotReady(format!(
+                "this node's etcd does not answer at {}: {e}",
+                member.me.client_url()
+            ))
+        })?;
     let etcd = Etcd::connect(&endpoints, &credentials).await?;
     let mut state = rt.etcd.lock().await;
-    if let Some(me) = etcd.find(&member.me.peer_url()).await? {
-        etcd.remove(me.id).await?;
-        event(
-            rt,
-            "leaving",
-            format!("member {:x} removed from the cluster", me.id),
-        );
+    if *state != EtcdState::Started {
+        return Err(MemberError::NotReady(format!(
+            "this node's etcd member is not running ({:?})",
+            *state
+        )));
+    }
+    let members = etcd.members().await?;
+    if members.iter().any(|m| m.id == own) {
+        if !members.iter().any(|m| m.id != own && !m.learner) {
+            return Err(MemberError::NotReady(
+                "this is the cluster's only voting member: it cannot leave (reset it to end the cluster)"
+                    .into(),
+            ));
+        }
+        remove_when_healthy(&etcd, own).await?;
     }
     *state = EtcdState::Left;
     drop(state);
-    rt.services.remove(SERVICE).await;
-    let data = rt.platform.host_path(Path::new(etcd::DATA_DIR));
-    if let Err(e) = remove_contents(&data) {
-        tracing::warn!("etcd: deleting its data after leaving: {e}");
-    }
-    event(rt, "left", "left the cluster; its data is deleted");
+    event(
+        rt,
+        "leaving",
+        format!("member {own:x} removed from the cluster"),
+    );
+    // Stopping and deleting on the node's own time, not the caller's: a caller that goes
+    // must not leave a removed member's data behind (a boot that finds it anyway sees its
+    // member gone and starts over).
+    let rt = rt.clone();
+    tokio::spawn(async move {
+        rt.services.remove(SERVICE).await;
+        let data = rt.platform.host_path(Path::new(etcd::DATA_DIR));
+        match remove_contents(&data) {
+            Ok(()) => event(&rt, "left", "left the cluster; its data is deleted"),
+            Err(e) => {
+                tracing::warn!("etcd: deleting its data after leaving: {e}");
+                event(
+                    &rt,
+                    "failed",
+                    format!("left the cluster; its data could not be deleted: {e}"),
+                );
+            }
+        }
+    })
+    .await
+    .map_err(|e| MemberError::NotReady(format!("stopping etcd after leaving: {e}")))?;
     Ok(())
+}
+
+/// Removes member `id`, trying again for a while when etcd says the cluster is not healthy
+/// yet: it refuses a membership change until the members have been connected for a few
+/// seconds (after a start, or another change).
+async fn remove_when_healthy(etcd: &Etcd, id: u64) -> Result<(), etcd::EtcdError> {
+    const UNAVAILABLE: i32 = 14;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match etcd.remove(id).await {
+            Err(e)
+                if e.grpc_code() == Some(UNAVAILABLE) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Deletes what `dir` holds (the directory itself is EPHEMERAL's, kept).
@@ -457,18 +554,33 @@ pub async fn remove_member(rt: &Arc<Runtime>, id: u64) -> Result<(), MemberError
     let cluster = cfg.cluster.as_ref().ok_or_else(|| {
         MemberError::NotReady("this node is standalone: it belongs to no cluster".into())
     })?;
-    let etcd = Etcd::connect(&Etcd::endpoints_of(cluster), &Credentials::of(cluster)).await?;
+    let credentials = Credentials::of(cluster);
+    let etcd = Etcd::connect(&Etcd::endpoints_of(cluster), &credentials).await?;
     let members = etcd.members().await?;
     let m = members
         .iter()
         .find(|m| m.id == id)
         .ok_or(MemberError::NotFound(id))?;
-    if m.name == cfg.machine.name {
-        return Err(MemberError::Own(format!(
-            "{id:x} is this node's own member: use plinth etcd leave"
-        )));
+    // This node's own member, by the id its etcd reports (an unstarted learner has no name).
+    if let Ok(Some((member, _))) = member(rt, &cfg) {
+        let own = Etcd::member_id_at(&member.me.client_url(), &credentials).await;
+        if own.is_ok_and(|own| own == id) || m.name == cfg.machine.name {
+            return Err(MemberError::Own(format!(
+                "{id:x} is this node's own member: use plinth etcd leave"
+            )));
+        }
     }
-    etcd.remove(id).await?;
+    // A member whose etcd answers is alive: removing it would leave its node restarting a
+    // removed member. It leaves from its own node (or a graceful reset there).
+    for url in &m.client_urls {
+        if Etcd::answers(url, &credentials).await {
+            return Err(MemberError::Own(format!(
+                "member {} ({id:x}) answers at {url}: run plinth etcd leave on that node, or reset it",
+                m.name
+            )));
+        }
+    }
+    remove_when_healthy(&etcd, id).await?;
     event(
         rt,
         "running",
@@ -484,7 +596,14 @@ pub async fn leave_before_reset(rt: Arc<Runtime>) -> Result<(), sequencer::TaskE
     if *rt.etcd.lock().await != EtcdState::Started {
         return Ok(());
     }
-    if let Err(e) = leave(&rt).await {
+    let outcome = match tokio::time::timeout(LEAVE_BEFORE_RESET, leave(&rt)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "no answer within {} s",
+            LEAVE_BEFORE_RESET.as_secs()
+        )),
+    };
+    if let Err(e) = outcome {
         tracing::warn!("etcd: leaving the cluster before the reset: {e} (going on)");
         event(
             &rt,
@@ -494,3 +613,6 @@ pub async fn leave_before_reset(rt: Arc<Runtime>) -> Result<(), sequencer::TaskE
     }
     Ok(())
 }
+
+/// How long a reset waits to leave etcd before it goes on without.
+const LEAVE_BEFORE_RESET: Duration = Duration::from_secs(30);

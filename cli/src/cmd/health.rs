@@ -26,13 +26,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = n
         .parse()
         .map_err(|_| format!("{s:?} is not a duration (90s, 5m, 1h)"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
         _ => return Err(format!("{s:?} is not a duration (90s, 5m, 1h)")),
     };
-    Ok(Duration::from_secs(secs))
+    n.checked_mul(scale)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 /// What one node said.
@@ -52,10 +54,14 @@ struct Check {
 }
 
 pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
-    // Every node of the context unless -n names some.
+    // The nodes -n names, else -e's, else every node of the context.
     let mut all = target.clone();
     if all.nodes.is_empty() {
-        all.nodes = target.context()?.endpoints;
+        all.nodes = if target.endpoints.is_empty() {
+            target.context()?.endpoints
+        } else {
+            target.endpoints.clone()
+        };
     }
     if all.nodes.is_empty() {
         bail!("no nodes: the context lists no endpoints; name them with -n");
@@ -70,7 +76,7 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
                 match &c.outcome {
                     Some(Ok(detail)) => println!("PASS  {}: {detail}", c.what),
                     Some(Err(why)) => println!("FAIL  {}: {why}", c.what),
-                    None => println!("SKIP  {}: no control plane among the nodes", c.what),
+                    None => println!("SKIP  {}: the nodes belong to no cluster", c.what),
                 }
             }
             if passed {
@@ -134,21 +140,38 @@ async fn check(all: &Target) -> anyhow::Result<Vec<Check>> {
         }),
     }];
 
+    // The control planes as the cluster's config lists them (every node carries the list),
+    // not only those that answered.
+    let want: BTreeSet<&str> = nodes
+        .iter()
+        .find(|n| !n.status.controlplanes.is_empty())
+        .map(|n| n.status.controlplanes.iter().map(String::as_str).collect())
+        .unwrap_or_default();
     let cps: Vec<&Node> = nodes
         .iter()
         .filter(|n| n.status.machine_type == "controlplane")
         .collect();
-    let members = members(all, &cps).await;
+    let members = members(all, &nodes).await;
     checks.push(Check {
         what: "etcd members match the control planes",
-        outcome: (!cps.is_empty()).then(|| {
+        outcome: (!want.is_empty()).then(|| {
             let members = members.as_ref().map_err(|e| e.clone())?;
-            let want: BTreeSet<&str> = cps.iter().map(|n| n.name.as_str()).collect();
-            let have: BTreeSet<&str> = members.iter().map(|(n, _)| n.as_str()).collect();
+            let named: Vec<&str> = members
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .filter(|n| !n.is_empty())
+                .collect();
+            let have: BTreeSet<&str> = named.iter().copied().collect();
             let learners: Vec<&str> = members
                 .iter()
                 .filter(|(_, learner)| *learner)
-                .map(|(n, _)| n.as_str())
+                .map(|(n, _)| {
+                    if n.is_empty() {
+                        "(not started)"
+                    } else {
+                        n.as_str()
+                    }
+                })
                 .collect();
             let mut why = Vec::new();
             let missing: Vec<&str> = want.difference(&have).copied().collect();
@@ -158,15 +181,22 @@ async fn check(all: &Target) -> anyhow::Result<Vec<Check>> {
             let extra: Vec<&str> = have.difference(&want).copied().collect();
             if !extra.is_empty() {
                 why.push(format!(
-                    "members that are not answering control planes: {}",
+                    "members that are not control planes: {}",
                     extra.join(", ")
+                ));
+            }
+            if named.len() != have.len() || members.len() != named.len() {
+                why.push(format!(
+                    "{} members for {} control planes (duplicates or members not started)",
+                    members.len(),
+                    want.len()
                 ));
             }
             if !learners.is_empty() {
                 why.push(format!("still learners: {}", learners.join(", ")));
             }
             if why.is_empty() {
-                Ok(want.into_iter().collect::<Vec<_>>().join(", "))
+                Ok(want.iter().copied().collect::<Vec<_>>().join(", "))
             } else {
                 Err(why.join("; "))
             }
@@ -174,12 +204,21 @@ async fn check(all: &Target) -> anyhow::Result<Vec<Check>> {
     });
     checks.push(Check {
         what: "etcd is healthy",
-        outcome: (!cps.is_empty()).then(|| {
-            let sick: Vec<&str> = cps
+        outcome: (!want.is_empty()).then(|| {
+            if cps.is_empty() {
+                return Err("no control plane answered".into());
+            }
+            let mut sick: Vec<String> = cps
                 .iter()
                 .filter(|n| !n.etcd_healthy)
-                .map(|n| n.name.as_str())
+                .map(|n| n.name.clone())
                 .collect();
+            // A control plane of the cluster that is not among the answering nodes.
+            sick.extend(
+                want.iter()
+                    .filter(|w| !cps.iter().any(|n| n.name == **w))
+                    .map(|w| format!("{w} (did not answer)")),
+            );
             if sick.is_empty() {
                 Ok(format!("a quorum read answers on {} members", cps.len()))
             } else {
@@ -225,11 +264,12 @@ async fn check(all: &Target) -> anyhow::Result<Vec<Check>> {
     Ok(checks)
 }
 
-/// The etcd members (name, learner) as the first answering control plane lists them.
-async fn members(all: &Target, cps: &[&Node]) -> Result<Vec<(String, bool)>, String> {
+/// The etcd members (name, learner) as the first node that can ask lists them (a worker
+/// asks as a client of the cluster).
+async fn members(all: &Target, nodes: &[Node]) -> Result<Vec<(String, bool)>, String> {
     let ctx = all.context().map_err(|e| e.to_string())?;
-    let mut last = String::from("no control plane answered");
-    for n in cps {
+    let mut last = String::from("no node answered");
+    for n in nodes {
         let reply = async {
             let mut c = api::client::connect_context(&n.endpoint, &ctx)
                 .await

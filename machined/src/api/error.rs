@@ -114,7 +114,10 @@ impl ApiError {
             etcd::EtcdError::NotAMember(_) | etcd::EtcdError::Conflict(_) => {
                 Code::FailedPrecondition
             }
-            etcd::EtcdError::Client { .. } | etcd::EtcdError::Timeout { .. } => Code::Unavailable,
+            // etcd's own refusal keeps its code (removing the last started member is
+            // FAILED_PRECONDITION); a member that cannot be reached is UNAVAILABLE.
+            etcd::EtcdError::Client { .. } => e.grpc_code().map_or(Code::Unavailable, Code::from),
+            etcd::EtcdError::Timeout { .. } => Code::Unavailable,
         }
     }
 

@@ -111,6 +111,11 @@ pub fn status(runtime: &Runtime, fixed: &VersionResponse) -> StatusResponse {
             .and_then(|c| c.cluster.as_ref())
             .map(|c| c.name.clone())
             .unwrap_or_default(),
+        controlplanes: cfg
+            .as_ref()
+            .and_then(|c| c.cluster.as_ref())
+            .map(|c| c.controlplanes.iter().map(|m| m.name.clone()).collect())
+            .unwrap_or_default(),
         machined_rss_kib: rss_kib().unwrap_or(0),
         state: state.to_string(),
         superstate: state.superstate().into(),
