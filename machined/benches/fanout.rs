@@ -7,21 +7,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
-use config::MachineType;
+use common::cluster::{plinth_cli, SimCluster, Spec};
 
 const NODES: usize = 20;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -38,48 +29,20 @@ async fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(15);
-    let cli = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/plinth");
-    assert!(cli.is_file(), "build the CLI first: cargo build -p cli");
-    let specs: Vec<ClusterNode> = (0..NODES)
-        .map(|i| ClusterNode {
-            name: if i < 3 {
-                format!("cp-{}", i + 1)
-            } else {
-                format!("worker-{}", i - 2)
-            },
-            machine_type: if i < 3 {
-                MachineType::Controlplane
-            } else {
-                MachineType::Worker
-            },
-            address: format!("10.5.0.{}/24", i + 2),
-            endpoint: format!("127.0.0.1:{}", free_port()),
-            etcd_ports: (2379, 2380),
-        })
-        .collect();
-    let g = generate_cluster(&ClusterOptions {
-        cluster: "fanout".into(),
-        nodes: specs.clone(),
-        interface: "eth0".into(),
-        gateway: None,
-        trusted_keys: vec![],
-    })
-    .expect("configs");
-    let ctx = g.client.context(None).expect("context").1.clone();
-    let nodes: Vec<common::SimNode> = g
-        .nodes
-        .iter()
-        .zip(&specs)
-        .map(|(n, s)| common::start_configured(n, s.endpoint.clone(), ctx.clone(), g.ca.clone()))
-        .collect();
-    for n in &nodes {
+    let cli = plinth_cli();
+    let cluster = SimCluster::start(Spec {
+        name: "fanout",
+        controlplanes: 3,
+        workers: NODES - 3,
+        etcd: false,
+        services: vec![],
+    });
+    let nodes = &cluster.nodes;
+    for n in nodes {
         n.version_after(None).await;
     }
-    let dir = tempfile::tempdir().expect("tmp");
-    let config = dir.path().join("plinthconfig");
-    g.client.save(&config).expect("client config");
-    let all: Vec<String> = nodes.iter().map(|n| n.endpoint.clone()).collect();
-    let all = all.join(",");
+    let config = cluster.client_config();
+    let all = cluster.endpoints();
     let run = |args: &[&str]| {
         let started = Instant::now();
         let out = Command::new(&cli)

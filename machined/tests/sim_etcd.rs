@@ -8,130 +8,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
 use api::proto::{BootstrapRequest, EtcdMembersRequest, ServiceListRequest};
-use config::MachineType;
+use common::cluster::{SimCluster, Spec};
 use sequencer::EventKind;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn host_etcd() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("etcd"))
-            .find(|f| f.is_file())
-    });
-    found.expect("etcd is missing: apt-get install etcd-server (./x test does)")
-}
-
-fn plinth_cli() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/plinth");
-    assert!(
-        p.is_file(),
-        "{} is missing: cargo build -p cli",
-        p.display()
-    );
-    p
-}
-
-struct Cluster {
-    nodes: Vec<common::SimNode>,
-    config: tempfile::TempDir,
-    etcd_ca: String,
-    /// A worker's etcd client certificate and key.
-    etcd_client: (String, String),
-    etcd_endpoints: Vec<String>,
-}
-
-impl Cluster {
-    fn start(cps: usize, workers: usize) -> Cluster {
-        let etcd = host_etcd();
-        let specs: Vec<ClusterNode> = (0..cps + workers)
-            .map(|i| {
-                let cp = i < cps;
-                ClusterNode {
-                    name: if cp {
-                        format!("cp-{}", i + 1)
-                    } else {
-                        format!("worker-{}", i - cps + 1)
-                    },
-                    machine_type: if cp {
-                        MachineType::Controlplane
-                    } else {
-                        MachineType::Worker
-                    },
-                    // One address for all: each member on its own two ports.
-                    address: "127.0.0.1/8".into(),
-                    endpoint: format!("127.0.0.1:{}", free_port()),
-                    etcd_ports: (free_port(), free_port()),
-                }
-            })
-            .collect();
-        let g = generate_cluster(&ClusterOptions {
-            cluster: "simetcd".into(),
-            nodes: specs.clone(),
-            interface: "eth0".into(),
-            gateway: None,
-            trusted_keys: vec![],
-        })
-        .expect("configs");
-        let ctx = g.client.context(None).expect("context").1.clone();
-        let nodes = g
-            .nodes
-            .iter()
-            .zip(&specs)
-            .map(|(n, s)| {
-                let etcd = etcd.clone();
-                common::start_configured_with(
-                    n,
-                    s.endpoint.clone(),
-                    ctx.clone(),
-                    g.ca.clone(),
-                    |m| {
-                        let bin = m.join("usr-local/bin");
-                        std::fs::create_dir_all(&bin).expect("mkdir");
-                        std::os::unix::fs::symlink(&etcd, bin.join("etcd")).expect("link etcd");
-                    },
-                )
-            })
-            .collect();
-        let config = tempfile::tempdir().expect("tmp");
-        g.client
-            .save(&config.path().join("plinthconfig"))
-            .expect("client config");
-        let c = g.nodes[cps].cluster.clone().expect("cluster");
-        Cluster {
-            nodes,
-            config,
-            etcd_ca: c.etcd.ca.clone(),
-            etcd_client: (c.etcd.client.cert.clone(), c.etcd.client.key.clone()),
-            etcd_endpoints: etcd::Etcd::endpoints_of(&c),
-        }
-    }
-
-    fn plinth(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(plinth_cli())
-            .env("PLINTHCONFIG", self.config.path().join("plinthconfig"))
-            .args(args)
-            .output()
-            .expect("plinth");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
+/// Runs the CLI: (succeeded, its stdout and stderr together).
+fn plinth(cluster: &SimCluster, args: &[&str]) -> (bool, String) {
+    let (ok, out, err) = cluster.plinth(args);
+    (ok, format!("{out}{err}"))
 }
 
 fn etcd_lines(node: &common::SimNode) -> String {
@@ -176,7 +62,13 @@ async fn etcd_healthy(node: &common::SimNode) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_promoted() {
-    let cluster = Cluster::start(3, 1);
+    let cluster = SimCluster::start(Spec {
+        name: "simetcd",
+        controlplanes: 3,
+        workers: 1,
+        etcd: true,
+        services: vec![],
+    });
     for n in &cluster.nodes {
         n.version_after(None).await;
     }
@@ -213,7 +105,7 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
 
     // The CLI bootstraps cp-1; a second time is refused.
-    let (ok, out) = cluster.plinth(&["-e", &cp1.endpoint, "bootstrap"]);
+    let (ok, out) = plinth(&cluster, &["-e", &cp1.endpoint, "bootstrap"]);
     assert!(ok, "{out}");
     let err = cp1
         .client()
@@ -277,7 +169,7 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
 
     // plinth health, over the context's four nodes: every check passes.
-    let (ok, out) = cluster.plinth(&["health"]);
+    let (ok, out) = plinth(&cluster, &["health"]);
     assert!(ok, "{out}");
     assert_eq!(
         out.lines().filter(|l| l.starts_with("PASS")).count(),
@@ -288,12 +180,10 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
 
     // A key written through the cluster survives a control plane's reboot, which restarts its
     // member from its data (no join, no bootstrap) and leaves three voting members.
-    let creds = etcd::Credentials {
-        ca: cluster.etcd_ca.clone(),
-        cert: cluster.etcd_client.0.clone(),
-        key: cluster.etcd_client.1.clone(),
-    };
-    let etcd = etcd::Etcd::connect(&cluster.etcd_endpoints, &creds)
+    // A worker's etcd client certificate.
+    let worker_cluster = cluster.generated.nodes[3].cluster.clone().expect("cluster");
+    let creds = etcd::Credentials::of(&worker_cluster);
+    let etcd = etcd::Etcd::connect(&etcd::Etcd::endpoints_of(&worker_cluster), &creds)
         .await
         .expect("etcd");
     etcd.put("/plinth/test", "before the reboot")
@@ -325,7 +215,7 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
     );
 
     // The worker sees the members too (a client of the cluster), through the CLI.
-    let (ok, out) = cluster.plinth(&["-e", &worker.endpoint, "etcd", "members"]);
+    let (ok, out) = plinth(&cluster, &["-e", &worker.endpoint, "etcd", "members"]);
     assert!(ok, "{out}");
     for name in ["cp-1", "cp-2", "cp-3"] {
         assert!(out.contains(name), "{out}");
@@ -338,7 +228,7 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
     let lost_endpoint = lost.endpoint.clone();
     drop(lost);
     let started = Instant::now();
-    let (ok, out) = cluster.plinth(&["health", "--wait-timeout", "3s"]);
+    let (ok, out) = plinth(&cluster, &["health", "--wait-timeout", "3s"]);
     assert!(!ok, "{out}");
     assert!(started.elapsed() >= Duration::from_secs(3), "did not wait");
     let line = |what: &str| {
@@ -392,17 +282,20 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
             .expect_err("refused");
         assert_eq!(err.code(), code, "{id:x}: {err:?}");
     }
-    let (ok, out) = cluster.plinth(&[
-        "-e",
-        &cp1.endpoint,
-        "etcd",
-        "remove-member",
-        &format!("{:x}", id("cp-3")),
-    ]);
+    let (ok, out) = plinth(
+        &cluster,
+        &[
+            "-e",
+            &cp1.endpoint,
+            "etcd",
+            "remove-member",
+            &format!("{:x}", id("cp-3")),
+        ],
+    );
     assert!(ok, "{out}");
     // The cluster's config still names three control planes: health says which is missing.
     let rest: Vec<String> = cluster.nodes.iter().map(|n| n.endpoint.clone()).collect();
-    let (ok, out) = cluster.plinth(&["-n", &rest.join(","), "health"]);
+    let (ok, out) = plinth(&cluster, &["-n", &rest.join(","), "health"]);
     assert!(!ok, "{out}");
     assert!(
         out.lines()

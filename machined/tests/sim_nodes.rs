@@ -4,117 +4,25 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
-use config::MachineType;
-
-fn plinth_cli() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/plinth");
-    assert!(
-        p.is_file(),
-        "{} is missing: build it with cargo build -p cli (./x test does)",
-        p.display()
-    );
-    p
-}
-
-struct Cluster {
-    nodes: Vec<common::SimNode>,
-    config: tempfile::TempDir,
-}
-
-impl Cluster {
-    /// `cps` control planes and `workers` workers, each a simulated node on 127.0.0.1.
-    fn start(cps: usize, workers: usize) -> Cluster {
-        let endpoints: Vec<String> = (0..cps + workers)
-            .map(|_| {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-                format!("127.0.0.1:{}", l.local_addr().expect("addr").port())
-            })
-            .collect();
-        let nodes = endpoints
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let cp = i < cps;
-                ClusterNode {
-                    name: if cp {
-                        format!("cp-{}", i + 1)
-                    } else {
-                        format!("worker-{}", i - cps + 1)
-                    },
-                    machine_type: if cp {
-                        MachineType::Controlplane
-                    } else {
-                        MachineType::Worker
-                    },
-                    address: format!("10.5.0.{}/24", i + 2),
-                    endpoint: e.clone(),
-                    etcd_ports: (2379, 2380),
-                }
-            })
-            .collect();
-        let g = generate_cluster(&ClusterOptions {
-            cluster: "sim".into(),
-            nodes,
-            interface: "eth0".into(),
-            gateway: None,
-            trusted_keys: vec![],
-        })
-        .expect("cluster configs");
-        let ctx = g.client.context(None).expect("context").1.clone();
-        let mut configs = g.nodes.clone();
-        for c in &mut configs {
-            c.machine.services = vec![config::Service {
-                name: "pause".into(),
-                command: vec!["/sbin/machined".into(), "pause".into()],
-                depends_on: vec![],
-                environment: vec![],
-                restart: config::RestartPolicy::Always,
-                stop_timeout_s: 3,
-                health: None,
-            }];
-        }
-        let nodes = configs
-            .iter()
-            .zip(&endpoints)
-            .map(|(n, e)| common::start_configured(n, e.clone(), ctx.clone(), g.ca.clone()))
-            .collect();
-        let config = tempfile::tempdir().expect("tmp");
-        g.client
-            .save(&config.path().join("plinthconfig"))
-            .expect("client config");
-        Cluster { nodes, config }
-    }
-
-    fn endpoints(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| n.endpoint.clone())
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// Runs the CLI with this cluster's client config: (succeeded, stdout, stderr).
-    fn plinth(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(plinth_cli())
-            .env("PLINTHCONFIG", self.config.path().join("plinthconfig"))
-            .args(args)
-            .output()
-            .expect("running plinth");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
+use common::cluster::{SimCluster, Spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_named_node_answers_and_a_node_that_is_down_fails_the_run_alone() {
-    let mut cluster = Cluster::start(2, 2);
+    let mut cluster = SimCluster::start(Spec {
+        name: "sim",
+        controlplanes: 2,
+        workers: 2,
+        etcd: false,
+        services: vec![config::Service {
+            name: "pause".into(),
+            command: vec!["/sbin/machined".into(), "pause".into()],
+            depends_on: vec![],
+            environment: vec![],
+            restart: config::RestartPolicy::Always,
+            stop_timeout_s: 3,
+            health: None,
+        }],
+    });
     for n in &cluster.nodes {
         n.version_after(None).await;
     }

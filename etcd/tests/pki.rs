@@ -1,5 +1,5 @@
-//! The etcd PKI `generate_cluster` writes, used by the real etcd (Debian's `etcd-server`) and
-//! its own client (`etcdctl` from `etcd-client`): a control-plane node's member certificate
+//! The etcd PKI `generate_cluster` writes, used by the real etcd (Debian's `etcd-server`,
+//! started with [`Member`]'s command line) and its own client (`etcdctl` from `etcd-client`): a control-plane node's member certificate
 //! serves clients and peers over mutual TLS, every node's machined certificate is a client
 //! etcd accepts, and a certificate from the API's CA is refused (etcd trusts its own CA alone).
 
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
 use config::MachineType;
+use etcd::{Member, PkiFiles, Start};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -74,7 +75,7 @@ fn etcd_serves_its_members_and_machined_with_the_generated_certificates_and_no_o
         machine_type: kind,
         address: format!("127.0.0.{i}/8"),
         endpoint: format!("127.0.0.{i}"),
-        etcd_ports: (2379, 2380),
+        etcd_ports: (free_port(), free_port()),
     };
     let g = generate_cluster(&ClusterOptions {
         cluster: "pki".into(),
@@ -90,36 +91,21 @@ fn etcd_serves_its_members_and_machined_with_the_generated_certificates_and_no_o
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
     let cp = g.nodes[0].cluster.as_ref().expect("cluster");
-    let member = cp.etcd.member.as_ref().expect("member certificate");
-    let ca = write(d, "etcd-ca.crt", &cp.etcd.ca);
-    let (mcert, mkey) = (
-        write(d, "member.crt", &member.cert),
-        write(d, "member.key", &member.key),
-    );
-    let (client, peer) = (free_port(), free_port());
-    let endpoint = format!("127.0.0.1:{client}");
-    let peer_url = format!("https://127.0.0.1:{peer}");
+    let certificate = cp.etcd.member.as_ref().expect("member certificate");
+    let pki = PkiFiles::under(d);
+    let ca = write(d, "ca.crt", &cp.etcd.ca);
+    write(d, "member.crt", &certificate.cert);
+    write(d, "member.key", &certificate.key);
+    let member = Member::of("cp-1", cp, &d.join("data"), pki).expect("member");
+    let endpoint = member
+        .me
+        .client_url()
+        .trim_start_matches("https://")
+        .to_string();
     let log = std::fs::File::create(d.join("etcd.log")).expect("log");
     let _etcd = Etcd(
         Command::new(tool("etcd", "etcd-server"))
-            .args([
-                "--name=cp-1",
-                &format!("--data-dir={}", d.join("data").display()),
-                &format!("--listen-client-urls=https://{endpoint}"),
-                &format!("--advertise-client-urls=https://{endpoint}"),
-                &format!("--listen-peer-urls={peer_url}"),
-                &format!("--initial-advertise-peer-urls={peer_url}"),
-                &format!("--initial-cluster=cp-1={peer_url}"),
-                "--initial-cluster-token=pki",
-                &format!("--cert-file={mcert}"),
-                &format!("--key-file={mkey}"),
-                &format!("--trusted-ca-file={ca}"),
-                "--client-cert-auth",
-                &format!("--peer-cert-file={mcert}"),
-                &format!("--peer-key-file={mkey}"),
-                &format!("--peer-trusted-ca-file={ca}"),
-                "--peer-client-cert-auth",
-            ])
+            .args(member.args(&Start::New))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
