@@ -121,6 +121,15 @@ pub fn to_proto(e: &Event) -> proto::Event {
             action: action.clone(),
             message: message.clone(),
         }),
+        EventKind::Cluster {
+            what,
+            state,
+            message,
+        } => Payload::Cluster(proto::ClusterEvent {
+            what: what.clone(),
+            state: state.clone(),
+            message: message.clone(),
+        }),
         EventKind::Service {
             service,
             state,
@@ -230,6 +239,11 @@ pub fn from_proto(e: &proto::Event) -> Option<Event> {
             action: w.action.clone(),
             message: w.message.clone(),
         },
+        Payload::Cluster(c) => EventKind::Cluster {
+            what: c.what.clone(),
+            state: c.state.clone(),
+            message: c.message.clone(),
+        },
         Payload::Service(s) => EventKind::Service {
             service: s.service.clone(),
             state: s.state.clone(),
@@ -330,6 +344,11 @@ mod tests {
                 slot: "B".into(),
                 state: "failed".into(),
                 message: "failed before machined started".into(),
+            },
+            EventKind::Cluster {
+                what: "reboot-slot".into(),
+                state: "held".into(),
+                message: "upgrade: holds a reboot slot".into(),
             },
             EventKind::Progress {
                 sequence: "upgrade".into(),

@@ -288,6 +288,7 @@ impl Builder {
             | EventKind::Service { .. }
             | EventKind::Extension { .. }
             | EventKind::Workload { .. }
+            | EventKind::Cluster { .. }
             | EventKind::Slot { .. }
             | EventKind::Progress { .. } => {}
         }

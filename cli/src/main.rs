@@ -131,12 +131,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             | Cmd::Containers(_)
             | Cmd::Etcd(cmd::etcd::Etcd::Members(_))
             | Cmd::Health(_)
+            | Cmd::Upgrade(_)
             | Cmd::Gen(_)
     );
     if !cli.nodes.is_empty() && !fans_out {
         anyhow::bail!(
-            "-n/--nodes works with version, status, services, containers, etcd members and \
-             health so far (and is a count for gen config); this command runs on one node \
+            "-n/--nodes works with version, status, services, containers, etcd members, \
+             health and upgrade (a rolling upgrade) so far (and is a count for gen config); this command runs on one node \
              (pick it with -e)"
         );
     }

@@ -3,8 +3,11 @@
 //! [`Member`] is how a control-plane node runs its etcd member (its command line, from the
 //! node config's cluster section); [`Etcd`] is machined's client of the cluster (etcd-client
 //! over mutual TLS with the node's etcd client certificate): health by a quorum read, the
-//! member list, adding a learner, promoting and removing members.
+//! member list, adding a learner, promoting and removing members; and the fleet's reboot
+//! semaphore ([`slots`]).
 #![warn(missing_docs)]
+
+pub mod slots;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -239,6 +242,7 @@ impl Credentials {
 const CALL: Duration = Duration::from_secs(5);
 
 /// machined's client of the cluster's etcd.
+#[derive(Clone)]
 pub struct Etcd {
     client: Client,
     endpoints: String,

@@ -36,6 +36,7 @@ async fn main() {
         workers: NODES - 3,
         etcd: false,
         services: vec![],
+        tweak: common::cluster::as_generated(),
     });
     let nodes = &cluster.nodes;
     for n in nodes {

@@ -68,6 +68,7 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
         workers: 1,
         etcd: true,
         services: vec![],
+        tweak: common::cluster::as_generated(),
     });
     for n in &cluster.nodes {
         n.version_after(None).await;

@@ -22,6 +22,7 @@ async fn every_named_node_answers_and_a_node_that_is_down_fails_the_run_alone() 
             stop_timeout_s: 3,
             health: None,
         }],
+        tweak: common::cluster::as_generated(),
     });
     for n in &cluster.nodes {
         n.version_after(None).await;

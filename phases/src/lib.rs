@@ -20,6 +20,7 @@ pub mod modules;
 pub mod platform;
 pub mod power;
 pub mod reaper;
+pub mod reboot_slot;
 pub mod reset;
 pub mod runtime;
 pub mod services;

@@ -161,6 +161,16 @@ pub enum EventKind {
         /// Details: a digest, a command, an error.
         message: String,
     },
+    /// Something happened in the node's part of the cluster: a reboot slot waited for, held
+    /// or released.
+    Cluster {
+        /// What it is about (`reboot-slot`).
+        what: String,
+        /// Its state now (`waiting`, `held`, `released`).
+        state: String,
+        /// What happened.
+        message: String,
+    },
     /// A supervised service changed state.
     Service {
         /// Service name.
@@ -189,6 +199,7 @@ impl EventKind {
             EventKind::Service { .. } => "service",
             EventKind::Extension { .. } => "extension",
             EventKind::Workload { .. } => "workload",
+            EventKind::Cluster { .. } => "cluster",
             EventKind::Slot { .. } => "slot",
             EventKind::Progress { .. } => "progress",
         }

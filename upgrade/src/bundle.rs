@@ -141,9 +141,20 @@ pub fn digest(manifest_json: &[u8]) -> String {
 /// The [`digest`] of a bundle held in memory (or of a file's first bytes: the head), without
 /// checking its signature; `None` if it does not start like a bundle.
 pub fn head_digest(bundle: &[u8]) -> Option<String> {
+    head_json(bundle).map(digest)
+}
+
+fn head_json(bundle: &[u8]) -> Option<&[u8]> {
     let rest = bundle.strip_prefix(MAGIC.as_slice())?;
     let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    Some(digest(rest.get(4..4 + len)?))
+    rest.get(4..4 + len)
+}
+
+/// The manifest of a bundle (or of a file's first bytes: the head), its signature NOT checked:
+/// for a client planning which nodes need it. Every node checks it before using it.
+pub fn peek_manifest(bundle: &[u8]) -> Result<Manifest, BundleError> {
+    let json = head_json(bundle).ok_or(BundleError::BadMagic)?;
+    parse_manifest(json)
 }
 
 /// The message a bundle signature signs.

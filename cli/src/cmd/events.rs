@@ -115,6 +115,11 @@ pub fn describe(e: &Event) -> String {
             state,
             message,
         } => format!("slot {slot} {state}: {message}"),
+        EventKind::Cluster {
+            what,
+            state,
+            message,
+        } => format!("{what} {state}: {message}"),
         EventKind::Progress {
             sequence,
             what,

@@ -92,6 +92,33 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// Runs the checks over `all`'s nodes until they pass; after `timeout`, fails with the checks
+/// that did not (a rolling upgrade's gate between nodes).
+pub async fn wait_passing(all: &Target, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let checks = check(all).await?;
+        let failed: Vec<String> = checks
+            .iter()
+            .filter_map(|c| match &c.outcome {
+                Some(Err(why)) => Some(format!("{}: {why}", c.what)),
+                _ => None,
+            })
+            .collect();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "cluster health did not pass within {}s: {}",
+                timeout.as_secs(),
+                failed.join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 async fn check(all: &Target) -> anyhow::Result<Vec<Check>> {
     let replies = all
         .each(|endpoint, mut c| async move {

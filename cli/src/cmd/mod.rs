@@ -15,6 +15,7 @@ pub mod images;
 pub mod logs;
 pub mod power;
 pub mod reset;
+pub mod rollout;
 pub mod services;
 pub mod status;
 pub mod upgrade;

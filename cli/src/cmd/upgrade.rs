@@ -1,6 +1,6 @@
 //! `plinth upgrade` and `plinth rollback`.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -14,10 +14,10 @@ pub struct UpgradeArgs {
     /// The bundle (`plinth image bundle` makes one): a file, sent in the call, or an http://
     /// URL the node pulls itself.
     #[arg(long)]
-    image: String,
+    pub image: String,
     /// Write and verify it, but leave the trial to the next reboot.
     #[arg(long)]
-    stage: bool,
+    pub stage: bool,
     /// The bundle digest to insist on (`plinth image bundle` prints it): the node refuses any
     /// other bundle before writing a byte. Worth it for URLs, whose content can change.
     #[arg(long, value_name = "BLAKE3")]
@@ -29,9 +29,20 @@ pub struct UpgradeArgs {
     /// Follow the node through its reboot to the commit, or the fall back and its reason.
     #[arg(long)]
     wait: bool,
-    /// How long to wait, in seconds.
+    /// How long to wait, in seconds (per node in a rolling upgrade).
     #[arg(long, default_value_t = 900)]
-    timeout: u64,
+    pub timeout: u64,
+    /// Take a slot of the cluster's reboot semaphore first: at most this many nodes of the
+    /// cluster down at once, counting every other rollout's. With -n or --all, a rolling
+    /// upgrade (default 1).
+    #[arg(long, value_name = "K")]
+    max_unavailable: Option<u32>,
+    /// A rolling upgrade of every node of the context.
+    #[arg(long)]
+    all: bool,
+    /// With -n or --all: print the plan (which nodes, in which waves), change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -44,7 +55,7 @@ pub struct RollbackArgs {
     timeout: u64,
 }
 
-async fn boot_id(target: &Target) -> anyhow::Result<String> {
+pub(crate) async fn boot_id(target: &Target) -> anyhow::Result<String> {
     let (endpoint, mut c) = target.connect().await?;
     Ok(c.version(VersionRequest {})
         .await
@@ -54,7 +65,7 @@ async fn boot_id(target: &Target) -> anyhow::Result<String> {
 }
 
 /// Waits for a running node with a boot id other than `before`; returns its Status.
-async fn wait_back(
+pub(crate) async fn wait_back(
     target: &Target,
     before: &str,
     timeout: u64,
@@ -79,18 +90,25 @@ async fn wait_back(
     }
 }
 
-fn options(args: &UpgradeArgs, url: &str) -> UpgradeRequest {
+/// The call's first message (`max_unavailable` 0: no reboot slot taken).
+pub(crate) fn options(args: &UpgradeArgs, max_unavailable: u32) -> UpgradeRequest {
+    let url = if is_url(&args.image) { &args.image } else { "" };
     UpgradeRequest {
         msg: Some(Msg::Options(UpgradeOptions {
             stage: args.stage,
             url: url.into(),
             expected_digest: args.digest.clone().unwrap_or_default(),
             allow_downgrade: args.allow_downgrade,
+            max_unavailable,
         })),
     }
 }
 
-async fn send_url(
+pub(crate) fn is_url(image: &str) -> bool {
+    image.starts_with("http://") || image.starts_with("https://")
+}
+
+pub(crate) async fn send_url(
     target: &Target,
     url: &str,
     first: UpgradeRequest,
@@ -104,25 +122,38 @@ async fn send_url(
 }
 
 pub async fn upgrade(target: &Target, args: UpgradeArgs) -> anyhow::Result<()> {
+    if target.fans_out() || args.all {
+        return super::rollout::run(target, &args, args.max_unavailable.unwrap_or(1)).await;
+    }
+    if args.dry_run {
+        bail!("--dry-run plans a rolling upgrade: name the nodes with -n, or --all");
+    }
     let before = boot_id(target).await?;
-    let reply = if args.image.starts_with("http://") || args.image.starts_with("https://") {
-        send_url(target, &args.image, options(&args, &args.image)).await?
+    let first = options(&args, args.max_unavailable.unwrap_or(0));
+    let reply = if is_url(&args.image) {
+        send_url(target, &args.image, first).await?
     } else {
-        send_file(target, &PathBuf::from(&args.image), options(&args, "")).await?
+        send_file(target, Path::new(&args.image), first, true).await?
     };
     report(target, &before, reply, &args).await
 }
 
-async fn send_file(
+/// Sends the bundle in the call (with a progress bar when `bar`: not for many at once).
+pub(crate) async fn send_file(
     target: &Target,
-    image: &PathBuf,
+    image: &Path,
     first: UpgradeRequest,
+    bar: bool,
 ) -> anyhow::Result<api::proto::UpgradeResponse> {
     let file = tokio::fs::File::open(image)
         .await
         .with_context(|| format!("opening {}", image.display()))?;
     let size = file.metadata().await?.len();
-    let bar = crate::upload::bar(size, "sending");
+    let bar = if bar {
+        crate::upload::bar(size, "sending")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let chunks = crate::upload::chunks(file, bar.clone(), |buf| UpgradeRequest {
         msg: Some(Msg::Chunk(buf)),
     });

@@ -91,6 +91,9 @@ pub enum ApiError {
     /// containerd refused or failed.
     #[error("{0}")]
     Workload(#[from] workloads::Error),
+    /// No reboot slot of the cluster's semaphore.
+    #[error("{0}")]
+    RebootSlot(#[from] phases::reboot_slot::SlotError),
     /// Something the call needs is not there now.
     #[error("{0}")]
     Unavailable(String),
@@ -214,6 +217,15 @@ impl ApiError {
                 }
                 workloads::Error::Call { .. } => Code::Internal,
             },
+            ApiError::RebootSlot(e) => {
+                use phases::reboot_slot::SlotError;
+                match e {
+                    SlotError::NotInCluster | SlotError::Quorum(_) => Code::FailedPrecondition,
+                    SlotError::Busy | SlotError::Gone => Code::Aborted,
+                    SlotError::Etcd(_) => Code::Unavailable,
+                    SlotError::Record(_) => Code::Internal,
+                }
+            }
             ApiError::Unavailable(_) => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         }

@@ -34,6 +34,12 @@ pub async fn upgrade(
 ) -> Result<api::proto::UpgradeResponse, ApiError> {
     phases::upgrade::admit_upgrade(rt)?;
     let cfg = rt.config().ok_or(AdmitError::NoConfig)?;
+    // The slot first, before a byte is read (the source's deadlines start with it): a node
+    // refused one has changed nothing.
+    let hold = match options.max_unavailable {
+        0 => None,
+        k => Some(phases::reboot_slot::acquire(rt, k, "upgrade").await?),
+    };
     let policy = &cfg.machine.upgrade;
     let (source, what): (phases::upgrade::Source, String) = match bundle {
         BundleSource::Stream(s) => (s, "the upload".into()),
@@ -90,8 +96,14 @@ pub async fn upgrade(
             }
             Err(e) => return Err(ApiError::Internal(format!("upgrade task: {e}"))),
         }
-        Ok(!stage
-            && phases::power::request(&task_rt, SequenceKind::Reboot, Some(actor), false).is_ok())
+        if stage {
+            // Not going down now: the slot is released (dropped).
+            return Ok(false);
+        }
+        if let Some(hold) = hold {
+            hold.keep()?;
+        }
+        Ok(phases::power::request(&task_rt, SequenceKind::Reboot, Some(actor), false).is_ok())
     })
     .await
     .map_err(|e| ApiError::Internal(format!("upgrade task: {e}")))??;

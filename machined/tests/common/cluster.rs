@@ -23,6 +23,14 @@ pub struct Spec {
     pub etcd: bool,
     /// Services for every node's config.
     pub services: Vec<config::Service>,
+    /// A last word on each node's config (every node trusts [`super::signing_key`]'s
+    /// bundles already).
+    pub tweak: Box<dyn Fn(&mut config::NodeConfig)>,
+}
+
+/// A [`Spec::tweak`] that changes nothing.
+pub fn as_generated() -> Box<dyn Fn(&mut config::NodeConfig)> {
+    Box::new(|_| {})
 }
 
 /// The nodes of `spec`, each with a free API port on 127.0.0.1.
@@ -87,6 +95,10 @@ impl SimCluster {
             .map(|(n, s)| {
                 let mut n = n.clone();
                 n.machine.services = spec.services.clone();
+                n.machine.upgrade.trusted_keys = vec![upgrade::bundle::public_hex(
+                    &super::signing_key().verifying_key(),
+                )];
+                (spec.tweak)(&mut n);
                 start_configured_with(
                     &n,
                     s.endpoint.clone(),

@@ -27,6 +27,7 @@ pub async fn start_services(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     if let Some(etcd) = crate::etcd::at_boot(&ctx, &cfg).await? {
         units.push(etcd);
     }
+    crate::reboot_slot::resume(&ctx);
     units.extend(cfg.machine.services.iter().map(Unit::from));
     let logs = Path::new(crate::runtime::paths::SERVICE_LOGS);
     units.extend(
