@@ -86,6 +86,9 @@ pub const RPCS: &[&str] = &[
     "EtcdMembers",
     "EtcdLeave",
     "EtcdRemoveMember",
+    "EtcdStatus",
+    "EtcdSnapshot",
+    "EtcdRecover",
 ];
 
 /// What a node in maintenance mode (no config, no client certificates yet) answers, to anyone.
@@ -109,7 +112,7 @@ pub fn is_open_service(path: &str) -> bool {
 pub fn allowed_roles(method: &str) -> &'static [Role] {
     match method {
         "Version" | "Events" | "Status" | "ServiceList" | "ExtensionList" | "ImageList"
-        | "ContainerList" | "EtcdMembers" => READS,
+        | "ContainerList" | "EtcdMembers" | "EtcdStatus" => READS,
         // Logs can carry anything a service prints, secrets included: not for readers.
         "Reboot" | "Shutdown" | "Dmesg" | "Logs" => OPERATE,
         // Anything not listed: admin only.

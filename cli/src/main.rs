@@ -130,6 +130,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             | Cmd::Services(_)
             | Cmd::Containers(_)
             | Cmd::Etcd(cmd::etcd::Etcd::Members(_))
+            | Cmd::Etcd(cmd::etcd::Etcd::Status(_))
             | Cmd::Health(_)
             | Cmd::Upgrade(_)
             | Cmd::Gen(_)

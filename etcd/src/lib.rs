@@ -24,6 +24,9 @@ pub const DATA_DIR: &str = "/var/lib/etcd";
 pub const PKI_DIR: &str = "/run/plinth/etcd";
 /// The etcd program the extension provides.
 pub const PROGRAM: &str = "/usr/local/bin/etcd";
+/// etcd's own client, from the same extension: machined runs it only to restore a snapshot
+/// into a data directory (etcd 3.4 has no API for that; it rewrites etcd's bbolt database).
+pub const CTL_PROGRAM: &str = "/usr/local/bin/etcdctl";
 
 /// Something went wrong talking to etcd.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +134,22 @@ impl Member {
         })
     }
 
+    /// etcdctl's command line (without the program) to restore `snapshot` into `data_dir` as a
+    /// new one-member cluster of this member (etcd then starts from that directory).
+    pub fn restore_args(&self, snapshot: &Path, data_dir: &Path) -> Vec<String> {
+        let peer = self.me.peer_url();
+        vec![
+            "snapshot".into(),
+            "restore".into(),
+            snapshot.display().to_string(),
+            format!("--name={}", self.name),
+            format!("--initial-cluster={}={peer}", self.name),
+            format!("--initial-cluster-token={}", self.cluster),
+            format!("--initial-advertise-peer-urls={peer}"),
+            format!("--data-dir={}", data_dir.display()),
+        ]
+    }
+
     /// etcd's command line (without the program) to start this member as `start` says.
     pub fn args(&self, start: &Start) -> Vec<String> {
         let (client, peer) = (self.me.client_url(), self.me.peer_url());
@@ -168,6 +187,39 @@ impl Member {
             Start::Restart => {}
         }
         args
+    }
+}
+
+/// A member's own account of itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// Its id.
+    pub id: u64,
+    /// The leader's id, as it sees it.
+    pub leader: u64,
+    /// Its etcd version.
+    pub version: String,
+    /// Its database's size in bytes.
+    pub db_size: u64,
+    /// Its raft index.
+    pub raft_index: u64,
+    /// Its raft term.
+    pub raft_term: u64,
+    /// Whether it is a learner.
+    pub learner: bool,
+}
+
+/// A snapshot being read from a member.
+pub struct Snapshot {
+    stream: etcd_client::SnapshotStreaming,
+    endpoint: String,
+}
+
+impl Snapshot {
+    /// The next piece, or `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, EtcdError> {
+        let r = timed(&self.endpoint, "reading a snapshot", self.stream.message()).await?;
+        Ok(r.map(|r| r.blob().to_vec()))
     }
 }
 
@@ -285,6 +337,34 @@ impl Etcd {
         let mut client = Etcd::client_at(client_url, creds).await?;
         let status = timed(client_url, "asking its status", client.status()).await?;
         Ok(status.header().map(|h| h.member_id()).unwrap_or_default())
+    }
+
+    /// The member's own status at `client_url` (a learner too).
+    pub async fn status_at(
+        client_url: &str,
+        creds: &Credentials,
+    ) -> Result<MemberStatus, EtcdError> {
+        let mut client = Etcd::client_at(client_url, creds).await?;
+        let s = timed(client_url, "asking its status", client.status()).await?;
+        Ok(MemberStatus {
+            id: s.header().map(|h| h.member_id()).unwrap_or_default(),
+            leader: s.leader(),
+            version: s.version().into(),
+            db_size: u64::try_from(s.db_size()).unwrap_or_default(),
+            raft_index: s.raft_index(),
+            raft_term: s.raft_term(),
+            learner: s.is_learner(),
+        })
+    }
+
+    /// A snapshot of the keyspace from the member at `client_url` (etcd appends its SHA-256).
+    pub async fn snapshot_at(client_url: &str, creds: &Credentials) -> Result<Snapshot, EtcdError> {
+        let mut client = Etcd::client_at(client_url, creds).await?;
+        let stream = timed(client_url, "starting a snapshot", client.snapshot()).await?;
+        Ok(Snapshot {
+            stream,
+            endpoint: client_url.into(),
+        })
     }
 
     /// Whether a member answers at `client_url` (a learner too).

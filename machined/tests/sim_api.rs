@@ -125,13 +125,28 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
         ),
         "GetConfiguration" => code(c.get_configuration(GetConfigurationRequest {}).await),
         // Refused after authorization: a standalone node runs no etcd and is in no cluster.
-        "Bootstrap" => code(c.bootstrap(api::proto::BootstrapRequest {}).await),
+        "Bootstrap" => code(c.bootstrap(api::proto::BootstrapRequest::default()).await),
         "EtcdMembers" => code(c.etcd_members(api::proto::EtcdMembersRequest {}).await),
         "EtcdLeave" => code(c.etcd_leave(api::proto::EtcdLeaveRequest {}).await),
         "EtcdRemoveMember" => code(
             c.etcd_remove_member(api::proto::EtcdRemoveMemberRequest { id: 1 })
                 .await,
         ),
+        "EtcdStatus" => code(c.etcd_status(api::proto::EtcdStatusRequest {}).await),
+        "EtcdSnapshot" => code(c.etcd_snapshot(api::proto::EtcdSnapshotRequest {}).await),
+        // Refused after authorization: no control plane waits for a bootstrap here.
+        "EtcdRecover" => {
+            use api::proto::etcd_recover_request::Msg;
+            let msgs = vec![
+                api::proto::EtcdRecoverRequest {
+                    msg: Some(Msg::Options(api::proto::EtcdRecoverOptions::default())),
+                },
+                api::proto::EtcdRecoverRequest {
+                    msg: Some(Msg::Chunk(b"not a snapshot".to_vec())),
+                },
+            ];
+            code(c.etcd_recover(tokio_stream::iter(msgs)).await)
+        }
         "Reboot" => code(c.reboot(RebootRequest {}).await),
         "Shutdown" => code(c.shutdown(ShutdownRequest { force: false }).await),
         other => panic!("no call for {other}"),
@@ -139,11 +154,14 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
 }
 
 /// The RPCs in the order they are walked: the ones that end the boot last.
-const ORDER: [&str; 22] = [
+const ORDER: [&str; 25] = [
     "ApplyConfiguration",
     "GetConfiguration",
     "Bootstrap",
     "EtcdMembers",
+    "EtcdStatus",
+    "EtcdSnapshot",
+    "EtcdRecover",
     "EtcdLeave",
     "EtcdRemoveMember",
     "Reset",

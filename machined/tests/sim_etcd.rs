@@ -100,7 +100,7 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
     let err = worker
         .client()
         .await
-        .bootstrap(BootstrapRequest {})
+        .bootstrap(BootstrapRequest::default())
         .await
         .expect_err("a worker");
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
@@ -111,7 +111,7 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
     let err = cp1
         .client()
         .await
-        .bootstrap(BootstrapRequest {})
+        .bootstrap(BootstrapRequest::default())
         .await
         .expect_err("twice");
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
@@ -164,7 +164,7 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
     let err = cluster.nodes[1]
         .client()
         .await
-        .bootstrap(BootstrapRequest {})
+        .bootstrap(BootstrapRequest::default())
         .await
         .expect_err("joined");
     assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");

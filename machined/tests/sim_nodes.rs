@@ -63,7 +63,7 @@ async fn every_named_node_answers_and_a_node_that_is_down_fails_the_run_alone() 
     let err = cluster.nodes[0]
         .client()
         .await
-        .bootstrap(api::proto::BootstrapRequest {})
+        .bootstrap(api::proto::BootstrapRequest::default())
         .await
         .expect_err("no etcd program");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");

@@ -49,6 +49,9 @@ pub enum BootstrapError {
     /// There is a cluster already.
     #[error("etcd is already bootstrapped: {0}")]
     AlreadyBootstrapped(String),
+    /// The snapshot to recover from is not one (too large, cut short, refused by etcdctl).
+    #[error("the snapshot: {0}")]
+    BadSnapshot(String),
 }
 
 /// This node's member and machined's credentials, if the config makes it a control plane.
@@ -341,8 +344,79 @@ async fn start_over(rt: &Arc<Runtime>, member: Member, credentials: Credentials,
     spawn_join(rt.clone(), member, credentials, cfg);
 }
 
-/// `plinth bootstrap`: starts a new one-member cluster on this control plane.
-pub async fn bootstrap(rt: &Arc<Runtime>) -> Result<(), BootstrapError> {
+/// Where an uploaded snapshot waits for `plinth bootstrap --recover-from` (EPHEMERAL).
+pub const SNAPSHOT: &str = "/var/lib/etcd-recover/snapshot.db";
+/// The largest snapshot taken: etcd's own ceiling for its database is 8 GiB.
+pub const MAX_SNAPSHOT: u64 = 8 << 30;
+
+/// Keeps an uploaded snapshot for a recovering bootstrap: only on a control plane that waits
+/// for its bootstrap (the checks [`bootstrap`] makes), bounded by [`MAX_SNAPSHOT`] and by
+/// EPHEMERAL's free space, written beside its place and renamed there once whole.
+pub async fn keep_snapshot(
+    rt: &Arc<Runtime>,
+    size: u64,
+    mut snapshot: impl tokio::io::AsyncRead + Unpin,
+) -> Result<u64, BootstrapError> {
+    use tokio::io::AsyncWriteExt;
+    let state = rt.etcd.lock().await;
+    ready_to_bootstrap(rt, &state).await?;
+    let path = rt.platform.host_path(Path::new(SNAPSHOT));
+    let io = |e: std::io::Error| BootstrapError::NotReady(format!("writing {SNAPSHOT}: {e}"));
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let free = rt
+        .platform
+        .free_bytes(Path::new(crate::runtime::paths::EPHEMERAL))
+        .map_err(|e| BootstrapError::NotReady(e.to_string()))?;
+    let cap = MAX_SNAPSHOT.min(free);
+    if size > cap {
+        return Err(BootstrapError::BadSnapshot(format!(
+            "{size} bytes: this node takes at most {cap} (etcd's ceiling, or EPHEMERAL's free space)"
+        )));
+    }
+    let part = path.with_extension("part");
+    let mut file = tokio::fs::File::create(&part).await.map_err(io)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    let copied: Result<(), BootstrapError> = async {
+        loop {
+            let n = tokio::io::AsyncReadExt::read(&mut snapshot, &mut buf)
+                .await
+                .map_err(|e| BootstrapError::BadSnapshot(format!("the upload broke off: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+            if written > cap {
+                return Err(BootstrapError::BadSnapshot(format!(
+                    "more than {cap} bytes (etcd's ceiling, or EPHEMERAL's free space)"
+                )));
+            }
+            file.write_all(&buf[..n]).await.map_err(io)?;
+        }
+        if size != 0 && written != size {
+            return Err(BootstrapError::BadSnapshot(format!(
+                "{written} bytes arrived of the {size} announced"
+            )));
+        }
+        file.sync_all().await.map_err(io)?;
+        std::fs::rename(&part, &path).map_err(io)
+    }
+    .await;
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&part);
+        return Err(e);
+    }
+    drop(state);
+    Ok(written)
+}
+
+/// What a bootstrap (and a snapshot upload for one) needs: a control plane that waits, with
+/// no data, and no cluster answering on the other control planes. Returns its member.
+async fn ready_to_bootstrap(
+    rt: &Arc<Runtime>,
+    state: &EtcdState,
+) -> Result<(Member, Credentials, NodeConfig), BootstrapError> {
     let cfg = rt
         .config()
         .ok_or_else(|| BootstrapError::NotReady("no node config loaded".into()))?;
@@ -352,7 +426,6 @@ pub async fn bootstrap(rt: &Arc<Runtime>) -> Result<(), BootstrapError> {
         Ok(None) => return Err(BootstrapError::NotControlPlane(kind.as_str())),
         Err(e) => return Err(BootstrapError::NotReady(e)),
     };
-    let mut state = rt.etcd.lock().await;
     match *state {
         EtcdState::Off => {
             return Err(BootstrapError::NotReady(
@@ -399,8 +472,80 @@ pub async fn bootstrap(rt: &Arc<Runtime>) -> Result<(), BootstrapError> {
             names.join(", ")
         )));
     }
-    rt.services
-        .start(&[unit(&member, &credentials, &Start::New)]);
+    Ok((member, credentials, cfg))
+}
+
+/// Restores the uploaded snapshot into the data directory with etcdctl, as a one-member
+/// cluster of this node: into a directory beside the data, moved into place once whole, so a
+/// failed restore leaves no data behind (the node still waits for a bootstrap).
+async fn restore(rt: &Arc<Runtime>, member: &Member) -> Result<(), BootstrapError> {
+    let host = |p: &str| rt.platform.host_path(Path::new(p));
+    let snapshot = host(SNAPSHOT);
+    if !snapshot.is_file() {
+        return Err(BootstrapError::NotReady(
+            "no snapshot was uploaded (plinth bootstrap --recover-from FILE uploads it)".into(),
+        ));
+    }
+    if !host(etcd::CTL_PROGRAM).is_file() {
+        return Err(BootstrapError::NotReady(format!(
+            "{} is missing: the etcd extension is not installed",
+            etcd::CTL_PROGRAM
+        )));
+    }
+    let data = host(etcd::DATA_DIR);
+    let scratch = data.join("restore");
+    let _ = std::fs::remove_dir_all(&scratch);
+    let mut argv = vec![etcd::CTL_PROGRAM.to_string()];
+    argv.extend(member.restore_args(&snapshot, &scratch));
+    let log = Path::new("/run/plinth/etcd-restore.log");
+    let run = async {
+        let (pid, exit) = rt
+            .reaper
+            .spawn(|| rt.platform.spawn(&argv, &["ETCDCTL_API=3".into()], log))
+            .map_err(|e| BootstrapError::NotReady(format!("starting etcdctl: {e}")))?;
+        let exit = exit.await.map_err(|_| {
+            BootstrapError::NotReady(format!("lost the exit of etcdctl (pid {pid})"))
+        })?;
+        if !exit.success() {
+            let out = rt
+                .platform
+                .read(log)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            let last = out
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            return Err(BootstrapError::BadSnapshot(format!(
+                "etcdctl snapshot restore: {exit}: {}",
+                last.trim()
+            )));
+        }
+        std::fs::rename(scratch.join("member"), data.join("member")).map_err(|e| {
+            BootstrapError::NotReady(format!("moving the restored data into place: {e}"))
+        })
+    };
+    let result = run.await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    if result.is_ok() {
+        let _ = std::fs::remove_file(&snapshot);
+    }
+    result
+}
+
+/// `plinth bootstrap`: starts a new one-member cluster on this control plane, empty or (with
+/// `recover`) from the uploaded snapshot.
+pub async fn bootstrap(rt: &Arc<Runtime>, recover: bool) -> Result<(), BootstrapError> {
+    let mut state = rt.etcd.lock().await;
+    let (member, credentials, _) = ready_to_bootstrap(rt, &state).await?;
+    let start = if recover {
+        restore(rt, &member).await?;
+        Start::Restart
+    } else {
+        Start::New
+    };
+    rt.services.start(&[unit(&member, &credentials, &start)]);
     *state = EtcdState::Started;
     Ok(())
 }

@@ -25,7 +25,7 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 /// The methods whose request is an upload (a bundle, an image archive): no cap on the body's
 /// size and no request deadline (their handlers bound both), and at most
 /// [`Limits::max_upgrades`] of them open at once.
-const UPLOADS: &[&str] = &["Upgrade", "ImageImport"];
+const UPLOADS: &[&str] = &["Upgrade", "ImageImport", "EtcdRecover"];
 
 /// A debug session: its request body is the program's stdin for as long as it runs, so it has
 /// no cap on the body's size (tonic caps each message) and at most [`Limits::max_debug_sessions`]
@@ -62,7 +62,7 @@ impl StreamCaps {
             return Some((&self.open_services, "health or reflection"));
         }
         match method {
-            m if UPLOADS.contains(&m) => Some((&self.upgrade, "Upgrade or ImageImport")),
+            m if UPLOADS.contains(&m) => Some((&self.upgrade, "upload")),
             DEBUG => Some((&self.debug, DEBUG)),
             "Events" => Some((&self.events, "Events")),
             "Dmesg" => Some((&self.dmesg, "Dmesg")),
@@ -191,7 +191,7 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for Authorize {
                     let status = Status::resource_exhausted(format!(
                         "too many {name} calls are open on this node ({}): try again later",
                         match name {
-                            "Upgrade or ImageImport" => self.limits.max_upgrades,
+                            "upload" => self.limits.max_upgrades,
                             DEBUG => self.limits.max_debug_sessions,
                             "Events" => self.limits.max_event_streams,
                             "Dmesg" => self.limits.max_dmesg_streams,

@@ -91,8 +91,20 @@ pub trait Node: Send + Sync + 'static {
     ) -> Result<DebugOutput, Status>;
     /// Starts a rollback to the other slot.
     fn rollback(&self, actor: String) -> Result<(), Status>;
-    /// Starts a new etcd cluster on this control plane.
-    async fn bootstrap(&self, actor: String) -> Result<(), Status>;
+    /// Starts a new etcd cluster on this control plane (from the uploaded snapshot when
+    /// `recover`).
+    async fn bootstrap(&self, actor: String, recover: bool) -> Result<(), Status>;
+    /// Every etcd member's own status.
+    async fn etcd_status(&self) -> Result<proto::EtcdStatusResponse, Status>;
+    /// A snapshot of etcd's keyspace, streamed.
+    async fn etcd_snapshot(&self, actor: String) -> Result<SnapshotStream, Status>;
+    /// Keeps an uploaded snapshot for a recovering bootstrap.
+    async fn etcd_recover(
+        &self,
+        actor: String,
+        options: proto::EtcdRecoverOptions,
+        snapshot: BundleStream,
+    ) -> Result<proto::EtcdRecoverResponse, Status>;
     /// The etcd cluster's members.
     async fn etcd_members(&self) -> Result<proto::EtcdMembersResponse, Status>;
     /// Takes this control plane out of the etcd cluster.
@@ -118,6 +130,10 @@ pub trait Node: Send + Sync + 'static {
 
 /// Log lines for `Dmesg` and `Logs`.
 pub type LineStream = Pin<Box<dyn Stream<Item = Result<proto::LogLine, Status>> + Send>>;
+
+/// An etcd snapshot's chunks.
+pub type SnapshotStream =
+    Pin<Box<dyn Stream<Item = Result<proto::EtcdSnapshotChunk, Status>> + Send>>;
 
 /// A `Debug` call's messages after its options.
 pub type DebugInput = Pin<Box<dyn Stream<Item = Result<proto::DebugRequest, Status>> + Send>>;

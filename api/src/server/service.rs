@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     denied_status, Admission, BundleSource, BundleStream, DebugOutput, Limits, LineStream, Node,
+    SnapshotStream,
 };
 use crate::convert::to_proto;
 use crate::proto::machine_server::{Machine, MachineServer};
@@ -172,10 +173,41 @@ impl<N: Node> Machine for MachineService<N> {
 
     async fn bootstrap(
         &self,
-        _: Request<proto::BootstrapRequest>,
+        request: Request<proto::BootstrapRequest>,
     ) -> Result<Response<proto::BootstrapResponse>, Status> {
-        self.node.bootstrap(Controller::new_actor()).await?;
+        let recover = request.into_inner().recover_etcd;
+        self.node
+            .bootstrap(Controller::new_actor(), recover)
+            .await?;
         Ok(Response::new(proto::BootstrapResponse {}))
+    }
+
+    async fn etcd_status(
+        &self,
+        _: Request<proto::EtcdStatusRequest>,
+    ) -> Result<Response<proto::EtcdStatusResponse>, Status> {
+        Ok(Response::new(self.node.etcd_status().await?))
+    }
+
+    type EtcdSnapshotStream = SnapshotStream;
+
+    async fn etcd_snapshot(
+        &self,
+        _: Request<proto::EtcdSnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        Ok(Response::new(
+            self.node.etcd_snapshot(Controller::new_actor()).await?,
+        ))
+    }
+
+    async fn etcd_recover(
+        &self,
+        request: Request<tonic::Streaming<proto::EtcdRecoverRequest>>,
+    ) -> Result<Response<proto::EtcdRecoverResponse>, Status> {
+        let (options, snapshot) = upload(request.into_inner(), "EtcdRecover").await?;
+        let actor = Controller::new_actor();
+        let reply = self.node.etcd_recover(actor, options, snapshot).await?;
+        Ok(Response::new(reply))
     }
 
     async fn etcd_members(
@@ -313,6 +345,18 @@ impl UploadMessage for proto::UpgradeRequest {
     type Options = proto::UpgradeOptions;
     fn part(self) -> (Option<Self::Options>, Option<Vec<u8>>) {
         use proto::upgrade_request::Msg;
+        match self.msg {
+            Some(Msg::Options(o)) => (Some(o), None),
+            Some(Msg::Chunk(c)) => (None, Some(c)),
+            None => (None, None),
+        }
+    }
+}
+
+impl UploadMessage for proto::EtcdRecoverRequest {
+    type Options = proto::EtcdRecoverOptions;
+    fn part(self) -> (Option<Self::Options>, Option<Vec<u8>>) {
+        use proto::etcd_recover_request::Msg;
         match self.msg {
             Some(Msg::Options(o)) => (Some(o), None),
             Some(Msg::Chunk(c)) => (None, Some(c)),

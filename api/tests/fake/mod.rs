@@ -117,7 +117,21 @@ impl Node for FakeNode {
     fn rollback(&self, _: String) -> Result<(), tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
-    async fn bootstrap(&self, _: String) -> Result<(), tonic::Status> {
+    async fn bootstrap(&self, _: String, _: bool) -> Result<(), tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    async fn etcd_status(&self) -> Result<api::proto::EtcdStatusResponse, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    async fn etcd_snapshot(&self, _: String) -> Result<api::server::SnapshotStream, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+    async fn etcd_recover(
+        &self,
+        _: String,
+        _: api::proto::EtcdRecoverOptions,
+        _: api::server::BundleStream,
+    ) -> Result<api::proto::EtcdRecoverResponse, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
     async fn etcd_members(&self) -> Result<api::proto::EtcdMembersResponse, tonic::Status> {

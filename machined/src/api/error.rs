@@ -132,6 +132,7 @@ impl ApiError {
                 phases::etcd::BootstrapError::NotControlPlane(_) => Code::Unimplemented,
                 phases::etcd::BootstrapError::NotReady(_) => Code::FailedPrecondition,
                 phases::etcd::BootstrapError::AlreadyBootstrapped(_) => Code::AlreadyExists,
+                phases::etcd::BootstrapError::BadSnapshot(_) => Code::InvalidArgument,
             },
             ApiError::Member(e) => match e {
                 phases::etcd::MemberError::NotReady(_) | phases::etcd::MemberError::Own(_) => {

@@ -210,8 +210,28 @@ impl api::server::Node for NodeApi {
         Ok(upgrade::rollback(&self.runtime, actor)?)
     }
 
-    async fn bootstrap(&self, actor: String) -> Result<(), tonic::Status> {
-        Ok(cluster::bootstrap(&self.runtime, actor).await?)
+    async fn bootstrap(&self, actor: String, recover: bool) -> Result<(), tonic::Status> {
+        Ok(cluster::bootstrap(&self.runtime, actor, recover).await?)
+    }
+
+    async fn etcd_status(&self) -> Result<api::proto::EtcdStatusResponse, tonic::Status> {
+        Ok(cluster::status(&self.runtime).await?)
+    }
+
+    async fn etcd_snapshot(
+        &self,
+        actor: String,
+    ) -> Result<api::server::SnapshotStream, tonic::Status> {
+        Ok(cluster::snapshot(&self.runtime, actor).await?)
+    }
+
+    async fn etcd_recover(
+        &self,
+        actor: String,
+        options: api::proto::EtcdRecoverOptions,
+        snapshot: api::server::BundleStream,
+    ) -> Result<api::proto::EtcdRecoverResponse, tonic::Status> {
+        Ok(cluster::recover(&self.runtime, actor, options, snapshot).await?)
     }
 
     async fn etcd_members(&self) -> Result<api::proto::EtcdMembersResponse, tonic::Status> {

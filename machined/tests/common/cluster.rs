@@ -109,6 +109,9 @@ impl SimCluster {
                             let bin = m.join("usr-local/bin");
                             std::fs::create_dir_all(&bin).expect("mkdir");
                             std::os::unix::fs::symlink(etcd, bin.join("etcd")).expect("link etcd");
+                            let ctl = etcd.with_file_name("etcdctl");
+                            std::os::unix::fs::symlink(ctl, bin.join("etcdctl"))
+                                .expect("link etcdctl");
                         }
                     },
                 )
@@ -164,6 +167,45 @@ pub fn plinth_cli() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Runs Debian's `etcdctl` against the cluster with a node's etcd client certificate:
+/// (succeeded, stdout and stderr).
+pub fn etcdctl(cluster: &config::node::Cluster, args: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = |name: &str, pem: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).expect("pem");
+        p.display().to_string()
+    };
+    let endpoints: Vec<String> = cluster
+        .controlplanes
+        .iter()
+        .map(|m| m.client_url())
+        .collect();
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .arg(format!("--cacert={}", file("ca.crt", &cluster.etcd.ca)))
+        .arg(format!(
+            "--cert={}",
+            file("client.crt", &cluster.etcd.client.cert)
+        ))
+        .arg(format!(
+            "--key={}",
+            file("client.key", &cluster.etcd.client.key)
+        ))
+        .args(args)
+        .output()
+        .expect("etcdctl is missing: apt-get install etcd-client (./x test does)");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// The host's etcd (Debian's etcd-server).
