@@ -192,7 +192,7 @@ async fn reboot_with(f: &Fixture, id: Option<&Identity>) -> Result<(), String> {
         let mut c = client::connect(&endpoint(f), tls)
             .await
             .map_err(|e| e.to_string())?;
-        c.reboot(api::proto::RebootRequest {})
+        c.reboot(api::proto::RebootRequest::default())
             .await
             .map(drop)
             .map_err(|s| client::describe_status(&s))

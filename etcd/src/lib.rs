@@ -134,6 +134,23 @@ impl Member {
         })
     }
 
+    /// Where the member serves clients: every address of the node, as Talos does (machined and
+    /// etcdctl on the node itself, and clients forwarded in, reach it at 127.0.0.1; its
+    /// certificate names 127.0.0.1 too); only its own when that is a loopback address (members
+    /// sharing one machine, as simulated nodes do).
+    pub fn listen_client_url(&self) -> String {
+        let loopback = self
+            .me
+            .address
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+        if loopback {
+            self.me.client_url()
+        } else {
+            format!("https://0.0.0.0:{}", self.me.client_port)
+        }
+    }
+
     /// etcdctl's command line (without the program) to restore `snapshot` into `data_dir` as a
     /// new one-member cluster of this member (etcd then starts from that directory).
     pub fn restore_args(&self, snapshot: &Path, data_dir: &Path) -> Vec<String> {
@@ -157,7 +174,7 @@ impl Member {
         let mut args = vec![
             format!("--name={}", self.name),
             format!("--data-dir={}", p(&self.data_dir)),
-            format!("--listen-client-urls={client}"),
+            format!("--listen-client-urls={}", self.listen_client_url()),
             format!("--advertise-client-urls={client}"),
             format!("--listen-peer-urls={peer}"),
             format!("--initial-advertise-peer-urls={peer}"),

@@ -41,6 +41,13 @@ pub const RUNTIME_DEBS: &[&str] = &["containerd", "runc", "libseccomp2"];
 /// package (ctr, the v1 shims) would be 40 MB that nothing on a node without a shell runs.
 pub const RUNTIME_PROGRAMS: &[&str] = &["containerd", "containerd-shim-runc-v2", "runc"];
 
+/// Debian's packages the etcd extension is made of: the server and its own client (machined
+/// runs `etcdctl snapshot restore` for a recovering bootstrap).
+pub const ETCD_DEBS: &[&str] = &["etcd-server", "etcd-client"];
+
+/// The programs of [`ETCD_DEBS`] the etcd extension keeps.
+pub const ETCD_PROGRAMS: &[&str] = &["etcd", "etcdctl"];
+
 /// Where a file unpacked from a package goes in the extension, if it goes in: programs to
 /// `usr/local/bin`, shared libraries to `usr/local/lib`.
 fn placed(rel: &Path) -> Option<PathBuf> {

@@ -147,7 +147,7 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
             ];
             code(c.etcd_recover(tokio_stream::iter(msgs)).await)
         }
-        "Reboot" => code(c.reboot(RebootRequest {}).await),
+        "Reboot" => code(c.reboot(RebootRequest::default()).await),
         "Shutdown" => code(c.shutdown(ShutdownRequest { force: false }).await),
         other => panic!("no call for {other}"),
     }

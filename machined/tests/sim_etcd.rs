@@ -194,7 +194,7 @@ async fn control_planes_wait_one_is_bootstrapped_and_the_others_join_and_are_pro
     let before = cp2.version_after(None).await.boot_id;
     cp2.client()
         .await
-        .reboot(api::proto::RebootRequest {})
+        .reboot(api::proto::RebootRequest::default())
         .await
         .expect("reboot");
     cp2.version_after(Some(&before)).await;

@@ -72,7 +72,15 @@ impl Watch {
 
     /// The most nodes that held a slot at one moment, and how many times a node had to wait.
     fn most_held(&self) -> (usize, usize) {
-        let map = self.0.lock().expect("watch").clone();
+        self.most_held_since(0)
+    }
+
+    /// [`Watch::most_held`], counting only events since `since` (unix ms).
+    fn most_held_since(&self, since: u64) -> (usize, usize) {
+        let mut map = self.0.lock().expect("watch").clone();
+        for events in map.values_mut() {
+            events.retain(|(ms, _)| *ms >= since);
+        }
         let mut points: Vec<(u64, i32)> = Vec::new();
         let mut waits = 0;
         for events in map.values() {
@@ -104,6 +112,14 @@ impl Watch {
             most = most.max(now);
         }
         (most as usize, waits)
+    }
+
+    /// Nodes that said they released a slot since `since` (unix ms).
+    fn released_since(&self, since: u64) -> usize {
+        let map = self.0.lock().expect("watch");
+        map.values()
+            .filter(|ev| ev.iter().any(|(ms, s)| *ms >= since && s == "released"))
+            .count()
     }
 
     /// Nodes that said they hold a slot since `since` (unix ms).
@@ -291,5 +307,66 @@ async fn rolling_upgrades_of_twenty_nodes_keep_within_k_and_stop_at_a_failed_tri
     );
     let (most, _) = watch.most_held();
     assert!(most <= 3, "{most} slots held at once");
+
+    // Coordinated reboots of four workers asked at once with K=1: each answers at once and
+    // reboots when its turn comes, one at a time.
+    let since = unix_ms();
+    let mut before = Vec::new();
+    for n in &cluster.nodes[3..7] {
+        before.push(n.version_after(None).await.boot_id);
+        let (ok, out, err) =
+            cluster.plinth(&["-e", &n.endpoint, "reboot", "--max-unavailable", "1"]);
+        assert!(ok, "{out}{err}");
+    }
+    for (n, b) in cluster.nodes[3..7].iter().zip(&before) {
+        n.version_after(Some(b)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (most, waits) = watch.most_held_since(since);
+        let released = watch.released_since(since);
+        if released == 4 {
+            assert_eq!(most, 1, "coordinated reboots with K=1 overlapped");
+            assert!(waits > 0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{released} of 4 reboots released their slot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(gate);
+}
+
+#[tokio::test]
+async fn a_node_outside_a_cluster_refuses_a_coordinated_reboot_or_upgrade_and_changes_nothing() {
+    let node = common::start(vec![], &[]);
+    let v = node.version_after(None).await;
+    let err = node
+        .client()
+        .await
+        .reboot(api::proto::RebootRequest { max_unavailable: 1 })
+        .await
+        .expect_err("no cluster");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not in a cluster"), "{err:?}");
+    let err = node
+        .upgrade_with(
+            &sim_bundle("2.0-alone", &[]),
+            api::proto::UpgradeOptions {
+                max_unavailable: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("no cluster");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert_eq!(node.version_after(None).await.boot_id, v.boot_id);
+    let s = node.status().await;
+    assert!(
+        s.slots.iter().all(|x| x.slot == "A" || x.state == "empty"),
+        "{:?}",
+        s.slots
+    );
 }

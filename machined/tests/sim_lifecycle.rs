@@ -55,7 +55,7 @@ async fn reboot_during_boot_cancels_the_boot_and_the_reboot_wins() {
     );
     let before = status.boot_id;
     let actor = c
-        .reboot(RebootRequest {})
+        .reboot(RebootRequest::default())
         .await
         .expect("reboot is admitted")
         .into_inner()
@@ -95,7 +95,7 @@ async fn reboot_returns_with_a_new_boot_id_and_the_teardown_in_order() {
     let node = start(vec![], &[]);
     let v = node.version_after(None).await;
     let mut c = node.client().await;
-    c.reboot(RebootRequest {}).await.expect("reboot");
+    c.reboot(RebootRequest::default()).await.expect("reboot");
     let v2 = node.version_after(Some(&v.boot_id)).await;
     assert_ne!(v2.boot_id, v.boot_id);
     let console = node.console();
@@ -142,9 +142,11 @@ async fn a_second_reboot_is_refused_while_the_first_runs_and_names_it() {
     let node = start(vec![stubborn], &[]);
     node.version_after(None).await;
     let mut c = node.client().await;
-    c.reboot(RebootRequest {}).await.expect("first reboot");
+    c.reboot(RebootRequest::default())
+        .await
+        .expect("first reboot");
     let err = c
-        .reboot(RebootRequest {})
+        .reboot(RebootRequest::default())
         .await
         .expect_err("second refused");
     assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");

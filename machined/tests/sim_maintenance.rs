@@ -37,7 +37,10 @@ async fn a_node_without_config_waits_in_maintenance_mode_and_boots_once_given_on
     .expect("events are served");
     // ... but nothing else.
     for code in [
-        c.reboot(RebootRequest {}).await.err().map(|s| s.code()),
+        c.reboot(RebootRequest::default())
+            .await
+            .err()
+            .map(|s| s.code()),
         c.service_list(ServiceListRequest {})
             .await
             .err()

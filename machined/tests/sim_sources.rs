@@ -148,7 +148,10 @@ async fn a_reboot_or_a_reset_may_take_over_an_upgrade_writing_the_slot() {
         writing(&node).await;
         let mut c = node.client().await;
         let accepted = match take_over {
-            "reboot" => c.reboot(api::proto::RebootRequest {}).await.map(|_| ()),
+            "reboot" => c
+                .reboot(api::proto::RebootRequest::default())
+                .await
+                .map(|_| ()),
             _ => c
                 .reset(ResetRequest {
                     graceful: true,

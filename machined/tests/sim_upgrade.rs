@@ -208,7 +208,7 @@ async fn an_upgrade_is_refused_at_once_while_a_reboot_runs_and_names_it() {
     let node = start(vec![stubborn], &[]);
     node.version_after(None).await;
     let mut c = node.client().await;
-    c.reboot(RebootRequest {}).await.expect("reboot");
+    c.reboot(RebootRequest::default()).await.expect("reboot");
     let err = node
         .upgrade(&sim_bundle("2.0-sim", &[]), false)
         .await
@@ -257,7 +257,7 @@ async fn a_staged_upgrade_waits_for_the_next_reboot_and_rollback_returns_to_the_
     );
 
     // The next reboot is B's trial, and B commits.
-    c.reboot(RebootRequest {}).await.expect("reboot");
+    c.reboot(RebootRequest::default()).await.expect("reboot");
     let v2 = node.running_on("B", &v1.boot_id).await;
     assert_eq!(node.status().await.committed, "B");
 
@@ -306,7 +306,7 @@ async fn a_root_changed_after_a_staged_write_fails_its_trial_in_dm_verity_and_a_
     let v2 = node.running_on("A", &v1.boot_id).await;
     // The reboot arms the staged trial; dm-verity refuses B's root; the firmware falls back.
     let mut c = node.client().await;
-    c.reboot(RebootRequest {}).await.expect("reboot");
+    c.reboot(RebootRequest::default()).await.expect("reboot");
     let v3 = node.running_on("A", &v2.boot_id).await;
     assert_eq!(v3.slot, "A");
     let s = node.status().await;

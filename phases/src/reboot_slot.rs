@@ -160,10 +160,27 @@ fn spawn_renew(cluster: Cluster, lease: i64) -> tokio::task::JoinHandle<()> {
 /// refused when etcd could not spare it. The node's key is in the queue from the first
 /// moment, so it is served in turn; dropping the future (the caller hung up) releases it.
 pub async fn acquire(rt: &Arc<Runtime>, k: u32, reason: &str) -> Result<Hold, SlotError> {
+    enqueue(rt, k, reason).await?.wait().await
+}
+
+/// A node's place in the queue, not yet a slot: [`Queued::wait`] waits for one. Dropped, it
+/// leaves the queue.
+pub struct Queued {
+    hold: Hold,
+    k: u32,
+    spare: u32,
+    controlplane: bool,
+    reason: String,
+    cluster: Cluster,
+}
+
+/// The first half of [`acquire`]: the checks and the key in the queue, quickly (a caller
+/// that must answer soon, like `Reboot`, waits for the slot on a task of its own).
+pub async fn enqueue(rt: &Arc<Runtime>, k: u32, reason: &str) -> Result<Queued, SlotError> {
     let (node, controlplane, cluster) = cluster(rt)?;
     let busy = BUSY.clone().try_lock_owned().map_err(|_| SlotError::Busy)?;
     let creds = Credentials::of(&cluster);
-    let mut etcd = connect(&cluster).await?;
+    let etcd = connect(&cluster).await?;
     let spare = if controlplane {
         spare_controlplanes(&etcd, &creds).await?
     } else {
@@ -177,65 +194,100 @@ pub async fn acquire(rt: &Arc<Runtime>, k: u32, reason: &str) -> Result<Hold, Sl
         max_unavailable: k,
     };
     etcd.enqueue(&claim, lease).await?;
-    let mut hold = Hold {
+    let hold = Hold {
         rt: rt.clone(),
-        node: node.clone(),
+        node,
         lease,
-        etcd: etcd.clone(),
+        etcd,
         renew: spawn_renew(cluster.clone(), lease),
         kept: false,
         _busy: busy,
     };
-    let mut said: Option<Vec<String>> = None;
-    let mut reachable = Instant::now();
-    loop {
-        match etcd.standing(&node, k, spare).await {
-            Ok(Standing::Held) => break,
-            Ok(Standing::Gone) => return Err(SlotError::Gone),
-            Ok(Standing::Waiting(ahead)) => {
-                reachable = Instant::now();
-                if said.as_ref() != Some(&ahead) {
-                    event(
-                        rt,
+    Ok(Queued {
+        hold,
+        k,
+        spare,
+        controlplane,
+        reason: reason.into(),
+        cluster,
+    })
+}
+
+impl Queued {
+    /// Waits for the slot (a control plane is checked again when its turn comes); a refusal
+    /// is a `refused` event too (a reboot's caller has had its answer already).
+    pub async fn wait(self) -> Result<Hold, SlotError> {
+        let (rt, reason) = (self.hold.rt.clone(), self.reason.clone());
+        let held = self.wait_inner().await;
+        if let Err(e) = &held {
+            event(&rt, "refused", format!("{reason}: {e}"));
+        }
+        held
+    }
+
+    async fn wait_inner(self) -> Result<Hold, SlotError> {
+        let Queued {
+            mut hold,
+            k,
+            spare,
+            controlplane,
+            reason,
+            cluster,
+        } = self;
+        let (rt, node) = (hold.rt.clone(), hold.node.clone());
+        let creds = Credentials::of(&cluster);
+        let mut etcd = hold.etcd.clone();
+        let mut said: Option<Vec<String>> = None;
+        let mut reachable = Instant::now();
+        loop {
+            match etcd.standing(&node, k, spare).await {
+                Ok(Standing::Held) => break,
+                Ok(Standing::Gone) => return Err(SlotError::Gone),
+                Ok(Standing::Waiting(ahead)) => {
+                    reachable = Instant::now();
+                    if said.as_ref() != Some(&ahead) {
+                        event(
+                        &rt,
                         "waiting",
                         format!(
                             "{reason}: waiting for a reboot slot (at most {k} nodes down) behind {}",
                             ahead.join(", ")
                         ),
                     );
-                    said = Some(ahead);
+                        said = Some(ahead);
+                    }
+                }
+                Err(e) => {
+                    // The member asked may be one going down: ask another.
+                    if reachable.elapsed() > UNREACHABLE {
+                        return Err(e.into());
+                    }
+                    if let Ok(other) = connect(&cluster).await {
+                        etcd = other;
+                    }
                 }
             }
-            Err(e) => {
-                // The member asked may be one going down: ask another.
-                if reachable.elapsed() > UNREACHABLE {
-                    return Err(e.into());
-                }
-                if let Ok(other) = connect(&cluster).await {
-                    etcd = other;
-                }
-            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if controlplane {
+            // Ahead of it in the queue there may have been control planes that are back but not
+            // yet healthy.
+            spare_controlplanes(&etcd, &creds).await?;
+        }
+        hold.etcd = etcd;
+        event(
+            &rt,
+            "held",
+            format!("{reason}: holds a reboot slot (at most {k} nodes down)"),
+        );
+        Ok(hold)
     }
-    if controlplane {
-        // Ahead of it in the queue there may have been control planes that are back but not
-        // yet healthy.
-        spare_controlplanes(&etcd, &creds).await?;
-    }
-    hold.etcd = etcd;
-    event(
-        rt,
-        "held",
-        format!("{reason}: holds a reboot slot (at most {k} nodes down)"),
-    );
-    Ok(hold)
 }
 
 impl Hold {
     /// Hands the slot on to the next boot (the node is about to reboot): the record on
     /// EPHEMERAL says which lease to renew and release once the node runs again.
-    pub fn keep(mut self) -> Result<(), SlotError> {
+    pub fn keep(&mut self) -> Result<(), SlotError> {
         let record = Record {
             node: self.node.clone(),
             lease: self.lease,
@@ -254,6 +306,14 @@ impl Hold {
         }
         self.kept = true;
         Ok(())
+    }
+
+    /// The reboot it was kept for did not start: the record goes, and the slot is released.
+    pub fn abandon(mut self) {
+        if let Err(e) = self.rt.platform.remove(Path::new(RECORD)) {
+            tracing::warn!("reboot slot: removing {RECORD}: {e}");
+        }
+        self.kept = false;
     }
 }
 

@@ -166,6 +166,8 @@ fn boot_floor(floor_image: &imager::Artifacts) -> (Duration, Duration, Split) {
         extensions: Vec::new(),
         containers: Vec::new(),
         forwards: Vec::new(),
+        preset: None,
+        lan: None,
     };
     let f = prepare(&spec, floor_image).expect("floor disk");
     let mut vm = Vm::launch(f.vm_spec()).expect("launch floor");

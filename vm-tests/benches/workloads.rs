@@ -47,6 +47,8 @@ fn node(name: &str, extensions: Vec<std::path::PathBuf>) -> PreparedNode {
         extensions,
         containers: Vec::new(),
         forwards: vec![8080],
+        preset: None,
+        lan: None,
     };
     prepare(&spec, &common::artifacts()).expect("node")
 }

@@ -42,6 +42,7 @@ async fn reset_wipes_state_and_ephemeral_and_the_node_comes_back_in_maintenance_
     // reset's crypto-erase of them).
     let mut vm = vm_tests::qemu::Vm::launch(vm_tests::qemu::VmSpec {
         tpm: None,
+        lan: None,
         ..node.vm_spec()
     })
     .expect("launch");

@@ -55,8 +55,9 @@ pub trait Node: Send + Sync + 'static {
     fn events(&self) -> &EventBus;
     /// The Status reply.
     fn status(&self) -> StatusResponse;
-    /// Starts the reboot sequence for `actor`, or says why not.
-    fn reboot(&self, actor: String) -> Result<(), Denied>;
+    /// Starts the reboot sequence for `actor` (first taking a slot of the cluster's reboot
+    /// semaphore when `max_unavailable` is not 0), or says why not.
+    async fn reboot(&self, actor: String, max_unavailable: u32) -> Result<(), Status>;
     /// Starts the shutdown sequence for `actor`, or says why not.
     fn shutdown(&self, actor: String, force: bool) -> Result<(), Denied>;
     /// The supervised services.

@@ -73,12 +73,11 @@ impl<N: Node> Machine for MachineService<N> {
 
     async fn reboot(
         &self,
-        _: Request<RebootRequest>,
+        request: Request<RebootRequest>,
     ) -> Result<Response<LifecycleResponse>, Status> {
         let actor = Controller::new_actor();
-        self.node
-            .reboot(actor.clone())
-            .map_err(|d| denied_status(&d, &actor))?;
+        let k = request.into_inner().max_unavailable;
+        self.node.reboot(actor.clone(), k).await?;
         Ok(Response::new(LifecycleResponse { actor_id: actor }))
     }
 

@@ -31,7 +31,7 @@ impl Node for FakeNode {
     fn status(&self) -> api::proto::StatusResponse {
         api::proto::StatusResponse::default()
     }
-    fn reboot(&self, _: String) -> Result<(), sequencer::Denied> {
+    async fn reboot(&self, _: String, _: u32) -> Result<(), tonic::Status> {
         self.reboots
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())

@@ -1,39 +1,34 @@
-//! `plinth cluster create/destroy`: a local node in QEMU with OVMF.
+//! `plinth cluster create/destroy`: local nodes, in QEMU with OVMF or simulated.
+//!
+//! One node by default (standalone, as before clusters); with `--control-planes M
+//! --workers W`, a cluster from `generate_cluster`: in QEMU, every node also on one private
+//! network (QEMU's multicast socket on the host's loopback, the guests' eth1 at 10.5.0.2, ...),
+//! the control planes with the etcd extension signed by the cluster's own key; with
+//! `--simulated`, `machined --platform sim` processes on 127.0.0.1 (seconds, no root), the
+//! control planes running the host's etcd. Launching is the provisioning crate's, which the
+//! tests use too.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
 use clap::Subcommand;
-use config::ClientConfig;
+use config::{ClientConfig, Interface, MachineType, NodeConfig};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use provision::node::{ensure_artifacts, prepare, wait_for_version, NodeSpec, Preset};
+use provision::qemu::{free_port, Lan};
 use serde::{Deserialize, Serialize};
-use vm_tests::node::{ensure_artifacts, prepare, wait_for_version, NodeSpec};
 
 use crate::connect::Target;
 
 #[derive(Subcommand, Debug)]
 pub enum Cluster {
-    /// Boot a node in QEMU (building the image if needed) and make it the current context.
-    Create {
-        /// Cluster (and node) name.
-        #[arg(long)]
-        name: String,
-        /// Where the built image is (built there if missing).
-        #[arg(long, default_value = "out")]
-        image_dir: PathBuf,
-        /// The static machined binary (default: built from this workspace).
-        #[arg(long)]
-        machined: Option<PathBuf>,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 1024)]
-        memory: u32,
-        /// How long to wait for the node's API, in seconds.
-        #[arg(long, default_value_t = 300)]
-        wait: u64,
-    },
-    /// Stop the cluster's VM and remove its files.
+    /// Boot nodes (one by default, in QEMU, building the image if needed) and make their
+    /// context the current one.
+    Create(CreateArgs),
+    /// Stop the cluster's nodes and remove their files.
     Destroy {
         /// Cluster name.
         #[arg(long)]
@@ -41,12 +36,61 @@ pub enum Cluster {
     },
 }
 
-/// What a running cluster leaves behind, to find it again.
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    /// Cluster name (and the node's, for a single node).
+    #[arg(long)]
+    name: String,
+    /// Control-plane nodes (etcd members); with --workers, a cluster instead of one node.
+    #[arg(long, default_value_t = 0)]
+    control_planes: usize,
+    /// Worker nodes.
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Simulated nodes (`machined --platform sim`, from --machined or the machined beside this
+    /// plinth) instead of QEMU VMs: seconds to start, no root, the host's etcd on control planes.
+    #[arg(long)]
+    simulated: bool,
+    /// Where the built image is (built there if missing). QEMU only.
+    #[arg(long, default_value = "out")]
+    image_dir: PathBuf,
+    /// The machined binary: static for QEMU (default: built from this workspace), with the
+    /// simulated machine for --simulated (default: the one beside this plinth).
+    #[arg(long)]
+    machined: Option<PathBuf>,
+    /// Guest memory in MiB. QEMU only.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+    /// How long to wait for each node's API, in seconds.
+    #[arg(long, default_value_t = 300)]
+    wait: u64,
+}
+
+/// A node of a running cluster.
 #[derive(Serialize, Deserialize, Debug)]
-struct State {
+struct Member {
+    name: String,
     pid: u32,
     endpoint: String,
     console: PathBuf,
+}
+
+/// What a running cluster leaves behind, to find it again.
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct State {
+    #[serde(default)]
+    nodes: Vec<Member>,
+    #[serde(default)]
+    simulated: bool,
+    /// A single node's QEMU, as clusters made before multi-node ones recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+}
+
+impl State {
+    fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|n| n.pid).chain(self.pid).collect()
+    }
 }
 
 fn clusters_dir() -> PathBuf {
@@ -64,119 +108,381 @@ fn read_state(dir: &Path) -> Option<State> {
 
 pub async fn run(target: &Target, c: Cluster) -> anyhow::Result<()> {
     match c {
-        Cluster::Create {
-            name,
-            image_dir,
-            machined,
-            memory,
-            wait,
-        } => {
-            let dir = clusters_dir().join(&name);
-            if let Some(s) = read_state(&dir).filter(|s| alive(s.pid)) {
-                bail!("cluster {name:?} is already running (QEMU pid {}): run `plinth cluster destroy --name {name}` first", s.pid);
-            }
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("removing stale {}", dir.display()))?;
-            }
-            let artifacts = match imager::Artifacts::load(&image_dir) {
-                Ok(a) => a,
-                Err(_) => {
-                    eprintln!("no image in {}: building it", image_dir.display());
-                    let m = super::image::machined(machined)?;
-                    ensure_artifacts(&image_dir, &m, env!("CARGO_PKG_VERSION"))?
-                }
-            };
-            // The cluster's own signing key, trusted by its node: `plinth upgrade` works from
-            // the start with bundles signed by it.
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let key = upgrade::bundle::generate_key()?;
-            let key_path = dir.join("signing.key");
-            config::client::write_private(&key_path, upgrade::bundle::key_to_pem(&key)?.as_bytes())
-                .with_context(|| format!("writing {}", key_path.display()))?;
-            let public = upgrade::bundle::public_hex(&key.verifying_key());
-            std::fs::write(dir.join("signing.pub"), format!("{public}\n"))?;
-            let node = prepare(
-                &NodeSpec {
-                    name: name.clone(),
-                    dir: dir.clone(),
-                    image_dir,
-                    memory_mb: memory,
-                    services: Vec::new(),
-                    trusted_keys: vec![public],
-                    extensions: Vec::new(),
-                    containers: Vec::new(),
-                    forwards: Vec::new(),
-                },
-                &artifacts,
-            )?;
-            let mut vm = node.boot()?;
-            let console = vm.serial.path().to_path_buf();
-            eprintln!(
-                "booting node {name} in QEMU (OVMF, TCG): API on {}, console in {}",
-                node.endpoint(),
-                console.display()
-            );
+        Cluster::Create(args) => create(target, args).await,
+        Cluster::Destroy { name } => destroy(&name).await,
+    }
+}
 
-            let path = target.config_path();
-            let mut client = ClientConfig::load_or_default(&path)?;
-            client.merge(node.client.clone());
-            client.save(&path)?;
-            eprintln!(
-                "merged context {name:?} into {} and made it current",
-                path.display()
-            );
+/// The cluster's own signing key, trusted by its nodes: `plinth upgrade` works from the start
+/// with bundles (and extensions) signed by it. Returns it and its public half (hex).
+fn signing_key(dir: &Path) -> anyhow::Result<(upgrade::bundle::SigningKey, PathBuf, String)> {
+    let key = upgrade::bundle::generate_key()?;
+    let key_path = dir.join("signing.key");
+    config::client::write_private(&key_path, upgrade::bundle::key_to_pem(&key)?.as_bytes())
+        .with_context(|| format!("writing {}", key_path.display()))?;
+    let public = upgrade::bundle::public_hex(&key.verifying_key());
+    std::fs::write(dir.join("signing.pub"), format!("{public}\n"))?;
+    Ok((key, key_path, public))
+}
 
-            let ctx = node.context()?.clone();
-            let (version, after) =
-                wait_for_version(&mut vm, &node.endpoint(), &ctx, Duration::from_secs(wait))
-                    .await?;
-            let pid = vm.detach().unwrap_or_default();
-            let state = State {
-                pid,
-                endpoint: node.endpoint(),
-                console,
-            };
-            std::fs::write(dir.join("cluster.json"), serde_json::to_vec_pretty(&state)?)?;
-            eprintln!(
-                "node {name} is up after {:.1}s: Plinth {} from slot {}",
-                after.as_secs_f64(),
-                version.version,
-                version.slot
-            );
-            eprintln!(
-                "it trusts bundles signed with {}: plinth image bundle --key {} -o bundle.plinth",
-                key_path.display(),
-                key_path.display()
-            );
-            Ok(())
+async fn create(target: &Target, args: CreateArgs) -> anyhow::Result<()> {
+    let name = args.name.clone();
+    if args.control_planes == 0 && args.workers > 0 {
+        bail!("a cluster needs at least one control plane (--control-planes): its etcd runs there");
+    }
+    let dir = clusters_dir().join(&name);
+    if let Some(s) = read_state(&dir).filter(|s| s.pids().into_iter().any(alive)) {
+        bail!(
+            "cluster {name:?} is already running (pids {:?}): run `plinth cluster destroy --name {name}` first",
+            s.pids()
+        );
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing stale {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (key, key_path, public) = signing_key(&dir)?;
+    let (members, client) = if args.simulated {
+        simulated(&args, &dir, &public).await?
+    } else if args.control_planes == 0 {
+        vec_of_one(&args, &dir, &public).await?
+    } else {
+        in_qemu(&args, &dir, (&key, &public)).await?
+    };
+    let state = State {
+        nodes: members,
+        simulated: args.simulated,
+        pid: None,
+    };
+    std::fs::write(dir.join("cluster.json"), serde_json::to_vec_pretty(&state)?)?;
+    let path = target.config_path();
+    let mut merged = ClientConfig::load_or_default(&path)?;
+    merged.merge(client);
+    merged.save(&path)?;
+    eprintln!(
+        "merged context {name:?} ({} node(s)) into {} and made it current",
+        state.nodes.len(),
+        path.display()
+    );
+    if args.control_planes > 0 {
+        eprintln!(
+            "next: plinth bootstrap (on the context's first node, {}), then plinth health --wait-timeout 5m",
+            state.nodes[0].name
+        );
+    }
+    if !args.simulated {
+        eprintln!(
+            "its nodes trust bundles signed with {}: plinth image bundle --key {} -o bundle.plinth",
+            key_path.display(),
+            key_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// One standalone node in QEMU (no cluster), as `plinth cluster create` always made.
+async fn vec_of_one(
+    args: &CreateArgs,
+    dir: &Path,
+    public: &str,
+) -> anyhow::Result<(Vec<Member>, ClientConfig)> {
+    let artifacts = artifacts(args)?;
+    let node = prepare(
+        &NodeSpec {
+            name: args.name.clone(),
+            dir: dir.to_path_buf(),
+            image_dir: args.image_dir.clone(),
+            memory_mb: args.memory,
+            services: Vec::new(),
+            trusted_keys: vec![public.into()],
+            extensions: Vec::new(),
+            containers: Vec::new(),
+            forwards: Vec::new(),
+            preset: None,
+            lan: None,
+        },
+        &artifacts,
+    )?;
+    let member = boot_vm(&node, args.wait).await?;
+    Ok((vec![member], node.client))
+}
+
+fn artifacts(args: &CreateArgs) -> anyhow::Result<imager::Artifacts> {
+    Ok(match imager::Artifacts::load(&args.image_dir) {
+        Ok(a) => a,
+        Err(_) => {
+            eprintln!("no image in {}: building it", args.image_dir.display());
+            let m = super::image::machined(args.machined.clone())?;
+            ensure_artifacts(&args.image_dir, &m, env!("CARGO_PKG_VERSION"))?
         }
-        Cluster::Destroy { name } => {
-            let dir = clusters_dir().join(&name);
-            let Some(state) = read_state(&dir) else {
-                if dir.exists() {
-                    std::fs::remove_dir_all(&dir)?;
-                    eprintln!("removed {}", dir.display());
-                    return Ok(());
-                }
-                bail!("no cluster named {name:?} (looked in {})", dir.display());
-            };
-            if alive(state.pid) {
-                let pid = Pid::from_raw(i32::try_from(state.pid)?);
-                let _ = kill(pid, Signal::SIGTERM);
-                for _ in 0..50 {
-                    if !alive(state.pid) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                if alive(state.pid) {
-                    let _ = kill(pid, Signal::SIGKILL);
+    })
+}
+
+/// Boots a prepared node's VM, waits for its API, and leaves QEMU running.
+async fn boot_vm(node: &provision::node::PreparedNode, wait: u64) -> anyhow::Result<Member> {
+    let mut vm = node.boot()?;
+    let console = vm.serial.path().to_path_buf();
+    eprintln!(
+        "booting {} in QEMU (OVMF, TCG): API on {}, console in {}",
+        node.spec.name,
+        node.endpoint(),
+        console.display()
+    );
+    let ctx = node.context()?.clone();
+    let (version, after) =
+        wait_for_version(&mut vm, &node.endpoint(), &ctx, Duration::from_secs(wait)).await?;
+    let pid = vm.detach().unwrap_or_default();
+    eprintln!(
+        "{} is up after {:.1}s: Plinth {} from slot {}",
+        node.spec.name,
+        after.as_secs_f64(),
+        version.version,
+        version.slot
+    );
+    Ok(Member {
+        name: node.spec.name.clone(),
+        pid,
+        endpoint: node.endpoint(),
+        console,
+    })
+}
+
+/// The nodes' names and roles: control planes first.
+fn roles(args: &CreateArgs) -> Vec<(String, MachineType)> {
+    (0..args.control_planes)
+        .map(|i| (format!("cp-{}", i + 1), MachineType::Controlplane))
+        .chain((0..args.workers).map(|i| (format!("worker-{}", i + 1), MachineType::Worker)))
+        .collect()
+}
+
+/// A cluster in QEMU: every node on one private network too, the control planes with the
+/// etcd extension (Debian's etcd and etcdctl, signed with the cluster's key).
+async fn in_qemu(
+    args: &CreateArgs,
+    dir: &Path,
+    (key, public): (&upgrade::bundle::SigningKey, &str),
+) -> anyhow::Result<(Vec<Member>, ClientConfig)> {
+    let artifacts = artifacts(args)?;
+    eprintln!("packing the etcd extension from Debian's etcd-server and etcd-client");
+    let opts = imager::extension::ExtensionOptions {
+        name: "etcd".into(),
+        version: "3.4".into(),
+        dir: None,
+        debs: imager::extension::ETCD_DEBS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        programs: imager::extension::ETCD_PROGRAMS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        cache: args.image_dir.join("cache"),
+        staging: dir.join("etcd.staging"),
+        level: upgrade::extension::LEVEL,
+    };
+    let (bytes, _) = imager::extension::build(&opts, key)?;
+    let ext = dir.join("etcd.ext");
+    std::fs::write(&ext, bytes)?;
+    let roles = roles(args);
+    let ports = roles
+        .iter()
+        .map(|_| free_port())
+        .collect::<Result<Vec<_>, _>>()?;
+    let nodes: Vec<ClusterNode> = roles
+        .iter()
+        .zip(&ports)
+        .enumerate()
+        .map(|(i, ((name, kind), port))| ClusterNode {
+            name: name.clone(),
+            machine_type: *kind,
+            address: format!("10.5.0.{}/24", i + 2),
+            endpoint: format!("127.0.0.1:{port}"),
+            etcd_ports: (2379, 2380),
+        })
+        .collect();
+    let generated = generate_cluster(&ClusterOptions {
+        cluster: args.name.clone(),
+        nodes,
+        interface: "eth1".into(),
+        gateway: None,
+        trusted_keys: vec![public.into()],
+    })?;
+    let lan = free_port()?;
+    let mut prepared = Vec::new();
+    for (i, cfg) in generated.nodes.iter().enumerate() {
+        let mut cfg: NodeConfig = cfg.clone();
+        // The API's way in: QEMU's user network on eth0, forwarded from the host.
+        cfg.machine.network.interfaces.insert(
+            0,
+            Interface {
+                name: "eth0".into(),
+                addresses: vec![provision::node::GUEST_ADDRESS.into()],
+                gateway: Some(provision::node::GUEST_GATEWAY.into()),
+                dhcp: false,
+            },
+        );
+        let name = cfg.machine.name.clone();
+        let cp = cfg.machine.machine_type == MachineType::Controlplane;
+        prepared.push(prepare(
+            &NodeSpec {
+                name: name.clone(),
+                dir: dir.join(&name),
+                image_dir: args.image_dir.clone(),
+                memory_mb: args.memory,
+                services: Vec::new(),
+                trusted_keys: Vec::new(),
+                extensions: if cp { vec![ext.clone()] } else { Vec::new() },
+                containers: Vec::new(),
+                forwards: Vec::new(),
+                preset: Some(Preset {
+                    api_port: ports[i],
+                    node: cfg,
+                    client: generated.client.clone(),
+                }),
+                lan: Some(Lan {
+                    port: lan,
+                    mac: format!("52:54:00:12:35:{:02x}", i + 2),
+                }),
+            },
+            &artifacts,
+        )?);
+    }
+    let mut members = Vec::new();
+    for node in &prepared {
+        members.push(boot_vm(node, args.wait).await?);
+    }
+    Ok((members, generated.client))
+}
+
+/// A cluster of simulated machines on 127.0.0.1.
+async fn simulated(
+    args: &CreateArgs,
+    dir: &Path,
+    public: &str,
+) -> anyhow::Result<(Vec<Member>, ClientConfig)> {
+    let machined = match &args.machined {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("machined"),
+    };
+    if !machined.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build -p machined` (its simulated machine), or pass --machined",
+            machined.display()
+        );
+    }
+    let roles = roles(args);
+    if roles.is_empty() {
+        bail!("--simulated makes a cluster: say how many with --control-planes (and --workers)");
+    }
+    let free = || free_port().map_err(anyhow::Error::from);
+    let mut nodes = Vec::new();
+    for (name, kind) in &roles {
+        let etcd_ports = if *kind == MachineType::Controlplane {
+            (free()?, free()?)
+        } else {
+            (2379, 2380)
+        };
+        nodes.push(ClusterNode {
+            name: name.clone(),
+            machine_type: *kind,
+            address: "127.0.0.1/8".into(),
+            endpoint: format!("127.0.0.1:{}", free()?),
+            etcd_ports,
+        });
+    }
+    let generated = generate_cluster(&ClusterOptions {
+        cluster: args.name.clone(),
+        nodes: nodes.clone(),
+        interface: "eth0".into(),
+        gateway: None,
+        trusted_keys: vec![public.into()],
+    })?;
+    let ctx = generated.client.context(None)?.1.clone();
+    let mut members = Vec::new();
+    for (cfg, node) in generated.nodes.iter().zip(&nodes) {
+        let node_dir = dir.join(&node.name);
+        std::fs::create_dir_all(&node_dir)?;
+        let machine = provision::sim::provision_machine(
+            &node_dir,
+            Some(&cfg.to_yaml()?),
+            &[],
+            provision::sim::SLOT_BYTES,
+        )?;
+        if node.machine_type == MachineType::Controlplane
+            && provision::sim::link_host_etcd(&machine)?.is_none()
+        {
+            eprintln!("warning: no etcd on this machine's PATH (apt-get install etcd-server etcd-client): {} will say it is missing", node.name);
+        }
+        let console = node_dir.join("console.log");
+        let child = provision::sim::launch(&provision::sim::Launch {
+            machined: machined.clone(),
+            machine,
+            api: node.endpoint.clone(),
+            console: console.clone(),
+            env: Vec::new(),
+            detached: true,
+            wrapper: Vec::new(),
+        })?;
+        members.push(Member {
+            name: node.name.clone(),
+            pid: child.id(),
+            endpoint: node.endpoint.clone(),
+            console,
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.wait);
+    for m in &members {
+        loop {
+            if let Ok(mut c) = api::client::connect_context(&m.endpoint, &ctx).await {
+                if c.version(api::proto::VersionRequest {}).await.is_ok() {
+                    eprintln!(
+                        "{} answers on {} (simulated, console in {})",
+                        m.name,
+                        m.endpoint,
+                        m.console.display()
+                    );
+                    break;
                 }
             }
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-            eprintln!("destroyed cluster {name}");
-            Ok(())
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not answer within {}s: see {}",
+                    m.name,
+                    args.wait,
+                    m.console.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    Ok((members, generated.client))
+}
+
+async fn destroy(name: &str) -> anyhow::Result<()> {
+    let dir = clusters_dir().join(name);
+    let Some(state) = read_state(&dir) else {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+            eprintln!("removed {}", dir.display());
+            return Ok(());
+        }
+        bail!("no cluster named {name:?} (looked in {})", dir.display());
+    };
+    // SIGTERM to all at once (a simulated machine powers off with its services, QEMU ends),
+    // then SIGKILL to what is left after 15 s.
+    let pids: Vec<u32> = state.pids().into_iter().filter(|&p| alive(p)).collect();
+    for &pid in &pids {
+        let _ = kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for &pid in pids.iter().filter(|&&p| alive(p)) {
+        let _ = kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGKILL);
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    eprintln!("destroyed cluster {name} ({} node(s))", state.pids().len());
+    Ok(())
 }

@@ -92,6 +92,10 @@ pub enum Image {
         /// The container runtime: containerd, runc and libseccomp from Debian.
         #[arg(long, conflicts_with_all = ["dir", "debs"])]
         runtime: bool,
+        /// etcd for control-plane nodes: etcd and etcdctl from Debian's etcd-server and
+        /// etcd-client.
+        #[arg(long, conflicts_with_all = ["dir", "debs", "runtime"])]
+        etcd: bool,
         /// The signing key (`plinth gen signing-key`; nodes trust the same keys as for bundles).
         #[arg(long)]
         key: PathBuf,
@@ -273,25 +277,42 @@ pub fn run(i: Image) -> anyhow::Result<()> {
             dir,
             debs,
             runtime,
+            etcd,
             key,
             level,
             cache,
             out,
         } => {
             let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-            let (name, debs, programs) = match (runtime, name) {
-                (true, name) => (
-                    name.unwrap_or_else(|| "containerd".into()),
-                    strings(imager::extension::RUNTIME_DEBS),
-                    strings(imager::extension::RUNTIME_PROGRAMS),
-                ),
-                (false, Some(name)) => (name, debs, Vec::new()),
-                (false, None) => bail!("--name is required (or --runtime)"),
+            // The packaged ones, named and versioned after their main Debian package.
+            let packaged = if runtime {
+                Some((
+                    "containerd",
+                    imager::extension::RUNTIME_DEBS,
+                    imager::extension::RUNTIME_PROGRAMS,
+                ))
+            } else if etcd {
+                Some((
+                    "etcd",
+                    imager::extension::ETCD_DEBS,
+                    imager::extension::ETCD_PROGRAMS,
+                ))
+            } else {
+                None
             };
-            let ext_version = match (ext_version, runtime) {
+            let (name, debs, programs) = match (packaged, name) {
+                (Some((default, debs, programs)), name) => (
+                    name.unwrap_or_else(|| default.into()),
+                    strings(debs),
+                    strings(programs),
+                ),
+                (None, Some(name)) => (name, debs, Vec::new()),
+                (None, None) => bail!("--name is required (or --runtime, --etcd)"),
+            };
+            let ext_version = match (ext_version, packaged) {
                 (Some(v), _) => v,
-                (None, true) => debian_version("containerd")?,
-                (None, false) => bail!("--version is required"),
+                (None, Some((_, debs, _))) => debian_version(debs[0])?,
+                (None, None) => bail!("--version is required"),
             };
             let opts = imager::extension::ExtensionOptions {
                 name,

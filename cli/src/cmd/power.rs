@@ -15,6 +15,10 @@ pub struct RebootArgs {
     /// How long to wait, in seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Take a slot of the cluster's reboot semaphore first: the node waits until fewer than K
+    /// nodes of the cluster are down for an upgrade or a coordinated reboot.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    max_unavailable: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -37,7 +41,9 @@ pub async fn reboot(target: &Target, args: RebootArgs) -> anyhow::Result<()> {
     let before = boot_id(target).await?;
     let (endpoint, mut c) = target.connect().await?;
     let actor = c
-        .reboot(RebootRequest {})
+        .reboot(RebootRequest {
+            max_unavailable: args.max_unavailable,
+        })
         .await
         .map_err(|s| status_error(&endpoint, s))?
         .into_inner()

@@ -155,8 +155,8 @@ impl api::server::Node for NodeApi {
         status::status(&self.runtime, &self.fixed)
     }
 
-    fn reboot(&self, actor: String) -> Result<(), Denied> {
-        power::reboot(&self.runtime, actor)
+    async fn reboot(&self, actor: String, max_unavailable: u32) -> Result<(), tonic::Status> {
+        Ok(power::reboot(&self.runtime, actor, max_unavailable).await?)
     }
 
     fn shutdown(&self, actor: String, force: bool) -> Result<(), Denied> {

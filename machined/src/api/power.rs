@@ -5,8 +5,41 @@ use phases::Runtime;
 use sequencer::{Denied, SequenceKind};
 
 /// Starts an orderly reboot for `actor`.
-pub fn reboot(runtime: &std::sync::Arc<Runtime>, actor: String) -> Result<(), Denied> {
-    phases::power::request(runtime, SequenceKind::Reboot, Some(actor), false).map(|_| ())
+///
+/// With `max_unavailable` (not 0) the node first joins the cluster's reboot queue (refused at
+/// once when it may not, a control plane etcd cannot spare for one) and answers; it reboots on
+/// a task of its own when its slot comes, and holds it until it runs again, as an upgrade
+/// does. Its `reboot-slot` events say how it goes.
+pub async fn reboot(
+    runtime: &std::sync::Arc<Runtime>,
+    actor: String,
+    max_unavailable: u32,
+) -> Result<(), super::error::ApiError> {
+    if max_unavailable == 0 {
+        return phases::power::request(runtime, SequenceKind::Reboot, Some(actor.clone()), false)
+            .map(|_| ())
+            .map_err(super::error::ApiError::denied(&actor));
+    }
+    let queued = phases::reboot_slot::enqueue(runtime, max_unavailable, "reboot").await?;
+    let rt = runtime.clone();
+    tokio::spawn(async move {
+        let mut hold = match queued.wait().await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("coordinated reboot: {e}");
+                return;
+            }
+        };
+        if let Err(e) = hold.keep() {
+            tracing::warn!("coordinated reboot: {e}");
+            return;
+        }
+        if let Err(d) = phases::power::request(&rt, SequenceKind::Reboot, Some(actor), false) {
+            tracing::warn!("coordinated reboot: {d}");
+            hold.abandon();
+        }
+    });
+    Ok(())
 }
 
 /// Starts an orderly power-off for `actor`; `force` drops the phase in progress.

@@ -100,10 +100,16 @@ pub async fn upgrade(
             // Not going down now: the slot is released (dropped).
             return Ok(false);
         }
-        if let Some(hold) = hold {
-            hold.keep()?;
+        let mut hold = hold;
+        if let Some(h) = hold.as_mut() {
+            h.keep()?;
         }
-        Ok(phases::power::request(&task_rt, SequenceKind::Reboot, Some(actor), false).is_ok())
+        let rebooting =
+            phases::power::request(&task_rt, SequenceKind::Reboot, Some(actor), false).is_ok();
+        if let (false, Some(h)) = (rebooting, hold) {
+            h.abandon();
+        }
+        Ok(rebooting)
     })
     .await
     .map_err(|e| ApiError::Internal(format!("upgrade task: {e}")))??;

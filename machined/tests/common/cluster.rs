@@ -86,7 +86,7 @@ impl SimCluster {
             trusted_keys: vec![],
         })
         .expect("cluster configs");
-        let etcd = spec.etcd.then(host_etcd);
+        let etcd = spec.etcd;
         let ctx = generated.client.context(None).expect("context").1.clone();
         let nodes = generated
             .nodes
@@ -105,13 +105,12 @@ impl SimCluster {
                     ctx.clone(),
                     generated.ca.clone(),
                     |m| {
-                        if let Some(etcd) = &etcd {
-                            let bin = m.join("usr-local/bin");
-                            std::fs::create_dir_all(&bin).expect("mkdir");
-                            std::os::unix::fs::symlink(etcd, bin.join("etcd")).expect("link etcd");
-                            let ctl = etcd.with_file_name("etcdctl");
-                            std::os::unix::fs::symlink(ctl, bin.join("etcdctl"))
-                                .expect("link etcdctl");
+                        if etcd {
+                            provision::sim::link_host_etcd(m)
+                                .expect("linking etcd")
+                                .expect(
+                                    "etcd is missing: apt-get install etcd-server (./x test does)",
+                                );
                         }
                     },
                 )
@@ -206,14 +205,4 @@ pub fn etcdctl(cluster: &config::node::Cluster, args: &[&str]) -> (bool, String)
             String::from_utf8_lossy(&out.stderr)
         ),
     )
-}
-
-/// The host's etcd (Debian's etcd-server).
-fn host_etcd() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("etcd"))
-            .find(|f| f.is_file())
-    });
-    found.expect("etcd is missing: apt-get install etcd-server (./x test does)")
 }

@@ -8,13 +8,13 @@ pub mod raw_h2;
 pub mod serve;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use api::gen::{generate, GenOptions};
 use api::proto::machine_client::MachineClient;
 use api::proto::{EventsRequest, VersionRequest, VersionResponse};
-use phases::platform::sim::provision::{provision, provision_installer, SimImage};
+use phases::platform::sim::provision::{provision_installer, SimImage};
 use sequencer::{Event, EventKind};
 use tonic::transport::Channel;
 
@@ -252,10 +252,10 @@ fn start_provisioned(
     let yaml = node.to_yaml().expect("yaml");
     match disk {
         Disk::Installed(configured, slot_bytes) => {
-            provision(
-                &machine,
-                &image,
+            provision::sim::provision_machine(
+                dir.path(),
                 configured.then_some(yaml.as_str()),
+                &image.extra_cmdline,
                 slot_bytes,
             )
             .expect("provision");
@@ -285,21 +285,19 @@ impl SimNode {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let console = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("console.log"))
-            .expect("console");
-        let child = machined_command()
-            .args(["--platform", "sim", "--machine"])
-            .arg(self.machine())
-            .args(["--api", &self.endpoint])
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(console.try_clone().expect("console"))
-            .stderr(console)
-            .spawn()
-            .expect("start machined");
+        let child = provision::sim::launch(&provision::sim::Launch {
+            machined: env!("CARGO_BIN_EXE_machined").into(),
+            machine: self.machine(),
+            api: self.endpoint.clone(),
+            console: self.dir.path().join("console.log"),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            detached: false,
+            wrapper: wrapper(),
+        })
+        .expect("start machined");
         self.child = Some(child);
     }
 
@@ -521,19 +519,6 @@ fn wrapper() -> Vec<String> {
     std::env::var("PLINTH_SIM_WRAPPER")
         .map(|w| w.split_whitespace().map(String::from).collect())
         .unwrap_or_default()
-}
-
-/// The command that starts machined, under [`wrapper`] if one is set.
-fn machined_command() -> Command {
-    let machined = env!("CARGO_BIN_EXE_machined");
-    match wrapper().split_first() {
-        Some((program, args)) => {
-            let mut c = Command::new(program);
-            c.args(args).arg(machined);
-            c
-        }
-        None => Command::new(machined),
-    }
 }
 
 impl Drop for SimNode {

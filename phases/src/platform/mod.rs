@@ -383,6 +383,11 @@ pub trait Platform: Send + Sync + 'static {
     /// PIDs of every user-space process but this one (kernel threads excluded).
     fn processes(&self) -> Result<Vec<i32>, PlatformError>;
 
+    /// Whether process `pid` (or any thread of it, or its unreaped exit) is still there.
+    fn process_exists(&self, pid: i32) -> bool {
+        Path::new(&format!("/proc/{pid}")).exists()
+    }
+
     /// Sends a signal to a process; a process that is already gone is not an error.
     fn kill(&self, pid: i32, signal: nix::sys::signal::Signal) -> Result<(), PlatformError>;
 

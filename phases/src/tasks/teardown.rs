@@ -43,9 +43,25 @@ pub async fn kill_processes(ctx: Arc<Runtime>) -> Result<(), TaskError> {
         "killing {} processes that ignored SIGTERM: {left:?}",
         left.len()
     );
-    for pid in left {
+    for &pid in &left {
         p.kill(pid, Signal::SIGKILL)?;
     }
+    // A killed process holds its files until every thread of it has exited and it has been
+    // reaped (a Go program's main thread can be gone, its command line empty, while the others
+    // still hold them): the unmounts after this would find them busy, and a reset would not
+    // wipe (seen with etcd running from an extension under /usr/local).
+    let deadline = Instant::now() + KILL_GRACE;
+    while Instant::now() < deadline {
+        if !left.iter().any(|&pid| p.process_exists(pid)) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let still: Vec<i32> = left
+        .into_iter()
+        .filter(|&pid| p.process_exists(pid))
+        .collect();
+    tracing::warn!("processes still there after SIGKILL: {still:?}");
     Ok(())
 }
 

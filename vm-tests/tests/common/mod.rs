@@ -79,6 +79,12 @@ fn test_node(node: PreparedNode) -> TestNode {
     }
 }
 
+/// Prepares `spec` (its directory made afresh by the caller) as a test node.
+pub fn prepared(spec: NodeSpec) -> TestNode {
+    let name = spec.name.clone();
+    test_node(prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
+}
+
 /// A fresh node directory under the target dir (its logs kept after the test for inspection).
 pub fn node(name: &str) -> TestNode {
     node_with_services(name, Vec::new())
@@ -98,6 +104,8 @@ pub fn node_with_services(name: &str, services: Vec<config::Service>) -> TestNod
         extensions: Vec::new(),
         containers: Vec::new(),
         forwards: Vec::new(),
+        preset: None,
+        lan: None,
     };
     test_node(prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
 }
@@ -235,6 +243,8 @@ pub fn node_with_workloads(
         extensions,
         containers,
         forwards,
+        preset: None,
+        lan: None,
     };
     test_node(prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
 }
@@ -421,6 +431,25 @@ pub fn runtime_extension_at(dir: &std::path::Path, level: u32) -> PathBuf {
     };
     let (bytes, _) = imager::extension::build(&opts, &signing_key()).expect("packing the runtime");
     let out = dir.join(format!("runtime@{level}.ext"));
+    std::fs::write(&out, bytes).expect("writing the extension");
+    out
+}
+
+/// The etcd extension in `dir`, built as `plinth image extension --etcd` builds it.
+pub fn etcd_extension(dir: &std::path::Path) -> PathBuf {
+    use imager::extension::{ExtensionOptions, ETCD_DEBS, ETCD_PROGRAMS};
+    let opts = ExtensionOptions {
+        name: "etcd".into(),
+        version: "3.4".into(),
+        dir: None,
+        debs: ETCD_DEBS.iter().map(|d| d.to_string()).collect(),
+        programs: ETCD_PROGRAMS.iter().map(|p| p.to_string()).collect(),
+        cache: workspace().join("target/vm-tests/cache"),
+        staging: dir.join("etcd.staging"),
+        level: upgrade::extension::LEVEL,
+    };
+    let (bytes, _) = imager::extension::build(&opts, &signing_key()).expect("packing etcd");
+    let out = dir.join("etcd.ext");
     std::fs::write(&out, bytes).expect("writing the extension");
     out
 }

@@ -40,6 +40,21 @@ pub struct NodeSpec {
     pub containers: Vec<config::Container>,
     /// Guest TCP ports to forward from free ports on the host's 127.0.0.1.
     pub forwards: Vec<u16>,
+    /// A config made elsewhere (one node of a generated cluster), used as it is.
+    pub preset: Option<Preset>,
+    /// A second NIC, eth1, on a private network with other VMs.
+    pub lan: Option<crate::qemu::Lan>,
+}
+
+/// A node config made for the node by someone else, with the admin client config for it.
+#[derive(Debug, Clone)]
+pub struct Preset {
+    /// The host port its API certificate's endpoint names (forwarded to the API).
+    pub api_port: u16,
+    /// Its node config.
+    pub node: config::NodeConfig,
+    /// The admin client config.
+    pub client: ClientConfig,
 }
 
 /// A node ready to boot.
@@ -93,6 +108,7 @@ impl PreparedNode {
             media: None,
             firmware: self.firmware.clone(),
             tpm: Some(self.spec.dir.join("vm/tpm")),
+            lan: self.spec.lan.clone(),
         }
     }
 
@@ -106,33 +122,38 @@ impl PreparedNode {
 pub fn prepare(spec: &NodeSpec, artifacts: &Artifacts) -> Result<PreparedNode, HarnessError> {
     std::fs::create_dir_all(&spec.dir)
         .map_err(HarnessError::io(format!("creating {}", spec.dir.display())))?;
-    let api_port = free_port()?;
-    let mut generated = generate(&GenOptions {
-        name: spec.name.clone(),
-        endpoint: format!("127.0.0.1:{api_port}"),
-        interface: "eth0".into(),
-        address: Some(GUEST_ADDRESS.into()),
-        gateway: Some(GUEST_GATEWAY.into()),
-        trusted_keys: spec.trusted_keys.clone(),
-    })
-    .map_err(|e| HarnessError::Other(format!("generating configs: {e}")))?;
-    generated.node.machine.services = spec.services.clone();
-    generated.node.machine.containers = spec.containers.clone();
-    generated
-        .node
-        .validate()
-        .map_err(|e| HarnessError::Other(format!("node config: {e}")))?;
     let write = |name: &str, data: &str| -> Result<(), HarnessError> {
         let p = spec.dir.join(name);
         config::client::write_private(&p, data.as_bytes())
             .map_err(HarnessError::io(format!("writing {}", p.display())))
     };
-    write("ca.crt", generated.ca.cert_pem())?;
-    write("ca.key", &generated.ca.0.key_pem)?;
-    let node_yaml = generated.node.to_yaml()?;
+    let (api_port, mut node, client) = match &spec.preset {
+        Some(p) => (p.api_port, p.node.clone(), p.client.clone()),
+        None => {
+            let api_port = free_port()?;
+            let generated = generate(&GenOptions {
+                name: spec.name.clone(),
+                endpoint: format!("127.0.0.1:{api_port}"),
+                interface: "eth0".into(),
+                address: Some(GUEST_ADDRESS.into()),
+                gateway: Some(GUEST_GATEWAY.into()),
+                trusted_keys: spec.trusted_keys.clone(),
+            })
+            .map_err(|e| HarnessError::Other(format!("generating configs: {e}")))?;
+            write("ca.crt", generated.ca.cert_pem())?;
+            write("ca.key", &generated.ca.0.key_pem)?;
+            (api_port, generated.node, generated.client)
+        }
+    };
+    node.machine.services.extend(spec.services.iter().cloned());
+    node.machine
+        .containers
+        .extend(spec.containers.iter().cloned());
+    node.validate()
+        .map_err(|e| HarnessError::Other(format!("node config: {e}")))?;
+    let node_yaml = node.to_yaml()?;
     write("node.yaml", &node_yaml)?;
-    generated
-        .client
+    client
         .save(&spec.dir.join("plinthconfig"))
         .map_err(|e| HarnessError::Other(e.to_string()))?;
     let disk = spec.dir.join("disk.raw");
@@ -156,7 +177,7 @@ pub fn prepare(spec: &NodeSpec, artifacts: &Artifacts) -> Result<PreparedNode, H
         spec: spec.clone(),
         api_port,
         forwards,
-        client: generated.client,
+        client,
         disk,
         firmware: firmware_for(artifacts)?,
     })

@@ -58,6 +58,19 @@ pub struct VmSpec {
     /// A TPM 2.0 (swtpm) whose state lives in this directory: the TPM of this machine, kept
     /// across its reboots and relaunches like its NVRAM.
     pub tpm: Option<PathBuf>,
+    /// A second NIC (the guest's eth1) on a private network shared with other VMs.
+    pub lan: Option<Lan>,
+}
+
+/// A private Ethernet segment between VMs: QEMU's multicast socket backend on the host's
+/// loopback (no root, no bridge, nothing reachable from outside the machine). Every VM on it
+/// needs its own MAC address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lan {
+    /// The segment: a UDP port of multicast group 230.0.0.1 (one per test).
+    pub port: u16,
+    /// This VM's MAC address on it.
+    pub mac: String,
 }
 
 impl VmSpec {
@@ -185,6 +198,17 @@ impl VmSpec {
             s("-serial"),
             s("chardev:ser0"),
         ];
+        if let Some(lan) = &self.lan {
+            args.extend([
+                s("-netdev"),
+                format!(
+                    "socket,id=n1,mcast=230.0.0.1:{},localaddr=127.0.0.1",
+                    lan.port
+                ),
+                s("-device"),
+                format!("virtio-net-pci,netdev=n1,mac={}", lan.mac),
+            ]);
+        }
         args.extend(media);
         args.extend(self.firmware_args());
         args.extend(self.tpm_args());
