@@ -168,14 +168,22 @@ impl Etcd {
     }
 }
 
-/// Where `node` stands in `queue` (first come first): it holds a slot when fewer than `k`
-/// keys are ahead of it and, for a control plane, fewer than `controlplanes` control planes.
+/// Where `node` stands in `queue` (first come first): it holds a slot when fewer keys are
+/// ahead of it than the smallest K asked by it (`k`) or by any key ahead of it, and, for a
+/// control plane, fewer than `controlplanes` control planes. Taking the smallest K keeps every
+/// holder's own K: the holders are a prefix of the queue, and the last of them counts them all
+/// against every K asked up to it.
 pub fn standing(queue: &[Queued], node: &str, k: u32, controlplanes: u32) -> Standing {
     let Some(at) = queue.iter().position(|q| q.claim.node == node) else {
         return Standing::Gone;
     };
     let ahead = &queue[..at];
     let cps_ahead = ahead.iter().filter(|q| q.claim.controlplane).count();
+    let k = ahead
+        .iter()
+        .map(|q| q.claim.max_unavailable)
+        .filter(|&m| m > 0)
+        .fold(k, u32::min);
     let held =
         at < k as usize && (!queue[at].claim.controlplane || cps_ahead < controlplanes as usize);
     if held {
@@ -213,6 +221,21 @@ mod tests {
             Standing::Waiting(vec!["w1".into(), "w2".into(), "w3".into()])
         );
         assert_eq!(standing(&queue, "w9", 3, 1), Standing::Gone);
+    }
+
+    #[test]
+    fn the_smallest_k_asked_ahead_bounds_everyone_behind_it() {
+        let mut queue = q(&[("w1", false), ("w2", false), ("w3", false)]);
+        // w1 asked for at most 1 node down: w2 and w3, asking 3, wait for it.
+        queue[0].claim.max_unavailable = 1;
+        assert_eq!(standing(&queue, "w1", 1, 1), Standing::Held);
+        assert!(matches!(standing(&queue, "w2", 3, 1), Standing::Waiting(_)));
+        assert!(matches!(standing(&queue, "w3", 3, 1), Standing::Waiting(_)));
+        // Behind two nodes asking 3, one asking 1 waits until it is first.
+        let mut queue = q(&[("w1", false), ("w2", false), ("w3", false)]);
+        queue[2].claim.max_unavailable = 1;
+        assert!(matches!(standing(&queue, "w3", 1, 1), Standing::Waiting(_)));
+        assert_eq!(standing(&queue, "w2", 3, 1), Standing::Held);
     }
 
     #[test]

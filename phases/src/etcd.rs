@@ -349,17 +349,35 @@ pub const SNAPSHOT: &str = "/var/lib/etcd-recover/snapshot.db";
 /// The largest snapshot taken: etcd's own ceiling for its database is 8 GiB.
 pub const MAX_SNAPSHOT: u64 = 8 << 30;
 
+/// One snapshot upload at a time.
+static UPLOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Keeps an uploaded snapshot for a recovering bootstrap: only on a control plane that waits
 /// for its bootstrap (the checks [`bootstrap`] makes), bounded by [`MAX_SNAPSHOT`] and by
 /// EPHEMERAL's free space, written beside its place and renamed there once whole.
 pub async fn keep_snapshot(
     rt: &Arc<Runtime>,
     size: u64,
-    mut snapshot: impl tokio::io::AsyncRead + Unpin,
+    snapshot: impl tokio::io::AsyncRead + Unpin,
 ) -> Result<u64, BootstrapError> {
     use tokio::io::AsyncWriteExt;
-    let state = rt.etcd.lock().await;
-    ready_to_bootstrap(rt, &state).await?;
+    // Checked under etcd's lock, which is not held while the bytes come (a stalled upload
+    // must not stall the join and the other etcd calls); `bootstrap` checks again. One upload
+    // at a time.
+    {
+        let state = rt.etcd.lock().await;
+        ready_to_bootstrap(rt, &state).await?;
+    }
+    let _one = UPLOADING
+        .try_lock()
+        .map_err(|_| BootstrapError::NotReady("another snapshot upload is under way".into()))?;
+    // The upload ends by itself when it stops: 60 s without a byte, or an hour in all.
+    let mut snapshot = crate::upgrade::Deadlines::new(
+        snapshot,
+        "the snapshot upload",
+        Duration::from_secs(60),
+        Duration::from_secs(3600),
+    );
     let path = rt.platform.host_path(Path::new(SNAPSHOT));
     let io = |e: std::io::Error| BootstrapError::NotReady(format!("writing {SNAPSHOT}: {e}"));
     let dir = path.parent().unwrap_or(Path::new("/"));
@@ -407,7 +425,6 @@ pub async fn keep_snapshot(
         let _ = std::fs::remove_file(&part);
         return Err(e);
     }
-    drop(state);
     Ok(written)
 }
 
@@ -528,7 +545,8 @@ async fn restore(rt: &Arc<Runtime>, member: &Member) -> Result<(), BootstrapErro
     };
     let result = run.await;
     let _ = std::fs::remove_dir_all(&scratch);
-    if result.is_ok() {
+    // Used, or refused by etcdctl: either way it is not kept (it takes EPHEMERAL's space).
+    if matches!(result, Ok(()) | Err(BootstrapError::BadSnapshot(_))) {
         let _ = std::fs::remove_file(&snapshot);
     }
     result
@@ -537,6 +555,15 @@ async fn restore(rt: &Arc<Runtime>, member: &Member) -> Result<(), BootstrapErro
 /// `plinth bootstrap`: starts a new one-member cluster on this control plane, empty or (with
 /// `recover`) from the uploaded snapshot.
 pub async fn bootstrap(rt: &Arc<Runtime>, recover: bool) -> Result<(), BootstrapError> {
+    // On a task of the node's: a caller that goes (the API's request deadline, a big restore)
+    // does not stop a restore half-way; the caller gets its end if it is still there.
+    let rt = rt.clone();
+    tokio::spawn(async move { bootstrap_now(&rt, recover).await })
+        .await
+        .map_err(|e| BootstrapError::NotReady(format!("the bootstrap task: {e}")))?
+}
+
+async fn bootstrap_now(rt: &Arc<Runtime>, recover: bool) -> Result<(), BootstrapError> {
     let mut state = rt.etcd.lock().await;
     let (member, credentials, _) = ready_to_bootstrap(rt, &state).await?;
     let start = if recover {

@@ -71,9 +71,17 @@ pub struct Hold {
     node: String,
     lease: i64,
     etcd: Etcd,
+    cluster: Cluster,
+    k: u32,
+    spare: u32,
     renew: tokio::task::JoinHandle<()>,
     kept: bool,
     _busy: OwnedMutexGuard<()>,
+}
+
+/// Says that a slot asked for will not be had (the caller may have had its answer already).
+pub fn refused(rt: &Runtime, message: impl Into<String>) {
+    event(rt, "refused", message);
 }
 
 fn event(rt: &Runtime, state: &str, message: impl Into<String>) {
@@ -179,6 +187,19 @@ pub struct Queued {
 pub async fn enqueue(rt: &Arc<Runtime>, k: u32, reason: &str) -> Result<Queued, SlotError> {
     let (node, controlplane, cluster) = cluster(rt)?;
     let busy = BUSY.clone().try_lock_owned().map_err(|_| SlotError::Busy)?;
+    // A slot handed on to the next boot is still this node's until it runs again (its record
+    // says so): a second request now would take over its key.
+    if rt.controller.state() != NodeState::Running {
+        return Err(SlotError::Busy);
+    }
+    // Running again, the node releases the slot of its last reboot within a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rt.platform.read(Path::new(RECORD)).is_ok() {
+        if Instant::now() > deadline {
+            return Err(SlotError::Busy);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let creds = Credentials::of(&cluster);
     let etcd = connect(&cluster).await?;
     let spare = if controlplane {
@@ -199,6 +220,9 @@ pub async fn enqueue(rt: &Arc<Runtime>, k: u32, reason: &str) -> Result<Queued, 
         node,
         lease,
         etcd,
+        cluster: cluster.clone(),
+        k,
+        spare,
         renew: spawn_renew(cluster.clone(), lease),
         kept: false,
         _busy: busy,
@@ -286,8 +310,18 @@ impl Queued {
 
 impl Hold {
     /// Hands the slot on to the next boot (the node is about to reboot): the record on
-    /// EPHEMERAL says which lease to renew and release once the node runs again.
-    pub fn keep(&mut self) -> Result<(), SlotError> {
+    /// EPHEMERAL says which lease to renew and release once the node runs again. The slot is
+    /// checked first: a lease that ran out while the node wrote its slot (etcd unreachable)
+    /// may have let another node in, and then this one must not go down.
+    pub async fn keep(&mut self) -> Result<(), SlotError> {
+        let etcd = connect(&self.cluster).await?;
+        if etcd.keep_alive(self.lease).await? == 0 {
+            return Err(SlotError::Gone);
+        }
+        match etcd.standing(&self.node, self.k, self.spare).await? {
+            Standing::Held => {}
+            _ => return Err(SlotError::Gone),
+        }
         let record = Record {
             node: self.node.clone(),
             lease: self.lease,
@@ -324,17 +358,31 @@ impl Drop for Hold {
             return;
         }
         self.renew.abort();
-        let (etcd, lease) = (self.etcd.clone(), self.lease);
+        let (etcd, lease, cluster) = (self.etcd.clone(), self.lease, self.cluster.clone());
         // Said before it is done: the events' intervals of holding lie within the true ones,
         // so counting them never exceeds what etcd allowed.
         event(&self.rt, "released", "released the reboot slot");
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                if let Err(e) = etcd.revoke(lease).await {
-                    tracing::warn!(
-                        "reboot slot: revoking lease {lease:x}: {e} (it expires by itself)"
-                    );
+                // The member first asked may be one that is rebooting: others are tried for
+                // half a minute before the lease is left to run out.
+                let mut etcd = Some(etcd);
+                for _ in 0..6 {
+                    let client = match etcd.take() {
+                        Some(e) => Ok(e),
+                        None => connect(&cluster).await,
+                    };
+                    match client {
+                        Ok(e) => match e.revoke(lease).await {
+                            Ok(()) => return,
+                            Err(e) if e.grpc_code() == Some(tonic_not_found()) => return,
+                            Err(e) => tracing::warn!("reboot slot: revoking lease {lease:x}: {e}"),
+                        },
+                        Err(e) => tracing::warn!("reboot slot: revoking lease {lease:x}: {e}"),
+                    }
+                    tokio::time::sleep(Duration::from_secs(5)).await;
                 }
+                tracing::warn!("reboot slot: lease {lease:x} not revoked: it expires by itself");
             });
         }
     }
@@ -365,7 +413,12 @@ pub fn resume(rt: &Arc<Runtime>) {
             forget(&rt);
             return;
         };
-        let deadline = Instant::now() + Duration::from_secs(LEASE_TTL_S as u64);
+        // However long the trial may take (its gates' timeout), and then the lease's life.
+        let trial = rt
+            .config()
+            .map(|c| c.machine.upgrade.trial_timeout_s)
+            .unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(LEASE_TTL_S as u64 + trial);
         let mut renewed = Instant::now() - RENEW;
         let mut said = false;
         while Instant::now() < deadline {

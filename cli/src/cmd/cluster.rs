@@ -106,6 +106,20 @@ fn read_state(dir: &Path) -> Option<State> {
     serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).ok()?).ok()
 }
 
+/// Records a node as soon as it has started, so that `destroy` (or a failed create) finds it.
+fn record(dir: &Path, simulated: bool, member: &Member) -> anyhow::Result<()> {
+    let mut state = read_state(dir).unwrap_or_default();
+    state.simulated = simulated;
+    state.nodes.push(Member {
+        name: member.name.clone(),
+        pid: member.pid,
+        endpoint: member.endpoint.clone(),
+        console: member.console.clone(),
+    });
+    std::fs::write(dir.join("cluster.json"), serde_json::to_vec_pretty(&state)?)?;
+    Ok(())
+}
+
 pub async fn run(target: &Target, c: Cluster) -> anyhow::Result<()> {
     match c {
         Cluster::Create(args) => create(target, args).await,
@@ -143,12 +157,22 @@ async fn create(target: &Target, args: CreateArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let (key, key_path, public) = signing_key(&dir)?;
-    let (members, client) = if args.simulated {
-        simulated(&args, &dir, &public).await?
+    let made = if args.simulated {
+        simulated(&args, &dir, &public).await
     } else if args.control_planes == 0 {
-        vec_of_one(&args, &dir, &public).await?
+        vec_of_one(&args, &dir, &public).await
     } else {
-        in_qemu(&args, &dir, (&key, &public)).await?
+        in_qemu(&args, &dir, (&key, &public)).await
+    };
+    let (members, client) = match made {
+        Ok(m) => m,
+        Err(e) => {
+            // What was started is recorded as it starts: stop it rather than leave it running.
+            let _ = destroy(&name).await;
+            return Err(e.context(format!(
+                "creating cluster {name:?} (what had started is stopped)"
+            )));
+        }
     };
     let state = State {
         nodes: members,
@@ -204,7 +228,7 @@ async fn vec_of_one(
         },
         &artifacts,
     )?;
-    let member = boot_vm(&node, args.wait).await?;
+    let member = boot_vm(&node, dir, args.wait).await?;
     Ok((vec![member], node.client))
 }
 
@@ -219,8 +243,13 @@ fn artifacts(args: &CreateArgs) -> anyhow::Result<imager::Artifacts> {
     })
 }
 
-/// Boots a prepared node's VM, waits for its API, and leaves QEMU running.
-async fn boot_vm(node: &provision::node::PreparedNode, wait: u64) -> anyhow::Result<Member> {
+/// Boots a prepared node's VM, waits for its API, and leaves QEMU running (recorded in the
+/// cluster's `dir` once it answers; until then a failure ends it with the VM's handle).
+async fn boot_vm(
+    node: &provision::node::PreparedNode,
+    dir: &Path,
+    wait: u64,
+) -> anyhow::Result<Member> {
     let mut vm = node.boot()?;
     let console = vm.serial.path().to_path_buf();
     eprintln!(
@@ -233,6 +262,13 @@ async fn boot_vm(node: &provision::node::PreparedNode, wait: u64) -> anyhow::Res
     let (version, after) =
         wait_for_version(&mut vm, &node.endpoint(), &ctx, Duration::from_secs(wait)).await?;
     let pid = vm.detach().unwrap_or_default();
+    let member = Member {
+        name: node.spec.name.clone(),
+        pid,
+        endpoint: node.endpoint(),
+        console,
+    };
+    record(dir, false, &member)?;
     eprintln!(
         "{} is up after {:.1}s: Plinth {} from slot {}",
         node.spec.name,
@@ -240,12 +276,7 @@ async fn boot_vm(node: &provision::node::PreparedNode, wait: u64) -> anyhow::Res
         version.version,
         version.slot
     );
-    Ok(Member {
-        name: node.spec.name.clone(),
-        pid,
-        endpoint: node.endpoint(),
-        console,
-    })
+    Ok(member)
 }
 
 /// The nodes' names and roles: control planes first.
@@ -350,7 +381,7 @@ async fn in_qemu(
     }
     let mut members = Vec::new();
     for node in &prepared {
-        members.push(boot_vm(node, args.wait).await?);
+        members.push(boot_vm(node, dir, args.wait).await?);
     }
     Ok((members, generated.client))
 }
@@ -424,12 +455,14 @@ async fn simulated(
             detached: true,
             wrapper: Vec::new(),
         })?;
-        members.push(Member {
+        let member = Member {
             name: node.name.clone(),
             pid: child.id(),
             endpoint: node.endpoint.clone(),
             console,
-        });
+        };
+        record(dir, true, &member)?;
+        members.push(member);
     }
     let deadline = Instant::now() + Duration::from_secs(args.wait);
     for m in &members {
@@ -459,6 +492,22 @@ async fn simulated(
     Ok((members, generated.client))
 }
 
+/// Processes whose command line names a path under `dir`.
+fn running_from(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .collect()
+}
+
 async fn destroy(name: &str) -> anyhow::Result<()> {
     let dir = clusters_dir().join(name);
     let Some(state) = read_state(&dir) else {
@@ -481,6 +530,11 @@ async fn destroy(name: &str) -> anyhow::Result<()> {
     }
     for &pid in pids.iter().filter(|&&p| alive(p)) {
         let _ = kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGKILL);
+    }
+    // A simulated machine killed that way leaves its services (etcd) running in their own
+    // process groups: anything still running from the cluster's directory goes too.
+    for pid in running_from(&dir) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     eprintln!("destroyed cluster {name} ({} node(s))", state.pids().len());

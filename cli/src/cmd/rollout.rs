@@ -156,6 +156,10 @@ pub async fn run(target: &Target, args: &UpgradeArgs, k: u32) -> anyhow::Result<
     if k == 0 {
         bail!("--max-unavailable must be at least 1");
     }
+    if up::is_url(&args.image) {
+        // Its version is not known here, so a rerun could not skip the nodes already done.
+        bail!("a rolling upgrade sends a bundle file (--image FILE): from a URL its version cannot be read here to skip the nodes already on it");
+    }
     let nodes = if target.nodes.is_empty() {
         target.context()?.endpoints
     } else {
@@ -318,6 +322,13 @@ async fn one(
     } else {
         up::send_file(&t, Path::new(&args.image), options, false).await?
     };
+    if !reply.rebooting {
+        bail!(
+            "wrote Plinth {} into slot {} but did not reboot into its trial (another sequence had started: `plinth status` says which)",
+            reply.version,
+            reply.slot
+        );
+    }
     say(
         p,
         format!(

@@ -30,12 +30,12 @@ pub async fn reboot(
                 return;
             }
         };
-        if let Err(e) = hold.keep() {
-            tracing::warn!("coordinated reboot: {e}");
+        if let Err(e) = hold.keep().await {
+            phases::reboot_slot::refused(&rt, format!("reboot: {e}"));
             return;
         }
         if let Err(d) = phases::power::request(&rt, SequenceKind::Reboot, Some(actor), false) {
-            tracing::warn!("coordinated reboot: {d}");
+            phases::reboot_slot::refused(&rt, format!("reboot: {d}"));
             hold.abandon();
         }
     });

@@ -102,7 +102,11 @@ pub async fn upgrade(
         }
         let mut hold = hold;
         if let Some(h) = hold.as_mut() {
-            h.keep()?;
+            if let Err(e) = h.keep().await {
+                return Err(ApiError::Precondition(format!(
+                    "slot {target} is written and armed for its trial at the next reboot, but the node did not reboot: its reboot slot was lost ({e}); upgrade again, or reboot it (plinth reboot --max-unavailable K) to run the trial"
+                )));
+            }
         }
         let rebooting =
             phases::power::request(&task_rt, SequenceKind::Reboot, Some(actor), false).is_ok();
