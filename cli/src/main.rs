@@ -133,12 +133,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             | Cmd::Etcd(cmd::etcd::Etcd::Status(_))
             | Cmd::Health(_)
             | Cmd::Upgrade(_)
+            | Cmd::Reboot(_)
+            | Cmd::Shutdown(_)
             | Cmd::Gen(_)
     );
     if !cli.nodes.is_empty() && !fans_out {
         anyhow::bail!(
             "-n/--nodes works with version, status, services, containers, etcd members, \
-             health and upgrade (a rolling upgrade) so far (and is a count for gen config); this command runs on one node \
+             health, upgrade (a rolling upgrade), reboot and shutdown so far (and is a count for gen config); this command runs on one node \
              (pick it with -e)"
         );
     }

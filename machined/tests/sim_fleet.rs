@@ -308,15 +308,33 @@ async fn rolling_upgrades_of_twenty_nodes_keep_within_k_and_stop_at_a_failed_tri
     let (most, _) = watch.most_held();
     assert!(most <= 3, "{most} slots held at once");
 
-    // Coordinated reboots of four workers asked at once with K=1: each answers at once and
-    // reboots when its turn comes, one at a time.
+    // A rolling reboot: four workers asked at once with K=1 (`-n`), each answers at once and
+    // reboots when its turn comes, one at a time; --wait follows each back.
     let since = unix_ms();
     let mut before = Vec::new();
     for n in &cluster.nodes[3..7] {
         before.push(n.version_after(None).await.boot_id);
-        let (ok, out, err) =
-            cluster.plinth(&["-e", &n.endpoint, "reboot", "--max-unavailable", "1"]);
-        assert!(ok, "{out}{err}");
+    }
+    let four: Vec<&str> = cluster.nodes[3..7]
+        .iter()
+        .map(|n| n.endpoint.as_str())
+        .collect();
+    let (ok, out, err) = cluster.plinth(&[
+        "-n",
+        &four.join(","),
+        "reboot",
+        "--max-unavailable",
+        "1",
+        "--wait",
+        "--timeout",
+        "120",
+    ]);
+    assert!(ok, "{out}{err}");
+    for ep in &four {
+        assert!(
+            out.lines().any(|l| l.starts_with(ep) && l.ends_with('s')),
+            "{out}"
+        );
     }
     for (n, b) in cluster.nodes[3..7].iter().zip(&before) {
         n.version_after(Some(b)).await;

@@ -70,7 +70,7 @@ async fn every_named_node_answers_and_a_node_that_is_down_fails_the_run_alone() 
     assert!(err.message().contains("etcd"), "{err:?}");
 
     // -n on a command that runs on one node is refused, not ignored.
-    let (ok, _, err) = cluster.plinth(&["-n", &all, "reboot"]);
+    let (ok, _, err) = cluster.plinth(&["-n", &all, "rollback"]);
     assert!(!ok && err.contains("-n/--nodes"), "{err}");
 
     // Without -n: the context's first node, the output as it always was.
