@@ -152,3 +152,28 @@ where
         ))
     }
 }
+
+/// The end of a streaming command over `-n` (its lines already printed, each with its node):
+/// each failure on stderr; fails if any node did.
+pub fn report(replies: Vec<Reply<()>>) -> anyhow::Result<()> {
+    let total = replies.len();
+    let failed: Vec<String> = replies
+        .into_iter()
+        .filter_map(|r| match r.result {
+            Ok(()) => None,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                Some(r.node)
+            }
+        })
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "{} of {total} nodes failed: {}",
+            failed.len(),
+            failed.join(", ")
+        ))
+    }
+}

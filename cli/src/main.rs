@@ -135,12 +135,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             | Cmd::Upgrade(_)
             | Cmd::Reboot(_)
             | Cmd::Shutdown(_)
+            | Cmd::Events(_)
+            | Cmd::Dmesg(_)
+            | Cmd::Logs(_)
             | Cmd::Gen(_)
     );
     if !cli.nodes.is_empty() && !fans_out {
         anyhow::bail!(
             "-n/--nodes works with version, status, services, containers, etcd members, \
-             health, upgrade (a rolling upgrade), reboot and shutdown so far (and is a count for gen config); this command runs on one node \
+             health, upgrade (a rolling upgrade), reboot, shutdown, events, dmesg and logs so far (and is a count for gen config); this command runs on one node \
              (pick it with -e)"
         );
     }

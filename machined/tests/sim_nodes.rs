@@ -79,6 +79,23 @@ async fn every_named_node_answers_and_a_node_that_is_down_fails_the_run_alone() 
     let doc: serde_json::Value = serde_json::from_str(&out).expect("one document");
     assert_eq!(doc["node"]["name"], "cp-1", "{out}");
 
+    // Streams: every node's events and kernel log, each line after its node.
+    let (ok, out, err) = cluster.plinth(&["-n", &all, "events", "--tail", "3"]);
+    assert!(ok, "{out}{err}");
+    for n in &cluster.nodes {
+        let mine = out.lines().filter(|l| l.starts_with(&n.endpoint)).count();
+        assert_eq!(mine, 3, "{} events from {}:\n{out}", mine, n.endpoint);
+    }
+    let (ok, out, err) = cluster.plinth(&["-n", &all, "dmesg"]);
+    assert!(ok, "{out}{err}");
+    for n in &cluster.nodes {
+        assert!(
+            out.lines().any(|l| l.starts_with(&n.endpoint)),
+            "no kernel log from {}:\n{out}",
+            n.endpoint
+        );
+    }
+
     // One node down: the others still answer, the run fails and names it.
     let down = cluster.nodes[2].endpoint.clone();
     cluster.nodes[2].wait_exit_quiet();
@@ -101,4 +118,15 @@ async fn every_named_node_answers_and_a_node_that_is_down_fails_the_run_alone() 
     let (ok, out, err) = cluster.plinth(&["-n", &all, "containers"]);
     assert!(!ok, "{out}");
     assert!(err.contains(&down), "{err}");
+    let (ok, out, err) = cluster.plinth(&["-n", &all, "events", "--tail", "1"]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("1 of 4 nodes failed") && err.contains(&down),
+        "{err}"
+    );
+    assert_eq!(
+        out.lines().count(),
+        3,
+        "the others' events still come:\n{out}"
+    );
 }

@@ -139,13 +139,31 @@ pub fn describe(e: &Event) -> String {
     )
 }
 
+/// With `-n`, every node's events as they come, each line after its NODE column (JSON: each
+/// event under `event`, beside `node`).
 pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
-    let (endpoint, mut c) = target.connect().await?;
+    let many = target.fans_out();
+    let replies = target
+        .each(|endpoint, c| one(endpoint, c, &args, many))
+        .await?;
+    if many {
+        return crate::fanout::report(replies);
+    }
+    replies.into_iter().try_for_each(|r| r.result)
+}
+
+async fn one(
+    endpoint: String,
+    mut c: api::proto::machine_client::MachineClient<tonic::transport::Channel>,
+    args: &Args,
+    many: bool,
+) -> anyhow::Result<()> {
+    let prefix = crate::fanout::node_column(&endpoint, many);
     let mut stream = c
         .events(EventsRequest {
             tail: args.tail,
             since_id: args.since_id,
-            actor_id: args.actor.unwrap_or_default(),
+            actor_id: args.actor.clone().unwrap_or_default(),
             follow: args.follow,
         })
         .await
@@ -159,9 +177,13 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
         let Some(event) = api::convert::from_proto(&msg) else {
             continue;
         };
-        match args.output {
-            Format::Json => println!("{}", serde_json::to_string(&event)?),
-            Format::Text => println!("{}", describe(&event)),
+        match (args.output, many) {
+            (Format::Json, false) => println!("{}", serde_json::to_string(&event)?),
+            (Format::Json, true) => println!(
+                "{}",
+                serde_json::json!({ "node": endpoint, "event": event })
+            ),
+            (Format::Text, _) => println!("{prefix}{}", describe(&event)),
         }
     }
     Ok(())
