@@ -177,3 +177,53 @@ pub fn report(replies: Vec<Reply<()>>) -> anyhow::Result<()> {
         ))
     }
 }
+
+/// `-n` for a command that starts something on every node (a sequence with an actor id):
+/// all asked at once, a line each with the node and the actor; fails if any node refused.
+pub async fn actions<F, Fut>(target: &Target, call: F) -> anyhow::Result<()>
+where
+    F: Fn(String, MachineClient<Channel>) -> Fut,
+    Fut: Future<Output = anyhow::Result<String>>,
+{
+    let replies = target.each(call).await?;
+    let show = Show {
+        json: |_: &str, actor: &String| serde_json::json!({ "actor_id": actor }),
+        key: "started",
+        header: |many: bool| println!("{}ACTOR", if many { NODE_HEADER } else { "" }),
+        render: |endpoint: &str, many: bool, actor: &String| {
+            println!("{}{actor}", node_column(endpoint, many));
+        },
+    };
+    print(target, replies, Format::Text, show)
+}
+
+/// `-n` for a command that prints a document per node: each under a `# NODE` line, in the
+/// order named; fails if any node did.
+pub async fn documents<F, Fut>(target: &Target, call: F) -> anyhow::Result<()>
+where
+    F: Fn(String, MachineClient<Channel>) -> Fut,
+    Fut: Future<Output = anyhow::Result<String>>,
+{
+    let many = target.fans_out();
+    let mut replies = target.each(call).await?;
+    if !many {
+        let text = replies.remove(0).result?;
+        print!("{text}");
+        return Ok(());
+    }
+    for r in &replies {
+        if let Ok(text) = &r.result {
+            println!("# {}", r.node);
+            print!("{text}");
+        }
+    }
+    report(
+        replies
+            .into_iter()
+            .map(|r| Reply {
+                node: r.node,
+                result: r.result.map(drop),
+            })
+            .collect(),
+    )
+}

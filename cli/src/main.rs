@@ -138,12 +138,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             | Cmd::Events(_)
             | Cmd::Dmesg(_)
             | Cmd::Logs(_)
+            | Cmd::Rollback(_)
+            | Cmd::Reset(_)
+            | Cmd::Get(_)
             | Cmd::Gen(_)
     );
     if !cli.nodes.is_empty() && !fans_out {
         anyhow::bail!(
             "-n/--nodes works with version, status, services, containers, etcd members, \
-             health, upgrade (a rolling upgrade), reboot, shutdown, events, dmesg and logs so far (and is a count for gen config); this command runs on one node \
+             health, upgrade (a rolling upgrade), reboot, shutdown, rollback, reset, events, dmesg, logs \
+             and get (and is a count for gen config); this command runs on one node \
              (pick it with -e)"
         );
     }

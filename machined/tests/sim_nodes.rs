@@ -70,8 +70,27 @@ async fn every_named_node_answers_and_a_node_that_is_down_fails_the_run_alone() 
     assert!(err.message().contains("etcd"), "{err:?}");
 
     // -n on a command that runs on one node is refused, not ignored.
-    let (ok, _, err) = cluster.plinth(&["-n", &all, "rollback"]);
+    let (ok, _, err) = cluster.plinth(&["-n", &all, "bootstrap"]);
     assert!(!ok && err.contains("-n/--nodes"), "{err}");
+
+    // Every node's config under its own heading; a rollback asked of every node is refused by
+    // each (no good slot B yet), each named.
+    let (ok, out, err) = cluster.plinth(&["-n", &all, "get", "config"]);
+    assert!(ok, "{out}{err}");
+    for n in &cluster.nodes {
+        assert!(out.contains(&format!("# {}\n", n.endpoint)), "{out}");
+    }
+    assert_eq!(
+        out.matches("\nmachine:").count() + usize::from(out.starts_with("machine:")),
+        4,
+        "{out}"
+    );
+    let (ok, out, err) = cluster.plinth(&["-n", &all, "rollback"]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("4 of 4 nodes failed") && err.contains("rollback needs a good slot"),
+        "{err}"
+    );
 
     // Without -n: the context's first node, the output as it always was.
     let (ok, out, err) = cluster.plinth(&["version", "-o", "json"]);

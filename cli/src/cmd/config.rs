@@ -87,15 +87,26 @@ async fn running(target: &Target) -> anyhow::Result<String> {
 
 pub async fn get(target: &Target, args: GetArgs) -> anyhow::Result<()> {
     match args.resource {
-        GetResource::Config => print!("{}", running(target).await?),
+        GetResource::Config => {
+            crate::fanout::documents(target, |endpoint, mut c| async move {
+                Ok(c.get_configuration(GetConfigurationRequest {})
+                    .await
+                    .map_err(|s| status_error(&endpoint, s))?
+                    .into_inner()
+                    .data)
+            })
+            .await?
+        }
         GetResource::Extensions => {
-            let (endpoint, mut c) = target.connect().await?;
-            let r = c
-                .extension_list(ExtensionListRequest {})
-                .await
-                .map_err(|s| status_error(&endpoint, s))?
-                .into_inner();
-            print!("{}", extensions_table(&r));
+            crate::fanout::documents(target, |endpoint, mut c| async move {
+                let r = c
+                    .extension_list(ExtensionListRequest {})
+                    .await
+                    .map_err(|s| status_error(&endpoint, s))?
+                    .into_inner();
+                Ok(extensions_table(&r))
+            })
+            .await?
         }
     }
     Ok(())

@@ -157,23 +157,13 @@ pub async fn reboot(target: &Target, args: RebootArgs) -> anyhow::Result<()> {
 
 pub async fn shutdown(target: &Target, args: ShutdownArgs) -> anyhow::Result<()> {
     if target.fans_out() {
-        let replies = target
-            .each(|endpoint, mut c| async move {
-                c.shutdown(ShutdownRequest { force: args.force })
-                    .await
-                    .map(|r| r.into_inner().actor_id)
-                    .map_err(|s| status_error(&endpoint, s))
-            })
-            .await?;
-        let show = Show {
-            json: |_: &str, actor: &String| serde_json::json!({ "actor_id": actor }),
-            key: "shutdown",
-            header: |many: bool| println!("{}ACTOR", if many { NODE_HEADER } else { "" }),
-            render: |endpoint: &str, many: bool, actor: &String| {
-                println!("{}{actor}", node_column(endpoint, many));
-            },
-        };
-        return print(target, replies, Format::Text, show);
+        return crate::fanout::actions(target, |endpoint, mut c| async move {
+            c.shutdown(ShutdownRequest { force: args.force })
+                .await
+                .map(|r| r.into_inner().actor_id)
+                .map_err(|s| status_error(&endpoint, s))
+        })
+        .await;
     }
     let (endpoint, mut c) = target.connect().await?;
     let actor = c

@@ -35,18 +35,31 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
     } else {
         args.wipe.clone()
     };
+    let request = ResetRequest {
+        graceful: args.graceful,
+        reboot: args.reboot,
+        labels,
+        system_disk,
+        method: match args.method {
+            Method::Fast => WipeMethod::Fast,
+            Method::Zero => WipeMethod::Zero,
+        } as i32,
+    };
+    if target.fans_out() {
+        return crate::fanout::actions(target, |endpoint, mut c| {
+            let request = request.clone();
+            async move {
+                c.reset(request)
+                    .await
+                    .map(|r| r.into_inner().actor_id)
+                    .map_err(|s| status_error(&endpoint, s))
+            }
+        })
+        .await;
+    }
     let (endpoint, mut c) = target.connect().await?;
     let actor = c
-        .reset(ResetRequest {
-            graceful: args.graceful,
-            reboot: args.reboot,
-            labels,
-            system_disk,
-            method: match args.method {
-                Method::Fast => WipeMethod::Fast,
-                Method::Zero => WipeMethod::Zero,
-            } as i32,
-        })
+        .reset(request)
         .await
         .map_err(|s| status_error(&endpoint, s))?
         .into_inner()

@@ -231,6 +231,18 @@ async fn report(
 }
 
 pub async fn rollback(target: &Target, args: RollbackArgs) -> anyhow::Result<()> {
+    if target.fans_out() {
+        if args.wait {
+            bail!("--wait follows one node: with -n, follow them with plinth -n ... status");
+        }
+        return crate::fanout::actions(target, |endpoint, mut c| async move {
+            c.rollback(RollbackRequest {})
+                .await
+                .map(|r| r.into_inner().actor_id)
+                .map_err(|s| status_error(&endpoint, s))
+        })
+        .await;
+    }
     let before = boot_id(target).await?;
     let (endpoint, mut c) = target.connect().await?;
     let actor = c
