@@ -227,3 +227,28 @@ where
             .collect(),
     )
 }
+
+/// `-n` for a command that talks to one node at a length (a patch and its diff, an upload
+/// with its progress bar): the nodes one after the other, each under a `# NODE` line, every
+/// node tried whatever the one before did; fails if any did.
+pub async fn one_by_one<F, Fut>(target: &Target, run: F) -> anyhow::Result<()>
+where
+    F: Fn(Target) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let mut replies = Vec::new();
+    for node in &target.nodes {
+        println!("# {node}");
+        let one = Target {
+            endpoints: vec![node.clone()],
+            nodes: Vec::new(),
+            ..target.clone()
+        };
+        let result = run(one).await.map_err(|e| e.context(node.clone()));
+        replies.push(Reply {
+            node: node.clone(),
+            result,
+        });
+    }
+    report(replies)
+}

@@ -141,13 +141,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             | Cmd::Rollback(_)
             | Cmd::Reset(_)
             | Cmd::Get(_)
+            | Cmd::Patch(_)
+            | Cmd::Image(cmd::image::Image::Import(_))
+            | Cmd::Image(cmd::image::Image::List(_))
             | Cmd::Gen(_)
     );
     if !cli.nodes.is_empty() && !fans_out {
         anyhow::bail!(
             "-n/--nodes works with version, status, services, containers, etcd members, \
-             health, upgrade (a rolling upgrade), reboot, shutdown, rollback, reset, events, dmesg, logs \
-             and get (and is a count for gen config); this command runs on one node \
+             health, upgrade (a rolling upgrade), reboot, shutdown, rollback, reset, events, dmesg, logs, \
+             get, patch and image import|list (and is a count for gen config); this command runs on one node \
              (pick it with -e)"
         );
     }
@@ -172,12 +175,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Rollback(a) => cmd::upgrade::rollback(&target, a).await,
         Cmd::ApplyConfig(a) => cmd::apply::run(&target, a).await,
         Cmd::Get(a) => cmd::config::get(&target, a).await,
+        Cmd::Patch(a) if target.fans_out() => {
+            fanout::one_by_one(&target, |t| cmd::config::patch_owned(t, a.clone())).await
+        }
         Cmd::Patch(a) => cmd::config::patch(&target, a).await,
         Cmd::Edit(a) => cmd::config::edit(&target, a).await,
         Cmd::Reset(a) => cmd::reset::run(&target, a).await,
         Cmd::Dmesg(a) => cmd::logs::dmesg(&target, a).await,
         Cmd::Logs(a) => cmd::logs::logs(&target, a).await,
+        Cmd::Image(cmd::image::Image::Import(a)) if target.fans_out() => {
+            fanout::one_by_one(&target, |t| cmd::images::import_owned(t, a.clone())).await
+        }
         Cmd::Image(cmd::image::Image::Import(a)) => cmd::images::import(&target, a).await,
+        Cmd::Image(cmd::image::Image::List(a)) if target.fans_out() => {
+            fanout::one_by_one(&target, |t| cmd::images::list_owned(t, a.clone())).await
+        }
         Cmd::Image(cmd::image::Image::List(a)) => cmd::images::list(&target, a).await,
         Cmd::Image(i) => cmd::image::run(i),
         Cmd::Cluster(c) => cmd::cluster::run(&target, c).await,

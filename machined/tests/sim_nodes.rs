@@ -85,6 +85,20 @@ async fn every_named_node_answers_and_a_node_that_is_down_fails_the_run_alone() 
         4,
         "{out}"
     );
+    // One patch for two nodes, one after the other; each has it.
+    let two = format!("{},{}", cluster.nodes[0].endpoint, cluster.nodes[1].endpoint);
+    let (ok, out, err) = cluster.plinth(&[
+        "-n",
+        &two,
+        "patch",
+        "config",
+        "-p",
+        r#"{"machine":{"upgrade":{"trial_timeout_s":77}}}"#,
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cluster.plinth(&["-n", &two, "get", "config"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.matches("trial_timeout_s: 77").count(), 2, "{out}");
     let (ok, out, err) = cluster.plinth(&["-n", &all, "rollback"]);
     assert!(!ok, "{out}");
     assert!(

@@ -44,7 +44,7 @@ pub enum PatchType {
     Json,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct PatchArgs {
     /// What to patch.
     #[arg(value_enum)]
@@ -366,4 +366,9 @@ mod tests {
         .expect_err("invalid");
         assert!(format!("{err:#}").contains("machine.api.port"), "{err:#}");
     }
+}
+
+/// [`patch`] for a node of its own (`-n`, one after the other).
+pub async fn patch_owned(target: Target, args: PatchArgs) -> anyhow::Result<()> {
+    patch(&target, args).await
 }

@@ -8,7 +8,7 @@ use api::proto::{ImageImportOptions, ImageImportRequest, ImageListRequest};
 
 use crate::connect::{status_error, Target};
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct ImportArgs {
     /// The archive: an OCI image layout or a `docker save` tar (`plinth image busybox` makes
     /// one).
@@ -18,7 +18,7 @@ pub struct ImportArgs {
     name: Option<String>,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct ListArgs {}
 
 pub async fn import(target: &Target, args: ImportArgs) -> anyhow::Result<()> {
@@ -77,4 +77,14 @@ pub async fn list(target: &Target, _: ListArgs) -> anyhow::Result<()> {
         println!("{:<width$}  {}", i.name, i.digest);
     }
     Ok(())
+}
+
+/// [`import`] for a node of its own (`-n`, one after the other).
+pub async fn import_owned(target: Target, args: ImportArgs) -> anyhow::Result<()> {
+    import(&target, args).await
+}
+
+/// [`list`] for a node of its own (`-n`, one after the other).
+pub async fn list_owned(target: Target, args: ListArgs) -> anyhow::Result<()> {
+    list(&target, args).await
 }
