@@ -86,7 +86,10 @@ async fn every_named_node_answers_and_a_node_that_is_down_fails_the_run_alone() 
         "{out}"
     );
     // One patch for two nodes, one after the other; each has it.
-    let two = format!("{},{}", cluster.nodes[0].endpoint, cluster.nodes[1].endpoint);
+    let two = format!(
+        "{},{}",
+        cluster.nodes[0].endpoint, cluster.nodes[1].endpoint
+    );
     let (ok, out, err) = cluster.plinth(&[
         "-n",
         &two,

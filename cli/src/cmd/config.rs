@@ -252,6 +252,11 @@ fn keep(file: tempfile::NamedTempFile) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// [`patch`] for a node of its own (`-n`, one after the other).
+pub async fn patch_owned(target: Target, args: PatchArgs) -> anyhow::Result<()> {
+    patch(&target, args).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,9 +371,4 @@ mod tests {
         .expect_err("invalid");
         assert!(format!("{err:#}").contains("machine.api.port"), "{err:#}");
     }
-}
-
-/// [`patch`] for a node of its own (`-n`, one after the other).
-pub async fn patch_owned(target: Target, args: PatchArgs) -> anyhow::Result<()> {
-    patch(&target, args).await
 }
