@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use sequencer::TaskError;
 
-use crate::platform::MountEntry;
+use crate::platform::{MountEntry, Platform};
 use crate::runtime::Runtime;
 
 /// How long processes get between SIGTERM and SIGKILL.
@@ -22,6 +22,12 @@ const KEEP: &[&str] = &["/", "/proc", "/sys", "/dev", "/run"];
 pub struct StillMounted(pub Vec<String>);
 
 /// SIGTERM to every remaining process, SIGKILL to those alive after [`KILL_GRACE`].
+///
+/// A process is gone when it is gone from `/proc`, not when its command line is empty: a Go
+/// program's main thread can have exited (its command line empty, so [`Platform::processes`]
+/// no longer lists it) while its other threads still hold its files, and the unmounts after
+/// this would find them busy: a reset would then not wipe (seen with etcd, running from an
+/// extension under `/usr/local`, on SIGTERM and on SIGKILL alike).
 pub async fn kill_processes(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     let p = ctx.platform.clone();
     let pids = p.processes()?;
@@ -31,38 +37,53 @@ pub async fn kill_processes(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     for &pid in &pids {
         p.kill(pid, Signal::SIGTERM)?;
     }
-    let deadline = Instant::now() + KILL_GRACE;
-    while Instant::now() < deadline {
-        if p.processes()?.is_empty() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // What is still there: listed now (a process started meanwhile too), or one of those
+    // signalled whose threads have not all gone.
+    let left = |p: &dyn Platform| -> Result<Vec<i32>, TaskError> {
+        let mut left = p.processes()?;
+        let lingering: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|&pid| p.process_exists(pid) && !left.contains(&pid))
+            .collect();
+        left.extend(lingering);
+        Ok(left)
+    };
+    if wait_gone(p.as_ref(), &left).await? {
+        return Ok(());
     }
-    let left = p.processes()?;
+    let stubborn = left(p.as_ref())?;
     tracing::warn!(
-        "killing {} processes that ignored SIGTERM: {left:?}",
-        left.len()
+        "killing {} processes that ignored SIGTERM: {stubborn:?}",
+        stubborn.len()
     );
-    for &pid in &left {
+    for &pid in &stubborn {
         p.kill(pid, Signal::SIGKILL)?;
     }
-    // A killed process holds its files until every thread of it has exited and it has been
-    // reaped (a Go program's main thread can be gone, its command line empty, while the others
-    // still hold them): the unmounts after this would find them busy, and a reset would not
-    // wipe (seen with etcd running from an extension under /usr/local).
+    if !wait_gone(p.as_ref(), &left).await? {
+        tracing::warn!(
+            "processes still there after SIGKILL: {:?}",
+            left(p.as_ref())?
+        );
+    }
+    Ok(())
+}
+
+/// Waits up to [`KILL_GRACE`] until `left` finds nothing; whether it did.
+async fn wait_gone(
+    p: &dyn Platform,
+    left: &impl Fn(&dyn Platform) -> Result<Vec<i32>, TaskError>,
+) -> Result<bool, TaskError> {
     let deadline = Instant::now() + KILL_GRACE;
-    while Instant::now() < deadline {
-        if !left.iter().any(|&pid| p.process_exists(pid)) {
-            return Ok(());
+    loop {
+        if left(p)?.is_empty() {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let still: Vec<i32> = left
-        .into_iter()
-        .filter(|&pid| p.process_exists(pid))
-        .collect();
-    tracing::warn!("processes still there after SIGKILL: {still:?}");
-    Ok(())
 }
 
 fn kept(target: &Path) -> bool {
@@ -90,7 +111,16 @@ pub fn unmount_order(mounts: &[MountEntry]) -> Vec<PathBuf> {
 /// read-only and reported.
 pub async fn unmount_filesystems(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     // The extensions' mounts live under /run (kept) and their loop devices hold files on the
-    // ESP: they go first, or the ESP would not unmount.
+    // ESP: they go first, or the ESP would not unmount. Their overlay on /usr/local may stay
+    // busy a moment after the last program from it has gone: tried for up to 2 s.
+    let target = Path::new(crate::extensions::TARGET);
+    for _ in 0..20 {
+        let mounted = ctx.platform.mounts()?.iter().any(|m| m.target == target);
+        if !mounted || ctx.platform.unmount(target).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     crate::extensions::deactivate(&ctx);
     let p = &ctx.platform;
     let mut stuck = Vec::new();
