@@ -118,4 +118,34 @@ fn a_simulated_cluster_made_by_the_cli_bootstraps_passes_health_and_is_destroyed
         assert!(Instant::now() < deadline, "still running: {left:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // Workers alone ask for the one control plane a cluster needs (as talosctl does).
+    let (ok, out) = plinth(
+        home,
+        &[
+            "cluster",
+            "create",
+            "--simulated",
+            "--name",
+            "few",
+            "--workers",
+            "2",
+            "--machined",
+            machined,
+        ],
+    );
+    assert!(ok, "{out}");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(home.join(".plinth/clusters/few/cluster.json")).expect("state"),
+    )
+    .expect("json");
+    let names: Vec<&str> = state["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(names, ["cp-1", "worker-1", "worker-2"], "{state}");
+    let (ok, out) = plinth(home, &["cluster", "destroy", "--name", "few"]);
+    assert!(ok, "{out}");
 }

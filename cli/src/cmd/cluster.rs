@@ -41,9 +41,10 @@ pub struct CreateArgs {
     /// Cluster name (and the node's, for a single node).
     #[arg(long)]
     name: String,
-    /// Control-plane nodes (etcd members); with --workers, a cluster instead of one node.
-    #[arg(long, default_value_t = 0)]
-    control_planes: usize,
+    /// Control-plane nodes (etcd members): a cluster instead of one node. One when not given
+    /// with --workers or --simulated (as `talosctl cluster create` does).
+    #[arg(long)]
+    control_planes: Option<usize>,
     /// Worker nodes.
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -141,7 +142,12 @@ fn signing_key(dir: &Path) -> anyhow::Result<(upgrade::bundle::SigningKey, PathB
 
 async fn create(target: &Target, args: CreateArgs) -> anyhow::Result<()> {
     let name = args.name.clone();
-    if args.control_planes == 0 && args.workers > 0 {
+    let mut args = args;
+    let cps = args
+        .control_planes
+        .unwrap_or(usize::from(args.workers > 0 || args.simulated));
+    args.control_planes = Some(cps);
+    if cps == 0 && args.workers > 0 {
         bail!("a cluster needs at least one control plane (--control-planes): its etcd runs there");
     }
     let dir = clusters_dir().join(&name);
@@ -159,7 +165,7 @@ async fn create(target: &Target, args: CreateArgs) -> anyhow::Result<()> {
     let (key, key_path, public) = signing_key(&dir)?;
     let made = if args.simulated {
         simulated(&args, &dir, &public).await
-    } else if args.control_planes == 0 {
+    } else if cps == 0 {
         vec_of_one(&args, &dir, &public).await
     } else {
         in_qemu(&args, &dir, (&key, &public)).await
@@ -189,7 +195,7 @@ async fn create(target: &Target, args: CreateArgs) -> anyhow::Result<()> {
         state.nodes.len(),
         path.display()
     );
-    if args.control_planes > 0 {
+    if cps > 0 {
         eprintln!(
             "next: plinth bootstrap (on the context's first node, {}), then plinth health --wait-timeout 5m",
             state.nodes[0].name
@@ -281,7 +287,7 @@ async fn boot_vm(
 
 /// The nodes' names and roles: control planes first.
 fn roles(args: &CreateArgs) -> Vec<(String, MachineType)> {
-    (0..args.control_planes)
+    (0..args.control_planes.unwrap_or(0))
         .map(|i| (format!("cp-{}", i + 1), MachineType::Controlplane))
         .chain((0..args.workers).map(|i| (format!("worker-{}", i + 1), MachineType::Worker)))
         .collect()
