@@ -142,15 +142,7 @@ where
     if format == Format::Json {
         println!("{}", serde_json::Value::Array(docs));
     }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(anyhow!(
-            "{} of {total} nodes failed: {}",
-            failed.len(),
-            failed.join(", ")
-        ))
-    }
+    outcome(&failed, total)
 }
 
 /// The end of a streaming command over `-n` (its lines already printed, each with its node):
@@ -167,15 +159,7 @@ pub fn report(replies: Vec<Reply<()>>) -> anyhow::Result<()> {
             }
         })
         .collect();
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(anyhow!(
-            "{} of {total} nodes failed: {}",
-            failed.len(),
-            failed.join(", ")
-        ))
-    }
+    outcome(&failed, total)
 }
 
 /// `-n` for a command that starts something on every node (a sequence with an actor id):
@@ -251,4 +235,17 @@ where
         });
     }
     report(replies)
+}
+
+/// Ok, or which of `total` nodes failed.
+fn outcome(failed: &[String], total: usize) -> anyhow::Result<()> {
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "{} of {total} nodes failed: {}",
+            failed.len(),
+            failed.join(", ")
+        ))
+    }
 }

@@ -14,6 +14,7 @@
 //! Every VM runs under TCG: KVM is not usable on the machines this runs on.
 #![warn(missing_docs)]
 
+pub mod etcdctl;
 pub mod firmware;
 pub mod node;
 pub mod qemu;

@@ -19,6 +19,17 @@ pub const GUEST_ADDRESS: &str = "10.0.2.15/24";
 /// QEMU user networking's gateway.
 pub const GUEST_GATEWAY: &str = "10.0.2.2";
 
+/// eth0 on QEMU's user network (the API's way in, forwarded from the host), for a node whose
+/// config was made for another network (a cluster's private segment on eth1).
+pub fn user_network_interface() -> config::Interface {
+    config::Interface {
+        name: "eth0".into(),
+        addresses: vec![GUEST_ADDRESS.into()],
+        gateway: Some(GUEST_GATEWAY.into()),
+        dhcp: false,
+    }
+}
+
 /// A node to prepare.
 #[derive(Debug, Clone)]
 pub struct NodeSpec {

@@ -17,7 +17,7 @@ use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
 use common::{
     bundle, etcd_extension, plinth_output, prepared, signing_key, workspace, TestNode, BOOT_TIMEOUT,
 };
-use config::{Interface, MachineType};
+use config::MachineType;
 use vm_tests::node::{wait_for_version, NodeSpec, Preset};
 use vm_tests::qemu::{free_port, Lan, Vm};
 
@@ -36,42 +36,11 @@ async fn cli(node: &TestNode, args: &[&str]) -> (bool, String) {
 /// Debian's etcdctl against the cluster, through each node's forwarded client port, with
 /// machined's etcd client certificate.
 fn etcdctl(dir: &Path, cluster: &config::Cluster, ports: &[u16], args: &[&str]) -> (bool, String) {
-    let file = |name: &str, pem: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, pem).expect("pem");
-        p.display().to_string()
-    };
     let endpoints: Vec<String> = ports
         .iter()
         .map(|p| format!("https://127.0.0.1:{p}"))
         .collect();
-    let out = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", endpoints.join(",")))
-        .arg(format!(
-            "--cacert={}",
-            file("etcd-ca.crt", &cluster.etcd.ca)
-        ))
-        .arg(format!(
-            "--cert={}",
-            file("etcd-client.crt", &cluster.etcd.client.cert)
-        ))
-        .arg(format!(
-            "--key={}",
-            file("etcd-client.key", &cluster.etcd.client.key)
-        ))
-        .arg("--command-timeout=20s")
-        .args(args)
-        .output()
-        .expect("etcdctl is missing: apt-get install etcd-client (./x test does)");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    vm_tests::etcdctl::etcdctl(cluster, &endpoints, dir, args)
 }
 
 /// Waits until the node's events say `needle` (its boot goes on after the API answers).
@@ -135,15 +104,10 @@ async fn three_control_planes_form_etcd_survive_a_rolling_upgrade_and_recover_fr
         .map(|(i, cfg)| {
             let mut cfg = cfg.clone();
             // The API's way in: QEMU's user network on eth0, forwarded from the host.
-            cfg.machine.network.interfaces.insert(
-                0,
-                Interface {
-                    name: "eth0".into(),
-                    addresses: vec![vm_tests::node::GUEST_ADDRESS.into()],
-                    gateway: Some(vm_tests::node::GUEST_GATEWAY.into()),
-                    dhcp: false,
-                },
-            );
+            cfg.machine
+                .network
+                .interfaces
+                .insert(0, vm_tests::node::user_network_interface());
             let name = cfg.machine.name.clone();
             prepared(NodeSpec {
                 name: name.clone(),

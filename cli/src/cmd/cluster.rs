@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
 use clap::Subcommand;
-use config::{ClientConfig, Interface, MachineType, NodeConfig};
+use config::{ClientConfig, MachineType, NodeConfig};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use provision::node::{ensure_artifacts, prepare, wait_for_version, NodeSpec, Preset};
@@ -350,15 +350,10 @@ async fn in_qemu(
     for (i, cfg) in generated.nodes.iter().enumerate() {
         let mut cfg: NodeConfig = cfg.clone();
         // The API's way in: QEMU's user network on eth0, forwarded from the host.
-        cfg.machine.network.interfaces.insert(
-            0,
-            Interface {
-                name: "eth0".into(),
-                addresses: vec![provision::node::GUEST_ADDRESS.into()],
-                gateway: Some(provision::node::GUEST_GATEWAY.into()),
-                dhcp: false,
-            },
-        );
+        cfg.machine
+            .network
+            .interfaces
+            .insert(0, provision::node::user_network_interface());
         let name = cfg.machine.name.clone();
         let cp = cfg.machine.machine_type == MachineType::Controlplane;
         prepared.push(prepare(

@@ -172,37 +172,10 @@ pub fn plinth_cli() -> PathBuf {
 /// (succeeded, stdout and stderr).
 pub fn etcdctl(cluster: &config::node::Cluster, args: &[&str]) -> (bool, String) {
     let dir = tempfile::tempdir().expect("tmp");
-    let file = |name: &str, pem: &str| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, pem).expect("pem");
-        p.display().to_string()
-    };
     let endpoints: Vec<String> = cluster
         .controlplanes
         .iter()
         .map(|m| m.client_url())
         .collect();
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", endpoints.join(",")))
-        .arg(format!("--cacert={}", file("ca.crt", &cluster.etcd.ca)))
-        .arg(format!(
-            "--cert={}",
-            file("client.crt", &cluster.etcd.client.cert)
-        ))
-        .arg(format!(
-            "--key={}",
-            file("client.key", &cluster.etcd.client.key)
-        ))
-        .args(args)
-        .output()
-        .expect("etcdctl is missing: apt-get install etcd-client (./x test does)");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    provision::etcdctl::etcdctl(cluster, &endpoints, dir.path(), args)
 }
