@@ -709,7 +709,12 @@ impl Supervisor {
             return Ok(());
         }
         let netns = workloads::network::Netns::of_pid(pid).map_err(|e| e.to_string())?;
-        netns.loopback_up().map_err(|e| e.to_string())?;
+        // A thread of its own enters the namespace and is joined: not on a runtime worker.
+        let up = netns.clone();
+        tokio::task::spawn_blocking(move || up.loopback_up())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         self.netns
             .lock()
             .unwrap_or_else(|p| p.into_inner())

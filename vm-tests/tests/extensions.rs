@@ -166,25 +166,23 @@ async fn a_signed_extension_is_overlaid_and_runs_while_tampered_ones_are_refused
         .await
         .expect("the node boots with its refused extensions left out");
 
-    let mut client = api::client::connect_context(&node.endpoint(), &ctx)
-        .await
-        .expect("connect");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let list = loop {
-        let list = client
-            .extension_list(ExtensionListRequest {})
-            .await
-            .expect("ExtensionList")
-            .into_inner();
-        if list.extensions.len() == 5 {
-            break list;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "extensions never listed: {list:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let list = common::poll_api(
+        &node,
+        120,
+        "extensions never listed",
+        |mut client| async move {
+            let list = client
+                .extension_list(ExtensionListRequest {})
+                .await?
+                .into_inner();
+            Ok(if list.extensions.len() == 5 {
+                Ok(list)
+            } else {
+                Err(format!("{list:?}"))
+            })
+        },
+    )
+    .await;
     let get = |n: &str| {
         list.extensions
             .iter()
@@ -215,23 +213,24 @@ async fn a_signed_extension_is_overlaid_and_runs_while_tampered_ones_are_refused
     );
 
     // The service from the extension comes up healthy: /usr/local is the overlay.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let services = client
-            .service_list(ServiceListRequest {})
-            .await
-            .expect("ServiceList")
-            .into_inner()
-            .services;
-        if services.iter().any(|s| s.name == "www" && s.healthy) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "www from the extension never became healthy: {services:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    common::poll_api(
+        &node,
+        120,
+        "www from the extension never became healthy",
+        |mut client| async move {
+            let services = client
+                .service_list(ServiceListRequest {})
+                .await?
+                .into_inner()
+                .services;
+            Ok(if services.iter().any(|s| s.name == "www" && s.healthy) {
+                Ok(())
+            } else {
+                Err(format!("{services:?}"))
+            })
+        },
+    )
+    .await;
 
     // cgroup v2 is mounted with the controllers containers need enabled below the root.
     let n1 = node.clone();

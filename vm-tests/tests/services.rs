@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::proto::{ServiceListRequest, ShutdownRequest};
 use common::{node_with_services, BOOT_TIMEOUT};
@@ -37,30 +37,28 @@ async fn services_start_in_dependency_order_restart_on_failure_and_a_service_ign
         .expect("boot");
 
     // ServiceList shows web healthy, stubborn running, flaky restarted after failing.
-    let mut client = api::client::connect_context(&node.endpoint(), &ctx)
-        .await
-        .expect("connect");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let list = loop {
-        let list = client
-            .service_list(ServiceListRequest {})
-            .await
-            .expect("list")
-            .into_inner()
-            .services;
-        let get = |n: &str| list.iter().find(|s| s.name == n).cloned();
-        let ready = get("web").is_some_and(|s| s.healthy)
-            && get("stubborn").is_some_and(|s| s.state == "running")
-            && get("flaky").is_some_and(|s| s.restarts >= 1);
-        if ready {
-            break list;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "services never settled: {list:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let list = common::poll_api(
+        &node,
+        60,
+        "services never settled",
+        |mut client| async move {
+            let list = client
+                .service_list(ServiceListRequest {})
+                .await?
+                .into_inner()
+                .services;
+            let get = |n: &str| list.iter().find(|s| s.name == n).cloned();
+            let ready = get("web").is_some_and(|s| s.healthy)
+                && get("stubborn").is_some_and(|s| s.state == "running")
+                && get("flaky").is_some_and(|s| s.restarts >= 1);
+            Ok(if ready {
+                Ok(list)
+            } else {
+                Err(format!("{list:?}"))
+            })
+        },
+    )
+    .await;
     let flaky = list.iter().find(|s| s.name == "flaky").expect("flaky");
     assert!(flaky.last_exit.contains("exit code 2"), "{flaky:?}");
 
@@ -116,7 +114,9 @@ async fn services_start_in_dependency_order_restart_on_failure_and_a_service_ign
     assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "{ticks:?}");
 
     // Shut down: QEMU exits on its own.
-    client
+    api::client::connect_context(&node.endpoint(), &ctx)
+        .await
+        .expect("connect")
         .shutdown(ShutdownRequest { force: false })
         .await
         .expect("shutdown");

@@ -56,24 +56,22 @@ async fn wait_services(
     what: &str,
     ok: impl Fn(&[api::proto::ServiceInfo]) -> bool,
 ) -> Vec<api::proto::ServiceInfo> {
-    let ctx = node.context().expect("context").clone();
-    let mut client = api::client::connect_context(&node.endpoint(), &ctx)
-        .await
-        .expect("connect");
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let services = client
-            .service_list(ServiceListRequest {})
-            .await
-            .expect("ServiceList")
-            .into_inner()
-            .services;
-        if ok(&services) {
-            return services;
+    common::poll_api(node, secs, what, |mut client| {
+        let ok = &ok;
+        async move {
+            let services = client
+                .service_list(ServiceListRequest {})
+                .await?
+                .into_inner()
+                .services;
+            Ok(if ok(&services) {
+                Ok(services)
+            } else {
+                Err(format!("{services:?}"))
+            })
         }
-        assert!(Instant::now() < deadline, "{what}: {services:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    })
+    .await
 }
 
 fn healthy(services: &[api::proto::ServiceInfo], name: &str) -> bool {

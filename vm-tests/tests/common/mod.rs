@@ -18,11 +18,20 @@ pub fn artifacts() -> imager::Artifacts {
     // Tests of one binary run on parallel threads; one of them builds, the others wait.
     static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    let image_dir = std::env::var_os("PLINTH_IMAGE_DIR")
+    ensure_artifacts(&image_dir(), &machined(), "0.1.0-test")
+        .unwrap_or_else(|e| panic!("image: {e}"))
+}
+
+/// Where the built image is: `PLINTH_IMAGE_DIR`, or `out/` in the workspace.
+pub fn image_dir() -> PathBuf {
+    std::env::var_os("PLINTH_IMAGE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("out"));
-    let machined = workspace().join("target/x86_64-unknown-linux-gnu/release/machined");
-    ensure_artifacts(&image_dir, &machined, "0.1.0-test").unwrap_or_else(|e| panic!("image: {e}"))
+        .unwrap_or_else(|| workspace().join("out"))
+}
+
+/// The static machined the image is built with.
+pub fn machined() -> PathBuf {
+    workspace().join("target/x86_64-unknown-linux-gnu/release/machined")
 }
 
 /// A node prepared for a test. Its disk images are deleted when the test passes (each is up to
@@ -358,6 +367,44 @@ fn image_built(
         extension_level,
     })
     .unwrap_or_else(|e| panic!("building image {name}: {e}"))
+}
+
+/// Calls `attempt` on a client of the node every 500 ms until it answers `Ok(Ok(_))`, or panics
+/// after `secs` naming `what` and the last answer (`Ok(Err(state))` says what was seen). A
+/// transport failure is retried on a new connection: a TCG guest on a CI host with slow storage
+/// has gone quiet long enough for a keepalive PING to go unanswered, which says nothing about
+/// what is being waited for. Any other error fails at once.
+pub async fn poll_api<T, F, Fut>(node: &PreparedNode, secs: u64, what: &str, mut attempt: F) -> T
+where
+    F: FnMut(api::proto::machine_client::MachineClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<Result<T, String>, tonic::Status>>,
+{
+    let ctx = node.context().expect("context").clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut client = None;
+    let mut last = "nothing yet".to_string();
+    loop {
+        if client.is_none() {
+            match api::client::connect_context(&node.endpoint(), &ctx).await {
+                Ok(c) => client = Some(c),
+                Err(e) => last = format!("connecting: {e}"),
+            }
+        }
+        if let Some(c) = &client {
+            match attempt(c.clone()).await {
+                Ok(Ok(t)) => return t,
+                Ok(Err(state)) => last = state,
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    eprintln!("{what}: {e}; connecting again");
+                    last = e.to_string();
+                    client = None;
+                }
+                Err(e) => panic!("{what}: {e}"),
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {last}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Status of a node through the API.
