@@ -24,10 +24,10 @@ pub struct Cli {
     /// Endpoints to use instead of the context's (host[:port], comma-separated).
     #[arg(short = 'e', long, global = true, value_delimiter = ',')]
     endpoints: Vec<String>,
-    /// Nodes to run the command on, all at once (host[:port], comma-separated; `version`,
-    /// `status`, `services`, `containers`, `etcd members` and `health` so far): the output says which node each line
-    /// is from, and the exit status is non-zero if any node failed. For `gen config`: how
-    /// many nodes to generate.
+    /// Nodes to run the command on (host[:port], comma-separated): the output says which node
+    /// each line is from, and the exit status is non-zero if any node failed. Commands that
+    /// take it are listed in the error a command that runs on one node gives. For `upgrade`,
+    /// a rolling upgrade; for `gen config`, how many nodes to generate.
     #[arg(short = 'n', long, global = true, value_delimiter = ',')]
     nodes: Vec<String>,
     #[command(subcommand)]

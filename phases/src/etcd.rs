@@ -7,7 +7,7 @@
 //! them happens is decided under one lock ([`EtcdState`]), so a bootstrap and a join can
 //! never both start a member.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -329,7 +329,7 @@ async fn start_over(rt: &Arc<Runtime>, member: Member, credentials: Credentials,
     }
     rt.services.remove(SERVICE).await;
     let data = rt.platform.host_path(Path::new(etcd::DATA_DIR));
-    if let Err(e) = remove_contents(&data) {
+    if let Err(e) = remove_contents(data).await {
         tracing::error!("etcd: deleting the data of a removed member: {e}");
         event(rt, "failed", format!("this node's member was removed from the cluster, and its data could not be deleted: {e}"));
         return;
@@ -422,7 +422,8 @@ pub async fn keep_snapshot(
     }
     .await;
     if let Err(e) = copied {
-        let _ = std::fs::remove_file(&part);
+        // Up to gigabytes: not on the runtime's worker.
+        let _ = tokio::fs::remove_file(&part).await;
         return Err(e);
     }
     Ok(written)
@@ -544,11 +545,16 @@ async fn restore(rt: &Arc<Runtime>, member: &Member) -> Result<(), BootstrapErro
         })
     };
     let result = run.await;
-    let _ = std::fs::remove_dir_all(&scratch);
     // Used, or refused by etcdctl: either way it is not kept (it takes EPHEMERAL's space).
-    if matches!(result, Ok(()) | Err(BootstrapError::BadSnapshot(_))) {
-        let _ = std::fs::remove_file(&snapshot);
-    }
+    // Up to gigabytes each: deleted on a blocking thread.
+    let used = matches!(result, Ok(()) | Err(BootstrapError::BadSnapshot(_)));
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_dir_all(&scratch);
+        if used {
+            let _ = std::fs::remove_file(&snapshot);
+        }
+    })
+    .await;
     result
 }
 
@@ -670,7 +676,7 @@ pub async fn leave(rt: &Arc<Runtime>) -> Result<(), MemberError> {
     tokio::spawn(async move {
         rt.services.remove(SERVICE).await;
         let data = rt.platform.host_path(Path::new(etcd::DATA_DIR));
-        match remove_contents(&data) {
+        match remove_contents(data).await {
             Ok(()) => event(&rt, "left", "left the cluster; its data is deleted"),
             Err(e) => {
                 tracing::warn!("etcd: deleting its data after leaving: {e}");
@@ -705,17 +711,22 @@ async fn remove_when_healthy(etcd: &Etcd, id: u64) -> Result<(), etcd::EtcdError
     }
 }
 
-/// Deletes what `dir` holds (the directory itself is EPHEMERAL's, kept).
-fn remove_contents(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let p = entry?.path();
-        if p.is_dir() {
-            std::fs::remove_dir_all(&p)?;
-        } else {
-            std::fs::remove_file(&p)?;
+/// Deletes what `dir` holds (the directory itself is EPHEMERAL's, kept), on a blocking
+/// thread: etcd's data may be gigabytes.
+async fn remove_contents(dir: PathBuf) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        for entry in std::fs::read_dir(&dir)? {
+            let p = entry?.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p)?;
+            } else {
+                std::fs::remove_file(&p)?;
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Removes another member (one whose node is gone) from the cluster.

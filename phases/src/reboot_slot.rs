@@ -174,12 +174,11 @@ pub async fn acquire(rt: &Arc<Runtime>, k: u32, reason: &str) -> Result<Hold, Sl
 /// A node's place in the queue, not yet a slot: [`Queued::wait`] waits for one. Dropped, it
 /// leaves the queue.
 pub struct Queued {
+    /// The key in the queue, with what the wait needs (its K, the spare control planes, the
+    /// cluster): a [`Hold`] once the slot comes.
     hold: Hold,
-    k: u32,
-    spare: u32,
     controlplane: bool,
     reason: String,
-    cluster: Cluster,
 }
 
 /// The first half of [`acquire`]: the checks and the key in the queue, quickly (a caller
@@ -220,20 +219,17 @@ pub async fn enqueue(rt: &Arc<Runtime>, k: u32, reason: &str) -> Result<Queued, 
         node,
         lease,
         etcd,
-        cluster: cluster.clone(),
+        renew: spawn_renew(cluster.clone(), lease),
+        cluster,
         k,
         spare,
-        renew: spawn_renew(cluster.clone(), lease),
         kept: false,
         _busy: busy,
     };
     Ok(Queued {
         hold,
-        k,
-        spare,
         controlplane,
         reason: reason.into(),
-        cluster,
     })
 }
 
@@ -252,13 +248,11 @@ impl Queued {
     async fn wait_inner(self) -> Result<Hold, SlotError> {
         let Queued {
             mut hold,
-            k,
-            spare,
             controlplane,
             reason,
-            cluster,
         } = self;
         let (rt, node) = (hold.rt.clone(), hold.node.clone());
+        let (k, spare, cluster) = (hold.k, hold.spare, hold.cluster.clone());
         let creds = Credentials::of(&cluster);
         let mut etcd = hold.etcd.clone();
         let mut said: Option<Vec<String>> = None;

@@ -1,235 +1,280 @@
-//! Three control planes in QEMU through OVMF, the way an operator runs a cluster: configs from
-//! `generate_cluster` (one etcd CA, a member certificate each), every node with the signed etcd
-//! extension (Debian's etcd and etcdctl) in its ESP's store, on one private network (eth1:
-//! QEMU's multicast socket on the host's loopback) besides its own user network (eth0, the
-//! API's way in). Before bootstrap etcd waits and says so; `plinth bootstrap` on cp-1; cp-2
-//! and cp-3 join as learners and are promoted; `plinth health` passes; a key written with
-//! Debian's `etcdctl` is read back after a rolling upgrade of all three (`plinth upgrade --all
-//! --max-unavailable 1`, etcd's quorum kept); a snapshot, every node reset (EPHEMERAL wiped),
-//! and `plinth bootstrap --recover-from` brings the key back.
+//! A cluster in QEMU through OVMF, made and run the way an operator does, through the CLI:
+//! `plinth cluster create --control-planes 3 --workers 1` (configs from `generate_cluster`, the
+//! control planes with the etcd extension signed by the cluster's own key, every node on one
+//! private network: QEMU's multicast socket on the host's loopback). Before bootstrap etcd
+//! waits and says so; `plinth bootstrap` on cp-1; cp-2 and cp-3 join as learners and are
+//! promoted; `plinth health` passes over all four; a key written with Debian's `etcdctl`
+//! (through the control planes' forwarded client ports, with the etcd certificates of cp-1's
+//! config) is read back after a rolling upgrade of all four (`plinth upgrade --all
+//! --max-unavailable 1`, a bundle signed with the cluster's key; etcd's quorum kept); a
+//! snapshot, every control plane reset (EPHEMERAL wiped), and `plinth bootstrap --recover-from`
+//! brings the key back; `plinth cluster destroy` stops every VM.
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
-use common::{
-    bundle, etcd_extension, plinth_output, prepared, signing_key, workspace, TestNode, BOOT_TIMEOUT,
-};
-use config::MachineType;
-use vm_tests::node::{wait_for_version, NodeSpec, Preset};
-use vm_tests::qemu::{free_port, Lan, Vm};
+use common::{image, image_dir, machined, plinth_cli, workspace, BOOT_TIMEOUT};
 
+const NAME: &str = "vmcluster";
 const KEY: &str = "/app/greeting";
 const VALUE: &str = "written before the upgrade";
 
-/// The CLI with the cluster's client config (every node in its context), off the runtime.
-async fn cli(node: &TestNode, args: &[&str]) -> (bool, String) {
-    let node = (*node).clone();
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || plinth_output(&node, &args))
-        .await
-        .expect("cli")
+fn base() -> PathBuf {
+    workspace().join("target/vm-tests/cluster")
 }
 
-/// Debian's etcdctl against the cluster, through each node's forwarded client port, with
-/// machined's etcd client certificate.
-fn etcdctl(dir: &Path, cluster: &config::Cluster, ports: &[u16], args: &[&str]) -> (bool, String) {
-    let endpoints: Vec<String> = ports
+/// The cluster's files, where `plinth cluster create` keeps them (under the test's HOME).
+fn cluster_dir() -> PathBuf {
+    base().join("home/.plinth/clusters").join(NAME)
+}
+
+/// The CLI as an operator runs it: the test's HOME and client config, off the runtime.
+async fn plinth(args: &[&str]) -> (bool, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(plinth_cli())
+            .args(&args)
+            .env("HOME", base().join("home"))
+            .env("PLINTHCONFIG", base().join("plinthconfig"))
+            .output()
+            .expect("running plinth");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    })
+    .await
+    .expect("cli")
+}
+
+/// A node as `plinth cluster create` recorded it.
+struct Node {
+    name: String,
+    endpoint: String,
+    etcd: Option<String>,
+    console: PathBuf,
+}
+
+fn recorded() -> Vec<Node> {
+    let path = cluster_dir().join("cluster.json");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("cluster.json")).expect("json");
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().map(str::to_string);
+    state["nodes"]
+        .as_array()
+        .expect("nodes")
         .iter()
-        .map(|p| format!("https://127.0.0.1:{p}"))
-        .collect();
-    vm_tests::etcdctl::etcdctl(cluster, &endpoints, dir, args)
+        .map(|n| Node {
+            name: text(n, "name").expect("name"),
+            endpoint: text(n, "endpoint").expect("endpoint"),
+            etcd: text(n, "etcd"),
+            console: PathBuf::from(text(n, "console").expect("console")),
+        })
+        .collect()
+}
+
+/// Stops the cluster however the test ends; on a failure, shows the end of every console
+/// first (the files go with the cluster: four disks would fill a small CI disk).
+struct Cluster;
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() && cluster_dir().join("cluster.json").exists() {
+            for n in recorded() {
+                let text = std::fs::read_to_string(&n.console).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("--- {} console, last lines:", n.name);
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        if !cluster_dir().exists() {
+            // Destroyed by the test itself.
+            return;
+        }
+        let _ = std::process::Command::new(plinth_cli())
+            .args(["cluster", "destroy", "--name", NAME])
+            .env("HOME", base().join("home"))
+            .status();
+    }
 }
 
 /// Waits until the node's events say `needle` (its boot goes on after the API answers).
-async fn wait_events(n: &TestNode, needle: &str) {
+async fn wait_events(n: &Node, needle: &str) {
     let deadline = Instant::now() + BOOT_TIMEOUT;
     loop {
-        let (_, out) = cli(n, &["-e", &n.endpoint(), "events"]).await;
+        let (_, out) = plinth(&["-e", &n.endpoint, "events"]).await;
         if out.contains(needle) {
             return;
         }
         assert!(
             Instant::now() < deadline,
             "{}: no event saying {needle:?}:\n{out}",
-            n.spec.name
+            n.name
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
-async fn boot_all(nodes: &[TestNode], vms: &mut [Vm]) {
-    for (n, vm) in nodes.iter().zip(vms.iter_mut()) {
-        let ctx = n.context().expect("context").clone();
-        wait_for_version(vm, &n.endpoint(), &ctx, BOOT_TIMEOUT)
-            .await
-            .unwrap_or_else(|e| panic!("{} did not boot: {e}", n.spec.name));
-    }
+/// Debian's etcdctl through the control planes' forwarded client ports, with the etcd client
+/// certificate of cp-1's config (as `plinth cluster create` wrote it).
+fn etcdctl(nodes: &[Node], args: &[&str]) -> (bool, String) {
+    let yaml = std::fs::read_to_string(cluster_dir().join("cp-1/node.yaml")).expect("node.yaml");
+    let config = config::NodeConfig::from_yaml(&yaml).expect("cp-1's config");
+    let endpoints: Vec<String> = nodes.iter().filter_map(|n| n.etcd.clone()).collect();
+    assert_eq!(
+        endpoints.len(),
+        3,
+        "every control plane's etcd is forwarded"
+    );
+    vm_tests::etcdctl::etcdctl(
+        config.cluster.as_ref().expect("a cluster section"),
+        &endpoints,
+        &base(),
+        args,
+    )
+}
+
+/// The bundle of `image` signed with the cluster's own key (the one its nodes trust).
+fn bundle_for_cluster(a: &imager::Artifacts) -> PathBuf {
+    let pem = std::fs::read_to_string(cluster_dir().join("signing.key")).expect("signing.key");
+    let key = upgrade::bundle::key_from_pem(&pem).expect("the cluster's key");
+    let bytes = imager::bundle_release(a, &key, 0, None, &[]).expect("bundle");
+    let path = base().join("next.plinth");
+    std::fs::write(&path, bytes).expect("write bundle");
+    path
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_control_planes_form_etcd_survive_a_rolling_upgrade_and_recover_from_a_snapshot() {
-    let base = workspace().join("target/vm-tests/cluster");
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).expect("mkdir");
+async fn a_cluster_made_with_the_cli_forms_etcd_survives_a_rolling_upgrade_and_recovers() {
+    let _ = std::fs::remove_dir_all(base());
+    std::fs::create_dir_all(base().join("home")).expect("mkdir");
     // Built before the VMs start: both take the CPU.
-    let ext = etcd_extension(&base);
-    let next = bundle("cluster-next", "0.2.0-cluster", &[]);
-
-    let ports: Vec<u16> = (0..3).map(|_| free_port().expect("port")).collect();
-    let specs: Vec<ClusterNode> = (0..3)
-        .map(|i| ClusterNode {
-            name: format!("cp-{}", i + 1),
-            machine_type: MachineType::Controlplane,
-            address: format!("10.5.0.{}/24", i + 2),
-            endpoint: format!("127.0.0.1:{}", ports[i]),
-            etcd_ports: (2379, 2380),
-        })
-        .collect();
-    let generated = generate_cluster(&ClusterOptions {
-        cluster: "vmcluster".into(),
-        nodes: specs.clone(),
-        interface: "eth1".into(),
-        gateway: None,
-        trusted_keys: vec![upgrade::bundle::public_hex(&signing_key().verifying_key())],
-    })
-    .expect("cluster configs");
-    let lan = free_port().expect("port");
-    let nodes: Vec<TestNode> = generated
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, cfg)| {
-            let mut cfg = cfg.clone();
-            // The API's way in: QEMU's user network on eth0, forwarded from the host.
-            cfg.machine
-                .network
-                .interfaces
-                .insert(0, vm_tests::node::user_network_interface());
-            let name = cfg.machine.name.clone();
-            prepared(NodeSpec {
-                name: name.clone(),
-                dir: base.join(&name),
-                image_dir: Default::default(),
-                memory_mb: 1024,
-                services: vec![],
-                trusted_keys: vec![],
-                extensions: vec![ext.clone()],
-                containers: vec![],
-                // etcd's client port, for etcdctl on the host.
-                forwards: vec![2379],
-                preset: Some(Preset {
-                    api_port: ports[i],
-                    node: cfg,
-                    client: generated.client.clone(),
-                }),
-                lan: Some(Lan {
-                    port: lan,
-                    mac: format!("52:54:00:12:35:{:02x}", i + 2),
-                }),
-            })
-        })
-        .collect();
-    let etcd_ports: Vec<u16> = nodes
-        .iter()
-        .map(|n| n.forwarded(2379).expect("forward"))
-        .collect();
-    let section = generated.nodes[0].cluster.clone().expect("cluster");
-    let ctl = |args: &[&str]| etcdctl(&base, &section, &etcd_ports, args);
+    common::artifacts();
+    let next = image("cluster-next", "0.2.0-cluster", &[]);
 
     let started = Instant::now();
-    let mut vms: Vec<Vm> = nodes.iter().map(|n| n.boot().expect("launch")).collect();
-    boot_all(&nodes, &mut vms).await;
-    eprintln!("three nodes up after {:?}", started.elapsed());
-    let cp1 = &nodes[0];
-    let ep1 = cp1.endpoint();
+    let _cluster = Cluster;
+    let image_dir = image_dir().display().to_string();
+    let machined = machined().display().to_string();
+    let (ok, out) = plinth(&[
+        "cluster",
+        "create",
+        "--name",
+        NAME,
+        "--control-planes",
+        "3",
+        "--workers",
+        "1",
+        "--image-dir",
+        &image_dir,
+        "--machined",
+        &machined,
+        "--wait",
+        &BOOT_TIMEOUT.as_secs().to_string(),
+    ])
+    .await;
+    assert!(ok, "cluster create:\n{out}");
+    assert!(out.contains("made it current"), "{out}");
+    eprintln!("four nodes up after {:?}", started.elapsed());
+    let nodes = recorded();
+    let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["cp-1", "cp-2", "cp-3", "worker-1"]);
+    let cps = &nodes[..3];
+    let all: Vec<&str> = nodes.iter().map(|n| n.endpoint.as_str()).collect();
+    let all = all.join(",");
+    let ep1 = cps[0].endpoint.clone();
 
     // Before bootstrap every control plane waits, and says what to do.
-    for n in &nodes {
+    for n in cps {
         wait_events(n, "run `plinth bootstrap`").await;
     }
-    let (ok, out) = cli(cp1, &["-e", &ep1, "bootstrap"]).await;
+    let (ok, out) = plinth(&["-e", &ep1, "bootstrap"]).await;
     assert!(ok, "{out}");
     let joined = Instant::now();
-    let (ok, out) = cli(cp1, &["health", "--wait-timeout", "600s"]).await;
+    // Over the context's nodes: all four.
+    let (ok, out) = plinth(&["health", "--wait-timeout", "600s"]).await;
     assert!(ok, "the cluster never became healthy:\n{out}");
-    eprintln!("bootstrap to three healthy members: {:?}", joined.elapsed());
-    for n in &nodes[1..] {
+    eprintln!("bootstrap to a healthy cluster: {:?}", joined.elapsed());
+    for n in &cps[1..] {
         wait_events(n, "as learner").await;
         wait_events(n, "promoted to a voting member").await;
     }
-    let (ok, out) = ctl(&["put", KEY, VALUE]);
+    let (ok, out) = etcdctl(&nodes, &["put", KEY, VALUE]);
     assert!(ok, "{out}");
 
-    // A rolling upgrade of all three, one at a time: etcd keeps its quorum, the key stays.
-    let image = next.display().to_string();
-    let (ok, out) = cli(
-        cp1,
-        &[
-            "upgrade",
-            "--all",
-            "--image",
-            &image,
-            "--max-unavailable",
-            "1",
-        ],
-    )
+    // A rolling upgrade of all four, one at a time: etcd keeps its quorum, the key stays.
+    let bundle = bundle_for_cluster(&next).display().to_string();
+    let (ok, out) = plinth(&[
+        "upgrade",
+        "--all",
+        "--image",
+        &bundle,
+        "--max-unavailable",
+        "1",
+    ])
     .await;
     assert!(ok, "rolling upgrade:\n{out}");
-    for n in &nodes {
-        let (ok, out) = cli(n, &["-e", &n.endpoint(), "version"]).await;
-        assert!(
-            ok && out.contains("0.2.0-cluster"),
-            "{}: {out}",
-            n.spec.name
-        );
-    }
-    let (ok, out) = ctl(&["get", KEY, "--print-value-only"]);
+    let (ok, out) = plinth(&["-n", &all, "version"]).await;
+    assert!(
+        ok && out.matches("0.2.0-cluster").count() >= 4,
+        "every node on the new release:\n{out}"
+    );
+    let (ok, out) = etcdctl(&nodes, &["get", KEY, "--print-value-only"]);
     assert!(ok && out.trim() == VALUE, "{out}");
-    let (ok, out) = ctl(&["endpoint", "health"]);
+    let (ok, out) = etcdctl(&nodes, &["endpoint", "health"]);
     assert!(ok, "{out}");
 
-    // A snapshot; then every node reset (no graceful leave: the last member could not), so
-    // no etcd data is left; the snapshot brings the key back.
-    let snapshot = base.join("etcd.snapshot").display().to_string();
-    let (ok, out) = cli(cp1, &["-e", &ep1, "etcd", "snapshot", &snapshot]).await;
+    // A snapshot; then every control plane reset (no graceful leave: the last member could
+    // not), so no etcd data is left; the snapshot brings the key back.
+    let snapshot = base().join("etcd.snapshot").display().to_string();
+    let (ok, out) = plinth(&["-e", &ep1, "etcd", "snapshot", &snapshot]).await;
     assert!(ok, "{out}");
-    let resets: Vec<_> = nodes
-        .iter()
-        .map(|n| {
-            let n = n.clone();
-            tokio::spawn(async move {
-                cli(
-                    &n,
-                    &[
-                        "-e",
-                        &n.endpoint(),
-                        "reset",
-                        "--graceful=false",
-                        "--reboot",
-                        "--wipe",
-                        "EPHEMERAL",
-                    ],
-                )
-                .await
-            })
-        })
-        .collect();
-    for r in resets {
-        let (ok, out) = r.await.expect("reset");
-        assert!(ok, "{out}");
-    }
+    let cp_endpoints: Vec<&str> = cps.iter().map(|n| n.endpoint.as_str()).collect();
+    let (ok, out) = plinth(&[
+        "-n",
+        &cp_endpoints.join(","),
+        "reset",
+        "--graceful=false",
+        "--reboot",
+        "--wipe",
+        "EPHEMERAL",
+    ])
+    .await;
+    assert!(ok, "{out}");
     // Back, each waiting for a bootstrap again (its etcd data went with EPHEMERAL).
-    for n in &nodes {
+    for n in cps {
         wait_events(n, "run `plinth bootstrap`").await;
     }
-    let (ok, out) = cli(cp1, &["-e", &ep1, "bootstrap", "--recover-from", &snapshot]).await;
+    let (ok, out) = plinth(&["-e", &ep1, "bootstrap", "--recover-from", &snapshot]).await;
     assert!(ok, "{out}");
-    let (ok, out) = cli(cp1, &["health", "--wait-timeout", "600s"]).await;
+    let (ok, out) = plinth(&["health", "--wait-timeout", "600s"]).await;
     assert!(ok, "never healthy after the recovery:\n{out}");
-    let (ok, out) = ctl(&["get", KEY, "--print-value-only"]);
+    let (ok, out) = etcdctl(&nodes, &["get", KEY, "--print-value-only"]);
     assert!(ok && out.trim() == VALUE, "{out}");
+
+    // Every VM stops with the cluster.
+    let pids: Vec<String> = std::fs::read_to_string(cluster_dir().join("cluster.json"))
+        .map(|s| {
+            let v: serde_json::Value = serde_json::from_str(&s).expect("json");
+            v["nodes"]
+                .as_array()
+                .map(|a| a.iter().map(|n| n["pid"].to_string()).collect())
+                .unwrap_or_default()
+        })
+        .expect("cluster.json");
+    let (ok, out) = plinth(&["cluster", "destroy", "--name", NAME]).await;
+    assert!(ok && out.contains("4 node(s)"), "{out}");
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "QEMU {pid} outlived cluster destroy"
+        );
+    }
     eprintln!("whole test: {:?}", started.elapsed());
 }

@@ -74,6 +74,10 @@ struct Member {
     pid: u32,
     endpoint: String,
     console: PathBuf,
+    /// etcd's client URL on the host (a control plane in QEMU: its port 2379 forwarded), for
+    /// Debian's etcdctl with the etcd certificates of the node's config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    etcd: Option<String>,
 }
 
 /// What a running cluster leaves behind, to find it again.
@@ -116,6 +120,7 @@ fn record(dir: &Path, simulated: bool, member: &Member) -> anyhow::Result<()> {
         pid: member.pid,
         endpoint: member.endpoint.clone(),
         console: member.console.clone(),
+        etcd: member.etcd.clone(),
     });
     std::fs::write(dir.join("cluster.json"), serde_json::to_vec_pretty(&state)?)?;
     Ok(())
@@ -234,7 +239,9 @@ async fn vec_of_one(
         },
         &artifacts,
     )?;
-    let member = boot_vm(&node, dir, args.wait).await?;
+    let member = boot_vms(std::slice::from_ref(&node), dir, args.wait)
+        .await?
+        .remove(0);
     Ok((vec![member], node.client))
 }
 
@@ -249,41 +256,62 @@ fn artifacts(args: &CreateArgs) -> anyhow::Result<imager::Artifacts> {
     })
 }
 
-/// Boots a prepared node's VM, waits for its API, and leaves QEMU running (recorded in the
-/// cluster's `dir` once it answers; until then a failure ends it with the VM's handle).
-async fn boot_vm(
-    node: &provision::node::PreparedNode,
+/// Boots the prepared nodes' VMs all at once, waits for each one's API, and leaves QEMU
+/// running. Each is recorded in the cluster's `dir` as it starts, so that `destroy` finds it
+/// even if this process is killed while they boot.
+async fn boot_vms(
+    nodes: &[provision::node::PreparedNode],
     dir: &Path,
     wait: u64,
-) -> anyhow::Result<Member> {
-    let mut vm = node.boot()?;
-    let console = vm.serial.path().to_path_buf();
-    eprintln!(
-        "booting {} in QEMU (OVMF, TCG): API on {}, console in {}",
-        node.spec.name,
-        node.endpoint(),
-        console.display()
-    );
-    let ctx = node.context()?.clone();
-    let (version, after) =
-        wait_for_version(&mut vm, &node.endpoint(), &ctx, Duration::from_secs(wait)).await?;
-    let pid = vm.detach().unwrap_or_default();
-    let member = Member {
-        name: node.spec.name.clone(),
-        pid,
-        endpoint: node.endpoint(),
-        console,
-    };
-    record(dir, false, &member)?;
-    eprintln!(
-        "{} is up after {:.1}s: Plinth {} from slot {}",
-        node.spec.name,
-        after.as_secs_f64(),
-        version.version,
-        version.slot
-    );
-    Ok(member)
+) -> anyhow::Result<Vec<Member>> {
+    let mut started = Vec::new();
+    for node in nodes {
+        let vm = node.boot()?;
+        let member = Member {
+            name: node.spec.name.clone(),
+            pid: vm.pid().unwrap_or_default(),
+            endpoint: node.endpoint(),
+            console: vm.serial.path().to_path_buf(),
+            etcd: node
+                .forwarded(ETCD_CLIENT_PORT)
+                .map(|p| format!("https://127.0.0.1:{p}")),
+        };
+        record(dir, false, &member)?;
+        eprintln!(
+            "booting {} in QEMU (OVMF, TCG): API on {}{}, console in {}",
+            member.name,
+            member.endpoint,
+            member
+                .etcd
+                .as_ref()
+                .map(|e| format!(", etcd clients on {e}"))
+                .unwrap_or_default(),
+            member.console.display()
+        );
+        started.push((vm, member));
+    }
+    let mut members = Vec::new();
+    for ((mut vm, member), node) in started.into_iter().zip(nodes) {
+        let ctx = node.context()?.clone();
+        let (version, after) =
+            wait_for_version(&mut vm, &node.endpoint(), &ctx, Duration::from_secs(wait))
+                .await
+                .with_context(|| format!("{} did not answer", member.name))?;
+        vm.detach();
+        eprintln!(
+            "{} is up after {:.1}s: Plinth {} from slot {}",
+            member.name,
+            after.as_secs_f64(),
+            version.version,
+            version.slot
+        );
+        members.push(member);
+    }
+    Ok(members)
 }
+
+/// etcd's client port on a control plane.
+const ETCD_CLIENT_PORT: u16 = 2379;
 
 /// The nodes' names and roles: control planes first.
 fn roles(args: &CreateArgs) -> Vec<(String, MachineType)> {
@@ -335,7 +363,7 @@ async fn in_qemu(
             machine_type: *kind,
             address: format!("10.5.0.{}/24", i + 2),
             endpoint: format!("127.0.0.1:{port}"),
-            etcd_ports: (2379, 2380),
+            etcd_ports: (ETCD_CLIENT_PORT, 2380),
         })
         .collect();
     let generated = generate_cluster(&ClusterOptions {
@@ -366,7 +394,12 @@ async fn in_qemu(
                 trusted_keys: Vec::new(),
                 extensions: if cp { vec![ext.clone()] } else { Vec::new() },
                 containers: Vec::new(),
-                forwards: Vec::new(),
+                // For etcdctl on the host (etcd listens on all the node's addresses).
+                forwards: if cp {
+                    vec![ETCD_CLIENT_PORT]
+                } else {
+                    Vec::new()
+                },
                 preset: Some(Preset {
                     api_port: ports[i],
                     node: cfg,
@@ -380,11 +413,7 @@ async fn in_qemu(
             &artifacts,
         )?);
     }
-    let mut members = Vec::new();
-    for node in &prepared {
-        members.push(boot_vm(node, dir, args.wait).await?);
-    }
-    Ok((members, generated.client))
+    Ok((boot_vms(&prepared, dir, args.wait).await?, generated.client))
 }
 
 /// A cluster of simulated machines on 127.0.0.1.
@@ -461,6 +490,8 @@ async fn simulated(
             pid: child.id(),
             endpoint: node.endpoint.clone(),
             console,
+            etcd: (node.machine_type == MachineType::Controlplane)
+                .then(|| format!("https://127.0.0.1:{}", node.etcd_ports.0)),
         };
         record(dir, true, &member)?;
         members.push(member);
