@@ -106,7 +106,7 @@ async fn call(c: &mut MachineClient<Channel>, rpc: &str) -> tonic::Code {
             code(c.upgrade(tokio_stream::iter(msgs)).await)
         }
         // Refused after authorization: slot B is empty.
-        "Rollback" => code(c.rollback(RollbackRequest {}).await),
+        "Rollback" => code(c.rollback(RollbackRequest::default()).await),
         // Refused after authorization: not a config.
         "ApplyConfiguration" => code(
             c.apply_configuration(ApplyConfigurationRequest {

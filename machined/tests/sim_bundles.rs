@@ -78,7 +78,7 @@ async fn a_bundle_below_the_security_floor_is_refused_whatever_the_caller_says()
     // Slot A (security version 0) is good, but going back to it would run below the floor.
     let mut c = node.client().await;
     let err = c
-        .rollback(api::proto::RollbackRequest {})
+        .rollback(api::proto::RollbackRequest::default())
         .await
         .expect_err("rollback below the floor");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");

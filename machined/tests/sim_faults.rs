@@ -236,6 +236,7 @@ async fn apply_renamed(node: SimNode, name: &str, mode: ApplyMode) -> SimNode {
             mode: mode as i32,
             try_timeout_s: 3600,
             confirm: false,
+            max_unavailable: 0,
         })
         .await;
     node

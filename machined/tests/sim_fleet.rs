@@ -7,7 +7,9 @@
 //! - a worker whose trial fails stops the rollout, named with its reason, the nodes after it
 //!   still on the old version;
 //! - a rollout whose client is killed half-way is resumed by running it again, which finishes
-//!   the fleet, and the bound held throughout.
+//!   the fleet, and the bound held throughout;
+//! - a rolling reboot, a rolling rollback (`-n … --max-unavailable 1`) and a config applied
+//!   with a coordinated reboot each take their slots one node at a time.
 
 mod common;
 
@@ -354,11 +356,65 @@ async fn rolling_upgrades_of_twenty_nodes_keep_within_k_and_stop_at_a_failed_tri
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // A rolling rollback of the same four: each answers once queued, and goes back to 2.0
+    // when its turn comes, one at a time.
+    let since = unix_ms();
+    let (ok, out, err) =
+        cluster.plinth(&["-n", &four.join(","), "rollback", "--max-unavailable", "1"]);
+    assert!(ok, "{out}{err}");
+    wait_released(&watch, since, 4, "rollbacks").await;
+    let now = versions(&cluster).await;
+    for w in 1..=4 {
+        assert_eq!(now[&format!("worker-{w}")].0, "2.0-fleet", "{now:?}");
+    }
+    assert_eq!(now["worker-5"].0, "3.0-fleet", "{now:?}");
+
+    // A config applied with a reboot that waits for its slot.
+    let worker5 = &cluster.nodes[7];
+    let before = worker5.version_after(None).await.boot_id;
+    let file = dir.path().join("worker-5.yaml");
+    std::fs::write(&file, cluster.generated.nodes[7].to_yaml().expect("yaml")).expect("write");
+    let since = unix_ms();
+    let (ok, out, err) = cluster.plinth(&[
+        "-e",
+        &worker5.endpoint,
+        "apply-config",
+        "-f",
+        &file.display().to_string(),
+        "--mode",
+        "reboot",
+        "--max-unavailable",
+        "1",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("reboot semaphore"), "{out}");
+    worker5.version_after(Some(&before)).await;
+    wait_released(&watch, since, 1, "the apply-config reboot").await;
     drop(gate);
 }
 
+/// Waits until `n` nodes said they released their reboot slot since `since`, having held
+/// one at a time.
+async fn wait_released(watch: &Watch, since: u64, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let released = watch.released_since(since);
+        if released == n {
+            let (most, _) = watch.most_held_since(since);
+            assert_eq!(most, 1, "{what} with K=1 overlapped");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{released} of {n} {what} released their slot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
-async fn a_node_outside_a_cluster_refuses_a_coordinated_reboot_or_upgrade_and_changes_nothing() {
+async fn a_node_outside_a_cluster_refuses_coordinated_reboots_upgrades_rollbacks_and_configs() {
     let node = common::start(vec![], &[]);
     let v = node.version_after(None).await;
     let err = node
@@ -381,10 +437,56 @@ async fn a_node_outside_a_cluster_refuses_a_coordinated_reboot_or_upgrade_and_ch
         .expect_err("no cluster");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert_eq!(node.version_after(None).await.boot_id, v.boot_id);
+    // A config applied with a coordinated reboot: refused before anything is written.
+    let mut renamed = node.config_on_state().expect("config");
+    let name = renamed.machine.name.clone();
+    renamed.machine.name = "renamed".into();
+    let apply = |mode: api::proto::ApplyMode| api::proto::ApplyConfigurationRequest {
+        data: renamed.to_yaml().expect("yaml"),
+        mode: mode as i32,
+        max_unavailable: 1,
+        ..Default::default()
+    };
+    let mut c = node.client().await;
+    let err = c
+        .apply_configuration(apply(api::proto::ApplyMode::Reboot))
+        .await
+        .expect_err("no cluster");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let err = c
+        .apply_configuration(apply(api::proto::ApplyMode::NoReboot))
+        .await
+        .expect_err("no reboot to coordinate");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("mode reboot"), "{err:?}");
+    assert_eq!(node.config_on_state().expect("config").machine.name, name);
+    assert_eq!(node.version_after(None).await.boot_id, v.boot_id);
     let s = node.status().await;
     assert!(
         s.slots.iter().all(|x| x.slot == "A" || x.state == "empty"),
         "{:?}",
         s.slots
     );
+    // A coordinated rollback too, once there is a good slot to go back to.
+    node.upgrade(&sim_bundle("2.0-alone", &[]), false)
+        .await
+        .expect("a plain upgrade");
+    node.running_on("B", &v.boot_id).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node.status().await.committed != "B" {
+        assert!(Instant::now() < deadline, "B never committed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let on_b = node.version_after(None).await.boot_id;
+    let err = node
+        .client()
+        .await
+        .rollback(api::proto::RollbackRequest { max_unavailable: 1 })
+        .await
+        .expect_err("no cluster");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("not in a cluster"), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let now = node.version_after(None).await;
+    assert_eq!((now.slot.as_str(), now.boot_id), ("B", on_b));
 }

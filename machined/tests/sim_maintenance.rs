@@ -125,7 +125,7 @@ async fn a_config_being_tried_goes_back_by_itself_unless_confirmed() {
         data: c.to_yaml().expect("yaml"),
         mode: ApplyMode::Try as i32,
         try_timeout_s: 1,
-        confirm: false,
+        ..Default::default()
     };
     let r = c
         .apply_configuration(try_it(tried.clone()))

@@ -228,7 +228,7 @@ async fn a_staged_upgrade_waits_for_the_next_reboot_and_rollback_returns_to_the_
     // Rollback needs a good other slot: B is empty.
     let mut c = node.client().await;
     let err = c
-        .rollback(RollbackRequest {})
+        .rollback(RollbackRequest::default())
         .await
         .expect_err("no good slot to go back to");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
@@ -263,7 +263,9 @@ async fn a_staged_upgrade_waits_for_the_next_reboot_and_rollback_returns_to_the_
 
     // Rollback: back to A, which is good.
     let mut c = node.client().await;
-    c.rollback(RollbackRequest {}).await.expect("rollback");
+    c.rollback(RollbackRequest::default())
+        .await
+        .expect("rollback");
     let v3 = node.running_on("A", &v2.boot_id).await;
     assert_eq!(v3.version, "1.0-sim");
     let s = node.status().await;

@@ -90,8 +90,9 @@ pub trait Node: Send + Sync + 'static {
         options: proto::DebugOptions,
         input: DebugInput,
     ) -> Result<DebugOutput, Status>;
-    /// Starts a rollback to the other slot.
-    fn rollback(&self, actor: String) -> Result<(), Status>;
+    /// Starts a rollback to the other slot (after a slot of the cluster's reboot semaphore,
+    /// when `max_unavailable` is not 0).
+    async fn rollback(&self, actor: String, max_unavailable: u32) -> Result<(), Status>;
     /// Starts a new etcd cluster on this control plane (from the uploaded snapshot when
     /// `recover`).
     async fn bootstrap(&self, actor: String, recover: bool) -> Result<(), Status>;

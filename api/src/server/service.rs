@@ -237,10 +237,12 @@ impl<N: Node> Machine for MachineService<N> {
 
     async fn rollback(
         &self,
-        _: Request<proto::RollbackRequest>,
+        r: Request<proto::RollbackRequest>,
     ) -> Result<Response<LifecycleResponse>, Status> {
         let actor = Controller::new_actor();
-        self.node.rollback(actor.clone())?;
+        self.node
+            .rollback(actor.clone(), r.into_inner().max_unavailable)
+            .await?;
         Ok(Response::new(LifecycleResponse { actor_id: actor }))
     }
 

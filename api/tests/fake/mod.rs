@@ -114,7 +114,7 @@ impl Node for FakeNode {
                 .chain(futures::stream::iter([Ok(exit)])),
         ))
     }
-    fn rollback(&self, _: String) -> Result<(), tonic::Status> {
+    async fn rollback(&self, _: String, _: u32) -> Result<(), tonic::Status> {
         Err(tonic::Status::unimplemented("not in this test"))
     }
     async fn bootstrap(&self, _: String, _: bool) -> Result<(), tonic::Status> {

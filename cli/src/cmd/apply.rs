@@ -39,6 +39,10 @@ pub struct Args {
     /// Keep the config being tried (cancels its revert).
     #[arg(long)]
     confirm: bool,
+    /// With --mode reboot: take a slot of the cluster's reboot semaphore first (the node joins
+    /// the queue before it writes the config, and reboots when fewer than K nodes are down).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    max_unavailable: u32,
 }
 
 impl Mode {
@@ -62,6 +66,9 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
             bail!("give the config with -f FILE (or --confirm to keep a config being tried)")
         }
     };
+    if args.max_unavailable != 0 && args.mode != Mode::Reboot {
+        bail!("--max-unavailable goes with --mode reboot (no other mode reboots the node)");
+    }
     if !data.is_empty() {
         // The node checks too; checking here names the problem before anything is sent.
         config::NodeConfig::from_yaml(&data).context("the config is not valid")?;
@@ -71,6 +78,7 @@ pub async fn run(target: &Target, args: Args) -> anyhow::Result<()> {
         mode: args.mode.proto() as i32,
         try_timeout_s: args.timeout,
         confirm: args.confirm,
+        max_unavailable: args.max_unavailable,
     };
     let (endpoint, mut c) = if args.insecure {
         let endpoint = target.insecure_endpoint()?;

@@ -53,6 +53,11 @@ pub struct RollbackArgs {
     /// How long to wait, in seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Take a slot of the cluster's reboot semaphore first: the node answers once queued, and
+    /// rolls back when fewer than K nodes of the cluster are down (with -n, a rolling
+    /// rollback).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    max_unavailable: u32,
 }
 
 pub(crate) async fn boot_id(target: &Target) -> anyhow::Result<String> {
@@ -235,8 +240,9 @@ pub async fn rollback(target: &Target, args: RollbackArgs) -> anyhow::Result<()>
         if args.wait {
             bail!("--wait follows one node: with -n, follow them with plinth -n ... status");
         }
+        let max_unavailable = args.max_unavailable;
         return crate::fanout::actions(target, |endpoint, mut c| async move {
-            c.rollback(RollbackRequest {})
+            c.rollback(RollbackRequest { max_unavailable })
                 .await
                 .map(|r| r.into_inner().actor_id)
                 .map_err(|s| status_error(&endpoint, s))
@@ -246,7 +252,9 @@ pub async fn rollback(target: &Target, args: RollbackArgs) -> anyhow::Result<()>
     let before = boot_id(target).await?;
     let (endpoint, mut c) = target.connect().await?;
     let actor = c
-        .rollback(RollbackRequest {})
+        .rollback(RollbackRequest {
+            max_unavailable: args.max_unavailable,
+        })
         .await
         .map_err(|s| status_error(&endpoint, s))?
         .into_inner()

@@ -109,6 +109,18 @@ pub async fn apply(
             "a node in maintenance mode boots with its first config: modes reboot and try do not apply".into(),
         ));
     }
+    if req.max_unavailable != 0 && mode != Mode::Reboot {
+        return Err(ApiError::BadRequest(
+            "max_unavailable applies to mode reboot only (no other mode reboots the node)".into(),
+        ));
+    }
+    // In the queue before anything is written: a refusal changes nothing; a failed apply
+    // leaves the queue (the place is dropped).
+    let queued = if req.max_unavailable != 0 {
+        Some(phases::reboot_slot::enqueue(rt, req.max_unavailable, "apply-config").await?)
+    } else {
+        None
+    };
     let job = ApplyJob::new(rt.clone(), new, mode, first);
     run(rt, &actor, apply::sequence(), job.clone()).await?;
     if first {
@@ -119,11 +131,26 @@ pub async fn apply(
         ));
     }
     match mode {
-        Mode::Reboot => {
-            phases::power::request(rt, SequenceKind::Reboot, Some(actor.clone()), false)
-                .map_err(ApiError::denied(&actor))?;
-            Ok(reply("config written; rebooting".into(), vec![]))
-        }
+        Mode::Reboot => match queued {
+            Some(queued) => {
+                super::power::reboot_when_held(
+                    rt,
+                    queued,
+                    actor.clone(),
+                    "apply-config",
+                    || async { Ok(()) },
+                );
+                Ok(reply(
+                    "config written; rebooting when the cluster's reboot semaphore gives this node a slot (reboot-slot events)".into(),
+                    vec![],
+                ))
+            }
+            None => {
+                phases::power::request(rt, SequenceKind::Reboot, Some(actor.clone()), false)
+                    .map_err(ApiError::denied(&actor))?;
+                Ok(reply("config written; rebooting".into(), vec![]))
+            }
+        },
         Mode::NoReboot => Ok(reply("config applied".into(), job.needs_reboot())),
         Mode::Try(after) => Ok(reply(
             format!(

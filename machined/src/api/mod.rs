@@ -206,8 +206,8 @@ impl api::server::Node for NodeApi {
         Ok(debug::debug(&self.runtime, actor, options, input).await?)
     }
 
-    fn rollback(&self, actor: String) -> Result<(), tonic::Status> {
-        Ok(upgrade::rollback(&self.runtime, actor)?)
+    async fn rollback(&self, actor: String, max_unavailable: u32) -> Result<(), tonic::Status> {
+        Ok(upgrade::rollback(&self.runtime, actor, max_unavailable).await?)
     }
 
     async fn bootstrap(&self, actor: String, recover: bool) -> Result<(), tonic::Status> {

@@ -1,6 +1,10 @@
 //! Reboot and Shutdown: started through the lifecycle like every sequence; the power action
 //! follows once the teardown is done.
 
+use std::future::Future;
+use std::sync::Arc;
+
+use phases::reboot_slot::{refused, Queued};
 use phases::Runtime;
 use sequencer::{Denied, SequenceKind};
 
@@ -21,25 +25,44 @@ pub async fn reboot(
             .map_err(super::error::ApiError::denied(&actor));
     }
     let queued = phases::reboot_slot::enqueue(runtime, max_unavailable, "reboot").await?;
-    let rt = runtime.clone();
+    reboot_when_held(runtime, queued, actor, "reboot", || async { Ok(()) });
+    Ok(())
+}
+
+/// A coordinated reboot's second half, on a task of its own (the caller has had its answer):
+/// waits for `queued`'s slot, hands it on to the next boot, runs `before` (what must happen
+/// just before the reboot, as a rollback's switch of slots), and reboots for `actor`. A
+/// refusal at any step is a `refused` event naming `what`, and nothing after it happens.
+pub fn reboot_when_held<F, Fut>(
+    rt: &Arc<Runtime>,
+    queued: Queued,
+    actor: String,
+    what: &'static str,
+    before: F,
+) where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    let rt = rt.clone();
     tokio::spawn(async move {
-        let mut hold = match queued.wait().await {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!("coordinated reboot: {e}");
-                return;
-            }
+        // A refusal while waiting is its own event already.
+        let Ok(mut hold) = queued.wait().await else {
+            return;
         };
         if let Err(e) = hold.keep().await {
-            phases::reboot_slot::refused(&rt, format!("reboot: {e}"));
+            refused(&rt, format!("{what}: {e}"));
+            return;
+        }
+        if let Err(e) = before().await {
+            refused(&rt, format!("{what}: {e}"));
+            hold.abandon();
             return;
         }
         if let Err(d) = phases::power::request(&rt, SequenceKind::Reboot, Some(actor), false) {
-            phases::reboot_slot::refused(&rt, format!("reboot: {d}"));
+            refused(&rt, format!("{what}: {d}"));
             hold.abandon();
         }
     });
-    Ok(())
 }
 
 /// Starts an orderly power-off for `actor`; `force` drops the phase in progress.

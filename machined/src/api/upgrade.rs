@@ -125,9 +125,38 @@ pub async fn upgrade(
     })
 }
 
-/// Starts a rollback to the other (good) slot, and the reboot after it.
-pub fn rollback(rt: &Arc<Runtime>, actor: String) -> Result<(), ApiError> {
+/// Starts a rollback to the other (good) slot, and the reboot after it. With
+/// `max_unavailable` (not 0) the node first joins the cluster's reboot queue (refused at once
+/// when it may not) and answers; it switches slots and reboots when its slot comes.
+pub async fn rollback(
+    rt: &Arc<Runtime>,
+    actor: String,
+    max_unavailable: u32,
+) -> Result<(), ApiError> {
     phases::upgrade::admit_rollback(rt)?;
+    if max_unavailable != 0 {
+        let queued = phases::reboot_slot::enqueue(rt, max_unavailable, "rollback").await?;
+        let node = rt.clone();
+        let who = actor.clone();
+        super::power::reboot_when_held(rt, queued, actor, "rollback", move || async move {
+            let started = node
+                .controller
+                .start(
+                    SequenceKind::Rollback,
+                    phases::upgrade::rollback(),
+                    node.clone(),
+                    Some(who),
+                    false,
+                )
+                .map_err(|d| d.to_string())?;
+            match started.handle.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("the rollback's task: {e}")),
+            }
+        });
+        return Ok(());
+    }
     let started = rt
         .controller
         .start(
