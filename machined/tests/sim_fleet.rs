@@ -388,7 +388,7 @@ async fn rolling_upgrades_of_twenty_nodes_keep_within_k_and_stop_at_a_failed_tri
         "1",
     ]);
     assert!(ok, "{out}{err}");
-    assert!(out.contains("reboot semaphore"), "{out}");
+    assert!(out.contains("queued for a reboot slot"), "{out}");
     worker5.version_after(Some(&before)).await;
     wait_released(&watch, since, 1, "the apply-config reboot").await;
     drop(gate);

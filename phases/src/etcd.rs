@@ -512,7 +512,9 @@ async fn restore(rt: &Arc<Runtime>, member: &Member) -> Result<(), BootstrapErro
     }
     let data = host(etcd::DATA_DIR);
     let scratch = data.join("restore");
-    let _ = std::fs::remove_dir_all(&scratch);
+    // A restore cut short left a whole data directory there: deleted on a blocking thread.
+    let left = scratch.clone();
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(left)).await;
     let mut argv = vec![etcd::CTL_PROGRAM.to_string()];
     argv.extend(member.restore_args(&snapshot, &scratch));
     let log = Path::new("/run/plinth/etcd-restore.log");

@@ -103,8 +103,18 @@ fn clusters_dir() -> PathBuf {
     Path::new(&home).join(".plinth/clusters")
 }
 
+/// Whether `pid` runs: it exists and is not a zombie (a node outlives `create`, so its
+/// parent may be an init that is slow to reap it, or never does).
 fn alive(pid: u32) -> bool {
-    i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok())
+    let exists = i32::try_from(pid).is_ok_and(|p| p > 0 && kill(Pid::from_raw(p), None).is_ok());
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false);
+    exists && !zombie
 }
 
 fn read_state(dir: &Path) -> Option<State> {
@@ -269,7 +279,8 @@ async fn boot_vms(
         let vm = node.boot()?;
         let member = Member {
             name: node.spec.name.clone(),
-            pid: vm.pid().unwrap_or_default(),
+            // Never 0: destroy would signal its own process group.
+            pid: vm.pid().context("QEMU started without a process id")?,
             endpoint: node.endpoint(),
             console: vm.serial.path().to_path_buf(),
             etcd: node

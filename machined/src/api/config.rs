@@ -114,14 +114,28 @@ pub async fn apply(
             "max_unavailable applies to mode reboot only (no other mode reboots the node)".into(),
         ));
     }
-    // In the queue before anything is written: a refusal changes nothing; a failed apply
-    // leaves the queue (the place is dropped).
-    let queued = if req.max_unavailable != 0 {
-        Some(phases::reboot_slot::enqueue(rt, req.max_unavailable, "apply-config").await?)
-    } else {
-        None
-    };
     let job = ApplyJob::new(rt.clone(), new, mode, first);
+    if req.max_unavailable != 0 {
+        // In the queue first, and the config written only once the slot is held, just before
+        // the reboot: a refusal, now or while waiting, changes nothing.
+        let queued = phases::reboot_slot::enqueue(rt, req.max_unavailable, "apply-config").await?;
+        let (node, who) = (rt.clone(), actor.clone());
+        super::power::reboot_when_held(
+            rt,
+            queued,
+            actor.clone(),
+            "apply-config",
+            move || async move {
+                run(&node, &who, apply::sequence(), job)
+                    .await
+                    .map_err(|e| format!("the config was not applied: {e}"))
+            },
+        );
+        return Ok(reply(
+            "queued for a reboot slot: the config is written and the node reboots when its slot comes (reboot-slot events); a refusal changes nothing".into(),
+            vec![],
+        ));
+    }
     run(rt, &actor, apply::sequence(), job.clone()).await?;
     if first {
         rt.config_applied.notify_one();
@@ -131,26 +145,11 @@ pub async fn apply(
         ));
     }
     match mode {
-        Mode::Reboot => match queued {
-            Some(queued) => {
-                super::power::reboot_when_held(
-                    rt,
-                    queued,
-                    actor.clone(),
-                    "apply-config",
-                    || async { Ok(()) },
-                );
-                Ok(reply(
-                    "config written; rebooting when the cluster's reboot semaphore gives this node a slot (reboot-slot events)".into(),
-                    vec![],
-                ))
-            }
-            None => {
-                phases::power::request(rt, SequenceKind::Reboot, Some(actor.clone()), false)
-                    .map_err(ApiError::denied(&actor))?;
-                Ok(reply("config written; rebooting".into(), vec![]))
-            }
-        },
+        Mode::Reboot => {
+            phases::power::request(rt, SequenceKind::Reboot, Some(actor.clone()), false)
+                .map_err(ApiError::denied(&actor))?;
+            Ok(reply("config written; rebooting".into(), vec![]))
+        }
         Mode::NoReboot => Ok(reply("config applied".into(), job.needs_reboot())),
         Mode::Try(after) => Ok(reply(
             format!(

@@ -59,7 +59,11 @@ pub fn reboot_when_held<F, Fut>(
             return;
         }
         if let Err(d) = phases::power::request(&rt, SequenceKind::Reboot, Some(actor), false) {
-            refused(&rt, format!("{what}: {d}"));
+            // What `before` did stays done: it takes effect at the node's next reboot.
+            refused(
+                &rt,
+                format!("{what}: done, but not rebooted ({d}): it takes effect at the next reboot"),
+            );
             hold.abandon();
         }
     });
