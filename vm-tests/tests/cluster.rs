@@ -236,11 +236,18 @@ async fn a_cluster_made_with_the_cli_forms_etcd_survives_a_rolling_upgrade_and_r
     let (ok, out) = etcdctl(&nodes, &["put", KEY, VALUE]);
     assert!(ok, "{out}");
 
-    // A rolling upgrade of all four, one at a time: etcd keeps its quorum, the key stays.
+    // A rolling upgrade of the three control planes, named with -n, one at a time (the health
+    // gate between them covers all four): etcd keeps its quorum, the key stays, and the worker,
+    // not named, is not touched. (Workers' waves are the simulated fleet's to prove; under
+    // TCG each node's upgrade costs CI two minutes.)
+    let phase = Instant::now();
     let bundle = bundle_for_cluster(&next).display().to_string();
+    let cp_endpoints: Vec<&str> = cps.iter().map(|n| n.endpoint.as_str()).collect();
+    let cp_endpoints = cp_endpoints.join(",");
     let (ok, out) = plinth(&[
+        "-n",
+        &cp_endpoints,
         "upgrade",
-        "--all",
         "--image",
         &bundle,
         "--max-unavailable",
@@ -248,9 +255,14 @@ async fn a_cluster_made_with_the_cli_forms_etcd_survives_a_rolling_upgrade_and_r
     ])
     .await;
     assert!(ok, "rolling upgrade:\n{out}");
+    eprintln!(
+        "rolling upgrade of the control planes: {:?}",
+        phase.elapsed()
+    );
     for n in &nodes {
         let (ok, out) = plinth(&["-e", &n.endpoint, "version"]).await;
-        assert!(ok && out.contains("0.2.0-cluster"), "{}: {out}", n.name);
+        let upgraded = out.contains("0.2.0-cluster");
+        assert!(ok && upgraded == (n.etcd.is_some()), "{}: {out}", n.name);
     }
     let (ok, out) = plinth(&["-n", &all, "version"]).await;
     assert!(ok, "version over all four:\n{out}");
@@ -262,12 +274,12 @@ async fn a_cluster_made_with_the_cli_forms_etcd_survives_a_rolling_upgrade_and_r
     // A snapshot; then every control plane reset (no graceful leave: the last member could
     // not), so no etcd data is left; the snapshot brings the key back.
     let snapshot = base().join("etcd.snapshot").display().to_string();
+    let phase = Instant::now();
     let (ok, out) = plinth(&["-e", &ep1, "etcd", "snapshot", &snapshot]).await;
     assert!(ok, "{out}");
-    let cp_endpoints: Vec<&str> = cps.iter().map(|n| n.endpoint.as_str()).collect();
     let (ok, out) = plinth(&[
         "-n",
-        &cp_endpoints.join(","),
+        &cp_endpoints,
         "reset",
         "--graceful=false",
         "--reboot",
@@ -286,6 +298,10 @@ async fn a_cluster_made_with_the_cli_forms_etcd_survives_a_rolling_upgrade_and_r
     assert!(ok, "never healthy after the recovery:\n{out}");
     let (ok, out) = etcdctl(&nodes, &["get", KEY, "--print-value-only"]);
     assert!(ok && out.trim() == VALUE, "{out}");
+    eprintln!(
+        "snapshot, reset of the control planes, recovery: {:?}",
+        phase.elapsed()
+    );
 
     // Every VM stops with the cluster.
     let pids: Vec<u64> = recorded().iter().map(|n| n.pid).collect();
