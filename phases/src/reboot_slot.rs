@@ -30,6 +30,8 @@ pub const LEASE_TTL_S: i64 = 600;
 const RENEW: Duration = Duration::from_secs(10);
 /// How long etcd may stay unreachable while the node waits in the queue.
 const UNREACHABLE: Duration = Duration::from_secs(60);
+/// How long joining the queue is tried again while etcd fails.
+const JOIN_RETRY: Duration = Duration::from_secs(20);
 
 /// Why a reboot slot was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -199,21 +201,38 @@ pub async fn enqueue(rt: &Arc<Runtime>, k: u32, reason: &str) -> Result<Queued, 
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let creds = Credentials::of(&cluster);
-    let etcd = connect(&cluster).await?;
-    let spare = if controlplane {
-        spare_controlplanes(&etcd, &creds).await?
-    } else {
-        0
-    };
-    let lease = etcd.grant(LEASE_TTL_S).await?;
     let claim = Claim {
         node: node.clone(),
         controlplane,
         reason: reason.into(),
         max_unavailable: k,
     };
-    etcd.enqueue(&claim, lease).await?;
+    // The member first asked may be a control plane going down for its own reboot (another
+    // rollout's): an etcd failure is tried again, from a new connection, for JOIN_RETRY (within
+    // the 30 s deadline of a `Reboot` call, which joins inline). A refusal is not. Repeating is safe: the put
+    // keeps the key's place, and a lease granted whose answer was lost expires unused.
+    let tried = Instant::now();
+    let (etcd, spare, lease) = loop {
+        let attempt = async {
+            let etcd = connect(&cluster).await?;
+            let spare = if controlplane {
+                spare_controlplanes(&etcd, &Credentials::of(&cluster)).await?
+            } else {
+                0
+            };
+            let lease = etcd.grant(LEASE_TTL_S).await?;
+            etcd.enqueue(&claim, lease).await?;
+            Ok::<_, SlotError>((etcd, spare, lease))
+        };
+        match attempt.await {
+            Ok(joined) => break joined,
+            Err(SlotError::Etcd(e)) if tried.elapsed() < JOIN_RETRY => {
+                tracing::warn!("reboot slot: joining the queue: {e}; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let hold = Hold {
         rt: rt.clone(),
         node,
