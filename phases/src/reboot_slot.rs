@@ -209,8 +209,9 @@ pub async fn enqueue(rt: &Arc<Runtime>, k: u32, reason: &str) -> Result<Queued, 
     };
     // The member first asked may be a control plane going down for its own reboot (another
     // rollout's): an etcd failure is tried again, from a new connection, for JOIN_RETRY (within
-    // the 30 s deadline of a `Reboot` call, which joins inline). A refusal is not. Repeating is safe: the put
-    // keeps the key's place, and a lease granted whose answer was lost expires unused.
+    // the 30 s deadline of a `Reboot` call, which joins inline). A refusal is not. Repeating
+    // is safe: the put keeps the key's place, and a lease granted whose answer was lost
+    // expires unused.
     let tried = Instant::now();
     let (etcd, spare, lease) = loop {
         let attempt = async {

@@ -227,6 +227,19 @@ fn disk_write_limit() -> String {
         .unwrap_or_default()
 }
 
+/// Whether process `pid` runs: `/proc` has it and it is not a zombie (a VM outlives the
+/// `plinth cluster create` that started it, so its parent may be an init slow to reap it).
+/// Pid 0 never runs (`/proc/0` does not exist).
+pub fn process_runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; QEMU binds it right after).
 pub fn free_port() -> Result<u16, HarnessError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(HarnessError::io("finding a free port"))?;

@@ -57,7 +57,7 @@ struct Node {
     endpoint: String,
     etcd: Option<String>,
     console: PathBuf,
-    pid: u64,
+    pid: u32,
 }
 
 fn recorded() -> Vec<Node> {
@@ -86,23 +86,15 @@ fn read_recorded() -> Vec<Node> {
                         endpoint: text(n, "endpoint")?,
                         etcd: text(n, "etcd"),
                         console: PathBuf::from(text(n, "console")?),
-                        pid: n["pid"].as_u64().unwrap_or(0),
+                        pid: n["pid"]
+                            .as_u64()
+                            .and_then(|p| u32::try_from(p).ok())
+                            .unwrap_or(0),
                     })
                 })
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Whether process `pid` still runs (a zombie waiting for its reaper does not).
-fn running(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 /// Stops the cluster however the test ends; on a failure, shows the end of every console
@@ -304,12 +296,15 @@ async fn a_cluster_made_with_the_cli_forms_etcd_survives_a_rolling_upgrade_and_r
     );
 
     // Every VM stops with the cluster.
-    let pids: Vec<u64> = recorded().iter().map(|n| n.pid).collect();
+    let pids: Vec<u32> = recorded().iter().map(|n| n.pid).collect();
     assert!(pids.iter().all(|&p| p > 0), "{pids:?}");
     let (ok, out) = plinth(&["cluster", "destroy", "--name", NAME]).await;
     assert!(ok && out.contains("4 node(s)"), "{out}");
     for pid in pids {
-        assert!(!running(pid), "QEMU {pid} outlived cluster destroy");
+        assert!(
+            !provision::qemu::process_runs(pid),
+            "QEMU {pid} outlived cluster destroy"
+        );
     }
     eprintln!("whole test: {:?}", started.elapsed());
 }

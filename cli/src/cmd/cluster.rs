@@ -18,7 +18,7 @@ use config::{ClientConfig, MachineType, NodeConfig};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use provision::node::{ensure_artifacts, prepare, wait_for_version, NodeSpec, Preset};
-use provision::qemu::{free_port, Lan};
+use provision::qemu::{free_port, process_runs, Lan};
 use serde::{Deserialize, Serialize};
 
 use crate::connect::Target;
@@ -103,20 +103,6 @@ fn clusters_dir() -> PathBuf {
     Path::new(&home).join(".plinth/clusters")
 }
 
-/// Whether `pid` runs: it exists and is not a zombie (a node outlives `create`, so its
-/// parent may be an init that is slow to reap it, or never does).
-fn alive(pid: u32) -> bool {
-    let exists = i32::try_from(pid).is_ok_and(|p| p > 0 && kill(Pid::from_raw(p), None).is_ok());
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false);
-    exists && !zombie
-}
-
 fn read_state(dir: &Path) -> Option<State> {
     serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).ok()?).ok()
 }
@@ -166,7 +152,7 @@ async fn create(target: &Target, args: CreateArgs) -> anyhow::Result<()> {
         bail!("a cluster needs at least one control plane (--control-planes): its etcd runs there");
     }
     let dir = clusters_dir().join(&name);
-    if let Some(s) = read_state(&dir).filter(|s| s.pids().into_iter().any(alive)) {
+    if let Some(s) = read_state(&dir).filter(|s| s.pids().into_iter().any(process_runs)) {
         bail!(
             "cluster {name:?} is already running (pids {:?}): run `plinth cluster destroy --name {name}` first",
             s.pids()
@@ -563,15 +549,19 @@ async fn destroy(name: &str) -> anyhow::Result<()> {
     };
     // SIGTERM to all at once (a simulated machine powers off with its services, QEMU ends),
     // then SIGKILL to what is left after 15 s.
-    let pids: Vec<u32> = state.pids().into_iter().filter(|&p| alive(p)).collect();
+    let pids: Vec<u32> = state
+        .pids()
+        .into_iter()
+        .filter(|&p| process_runs(p))
+        .collect();
     for &pid in &pids {
         let _ = kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGTERM);
     }
     let deadline = Instant::now() + Duration::from_secs(15);
-    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+    while pids.iter().any(|&p| process_runs(p)) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for &pid in pids.iter().filter(|&&p| alive(p)) {
+    for &pid in pids.iter().filter(|&&p| process_runs(p)) {
         let _ = kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGKILL);
     }
     // A simulated machine killed that way leaves its services (etcd) running in their own
