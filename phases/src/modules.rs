@@ -267,7 +267,7 @@ fn worker(platform: &Arc<dyn Platform>, queues: &(Mutex<Queues>, Condvar), late:
         };
         let t = Instant::now();
         let outcome = platform
-            .load_module_file(&m.file, &PathBuf::from(&m.path))
+            .load_module_file(&m.file, &PathBuf::from(&m.path), params(&m.path))
             .map_err(|e| e.to_string());
         let loaded = Loaded {
             path: m.path.clone(),
@@ -347,6 +347,21 @@ pub const FOR_BOOT_DISK: &[&str] = &["nvme", "virtio_blk"];
 pub const FOR_EFIVARS: &[&str] = &["efivarfs"];
 /// The hardware watchdog's driver.
 pub const FOR_WATCHDOG: &[&str] = &["i6300esb"];
+
+/// Parameters a module loads with (what modprobe would take from the kernel command line;
+/// this loader has no modprobe). The watchdog core stops the watchdog when the kernel reboots
+/// (`stop_on_reboot`), and a kernel that then hangs in its reboot path (seen under TCG: soft
+/// lockups inside reboot(2)) would stay hung for good; kept running, the watchdog resets it.
+const PARAMS: &[(&str, &str)] = &[("watchdog", "stop_on_reboot=0")];
+
+/// The parameters for the module at `path` (`.../watchdog.ko`, maybe compressed).
+fn params(path: &str) -> &'static str {
+    let name = name_of(path);
+    PARAMS
+        .iter()
+        .find(|(m, _)| *m == name)
+        .map_or("", |(_, p)| p)
+}
 /// What mapping and mounting the root needs.
 pub const FOR_ROOT: &[&str] = &["dm_verity", "sha256_ssse3", "squashfs"];
 /// The entropy device's driver.
@@ -364,6 +379,14 @@ pub const FOR_POWER_BUTTON: &[&str] = &["button", "evdev"];
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_watchdog_core_loads_to_keep_running_through_a_reboot() {
+        let dir = "/lib/modules/6.1.0-57-amd64/kernel/drivers/watchdog";
+        assert_eq!(params(&format!("{dir}/watchdog.ko")), "stop_on_reboot=0");
+        assert_eq!(params(&format!("{dir}/watchdog.ko.xz")), "stop_on_reboot=0");
+        assert_eq!(params(&format!("{dir}/i6300esb.ko")), "");
+    }
+
     use super::*;
 
     #[test]

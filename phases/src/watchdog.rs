@@ -29,6 +29,18 @@ nix::ioctl_readwrite!(
     libc::c_int
 );
 
+nix::ioctl_read!(
+    /// `WDIOC_SETOPTIONS` (declared `_IOR` by the kernel, though it takes its argument in).
+    wdioc_setoptions,
+    b'W',
+    4,
+    libc::c_int
+);
+/// `WDIOS_DISABLECARD`: stop the watchdog.
+const WDIOS_DISABLECARD: libc::c_int = 1;
+/// The watchdog core's `stop_on_reboot` parameter (see `modules::PARAMS`).
+const STOP_ON_REBOOT: &str = "/sys/module/watchdog/parameters/stop_on_reboot";
+
 static WATCHDOG: OnceLock<Mutex<File>> = OnceLock::new();
 
 /// Opens and arms the watchdog (waiting up to `wait` for its driver to create the device).
@@ -57,8 +69,30 @@ pub fn arm(wait: Duration) -> Result<bool, String> {
     let fd = file.as_raw_fd();
     let _ = WATCHDOG.set(Mutex::new(file));
     feed();
-    tracing::info!("watchdog armed: {TIMEOUT_S}s (fd {fd})");
+    // Read back from the kernel: whether a kernel that hangs while rebooting gets reset too.
+    let through_reboot = std::fs::read_to_string(STOP_ON_REBOOT).is_ok_and(|v| v.trim() == "0");
+    if through_reboot {
+        tracing::info!("watchdog armed: {TIMEOUT_S}s (fd {fd}), kept running through reboots");
+    } else {
+        tracing::warn!(
+            "watchdog armed: {TIMEOUT_S}s (fd {fd}), but the kernel stops it on reboot: \
+             a reboot that hangs will not reset"
+        );
+    }
     Ok(true)
+}
+
+/// Stops the watchdog (before a power-off: one that hangs should not become a reboot).
+pub fn disarm() {
+    if let Some(w) = WATCHDOG.get() {
+        let f = w.lock().unwrap_or_else(|p| p.into_inner());
+        let mut opt: libc::c_int = WDIOS_DISABLECARD;
+        // SAFETY: WDIOC_SETOPTIONS reads one c_int through the pointer, which points at a
+        // live local for the duration of the call; the descriptor is open.
+        if let Err(e) = unsafe { wdioc_setoptions(f.as_raw_fd(), &mut opt) } {
+            tracing::warn!("stopping the watchdog: {e}");
+        }
+    }
 }
 
 /// The descriptor number to hand over, if armed.

@@ -86,12 +86,26 @@ impl VmSpec {
 
     /// QEMU's control socket (QMP).
     pub fn qmp_socket(&self) -> PathBuf {
-        self.dir.join("qmp.sock")
+        self.sockets().join("qmp.sock")
     }
 
     /// The software TPM's control socket.
     fn tpm_socket(&self) -> Option<PathBuf> {
-        self.tpm.as_ref().map(|d| d.join("swtpm.sock"))
+        self.tpm.as_ref().map(|_| self.sockets().join("swtpm.sock"))
+    }
+
+    /// Where the VM's Unix sockets live. A socket's path may not exceed 107 bytes (`sun_path`)
+    /// and the VM's directory can be deep (a user's home, CI's checkout: swtpm refused a
+    /// 111-byte one with nothing but exit status 1), so they live in a short private
+    /// directory named by a hash of the VM's: `$XDG_RUNTIME_DIR/plinth/<hash>`, or
+    /// `<tmp>/plinth-<uid>/<hash>` when there is no runtime directory.
+    fn sockets(&self) -> PathBuf {
+        let base = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+            Some(run) if run.is_absolute() => run.join("plinth"),
+            _ => std::env::temp_dir().join(format!("plinth-{}", nix::unistd::getuid())),
+        };
+        let hash = blake3::hash(self.dir.as_os_str().as_encoded_bytes()).to_hex();
+        base.join(&hash.as_str()[..16])
     }
 
     fn firmware_args(&self) -> Vec<String> {
@@ -267,6 +281,47 @@ pub fn check_host() -> Result<(), HarnessError> {
     Ok(())
 }
 
+/// A Unix socket's longest path (`sun_path` less its terminating NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Makes the VM's socket directory: private to this user (it sits in a shared temporary
+/// directory when there is no runtime directory, and whoever can reach QMP controls the VM).
+fn prepare_sockets(spec: &VmSpec) -> Result<(), HarnessError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = spec.sockets();
+    for d in [dir.parent().unwrap_or(&dir), dir.as_path()] {
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(HarnessError::io(format!("creating {}", d.display()))(e)),
+        }
+        let meta = std::fs::symlink_metadata(d)
+            .map_err(HarnessError::io(format!("reading {}", d.display())))?;
+        let uid = nix::unistd::getuid().as_raw();
+        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            return Err(HarnessError::Other(format!(
+                "{} is not a directory private to this user (uid {uid}); it holds the VM's \
+                 control sockets, so remove it or set XDG_RUNTIME_DIR",
+                d.display()
+            )));
+        }
+    }
+    for sock in [Some(spec.qmp_socket()), spec.tpm_socket()]
+        .into_iter()
+        .flatten()
+    {
+        let len = sock.as_os_str().len();
+        if len > SUN_PATH_MAX {
+            return Err(HarnessError::Other(format!(
+                "the socket path {} is {len} bytes, longer than a Unix socket's {SUN_PATH_MAX}: \
+                 set XDG_RUNTIME_DIR or TMPDIR to a shorter directory",
+                sock.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Starts the VM's software TPM on its state directory and waits for its socket. It ends by
 /// itself when QEMU disconnects (`--terminate`).
 fn start_tpm(spec: &VmSpec) -> Result<Option<Child>, HarnessError> {
@@ -362,6 +417,7 @@ impl Vm {
             std::fs::copy(template, spec.vars())
                 .map_err(HarnessError::io("copying the OVMF variable store"))?;
         }
+        prepare_sockets(&spec)?;
         let tpm = start_tpm(&spec)?;
         let serial = spec.serial_log();
         std::fs::write(&serial, b"")
@@ -543,9 +599,14 @@ impl Vm {
 
     /// Kills QEMU (a power cut) and waits for it, and its TPM.
     pub fn kill(&mut self) {
+        let owned = self.child.is_some();
         for mut c in [self.child.take(), self.tpm.take()].into_iter().flatten() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // A detached VM still uses its sockets.
+        if owned {
+            let _ = std::fs::remove_dir_all(self.spec.sockets());
         }
     }
 }

@@ -1,12 +1,13 @@
-//! An orderly end: reboot comes back with a new boot id after tearing down, shutdown powers the
-//! VM off with its file systems clean.
+//! An orderly end: reboot comes back with a new boot id after tearing down (and a reboot the
+//! kernel never finishes is reset by the watchdog), shutdown powers the VM off with its file
+//! systems clean.
 
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::{e2fs_device, node, plinth, BOOT_TIMEOUT};
+use common::{e2fs_device, image, node, node_booting, plinth, BOOT_TIMEOUT};
 use sequencer::trace;
 use vm_tests::node::wait_for_version;
 
@@ -88,6 +89,61 @@ async fn plinth_reboot_wait_brings_the_node_back_with_a_new_boot_id_after_an_ord
         "one boot before, one after the reboot"
     );
     assert!(teardown.iter().all(|(i, _, _)| *i < firmware_starts[1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_the_kernel_never_finishes_is_reset_by_the_watchdog() {
+    // An image whose reboots halt the kernel after the teardown: the machine stops dead, as
+    // one whose kernel hangs inside reboot(2) does. Only the watchdog can bring it back, and
+    // only if the kernel left it running.
+    let halting = image(
+        "halt-on-reboot",
+        "0.1.0-halt",
+        &["plinth.fault=halt-on-reboot"],
+    );
+    let node = node_booting("halt-on-reboot", &halting);
+    let ctx = node.context().expect("context").clone();
+    let mut vm = node.boot().expect("launch");
+    let (before, _) = wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("first boot");
+    let lines = vm.serial.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.text.contains("kept running through reboots")),
+        "the watchdog is not kept through reboots:\n{}",
+        vm.serial.tail(40)
+    );
+
+    let endpoint = node.endpoint();
+    let node2 = node.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        plinth(
+            &node2,
+            &["-e", &endpoint, "reboot", "--wait", "--timeout", "300"],
+        )
+    })
+    .await
+    .expect("cli");
+    assert!(out.contains("node is back"), "{out}");
+    let (after, _) = wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("second boot");
+    assert_ne!(after.boot_id, before.boot_id);
+
+    // The kernel halted, and the firmware started again after it: the watchdog's reset.
+    let lines = vm.serial.lines();
+    let halted = lines
+        .iter()
+        .position(|l| l.text.contains("System halted"))
+        .unwrap_or_else(|| panic!("the kernel did not halt:\n{}", vm.serial.tail(60)));
+    assert!(
+        lines[halted..]
+            .iter()
+            .any(|l| l.text.contains("BdsDxe: starting")),
+        "no boot after the halt"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -157,9 +157,13 @@ impl Platform for Linux {
         &self,
         file: &std::fs::File,
         path: &Path,
+        params: &str,
     ) -> Result<ModuleLoad, PlatformError> {
-        let no_params = CString::default();
-        match nix::kmod::finit_module(file, &no_params, nix::kmod::ModuleInitFlags::empty()) {
+        let params = CString::new(params).map_err(|_| PlatformError::Sys {
+            what: format!("the parameters for {} hold a NUL byte", path.display()),
+            errno: nix::Error::EINVAL,
+        })?;
+        match nix::kmod::finit_module(file, &params, nix::kmod::ModuleInitFlags::empty()) {
             Ok(()) => Ok(ModuleLoad::Loaded),
             Err(nix::Error::EEXIST) => Ok(ModuleLoad::AlreadyLoaded),
             Err(nix::Error::ENODEV) => Ok(ModuleLoad::NoSuchHardware),
@@ -601,8 +605,17 @@ impl Platform for Linux {
     fn power(&self, action: PowerAction) -> Result<(), PlatformError> {
         nix::unistd::sync();
         let mode = match action {
+            PowerAction::Reboot if crate::tasks::fault::requested(self, "halt-on-reboot") => {
+                tracing::warn!("plinth.fault=halt-on-reboot: halting the kernel instead");
+                nix::sys::reboot::RebootMode::RB_HALT_SYSTEM
+            }
             PowerAction::Reboot => nix::sys::reboot::RebootMode::RB_AUTOBOOT,
-            PowerAction::PowerOff => nix::sys::reboot::RebootMode::RB_POWER_OFF,
+            PowerAction::PowerOff => {
+                // The watchdog runs on through a reboot (it resets a kernel that hangs in
+                // one); a power-off that hangs should not turn into a reboot.
+                crate::watchdog::disarm();
+                nix::sys::reboot::RebootMode::RB_POWER_OFF
+            }
         };
         let Err(errno) = nix::sys::reboot::reboot(mode);
         Err(PlatformError::Sys {

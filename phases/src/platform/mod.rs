@@ -281,11 +281,13 @@ pub trait Platform: Send + Sync + 'static {
     /// Moves a mount (and its submounts) to another place.
     fn move_mount(&self, from: &Path, to: &Path) -> Result<(), PlatformError>;
 
-    /// Loads a kernel module from a file opened earlier (`path` names it in errors).
+    /// Loads a kernel module from a file opened earlier (`path` names it in errors), with
+    /// `params` (`name=value`, space-separated).
     fn load_module_file(
         &self,
         file: &std::fs::File,
         path: &Path,
+        params: &str,
     ) -> Result<ModuleLoad, PlatformError>;
 
     /// The UEFI variable store.

@@ -101,6 +101,15 @@ pub fn node(name: &str) -> TestNode {
 
 /// A node whose config declares `services`.
 pub fn node_with_services(name: &str, services: Vec<config::Service>) -> TestNode {
+    node_of(name, services, &artifacts())
+}
+
+/// A node booting `image` (another build: [`image`]).
+pub fn node_booting(name: &str, image: &imager::Artifacts) -> TestNode {
+    node_of(name, Vec::new(), image)
+}
+
+fn node_of(name: &str, services: Vec<config::Service>, image: &imager::Artifacts) -> TestNode {
     let dir = workspace().join("target/vm-tests").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     let spec = NodeSpec {
@@ -116,7 +125,7 @@ pub fn node_with_services(name: &str, services: Vec<config::Service>) -> TestNod
         preset: None,
         lan: None,
     };
-    test_node(prepare(&spec, &artifacts()).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
+    test_node(prepare(&spec, image).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
 }
 
 /// How long a boot through OVMF under TCG may take before a test gives up.

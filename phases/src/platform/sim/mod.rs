@@ -434,7 +434,12 @@ impl Platform for Sim {
         Ok(())
     }
 
-    fn load_module_file(&self, _file: &File, _path: &Path) -> Result<ModuleLoad, PlatformError> {
+    fn load_module_file(
+        &self,
+        _file: &File,
+        _path: &Path,
+        _params: &str,
+    ) -> Result<ModuleLoad, PlatformError> {
         // The simulated kernel has everything built in.
         Ok(ModuleLoad::AlreadyLoaded)
     }
