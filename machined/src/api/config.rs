@@ -128,6 +128,7 @@ pub async fn apply(
             move || async move {
                 run(&node, &who, apply::sequence(), job)
                     .await
+                    .map(|_| Some("the config is written and takes effect at the next reboot"))
                     .map_err(|e| format!("the config was not applied: {e}"))
             },
         );

@@ -25,14 +25,15 @@ pub async fn reboot(
             .map_err(super::error::ApiError::denied(&actor));
     }
     let queued = phases::reboot_slot::enqueue(runtime, max_unavailable, "reboot").await?;
-    reboot_when_held(runtime, queued, actor, "reboot", || async { Ok(()) });
+    reboot_when_held(runtime, queued, actor, "reboot", || async { Ok(None) });
     Ok(())
 }
 
 /// A coordinated reboot's second half, on a task of its own (the caller has had its answer):
 /// waits for `queued`'s slot, hands it on to the next boot, runs `before` (what must happen
-/// just before the reboot, as a rollback's switch of slots), and reboots for `actor`. A
-/// refusal at any step is a `refused` event naming `what`, and nothing after it happens.
+/// just before the reboot, as a rollback's switch of slots; it returns what it left waiting for
+/// the next boot, if anything), and reboots for `actor`. A refusal at any step is a `refused`
+/// event naming `what`, and nothing after it happens.
 pub fn reboot_when_held<F, Fut>(
     rt: &Arc<Runtime>,
     queued: Queued,
@@ -41,7 +42,7 @@ pub fn reboot_when_held<F, Fut>(
     before: F,
 ) where
     F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<(), String>> + Send,
+    Fut: Future<Output = Result<Option<&'static str>, String>> + Send,
 {
     let rt = rt.clone();
     tokio::spawn(async move {
@@ -53,17 +54,18 @@ pub fn reboot_when_held<F, Fut>(
             refused(&rt, format!("{what}: {e}"));
             return;
         }
-        if let Err(e) = before().await {
-            refused(&rt, format!("{what}: {e}"));
-            hold.abandon();
-            return;
-        }
+        let staged = match before().await {
+            Ok(staged) => staged,
+            Err(e) => {
+                refused(&rt, format!("{what}: {e}"));
+                hold.abandon();
+                return;
+            }
+        };
         if let Err(d) = phases::power::request(&rt, SequenceKind::Reboot, Some(actor), false) {
-            // What `before` did stays done: it takes effect at the node's next reboot.
-            refused(
-                &rt,
-                format!("{what}: done, but not rebooted ({d}): it takes effect at the next reboot"),
-            );
+            // What `before` did stays done, for the node's next reboot.
+            let staged = staged.map(|s| format!(": {s}")).unwrap_or_default();
+            refused(&rt, format!("{what}: not rebooted ({d}){staged}"));
             hold.abandon();
         }
     });

@@ -150,7 +150,9 @@ pub async fn rollback(
                 )
                 .map_err(|d| d.to_string())?;
             match started.handle.await {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => Ok(Some(
+                    "the previous slot is committed and boots at the next reboot",
+                )),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(e) => Err(format!("the rollback's task: {e}")),
             }
