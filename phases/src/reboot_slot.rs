@@ -30,8 +30,11 @@ pub const LEASE_TTL_S: i64 = 600;
 const RENEW: Duration = Duration::from_secs(10);
 /// How long etcd may stay unreachable while the node waits in the queue.
 const UNREACHABLE: Duration = Duration::from_secs(60);
-/// How long joining the queue is tried again while etcd fails.
+/// How long joining the queue, or handing the slot on to the next boot, is tried again while
+/// etcd fails: within the 30 s deadline of a `Reboot` call, which joins inline.
 const JOIN_RETRY: Duration = Duration::from_secs(20);
+/// How long releasing a slot is tried before its lease is left to run out.
+const RELEASE_RETRY: Duration = Duration::from_secs(30);
 
 /// Why a reboot slot was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +112,41 @@ fn cluster(rt: &Runtime) -> Result<(String, bool, Cluster), SlotError> {
 
 async fn connect(cluster: &Cluster) -> Result<Etcd, EtcdError> {
     Etcd::connect(&Etcd::endpoints_of(cluster), &Credentials::of(cluster)).await
+}
+
+/// Runs `op` on a connection to the cluster's etcd (`first`, or a new one), and again on a new
+/// connection while etcd fails, `pause` apart, until `patience` is spent: the member asked
+/// may be a control plane going down for its own reboot (another rollout's). A refusal is
+/// returned at once. `op` must be safe to repeat.
+async fn with_etcd<T, F, Fut>(
+    cluster: &Cluster,
+    mut first: Option<Etcd>,
+    (patience, pause): (Duration, Duration),
+    what: &str,
+    mut op: F,
+) -> Result<T, SlotError>
+where
+    F: FnMut(Etcd) -> Fut,
+    Fut: std::future::Future<Output = Result<T, SlotError>>,
+{
+    let started = Instant::now();
+    loop {
+        let etcd = match first.take() {
+            Some(etcd) => Ok(etcd),
+            None => connect(cluster).await.map_err(SlotError::from),
+        };
+        let done = match etcd {
+            Ok(etcd) => op(etcd).await,
+            Err(e) => Err(e),
+        };
+        match done {
+            Err(SlotError::Etcd(e)) if started.elapsed() < patience => {
+                tracing::warn!("reboot slot: {what}: {e}; trying again");
+                tokio::time::sleep(pause).await;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// How many control planes etcd can spare at once: every member voting and answering, and a
@@ -207,33 +245,29 @@ pub async fn enqueue(rt: &Arc<Runtime>, k: u32, reason: &str) -> Result<Queued, 
         reason: reason.into(),
         max_unavailable: k,
     };
-    // The member first asked may be a control plane going down for its own reboot (another
-    // rollout's): an etcd failure is tried again, from a new connection, for JOIN_RETRY (within
-    // the 30 s deadline of a `Reboot` call, which joins inline). A refusal is not. Repeating
-    // is safe: the put keeps the key's place, and a lease granted whose answer was lost
-    // expires unused.
-    let tried = Instant::now();
-    let (etcd, spare, lease) = loop {
-        let attempt = async {
-            let etcd = connect(&cluster).await?;
-            let spare = if controlplane {
-                spare_controlplanes(&etcd, &Credentials::of(&cluster)).await?
-            } else {
-                0
-            };
-            let lease = etcd.grant(LEASE_TTL_S).await?;
-            etcd.enqueue(&claim, lease).await?;
-            Ok::<_, SlotError>((etcd, spare, lease))
-        };
-        match attempt.await {
-            Ok(joined) => break joined,
-            Err(SlotError::Etcd(e)) if tried.elapsed() < JOIN_RETRY => {
-                tracing::warn!("reboot slot: joining the queue: {e}; trying again");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+    // Repeating is safe: the put keeps the key's place, and a lease granted whose answer was
+    // lost expires unused.
+    let creds = Credentials::of(&cluster);
+    let (etcd, spare, lease) = with_etcd(
+        &cluster,
+        None,
+        (JOIN_RETRY, Duration::from_secs(1)),
+        "joining the queue",
+        |etcd| {
+            let (claim, creds) = (&claim, &creds);
+            async move {
+                let spare = if controlplane {
+                    spare_controlplanes(&etcd, creds).await?
+                } else {
+                    0
+                };
+                let lease = etcd.grant(LEASE_TTL_S).await?;
+                etcd.enqueue(claim, lease).await?;
+                Ok((etcd, spare, lease))
             }
-            Err(e) => return Err(e),
-        }
-    };
+        },
+    )
+    .await?;
     let hold = Hold {
         rt: rt.clone(),
         node,
@@ -328,14 +362,23 @@ impl Hold {
     /// checked first: a lease that ran out while the node wrote its slot (etcd unreachable)
     /// may have let another node in, and then this one must not go down.
     pub async fn keep(&mut self) -> Result<(), SlotError> {
-        let etcd = connect(&self.cluster).await?;
-        if etcd.keep_alive(self.lease).await? == 0 {
-            return Err(SlotError::Gone);
-        }
-        match etcd.standing(&self.node, self.k, self.spare).await? {
-            Standing::Held => {}
-            _ => return Err(SlotError::Gone),
-        }
+        let (node, lease, k, spare) = (&self.node, self.lease, self.k, self.spare);
+        with_etcd(
+            &self.cluster,
+            Some(self.etcd.clone()),
+            (JOIN_RETRY, Duration::from_secs(1)),
+            "checking the slot before the reboot",
+            |etcd| async move {
+                if etcd.keep_alive(lease).await? == 0 {
+                    return Err(SlotError::Gone);
+                }
+                match etcd.standing(node, k, spare).await? {
+                    Standing::Held => Ok(()),
+                    _ => Err(SlotError::Gone),
+                }
+            },
+        )
+        .await?;
         let record = Record {
             node: self.node.clone(),
             lease: self.lease,
@@ -378,25 +421,25 @@ impl Drop for Hold {
         event(&self.rt, "released", "released the reboot slot");
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                // The member first asked may be one that is rebooting: others are tried for
-                // half a minute before the lease is left to run out.
-                let mut etcd = Some(etcd);
-                for _ in 0..6 {
-                    let client = match etcd.take() {
-                        Some(e) => Ok(e),
-                        None => connect(&cluster).await,
-                    };
-                    match client {
-                        Ok(e) => match e.revoke(lease).await {
-                            Ok(()) => return,
-                            Err(e) if e.grpc_code() == Some(tonic_not_found()) => return,
-                            Err(e) => tracing::warn!("reboot slot: revoking lease {lease:x}: {e}"),
-                        },
-                        Err(e) => tracing::warn!("reboot slot: revoking lease {lease:x}: {e}"),
-                    }
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                let revoked = with_etcd(
+                    &cluster,
+                    Some(etcd),
+                    (RELEASE_RETRY, Duration::from_secs(5)),
+                    "releasing the slot",
+                    |etcd| async move {
+                        match etcd.revoke(lease).await {
+                            // Gone already (expired).
+                            Err(e) if e.grpc_code() == Some(tonic_not_found()) => Ok(()),
+                            r => r.map_err(SlotError::from),
+                        }
+                    },
+                )
+                .await;
+                if let Err(e) = revoked {
+                    tracing::warn!(
+                        "reboot slot: lease {lease:x} not revoked ({e}): it expires by itself"
+                    );
                 }
-                tracing::warn!("reboot slot: lease {lease:x} not revoked: it expires by itself");
             });
         }
     }
