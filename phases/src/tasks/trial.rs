@@ -213,15 +213,31 @@ pub async fn commit(ctx: Arc<Runtime>) -> Result<(), TaskError> {
         .map(|l| l.meta)
         .unwrap_or_else(|| upgrade::meta::Meta::initial(slot, ""));
     next.commit(slot);
+    // Each step is progress, and together they can outlast the watchdog's timeout under
+    // emulation (variable writes through SMM, the UKI copied on the ESP, syncs: over 40 s on
+    // a loaded host, where a trial was reset mid-commit and ran again). Each is timed.
+    let mut took = Vec::new();
+    let mut since = std::time::Instant::now();
+    let mut step = |name: &str| {
+        took.push(format!("{name} {} ms", since.elapsed().as_millis()));
+        since = std::time::Instant::now();
+        crate::watchdog::feed();
+    };
+    crate::watchdog::feed();
     slots::reconcile_entries(&ctx, &next)?;
+    step("boot entries");
     slots::follow_committed(&ctx, slot)?;
+    step("removable path");
     let m = slots::update_meta(&ctx, |m| m.commit(slot))?;
     ctx.set_trial(false);
+    step("META");
     // What the upgrade's bundle brought becomes the store's own (until now it served this
     // slot alone). If this fails, the slot keeps using them from its directory.
     if let Err(e) = crate::extensions::promote(&ctx, slot) {
         tracing::warn!("keeping the extensions slot {slot} brought in its own directory: {e}");
     }
+    step("extensions");
+    tracing::info!("commit took: {}", took.join(", "));
     slot_event(
         &ctx,
         slot,
