@@ -141,6 +141,26 @@ fn unix_ms() -> u64 {
 }
 
 /// Each node's (name, version, committed and running the same slot, last failure's version).
+/// Every node's fatal console lines (a boot that failed says why there), for a failure's
+/// message.
+fn fatal(cluster: &SimCluster) -> String {
+    let lines: Vec<String> = cluster
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            n.console()
+                .lines()
+                .filter(|l| l.contains("fatal"))
+                .map(|l| format!("{}: {l}", n.endpoint))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    format!(
+        "\nfatal lines on the nodes' consoles:\n{}",
+        lines.join("\n")
+    )
+}
+
 async fn versions(cluster: &SimCluster) -> BTreeMap<String, (String, bool, String)> {
     let mut out = BTreeMap::new();
     for n in &cluster.nodes {
@@ -241,8 +261,8 @@ async fn rolling_upgrades_of_twenty_nodes_keep_within_k_and_stop_at_a_failed_tri
         let b = s.spawn(|| cluster.plinth(&upgrade_args(&second, &v2)));
         (a.join().expect("a"), b.join().expect("b"))
     });
-    assert!(a.0, "first rollout:\n{}{}", a.1, a.2);
-    assert!(b.0, "second rollout:\n{}{}", b.1, b.2);
+    assert!(a.0, "first rollout:\n{}{}{}", a.1, a.2, fatal(&cluster));
+    assert!(b.0, "second rollout:\n{}{}{}", b.1, b.2, fatal(&cluster));
     assert!(a.2.contains("committed Plinth 2.0-fleet"), "{}", a.2);
     let now = versions(&cluster).await;
     assert!(
