@@ -141,8 +141,8 @@ fn unix_ms() -> u64 {
 }
 
 /// Each node's (name, version, committed and running the same slot, last failure's version).
-/// Every node's fatal console lines (a boot that failed says why there), for a failure's
-/// message.
+/// Every node's console lines that say why a boot ended early (a fatal error, a failed
+/// boot), for a failure's message.
 fn fatal(cluster: &SimCluster) -> String {
     let lines: Vec<String> = cluster
         .nodes
@@ -150,13 +150,13 @@ fn fatal(cluster: &SimCluster) -> String {
         .flat_map(|n| {
             n.console()
                 .lines()
-                .filter(|l| l.contains("fatal"))
+                .filter(|l| l.contains("fatal") || l.contains("boot failed"))
                 .map(|l| format!("{}: {l}", n.endpoint))
                 .collect::<Vec<_>>()
         })
         .collect();
     format!(
-        "\nfatal lines on the nodes' consoles:\n{}",
+        "\nboots ended early, on the nodes' consoles:\n{}",
         lines.join("\n")
     )
 }
