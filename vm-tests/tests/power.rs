@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{e2fs_device, image, node, node_booting, plinth, BOOT_TIMEOUT};
+use common::{e2fs_device, image, node, node_booting, plinth, TestNode, BOOT_TIMEOUT};
 use sequencer::trace;
 use vm_tests::node::wait_for_version;
 
@@ -41,17 +41,14 @@ fn phases_on_console(
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plinth_reboot_wait_brings_the_node_back_with_a_new_boot_id_after_an_orderly_teardown() {
-    // A running node.
-    let node = node("reboot");
+/// `plinth reboot --wait` on `node`: it says the node is back, and the node answers with a
+/// boot id other than `before`'s. Returns that answer.
+async fn reboot_and_wait(
+    node: &TestNode,
+    vm: &mut vm_tests::qemu::Vm,
+    before: &api::proto::VersionResponse,
+) -> api::proto::VersionResponse {
     let ctx = node.context().expect("context").clone();
-    let mut vm = node.boot().expect("launch");
-    let (before, _) = wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
-        .await
-        .expect("first boot");
-
-    // `plinth reboot --wait` returns once the node answers with a new boot id.
     let endpoint = node.endpoint();
     let node2 = node.clone();
     let out = tokio::task::spawn_blocking(move || {
@@ -63,10 +60,25 @@ async fn plinth_reboot_wait_brings_the_node_back_with_a_new_boot_id_after_an_ord
     .await
     .expect("cli");
     assert!(out.contains("node is back"), "{out}");
-    let (after, _) = wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+    let (after, _) = wait_for_version(vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
         .await
         .expect("second boot");
     assert_ne!(after.boot_id, before.boot_id);
+    after
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plinth_reboot_wait_brings_the_node_back_with_a_new_boot_id_after_an_orderly_teardown() {
+    // A running node.
+    let node = node("reboot");
+    let ctx = node.context().expect("context").clone();
+    let mut vm = node.boot().expect("launch");
+    let (before, _) = wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
+        .await
+        .expect("first boot");
+
+    // `plinth reboot --wait` returns once the node answers with a new boot id.
+    let after = reboot_and_wait(&node, &mut vm, &before).await;
     assert_eq!(after.slot, "A");
 
     // The console shows the teardown phases, in order and without errors, before the firmware
@@ -116,21 +128,7 @@ async fn a_reboot_the_kernel_never_finishes_is_reset_by_the_watchdog() {
         vm.serial.tail(40)
     );
 
-    let endpoint = node.endpoint();
-    let node2 = node.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        plinth(
-            &node2,
-            &["-e", &endpoint, "reboot", "--wait", "--timeout", "300"],
-        )
-    })
-    .await
-    .expect("cli");
-    assert!(out.contains("node is back"), "{out}");
-    let (after, _) = wait_for_version(&mut vm, &node.endpoint(), &ctx, BOOT_TIMEOUT)
-        .await
-        .expect("second boot");
-    assert_ne!(after.boot_id, before.boot_id);
+    reboot_and_wait(&node, &mut vm, &before).await;
 
     // The kernel halted, and the firmware started again after it: the watchdog's reset.
     let lines = vm.serial.lines();
