@@ -28,14 +28,17 @@ pub fn busybox(
 ) -> Result<String, ImageError> {
     require(&[("dpkg-deb", "dpkg")])?;
     let deb = debian_package(&cache.join("debs"), "busybox-static")?;
-    let work = cache.join("busybox.unpack");
-    if work.exists() {
-        std::fs::remove_dir_all(&work).map_err(ImageError::io("cleaning", &work))?;
-    }
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&work))?;
-    let program = work.join("bin/busybox");
+    // A directory of this build's own: another build may be unpacking beside it.
+    let work = tempfile::Builder::new()
+        .prefix("busybox.unpack.")
+        .tempdir_in(cache)
+        .map_err(ImageError::io("creating an unpack directory in", cache))?;
+    run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(work.path()))?;
+    let program = work.path().join("bin/busybox");
     let busybox = std::fs::read(&program).map_err(ImageError::io("reading", &program))?;
-    let _ = std::fs::remove_dir_all(&work);
     let mut files = vec![
         LayerEntry::Dir("bin".into(), 0o755),
         LayerEntry::File("bin/busybox".into(), 0o755, busybox),

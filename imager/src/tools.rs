@@ -77,14 +77,29 @@ pub fn debian_package(
         return Ok(deb);
     }
     tracing::info!("downloading {package}");
+    // Into a directory of its own, then renamed into place: builds in other processes (the VM
+    // tests run side by side) look for the package by name and must never find it half
+    // written, and two downloading at once must not write one file.
+    let partial = tempfile::Builder::new()
+        .prefix(".download.")
+        .tempdir_in(dir)
+        .map_err(ImageError::io("creating a download directory in", dir))?;
     run(Command::new("apt-get")
         .arg("download")
         .arg(package)
-        .current_dir(dir))?;
-    find().ok_or_else(|| {
-        ImageError::Invalid(format!(
-            "apt-get download {package} left no .deb in {}",
-            dir.display()
-        ))
-    })
+        .current_dir(partial.path()))?;
+    let deb = std::fs::read_dir(partial.path())
+        .map_err(ImageError::io("reading", partial.path()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| {
+            ImageError::Invalid(format!(
+                "apt-get download {package} left no .deb in {}",
+                partial.path().display()
+            ))
+        })?;
+    let name = dir.join(deb.file_name().unwrap_or_default());
+    std::fs::rename(&deb, &name).map_err(ImageError::io("moving the package to", &name))?;
+    Ok(name)
 }

@@ -364,6 +364,21 @@ pub fn ensure_artifacts(
     machined: &Path,
     version: &str,
 ) -> Result<Artifacts, HarnessError> {
+    // Tests in several processes at once (nextest runs each VM test in its own) ask for the
+    // image together: one checks or builds it while the others wait, then find it fresh.
+    std::fs::create_dir_all(image_dir).map_err(HarnessError::io(format!(
+        "creating {}",
+        image_dir.display()
+    )))?;
+    let lock_path = image_dir.join(".build.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(HarnessError::io(format!("opening {}", lock_path.display())))?;
+    let _built = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| HarnessError::io(format!("locking {}", lock_path.display()))(e.into()))?;
     if let Ok(a) = Artifacts::load(image_dir) {
         // Rebuilt when machined changed since: a test must never boot a stale binary.
         let newer = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();

@@ -15,9 +15,7 @@ pub fn workspace() -> PathBuf {
 
 /// The built image (`PLINTH_IMAGE_DIR`, or `out/` in the workspace), built now if missing.
 pub fn artifacts() -> imager::Artifacts {
-    // Tests of one binary run on parallel threads; one of them builds, the others wait.
-    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    // Tests running at once (threads or processes): one builds, the others wait (a file lock).
     ensure_artifacts(&image_dir(), &machined(), "0.1.0-test")
         .unwrap_or_else(|e| panic!("image: {e}"))
 }
