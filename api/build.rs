@@ -1,18 +1,16 @@
-// Compiles the proto files with protox (pure Rust), so building needs no `protoc` on the host,
+// Compiles the proto files with protoc (Debian's protobuf-compiler, which containerd-client's
+// and etcd-client's builds need anyway: a pure-Rust compiler here only added crates to build),
 // and keeps the encoded descriptors for gRPC server reflection.
-use prost::Message;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/plinth/machine/v1/machine.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
-    let fds = protox::compile(protos, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("machine_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_fds(fds)?;
+        .file_descriptor_set_path(out.join("machine_descriptor.bin"))
+        .compile_protos(&protos, &["proto"])?;
     Ok(())
 }

@@ -143,7 +143,7 @@ fn unix_ms() -> u64 {
 /// Each node's (name, version, committed and running the same slot, last failure's version).
 /// Every node's console lines that say why a boot ended early (a fatal error, a failed
 /// boot), for a failure's message.
-fn fatal(cluster: &SimCluster) -> String {
+async fn fatal(cluster: &SimCluster) -> String {
     let lines: Vec<String> = cluster
         .nodes
         .iter()
@@ -155,10 +155,21 @@ fn fatal(cluster: &SimCluster) -> String {
                 .collect::<Vec<_>>()
         })
         .collect();
-    format!(
+    let mut out = format!(
         "\nboots ended early, on the nodes' consoles:\n{}",
         lines.join("\n")
-    )
+    );
+    // A trial that stopped with no reason of its own ("stopped after ..."): what its console
+    // said around it (the consoles go with the test's temporary directory).
+    for n in &cluster.nodes {
+        if n.status().await.last_failure.is_some() {
+            let console = n.console();
+            let tail: Vec<&str> = console.lines().rev().take(80).collect();
+            out += &format!("\n\nthe last lines of {}'s console:\n", n.endpoint);
+            out += &tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+        }
+    }
+    out
 }
 
 async fn versions(cluster: &SimCluster) -> BTreeMap<String, (String, bool, String)> {
@@ -261,8 +272,11 @@ async fn rolling_upgrades_of_twenty_nodes_keep_within_k_and_stop_at_a_failed_tri
         let b = s.spawn(|| cluster.plinth(&upgrade_args(&second, &v2)));
         (a.join().expect("a"), b.join().expect("b"))
     });
-    assert!(a.0, "first rollout:\n{}{}{}", a.1, a.2, fatal(&cluster));
-    assert!(b.0, "second rollout:\n{}{}{}", b.1, b.2, fatal(&cluster));
+    if !(a.0 && b.0) {
+        let consoles = fatal(&cluster).await;
+        assert!(a.0, "first rollout:\n{}{}{consoles}", a.1, a.2);
+        assert!(b.0, "second rollout:\n{}{}{consoles}", b.1, b.2);
+    }
     assert!(a.2.contains("committed Plinth 2.0-fleet"), "{}", a.2);
     let now = versions(&cluster).await;
     assert!(
