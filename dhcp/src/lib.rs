@@ -275,8 +275,48 @@ pub fn reply_to(bytes: &[u8], xid: u32, mac: &[u8; 6]) -> Option<Message> {
 /// holds is refused here: `dhcproto` decodes it, and then panics when the address is read
 /// (found by the fuzzer; any host on the link can send such a reply).
 pub fn decode(bytes: &[u8]) -> Option<Message> {
+    if !option_lengths_fit(bytes) {
+        return None;
+    }
     let m = Message::from_bytes(bytes).ok()?;
     (m.hlen() <= 16).then_some(m)
+}
+
+/// Options whose length `dhcproto` assumes (a `debug_assert!`, then `len - 3` for the client
+/// FQDN, which panics where overflow is checked): code and whether a length is right.
+/// Found by the fuzzer: option 81 with length 0.
+const FIXED_LENGTHS: &[(u8, fn(usize) -> bool)] = &[
+    (80, |l| l == 0),  // rapid commit
+    (81, |l| l >= 3),  // client FQDN
+    (94, |l| l == 3),  // client network interface
+    (152, |l| l == 4), // bulk lease query: base time
+    (153, |l| l == 4), // start time of state
+    (154, |l| l == 4), // query start time
+    (155, |l| l == 4), // query end time
+];
+
+/// Whether every option of a message (after the fixed header and the magic cookie) that
+/// `dhcproto` trusts the length of has a length it can take. Anything else is left to it.
+fn option_lengths_fit(bytes: &[u8]) -> bool {
+    // op..file: 236 bytes, then the 4-byte magic cookie.
+    let mut rest = bytes.get(240..).unwrap_or_default();
+    while let Some((&code, tail)) = rest.split_first() {
+        match code {
+            0 => rest = tail,
+            255 => break,
+            _ => {
+                let Some((&len, tail)) = tail.split_first() else {
+                    break;
+                };
+                let len = usize::from(len);
+                if FIXED_LENGTHS.iter().any(|(c, ok)| *c == code && !ok(len)) {
+                    return false;
+                }
+                rest = tail.get(len..).unwrap_or_default();
+            }
+        }
+    }
+    true
 }
 
 /// A message as bytes (for the fuzzer's round trip).
@@ -536,5 +576,27 @@ mod tests {
         bytes[2] = 250; // hlen
         assert!(decode(&bytes).is_none());
         assert!(reply_to(&bytes, 0x1234abcd, &[0x52, 0x54, 0, 0x12, 0x34, 0x56]).is_none());
+    }
+
+    #[test]
+    fn an_option_shorter_than_dhcproto_assumes_is_refused_not_a_panic() {
+        // The fuzzer's find: a client FQDN option (81) of length 0, on which dhcproto's
+        // decoder asserts (in a debug build) or subtracts past zero.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/dhcp");
+        let bytes = std::fs::read(dir.join("fqdn-length-0")).expect("seed");
+        assert!(decode(&bytes).is_none());
+        // The same option at a length it takes still decodes; one of the fixed-length
+        // options at another length is refused.
+        let ack = std::fs::read(dir.join("ack")).expect("seed");
+        let end = ack.iter().rposition(|&b| b == 255).expect("end option");
+        let with = |opt: &[u8]| {
+            let mut m = ack[..end].to_vec();
+            m.extend_from_slice(opt);
+            m.push(255);
+            m
+        };
+        assert!(decode(&with(&[81, 3, 0, 0, 0])).is_some());
+        assert!(decode(&with(&[94, 2, 1, 2])).is_none());
+        assert!(decode(&with(&[80, 1, 0])).is_none());
     }
 }
