@@ -282,10 +282,13 @@ pub fn decode(bytes: &[u8]) -> Option<Message> {
     (m.hlen() <= 16).then_some(m)
 }
 
+/// Whether an option's length is one `dhcproto` takes.
+type LengthOk = fn(usize) -> bool;
+
 /// Options whose length `dhcproto` assumes (a `debug_assert!`, then `len - 3` for the client
 /// FQDN, which panics where overflow is checked): code and whether a length is right.
 /// Found by the fuzzer: option 81 with length 0.
-const FIXED_LENGTHS: &[(u8, fn(usize) -> bool)] = &[
+const FIXED_LENGTHS: &[(u8, LengthOk)] = &[
     (80, |l| l == 0),  // rapid commit
     (81, |l| l >= 3),  // client FQDN
     (94, |l| l == 3),  // client network interface
