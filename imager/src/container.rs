@@ -6,7 +6,7 @@ use std::process::Command;
 
 use workloads::oci::{write_layout, LayerEntry};
 
-use crate::tools::{debian_package, require, run};
+use crate::tools::{debian_package, own_dir, require, run};
 use crate::ImageError;
 
 /// The default name of the image.
@@ -29,10 +29,7 @@ pub fn busybox(
     require(&[("dpkg-deb", "dpkg")])?;
     let deb = debian_package(&cache.join("debs"), "busybox-static")?;
     // A directory of this build's own: another build may be unpacking beside it.
-    let work = tempfile::Builder::new()
-        .prefix("busybox.unpack.")
-        .tempdir_in(cache)
-        .map_err(ImageError::io("creating an unpack directory in", cache))?;
+    let work = own_dir(cache, "busybox.unpack.")?;
     run(Command::new("dpkg-deb")
         .arg("-x")
         .arg(&deb)

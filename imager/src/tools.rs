@@ -56,6 +56,15 @@ pub fn run(cmd: &mut Command) -> Result<String, ImageError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A new directory in `parent` for one build's own files (removed when dropped): builds in
+/// other processes may be working beside it in the same cache.
+pub fn own_dir(parent: &std::path::Path, prefix: &str) -> Result<tempfile::TempDir, ImageError> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(parent)
+        .map_err(ImageError::io("creating a working directory in", parent))
+}
+
 /// The `.deb` of `package` in `dir`, downloaded with `apt-get download` the first time.
 pub fn debian_package(
     dir: &std::path::Path,
@@ -80,10 +89,7 @@ pub fn debian_package(
     // Into a directory of its own, then renamed into place: builds in other processes (the VM
     // tests run side by side) look for the package by name and must never find it half
     // written, and two downloading at once must not write one file.
-    let partial = tempfile::Builder::new()
-        .prefix(".download.")
-        .tempdir_in(dir)
-        .map_err(ImageError::io("creating a download directory in", dir))?;
+    let partial = own_dir(dir, ".download.")?;
     run(Command::new("apt-get")
         .arg("download")
         .arg(package)
