@@ -77,6 +77,8 @@ struct Queues {
     done: HashSet<String>,
     /// Paths either list names.
     known: HashSet<String>,
+    /// Names of the late ones (held back or not).
+    late_names: HashSet<String>,
 }
 
 impl Queues {
@@ -172,15 +174,34 @@ pub fn release_after(delay: Duration) {
     });
 }
 
+/// The late loader's thread id, once it runs (0 before).
+static LATE_THREAD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
 /// Lowers the calling thread's CPU priority as far as it goes (nice 19): its work then runs
-/// when nothing else wants the CPU.
+/// when nothing else wants the CPU. Records it as the late loader's.
 fn lowest_priority() {
-    // SAFETY: gettid and setpriority take and return plain integers; PRIO_PROCESS with a
-    // thread id changes that thread only (Linux).
-    let _ = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19)
-    };
+    // SAFETY: gettid takes nothing and returns the calling thread's id.
+    let tid = unsafe { libc::gettid() };
+    LATE_THREAD.store(tid, std::sync::atomic::Ordering::SeqCst);
+    set_priority(tid, 19);
+}
+
+/// Sets thread `tid`'s nice value.
+fn set_priority(tid: libc::pid_t, nice: libc::c_int) {
+    // SAFETY: setpriority takes plain integers; PRIO_PROCESS with a thread id changes that
+    // thread only (Linux).
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+}
+
+/// A task waits for a module the late loader has not loaded yet: the loader's work is the
+/// boot's now, so it runs at normal priority from here on. At nice 19 beside a busy boot it
+/// crawled, and a module's load holds kernel locks: virtio_net's registration holds the
+/// network configuration lock, which the network task's first request then waited out.
+fn late_loader_is_awaited() {
+    let tid = LATE_THREAD.swap(0, std::sync::atomic::Ordering::SeqCst);
+    if tid != 0 {
+        set_priority(tid, 0);
+    }
 }
 
 /// Starts loading: `early` with `jobs` threads, `late` with one thread at the lowest priority,
@@ -193,6 +214,7 @@ pub fn start(platform: Arc<dyn Platform>, early: Vec<Pending>, late: Vec<Pending
         return;
     }
     let known = early.iter().chain(&late).map(|m| m.path.clone()).collect();
+    let late_names = late.iter().map(|m| name_of(&m.path)).collect();
     let (late, held) = hold_back(late);
     let queues = Arc::new((
         Mutex::new(Queues {
@@ -202,6 +224,7 @@ pub fn start(platform: Arc<dyn Platform>, early: Vec<Pending>, late: Vec<Pending
             released: false,
             done: HashSet::new(),
             known,
+            late_names,
         }),
         Condvar::new(),
     ));
@@ -267,7 +290,7 @@ fn worker(platform: &Arc<dyn Platform>, queues: &(Mutex<Queues>, Condvar), late:
         };
         let t = Instant::now();
         let outcome = platform
-            .load_module_file(&m.file, &PathBuf::from(&m.path), params(&m.path))
+            .load_module_file(&m.file, &PathBuf::from(&m.path), &params(&m.path))
             .map_err(|e| e.to_string());
         let loaded = Loaded {
             path: m.path.clone(),
@@ -310,17 +333,25 @@ async fn wait(names: &[&str], ask: bool) -> Result<(), String> {
         return Ok(());
     };
     let wanted: Vec<String> = names.iter().map(|n| n.replace('-', "_")).collect();
-    let held = QUEUES.get().is_some_and(|queues| {
+    let (held, late) = QUEUES.get().map_or((false, false), |queues| {
         let q = queues.0.lock().unwrap_or_else(|p| p.into_inner());
-        q.held.iter().any(|m| wanted.contains(&name_of(&m.path)))
+        (
+            q.held.iter().any(|m| wanted.contains(&name_of(&m.path))),
+            wanted.iter().any(|w| q.late_names.contains(w)),
+        )
     });
     if ask && held {
         release();
     }
     let mut rx = tx.subscribe();
+    let mut boosted = !late;
     loop {
         {
             let p = rx.borrow_and_update();
+            if !boosted && !p.finished && wanted.iter().any(|w| p.tried(w).is_none()) {
+                late_loader_is_awaited();
+                boosted = true;
+            }
             let mut all = true;
             for w in &wanted {
                 match p.tried(w) {
@@ -354,13 +385,45 @@ pub const FOR_WATCHDOG: &[&str] = &["i6300esb"];
 /// lockups inside reboot(2)) would stay hung for good; kept running, the watchdog resets it.
 const PARAMS: &[(&str, &str)] = &[("watchdog", "stop_on_reboot=0")];
 
+/// Where in the module tree the modules that drive no device are (file systems, crypto,
+/// libraries, device-mapper, protocols), under `kernel/`.
+const DEVICELESS_DIRS: &[&str] = &[
+    "arch/x86/crypto/",
+    "crypto/",
+    "lib/",
+    "fs/",
+    "block/",
+    "net/",
+    "drivers/md/",
+];
+/// Modules elsewhere that drive no device either.
+const DEVICELESS: &[&str] = &["watchdog"];
+
+/// Whether the module at `path` drives no device.
+fn drives_no_device(path: &str) -> bool {
+    let rel = path.split_once("kernel/").map_or(path, |(_, r)| r);
+    DEVICELESS_DIRS.iter().any(|d| rel.starts_with(d)) || DEVICELESS.contains(&&*name_of(path))
+}
+
 /// The parameters for the module at `path` (`.../watchdog.ko`, maybe compressed).
-fn params(path: &str) -> &'static str {
+///
+/// A module that drives no device also gets `async_probe`: the kernel then skips the wait
+/// that ends every other module's load, for all asynchronous work in the system to finish. The
+/// NVMe driver probes its controller asynchronously, so under TCG every module that finished
+/// while it did (the file systems, the watchdog core) held its loader thread until the probe
+/// was done, up to half a second: all the loader's threads at once, ext4 not even started. A
+/// device driver keeps the wait: once its load returns, its devices are there.
+fn params(path: &str) -> String {
     let name = name_of(path);
-    PARAMS
+    let mut params: Vec<&str> = PARAMS
         .iter()
-        .find(|(m, _)| *m == name)
-        .map_or("", |(_, p)| p)
+        .filter(|(m, _)| *m == name)
+        .map(|(_, p)| *p)
+        .collect();
+    if drives_no_device(path) {
+        params.push("async_probe=1");
+    }
+    params.join(" ")
 }
 /// What mapping and mounting the root needs.
 pub const FOR_ROOT: &[&str] = &["dm_verity", "sha256_ssse3", "squashfs"];
@@ -382,9 +445,42 @@ mod tests {
     #[test]
     fn the_watchdog_core_loads_to_keep_running_through_a_reboot() {
         let dir = "/lib/modules/6.1.0-57-amd64/kernel/drivers/watchdog";
-        assert_eq!(params(&format!("{dir}/watchdog.ko")), "stop_on_reboot=0");
-        assert_eq!(params(&format!("{dir}/watchdog.ko.xz")), "stop_on_reboot=0");
+        assert_eq!(
+            params(&format!("{dir}/watchdog.ko")),
+            "stop_on_reboot=0 async_probe=1"
+        );
+        assert_eq!(
+            params(&format!("{dir}/watchdog.ko.xz")),
+            "stop_on_reboot=0 async_probe=1"
+        );
         assert_eq!(params(&format!("{dir}/i6300esb.ko")), "");
+    }
+
+    #[test]
+    fn only_modules_without_devices_skip_the_wait_for_device_probes() {
+        for lib in [
+            "kernel/fs/ext4/ext4.ko",
+            "kernel/fs/jbd2/jbd2.ko",
+            "kernel/drivers/md/dm-verity.ko",
+            "kernel/lib/crc16.ko",
+            "kernel/crypto/xts.ko",
+            "kernel/arch/x86/crypto/sha256-ssse3.ko",
+            "kernel/block/t10-pi.ko",
+            "kernel/net/core/failover.ko",
+        ] {
+            assert_eq!(params(lib), "async_probe=1", "{lib}");
+        }
+        for driver in [
+            "kernel/drivers/nvme/host/nvme.ko",
+            "kernel/drivers/nvme/host/nvme-core.ko",
+            "kernel/drivers/virtio/virtio_pci.ko",
+            "kernel/drivers/block/virtio_blk.ko",
+            "kernel/drivers/char/hw_random/virtio-rng.ko",
+            "kernel/drivers/net/virtio_net.ko",
+            "kernel/drivers/watchdog/i6300esb.ko",
+        ] {
+            assert_eq!(params(driver), "", "{driver}");
+        }
     }
 
     use super::*;
@@ -412,6 +508,7 @@ mod tests {
             released: false,
             done: HashSet::new(),
             known: ["a", "b", "c"].iter().map(|s| s.to_string()).collect(),
+            late_names: HashSet::new(),
         };
         assert!(
             q.take(true).is_none(),
@@ -453,6 +550,7 @@ mod tests {
             released: false,
             done: HashSet::new(),
             known,
+            late_names: HashSet::new(),
         };
         let mut taken = Vec::new();
         while let Some(m) = q.take(true) {
