@@ -18,6 +18,8 @@ pub const STUB_PCR_PUBLIC_KEY: &str = "/.extra/tpm2-pcr-public-key.pem";
 
 /// How long to wait for the boot disk to appear (NVMe probing runs after the driver loads).
 const DISK_WAIT: Duration = Duration::from_secs(30);
+/// How often to look for it meanwhile.
+const DISK_POLL: Duration = Duration::from_millis(10);
 
 /// The initramfs's shared state.
 pub struct InitramfsState {
@@ -390,7 +392,9 @@ pub async fn find_boot_disk(ctx: Initramfs) -> Result<(), sequencer::TaskError> 
             }
             .into());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The namespace scan ends after the driver's load returns; looking again often costs
+        // a directory listing, and the boot waits for nothing else here.
+        tokio::time::sleep(DISK_POLL).await;
     }
 }
 
