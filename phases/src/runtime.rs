@@ -126,6 +126,9 @@ pub struct Runtime {
     pub config_applied: tokio::sync::Notify,
     /// Where this node's etcd stands (a bootstrap and a join decide under it).
     pub etcd: tokio::sync::Mutex<crate::etcd::EtcdState>,
+    /// Set once the boot's network configuration has ended (well or not): the API is
+    /// announced as ready only then, since before it no peer can reach the listener.
+    pub network_settled: tokio::sync::watch::Sender<bool>,
     pending_try: Mutex<Option<tokio_util::sync::CancellationToken>>,
     found: Mutex<Found>,
     config_write: Mutex<()>,
@@ -157,6 +160,7 @@ impl Runtime {
             sessions: crate::sessions::Sessions::default(),
             config_applied: tokio::sync::Notify::new(),
             etcd: tokio::sync::Mutex::new(crate::etcd::EtcdState::Off),
+            network_settled: tokio::sync::watch::Sender::new(false),
             pending_try: Mutex::new(None),
             platform,
             controller: Controller::new(bus.clone()),

@@ -172,7 +172,7 @@ impl Timeline {
             let _ = writeln!(out, "    {:<32} {:>7}   {dur}{err}", p.phase, ms(p.start));
         }
         if let Some(at) = self.first(|k| matches!(k, EventKind::ApiReady { .. })) {
-            let _ = writeln!(out, "  {:<34} {:>7}", "API listening", ms(at));
+            let _ = writeln!(out, "  {:<34} {:>7}", "API ready", ms(at));
         }
         if let Some(at) = self.api_ready {
             let _ = writeln!(out, "  {:<34} {:>7}", "API answered Version (host)", ms(at));

@@ -115,7 +115,8 @@ pub enum EventKind {
         /// Why it was refused.
         reason: String,
     },
-    /// The API is accepting connections.
+    /// The API is accepting connections and reachable: at boot, once the node's addresses are
+    /// configured.
     ApiReady {
         /// Address it listens on.
         endpoint: String,

@@ -115,10 +115,10 @@ impl NodeBoot {
             at = end;
         }
         if api > at {
-            segments.push(("(to API listening)".into(), api - at));
+            segments.push(("(to API ready)".into(), api - at));
         }
         segments.push((
-            "API listening → Version answered".into(),
+            "API ready → Version answered".into(),
             answered_host.saturating_sub(api),
         ));
         Some(NodeBoot {

@@ -117,8 +117,14 @@ impl ApiStarter {
 #[async_trait]
 impl ApiLauncher for ApiStarter {
     async fn start(&self, runtime: Arc<Runtime>, config: &NodeConfig) -> Result<String, TaskError> {
-        let a = &config.machine.api;
-        let tls = api::tls::server_config(&a.ca, &a.cert, &a.key)?;
+        let a = config.machine.api.clone();
+        // Parsing the certificates and checking the key pair is tens of milliseconds of CPU
+        // under TCG: off the async threads, so the tasks beside this one (the network's
+        // configuration, polled by the same phase) go on meanwhile.
+        let tls =
+            tokio::task::spawn_blocking(move || api::tls::server_config(&a.ca, &a.cert, &a.key))
+                .await
+                .map_err(|e| format!("building the API's TLS config: {e}"))??;
         let addr = self
             .bind
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], a.port)));
