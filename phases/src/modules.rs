@@ -344,14 +344,16 @@ async fn wait(names: &[&str], ask: bool) -> Result<(), String> {
         release();
     }
     let mut rx = tx.subscribe();
-    let mut boosted = !late;
+    // A module, once tried, stays tried, and the boost lasts: one look is enough.
+    if late {
+        let p = rx.borrow();
+        if !p.finished && wanted.iter().any(|w| p.tried(w).is_none()) {
+            late_loader_is_awaited();
+        }
+    }
     loop {
         {
             let p = rx.borrow_and_update();
-            if !boosted && !p.finished && wanted.iter().any(|w| p.tried(w).is_none()) {
-                late_loader_is_awaited();
-                boosted = true;
-            }
             let mut all = true;
             for w in &wanted {
                 match p.tried(w) {
