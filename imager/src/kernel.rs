@@ -7,30 +7,30 @@ use std::process::Command;
 use crate::tools::run;
 use crate::ImageError;
 
-/// Modules loaded before every other one, by name.
+/// What must be in before a module, beyond `modules.dep`'s symbol dependencies, by name or
+/// alias, where `modules.softdep` does not say it (modprobe reads both the same way).
 ///
-/// ext4, crc-t10dif and t10-pi ask the crypto API for crc32c / crct10dif / crc64-rocksoft,
-/// which would make the kernel call modprobe; the node has none, so the generic
-/// implementations go in first.
-///
-/// The CPU's SHA-256 (`sha256_ssse3`: SHA-NI, AVX2 or SSSE3) goes in first too: the kernel
-/// checks every module's signature with SHA-256 over the whole file, and every later module
-/// (5 MiB of them, ext4 alone 2 MiB) is then hashed with it instead of the generic C code.
-pub const EARLY_MODULES: &[&str] = &[
-    "sha256_ssse3",
-    "crc32c_generic",
-    "crct10dif_generic",
-    "crc64_rocksoft_generic",
+/// A module that asks the crypto API for an algorithm when it loads would otherwise make the
+/// kernel call modprobe for it (the node has none, and autoloading is off: [`order_from_dep`]'s
+/// callers load it first instead). `crc64_rocksoft` asks for `crc64-rocksoft` as `crc_t10dif`
+/// asks for `crct10dif`, whose softdep the kernel declares and this one's it does not. dm-verity
+/// takes the fastest SHA-256 there is when its table loads: the CPU's, not the generic C code.
+pub const EXTRA_SOFTDEPS: &[(&str, &str)] = &[
+    ("crc64_rocksoft", "crypto-crc64-rocksoft"),
+    ("dm_verity", "crypto-sha256"),
 ];
 
-/// Modules the initramfs loads (after the early ones), by name: what it needs to find the boot
+/// Modules the initramfs loads, by name: first the CPU's SHA-256 (the kernel checks every
+/// module's signature with SHA-256 over the whole file: 5 MiB of them, ext4 alone 2 MiB, hashed
+/// with the CPU's instructions once it is in); then what it needs to find the boot
 /// disk (NVMe, or virtio for installer media), map and mount the root, read the EFI variables
 /// and arm the watchdog, and the entropy source TLS needs; and ext4, which the node needs
 /// first of all once the initramfs is done (STATE holds its config), and which is the largest
 /// module: loaded beside the initramfs's own work it is in by then (in the background after
 /// it, the node waited about 0.2 s more for it under TCG: BENCHMARKS.md). Their dependencies are added from
-/// `modules.dep`; they load in parallel, each once its dependencies (and the early ones) are in.
+/// `modules.dep` and `modules.softdep`; they load in parallel, each once what it follows is in.
 pub const INITRAMFS_MODULES: &[&str] = &[
+    "sha256_ssse3",
     // First what finding the boot disk waits for, then the root's, the volumes', the
     // watchdog, entropy.
     "efivarfs",
@@ -167,13 +167,77 @@ fn module_name(path: &str) -> String {
     stem.replace('-', "_")
 }
 
-/// The modules for `early` then `wanted` from a `modules.dep` text, in a load order (each after
-/// its dependencies, which are listed in the reverse of the order `modules.dep` gives, as
-/// modprobe loads them), each naming what must be loaded before it: its dependencies, and
-/// every early module.
+/// What must be in before each module beyond its symbol dependencies (`pre:` in
+/// `modules.softdep`, and [`EXTRA_SOFTDEPS`]), resolved to module names as modprobe resolves
+/// them: a module's own name, else the modules `modules.alias` gives for it. Of several (the CPU's
+/// implementation of an algorithm and the generic one), the generic one, which loads on any CPU.
+/// One that resolves to no module is built into the kernel, and needs no loading.
+pub fn softdeps(
+    softdep_text: &str,
+    alias_text: &str,
+    modules_dep: &str,
+    extra: &[(&str, &str)],
+) -> HashMap<String, Vec<String>> {
+    let modules: std::collections::HashSet<String> = modules_dep
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(p, _)| module_name(p)))
+        .collect();
+    let mut aliases: HashMap<&str, Vec<String>> = HashMap::new();
+    for line in alias_text.lines() {
+        if let ["alias", alias, module] = line.split_whitespace().collect::<Vec<_>>()[..] {
+            aliases
+                .entry(alias)
+                .or_default()
+                .push(module.replace('-', "_"));
+        }
+    }
+    let resolve = |name: &str| -> Option<String> {
+        let own = name.replace('-', "_");
+        if modules.contains(&own) {
+            return Some(own);
+        }
+        let found = aliases.get(name)?;
+        found
+            .iter()
+            .find(|m| m.ends_with("_generic"))
+            .or(found.first())
+            .cloned()
+    };
+    let mut pre: Vec<(String, &str)> = Vec::new();
+    for line in softdep_text.lines() {
+        let mut words = line.split_whitespace();
+        let (Some("softdep"), Some(module)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let mut in_pre = false;
+        for w in words {
+            match w {
+                "pre:" => in_pre = true,
+                "post:" => in_pre = false,
+                _ if in_pre => pre.push((module.replace('-', "_"), w)),
+                _ => {}
+            }
+        }
+    }
+    pre.extend(extra.iter().map(|(m, p)| (m.replace('-', "_"), *p)));
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for (module, wanted) in pre {
+        if let Some(r) = resolve(wanted) {
+            let list = out.entry(module).or_default();
+            if !list.contains(&r) {
+                list.push(r);
+            }
+        }
+    }
+    out
+}
+
+/// The modules for `wanted` from a `modules.dep` text, in a load order: each after what it
+/// needs, its symbol dependencies (listed in the reverse of the order `modules.dep` gives, as
+/// modprobe loads them) and its softdeps (`soft`, from [`softdeps`]), each naming those.
 pub fn order_from_dep(
     modules_dep: &str,
-    early: &[&str],
+    soft: &HashMap<String, Vec<String>>,
     wanted: &[&str],
 ) -> Result<Vec<Module>, ImageError> {
     let mut deps: HashMap<String, (String, Vec<String>)> = HashMap::new();
@@ -185,66 +249,87 @@ pub fn order_from_dep(
         deps.insert(module_name(path), (path.to_string(), list));
     }
     let mut order: Vec<Module> = Vec::new();
-    let mut early_paths: Vec<String> = Vec::new();
-    for (i, name) in early.iter().chain(wanted).enumerate() {
-        let key = name.replace('-', "_");
-        let (path, needs) = deps.get(&key).ok_or_else(|| {
-            ImageError::Invalid(format!(
+    let mut visiting: Vec<String> = Vec::new();
+    for name in wanted {
+        let Some((path, _)) = deps.get(&name.replace('-', "_")) else {
+            return Err(ImageError::Invalid(format!(
                 "kernel module {name} is not in modules.dep (is it built in, or misspelled?)"
-            ))
-        })?;
-        for dep in needs.iter().rev().chain(std::iter::once(path)) {
-            if order.iter().any(|m| &m.path == dep) {
-                continue;
-            }
-            let own = deps
-                .get(&module_name(dep))
-                .map(|(_, n)| n.clone())
-                .unwrap_or_default();
-            let mut after: Vec<String> = if i < early.len() {
-                Vec::new()
-            } else {
-                early_paths.clone()
-            };
-            for d in own {
-                if !after.contains(&d) {
-                    after.push(d);
-                }
-            }
-            order.push(Module {
-                path: dep.clone(),
-                after,
-            });
-        }
-        if i < early.len() {
-            early_paths = order.iter().map(|m| m.path.clone()).collect();
-        }
+            )));
+        };
+        visit(path, &deps, soft, &mut order, &mut visiting);
     }
     Ok(order)
+}
+
+/// Puts the module at `path` in `order` after what it needs (a softdep cycle is cut where it
+/// closes).
+fn visit(
+    path: &str,
+    deps: &HashMap<String, (String, Vec<String>)>,
+    soft: &HashMap<String, Vec<String>>,
+    order: &mut Vec<Module>,
+    visiting: &mut Vec<String>,
+) {
+    if order.iter().any(|m| m.path == path) || visiting.iter().any(|v| v == path) {
+        return;
+    }
+    let name = module_name(path);
+    let needs = deps.get(&name).map(|(_, n)| n.clone()).unwrap_or_default();
+    let pre: Vec<String> = soft
+        .get(&name)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| deps.get(p).map(|(path, _)| path.clone()))
+        .filter(|p| p != path)
+        .collect();
+    visiting.push(path.to_string());
+    for dep in pre.iter().chain(needs.iter().rev()) {
+        visit(dep, deps, soft, order, visiting);
+    }
+    visiting.pop();
+    let mut after = needs;
+    for p in pre {
+        if !after.contains(&p) {
+            after.push(p);
+        }
+    }
+    order.push(Module {
+        path: path.to_string(),
+        after,
+    });
 }
 
 /// The node's modules for this kernel: those the initramfs loads, and those that load in the
 /// background after it.
 pub fn module_order(kernel: &Kernel) -> Result<(Vec<Module>, Vec<Module>), ImageError> {
-    let p = kernel.modules_dir().join("modules.dep");
-    let text = std::fs::read_to_string(&p).map_err(ImageError::io("reading", &p))?;
-    split_late(&text, EARLY_MODULES, INITRAMFS_MODULES, LATE_MODULES)
+    let read = |file: &str| {
+        let p = kernel.modules_dir().join(file);
+        std::fs::read_to_string(&p).map_err(ImageError::io("reading", &p))
+    };
+    let dep = read("modules.dep")?;
+    let soft = softdeps(
+        &read("modules.softdep")?,
+        &read("modules.alias")?,
+        &dep,
+        EXTRA_SOFTDEPS,
+    );
+    split_late(&dep, &soft, INITRAMFS_MODULES, LATE_MODULES)
 }
 
-/// All of `early`, `initramfs` and `late` in load order, split into what the initramfs loads
-/// (the first two and their dependencies) and the rest.
+/// All of `initramfs` and `late` in load order, split into what the initramfs loads (the
+/// first and what they need) and the rest.
 pub fn split_late(
     modules_dep: &str,
-    early: &[&str],
+    soft: &HashMap<String, Vec<String>>,
     initramfs: &[&str],
     late: &[&str],
 ) -> Result<(Vec<Module>, Vec<Module>), ImageError> {
-    let first: Vec<String> = order_from_dep(modules_dep, early, initramfs)?
+    let first: Vec<String> = order_from_dep(modules_dep, soft, initramfs)?
         .into_iter()
         .map(|m| m.path)
         .collect();
     let all: Vec<&str> = initramfs.iter().chain(late).copied().collect();
-    Ok(order_from_dep(modules_dep, early, &all)?
+    Ok(order_from_dep(modules_dep, soft, &all)?
         .into_iter()
         .partition(|m| first.contains(&m.path)))
 }
@@ -267,7 +352,8 @@ kernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko
 
     #[test]
     fn dependencies_load_first_in_reverse_listed_order_and_once() {
-        let order = order_from_dep(DEP, &[], &["virtio_pci", "virtio_net"]).expect("order");
+        let order =
+            order_from_dep(DEP, &HashMap::new(), &["virtio_pci", "virtio_net"]).expect("order");
         assert_eq!(
             paths(&order),
             [
@@ -285,36 +371,66 @@ kernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko
         assert_eq!(virtio.after, ["kernel/drivers/virtio/virtio_ring.ko"]);
     }
 
+    const SOFTDEP: &str = "\
+# Soft dependencies extracted from modules themselves.
+softdep virtio_pci pre: crypto-crc64-rocksoft
+softdep virtio pre: builtin-only post: virtio_net
+";
+    const ALIAS: &str = "\
+alias pci:v00001AF4d*sv*sd*bc*sc*i* virtio_pci
+alias crypto-crc64-rocksoft crc64_rocksoft_fast
+alias crypto-crc64-rocksoft crc64-rocksoft
+";
+
     #[test]
-    fn every_module_waits_for_the_early_ones() {
-        let order = order_from_dep(DEP, &["crc64-rocksoft"], &["virtio"]).expect("order");
+    fn softdeps_resolve_through_aliases_to_the_generic_module_and_skip_what_is_built_in() {
+        let dep = format!("{DEP}kernel/crypto/crc64_rocksoft_fast.ko:\n");
+        let soft = softdeps(SOFTDEP, ALIAS, &dep, &[("virtio-net", "virtio-ring")]);
+        // Of two modules for one alias, neither generic, the first; no `post:`; a name that
+        // is neither a module nor an alias is built in.
+        assert_eq!(soft["virtio_pci"], ["crc64_rocksoft_fast"]);
+        assert!(!soft.contains_key("virtio"), "{soft:?}");
+        assert_eq!(soft["virtio_net"], ["virtio_ring"]);
+        let generic = ALIAS.replace("crc64_rocksoft_fast", "crc64_rocksoft_generic");
+        let dep = format!("{DEP}kernel/crypto/crc64_rocksoft_generic.ko:\n");
+        let soft = softdeps(SOFTDEP, &generic, &dep, &[]);
+        assert_eq!(soft["virtio_pci"], ["crc64_rocksoft_generic"]);
+    }
+
+    #[test]
+    fn a_softdep_loads_before_its_module_and_nothing_else_waits_for_it() {
+        let soft = HashMap::from([("virtio_pci".to_string(), vec!["crc64_rocksoft".to_string()])]);
+        let order = order_from_dep(DEP, &soft, &["virtio_net", "virtio_pci"]).expect("order");
+        let at = |p: &str| order.iter().position(|m| m.path == p).expect(p);
+        assert!(at("kernel/lib/crc64-rocksoft.ko") < at("kernel/drivers/virtio/virtio_pci.ko"));
+        assert!(at("kernel/lib/crc64.ko") < at("kernel/lib/crc64-rocksoft.ko"));
+        let pci = &order[at("kernel/drivers/virtio/virtio_pci.ko")];
+        assert!(pci
+            .after
+            .contains(&"kernel/lib/crc64-rocksoft.ko".to_string()));
+        // virtio_net (and virtio, which both need) does not wait for what virtio_pci follows.
+        let net = &order[at("kernel/drivers/net/virtio_net.ko")];
+        assert!(!net.after.iter().any(|a| a.contains("crc64")), "{net:?}");
         assert_eq!(
-            paths(&order),
-            [
-                "kernel/lib/crc64.ko",
-                "kernel/lib/crc64-rocksoft.ko",
-                "kernel/drivers/virtio/virtio_ring.ko",
-                "kernel/drivers/virtio/virtio.ko",
-            ]
-        );
-        assert_eq!(order[1].after, ["kernel/lib/crc64.ko"]);
-        assert_eq!(
-            order[3].after,
-            [
-                "kernel/lib/crc64.ko",
-                "kernel/lib/crc64-rocksoft.ko",
-                "kernel/drivers/virtio/virtio_ring.ko"
-            ]
-        );
-        assert_eq!(
-            order_text(&order[..2]),
-            "kernel/lib/crc64.ko\nkernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko\n"
+            order_text(&order[..1]),
+            "kernel/drivers/virtio/virtio_ring.ko\n"
         );
     }
 
     #[test]
+    fn a_softdep_cycle_is_cut() {
+        let soft = HashMap::from([
+            ("virtio".to_string(), vec!["crc64_rocksoft".to_string()]),
+            ("crc64_rocksoft".to_string(), vec!["virtio".to_string()]),
+        ]);
+        let order = order_from_dep(DEP, &soft, &["virtio"]).expect("order");
+        assert_eq!(order.len(), 4, "{order:?}");
+    }
+
+    #[test]
     fn late_modules_are_those_the_initramfs_does_not_need() {
-        let (first, late) = split_late(DEP, &[], &["virtio_pci"], &["virtio_net"]).expect("split");
+        let (first, late) =
+            split_late(DEP, &HashMap::new(), &["virtio_pci"], &["virtio_net"]).expect("split");
         assert_eq!(
             paths(&first),
             [
@@ -338,7 +454,7 @@ kernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko
 
     #[test]
     fn module_names_match_with_dashes_or_underscores() {
-        let order = order_from_dep(DEP, &[], &["crc64-rocksoft"]).expect("order");
+        let order = order_from_dep(DEP, &HashMap::new(), &["crc64-rocksoft"]).expect("order");
         assert_eq!(
             order.last().map(|m| m.path.as_str()),
             Some("kernel/lib/crc64-rocksoft.ko")
@@ -347,7 +463,7 @@ kernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko
 
     #[test]
     fn an_unknown_module_is_named_in_the_error() {
-        let err = order_from_dep(DEP, &[], &["nvme"]).expect_err("unknown");
+        let err = order_from_dep(DEP, &HashMap::new(), &["nvme"]).expect_err("unknown");
         assert!(err.to_string().contains("nvme"), "{err}");
     }
 }

@@ -18,19 +18,30 @@ fn workspace() -> PathBuf {
 }
 
 /// Debian's containerd unpacked (downloaded once with `apt-get download`). The tests of this
-/// binary run side by side: one of them unpacks, the others wait for it.
+/// binary run side by side, as threads of one process (`cargo test`) or as processes of their
+/// own (nextest): one of them unpacks, the others wait for it (a lock in the process, and a
+/// file lock across processes; on a fresh machine two unpacking into one staging directory
+/// removed each other's files).
 fn containerd_package() -> PathBuf {
     static PACKAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     PACKAGE.get_or_init(unpack_containerd_package).clone()
 }
 
-fn unpack_containerd_package() -> PathBuf {
+/// The package cache, locked for this process until the file returned is dropped.
+fn locked_cache() -> (PathBuf, std::fs::File) {
     let cache = workspace().join("target/tmp/containerd-package");
+    std::fs::create_dir_all(&cache).expect("mkdir");
+    let lock = std::fs::File::create(cache.join(".lock")).expect("lock file");
+    lock.lock().expect("lock");
+    (cache, lock)
+}
+
+fn unpack_containerd_package() -> PathBuf {
+    let (cache, _lock) = locked_cache();
     let unpacked = cache.join("root");
     if unpacked.join("usr/bin/containerd").is_file() {
         return unpacked;
     }
-    std::fs::create_dir_all(&cache).expect("mkdir");
     for package in ["containerd", "runc", "libseccomp2"] {
         let have = std::fs::read_dir(&cache).expect("read").flatten().any(|e| {
             e.file_name()
@@ -293,7 +304,7 @@ async fn an_archive_is_imported_unpacked_and_named_and_a_corrupt_one_changes_not
 
 /// Debian's busybox-static as an image: `/bin/busybox` and a few applets.
 fn busybox_archive(dir: &Path) -> PathBuf {
-    let cache = workspace().join("target/tmp/containerd-package");
+    let (cache, lock) = locked_cache();
     let have = std::fs::read_dir(&cache)
         .expect("read")
         .flatten()
@@ -311,9 +322,11 @@ fn busybox_archive(dir: &Path) -> PathBuf {
                 .status()
                 .expect("apt-get");
             assert!(ok.success());
+            drop(lock);
             return busybox_archive(dir);
         }
     };
+    drop(lock);
     let unpacked = dir.join("busybox.unpack");
     let ok = Command::new("dpkg-deb")
         .arg("-x")

@@ -16,6 +16,9 @@ pub const STUB_PCR_SIGNATURE: &str = "/.extra/tpm2-pcr-signature.json";
 /// Where systemd-stub leaves the UKI's `.pcrpkey` in the initramfs.
 pub const STUB_PCR_PUBLIC_KEY: &str = "/.extra/tpm2-pcr-public-key.pem";
 
+/// The program the kernel runs to load a module it asks for; empty, it asks for none.
+const MODPROBE_SYSCTL: &str = "/proc/sys/kernel/modprobe";
+
 /// How long to wait for the boot disk to appear (NVMe probing runs after the driver loads).
 const DISK_WAIT: Duration = Duration::from_secs(30);
 /// How often to look for it meanwhile.
@@ -209,12 +212,20 @@ fn parse_module_line(line: &str) -> Option<(String, Vec<String>)> {
 /// SquashFS's), so they load while the boot disk is found; the modules the node needs later
 /// (`plinth.late`) load in the background at the lowest priority ([`crate::modules`]). A
 /// module goes in once the modules listed before it on its line are in (the image builder
-/// lists its dependencies and the early crypto modules there).
+/// lists its dependencies and softdeps there).
 pub async fn load_modules(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .map_err(|e| format!("reading the kernel release: {e}"))?;
     let base = Path::new("/lib/modules").join(&release);
+    // The node has no modprobe: every module it loads, this loader loads, each after what it
+    // needs. Module autoloading off, a kernel that asks for a module (a crypto algorithm, a
+    // file system, a protocol) is told at once that there is none, instead of starting a
+    // helper process that fails to exec; nothing can be loaded behind the loader's back either.
+    if ctx.platform.name() == "linux" {
+        std::fs::write(MODPROBE_SYSCTL, b"\n")
+            .map_err(|e| format!("turning module autoloading off ({MODPROBE_SYSCTL}): {e}"))?;
+    }
     // The files are opened now: the late ones load after switch_root has removed them.
     let open = |list: &str| -> Result<Vec<crate::modules::Pending>, sequencer::TaskError> {
         let Ok(text) = ctx.platform.read(Path::new(list)) else {
@@ -327,6 +338,13 @@ fn mount_efivarfs(ctx: &Initramfs) -> Result<(), sequencer::TaskError> {
 
 /// Finds the system disk (the one whose ESP the firmware booted from) and the slot's root on it.
 pub async fn find_boot_disk(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
+    // Blocking work only (EFI variables through the firmware, partition tables, META): on a
+    // thread of its own, so that the phase's other task (the watchdog) runs beside it instead
+    // of after it on the initramfs's one async thread.
+    tokio::task::spawn_blocking(move || look_for_boot_disk(&ctx)).await?
+}
+
+fn look_for_boot_disk(ctx: &Initramfs) -> Result<(), sequencer::TaskError> {
     let cmdline = ctx.platform.cmdline()?;
     let slot = Slot::from_cmdline(&cmdline).ok_or(InitramfsError::NoSlot { cmdline })?;
     let esp = ctx
@@ -394,7 +412,7 @@ pub async fn find_boot_disk(ctx: Initramfs) -> Result<(), sequencer::TaskError> 
         }
         // The namespace scan ends after the driver's load returns; looking again often costs
         // a directory listing, and the boot waits for nothing else here.
-        tokio::time::sleep(DISK_POLL).await;
+        std::thread::sleep(DISK_POLL);
     }
 }
 
