@@ -14,7 +14,8 @@ use crate::ImageError;
 /// kernel call modprobe for it (the node has none, and autoloading is off: [`order_from_dep`]'s
 /// callers load it first instead). `crc64_rocksoft` asks for `crc64-rocksoft` as `crc_t10dif`
 /// asks for `crct10dif`, whose softdep the kernel declares and this one's it does not. dm-verity
-/// takes the fastest SHA-256 there is when its table loads: the CPU's, not the generic C code.
+/// takes the fastest SHA-256 there is when its table loads: the CPU's (the generic C code is
+/// built into Debian's kernel, so `crypto-sha256` names only `sha256_ssse3`).
 pub const EXTRA_SOFTDEPS: &[(&str, &str)] = &[
     ("crc64_rocksoft", "crypto-crc64-rocksoft"),
     ("dm_verity", "crypto-sha256"),
@@ -168,9 +169,10 @@ fn module_name(path: &str) -> String {
 }
 
 /// What must be in before each module beyond its symbol dependencies (`pre:` in
-/// `modules.softdep`, and [`EXTRA_SOFTDEPS`]), resolved to module names as modprobe resolves
-/// them: a module's own name, else the modules `modules.alias` gives for it. Of several (the CPU's
-/// implementation of an algorithm and the generic one), the generic one, which loads on any CPU.
+/// `modules.softdep`, and [`EXTRA_SOFTDEPS`]), resolved to module names much as modprobe
+/// resolves them: a module's own name, else the modules `modules.alias` gives for it. Of several
+/// (the CPU's implementation of an algorithm and the generic one) modprobe loads all; this takes
+/// the generic one, which loads on any CPU, and only it.
 /// One that resolves to no module is built into the kernel, and needs no loading.
 pub fn softdeps(
     softdep_text: &str,
@@ -262,7 +264,7 @@ pub fn order_from_dep(
 }
 
 /// Puts the module at `path` in `order` after what it needs (a softdep cycle is cut where it
-/// closes).
+/// closes: the module that closes it does not wait for the other).
 fn visit(
     path: &str,
     deps: &HashMap<String, (String, Vec<String>)>,
@@ -293,6 +295,8 @@ fn visit(
             after.push(p);
         }
     }
+    // What a cycle cut is not in the order yet: waiting for it would wait for ever.
+    after.retain(|a| order.iter().any(|m| &m.path == a));
     order.push(Module {
         path: path.to_string(),
         after,
@@ -425,6 +429,16 @@ alias crypto-crc64-rocksoft crc64-rocksoft
         ]);
         let order = order_from_dep(DEP, &soft, &["virtio"]).expect("order");
         assert_eq!(order.len(), 4, "{order:?}");
+        // No two modules wait for each other, and each waits only for what is before it.
+        for (i, m) in order.iter().enumerate() {
+            for a in &m.after {
+                assert!(
+                    order[..i].iter().any(|b| &b.path == a),
+                    "{} waits for {a}, not before it: {order:?}",
+                    m.path
+                );
+            }
+        }
     }
 
     #[test]

@@ -223,8 +223,10 @@ pub async fn load_modules(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     // file system, a protocol) is told at once that there is none, instead of starting a
     // helper process that fails to exec; nothing can be loaded behind the loader's back either.
     if ctx.platform.name() == "linux" {
-        std::fs::write(MODPROBE_SYSCTL, b"\n")
-            .map_err(|e| format!("turning module autoloading off ({MODPROBE_SYSCTL}): {e}"))?;
+        if let Err(e) = std::fs::write(MODPROBE_SYSCTL, b"\n") {
+            // Only the failed helpers come back: the boot goes on.
+            tracing::warn!("module autoloading stays on ({MODPROBE_SYSCTL}: {e})");
+        }
     }
     // The files are opened now: the late ones load after switch_root has removed them.
     let open = |list: &str| -> Result<Vec<crate::modules::Pending>, sequencer::TaskError> {
@@ -341,7 +343,8 @@ pub async fn find_boot_disk(ctx: Initramfs) -> Result<(), sequencer::TaskError> 
     // Blocking work only (EFI variables through the firmware, partition tables, META): on a
     // thread of its own, so that the phase's other task (the watchdog) runs beside it instead
     // of after it on the initramfs's one async thread.
-    tokio::task::spawn_blocking(move || look_for_boot_disk(&ctx)).await?
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(|| look_for_boot_disk(&ctx))).await?
 }
 
 fn look_for_boot_disk(ctx: &Initramfs) -> Result<(), sequencer::TaskError> {
