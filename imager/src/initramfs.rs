@@ -187,6 +187,7 @@ mod tests {
         let out = dir.path().join("initrd.cpio");
         let modules = [crate::kernel::Module {
             path: "kernel/fs/a.ko".into(),
+            params: vec![],
             after: vec![],
         }];
         write(&out, &machined, None, &kernel, &modules, &[]).expect("write");

@@ -1,6 +1,6 @@
 //! The Debian kernel: download (cached), unpack, and the modules a node needs in load order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -11,27 +11,25 @@ use crate::ImageError;
 /// alias, where `modules.softdep` does not say it (modprobe reads both the same way).
 ///
 /// A module that asks the crypto API for an algorithm when it loads would otherwise make the
-/// kernel call modprobe for it (the node has none, and autoloading is off: [`order_from_dep`]'s
-/// callers load it first instead). `crc64_rocksoft` asks for `crc64-rocksoft` as `crc_t10dif`
-/// asks for `crct10dif`, whose softdep the kernel declares and this one's it does not. dm-verity
-/// takes the fastest SHA-256 there is when its table loads: the CPU's (the generic C code is
-/// built into Debian's kernel, so `crypto-sha256` names only `sha256_ssse3`).
-pub const EXTRA_SOFTDEPS: &[(&str, &str)] = &[
-    ("crc64_rocksoft", "crypto-crc64-rocksoft"),
-    ("dm_verity", "crypto-sha256"),
-];
+/// kernel call modprobe for it (the node has none, and autoloading is off:
+/// [`ModuleIndex::order`] loads it first instead). `crc64_rocksoft` asks for `crc64-rocksoft`
+/// as `crc_t10dif` asks for `crct10dif`, whose softdep the kernel declares and this one's it
+/// does not.
+pub const EXTRA_SOFTDEPS: &[(&str, &str)] = &[("crc64_rocksoft", "crypto-crc64-rocksoft")];
 
-/// Modules the initramfs loads, by name: first the CPU's SHA-256 (the kernel checks every
-/// module's signature with SHA-256 over the whole file: 5 MiB of them, ext4 alone 2 MiB, hashed
-/// with the CPU's instructions once it is in); then what it needs to find the boot
-/// disk (NVMe, or virtio for installer media), map and mount the root, read the EFI variables
-/// and arm the watchdog, and the entropy source TLS needs; and ext4, which the node needs
-/// first of all once the initramfs is done (STATE holds its config), and which is the largest
-/// module: loaded beside the initramfs's own work it is in by then (in the background after
-/// it, the node waited about 0.2 s more for it under TCG: BENCHMARKS.md). Their dependencies are added from
+/// Modules the initramfs loads, by name: what it needs to find the boot disk (NVMe, or virtio
+/// for installer media), map and mount the root, read the EFI variables and arm the watchdog,
+/// and the entropy source TLS needs; and ext4, which the node needs first of all once the
+/// initramfs is done (STATE holds its config), and which is the largest module: loaded beside
+/// the initramfs's own work it is in by then (in the background after it, the node waited
+/// about 0.2 s more for it under TCG: BENCHMARKS.md). Their dependencies are added from
 /// `modules.dep` and `modules.softdep`; they load in parallel, each once what it follows is in.
+///
+/// The root's dm-verity hashes with the SHA-256 built into the kernel: the CPU's
+/// (`sha256_ssse3`) costs its self-tests when it loads (80 ms under TCG, where it hashes no
+/// faster than the C code: BENCHMARKS.md), and the root is a few MiB, read little once
+/// machined runs from the initramfs. It loads later, for the extensions' larger reads.
 pub const INITRAMFS_MODULES: &[&str] = &[
-    "sha256_ssse3",
     // First what finding the boot disk waits for, then the root's, the volumes', the
     // watchdog, entropy.
     "efivarfs",
@@ -62,34 +60,50 @@ pub const LATE_MODULES: &[&str] = &[
     "aesni_intel",
     "button",
     "evdev",
-    // System extensions (loop devices over their files, overlaid on /usr/local) and, for
-    // containers, their networks: held back until an extension or a container asks.
+    // System extensions (loop devices over their files, checked by dm-verity with the CPU's
+    // SHA-256, overlaid on /usr/local) and, for containers, their networks: held back until
+    // an extension or a container asks.
     "loop",
     "overlay",
+    "sha256_ssse3",
     "veth",
     "bridge",
 ];
 
-/// A module to load: its path under `lib/modules/<release>/` and the modules that must be in
-/// before it (paths too).
+/// Options modules load with, as `/etc/modprobe.d` would give them (the node has no modprobe).
+/// The watchdog core stops the watchdog when the kernel reboots (`stop_on_reboot`), and a
+/// kernel that then hangs in its reboot path (seen under TCG: soft lockups inside reboot(2))
+/// would stay hung for good; kept running, the watchdog resets it. An option holds no `:`
+/// (the list's separator).
+pub const MODULE_OPTIONS: &[(&str, &str)] = &[("watchdog", "stop_on_reboot=0")];
+
+/// A module to load: its path under `lib/modules/<release>/`, the parameters it loads with,
+/// and the modules that must be in before it (paths too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Module {
     /// Relative path of the `.ko`.
     pub path: String,
+    /// Its parameters (`name=value`).
+    pub params: Vec<String>,
     /// What it needs loaded first.
     pub after: Vec<String>,
 }
 
-/// The node's module list as the initramfs reads it: one module per line, `path: after...`.
+/// The node's module list as the initramfs reads it: one module per line,
+/// `path [param...][: after...]`.
 pub fn order_text(modules: &[Module]) -> String {
     modules
         .iter()
         .map(|m| {
-            if m.after.is_empty() {
-                format!("{}\n", m.path)
-            } else {
-                format!("{}: {}\n", m.path, m.after.join(" "))
+            let mut line = std::iter::once(&m.path)
+                .chain(&m.params)
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(" ");
+            if !m.after.is_empty() {
+                line = format!("{line}: {}", m.after.join(" "));
             }
+            line + "\n"
         })
         .collect()
 }
@@ -168,34 +182,189 @@ fn module_name(path: &str) -> String {
     stem.replace('-', "_")
 }
 
+/// What the kernel package says about its modules, parsed once: each module's path and symbol
+/// dependencies (`modules.dep`), its softdeps, and which modules drive devices
+/// (`modules.alias`).
+#[derive(Debug, Default)]
+pub struct ModuleIndex {
+    /// By name: the path and the paths it needs.
+    deps: HashMap<String, (String, Vec<String>)>,
+    /// By name: the names that must be in before it beyond its symbol dependencies.
+    soft: HashMap<String, Vec<String>>,
+    /// Names of the modules with a device alias.
+    with_devices: HashSet<String>,
+}
+
+impl ModuleIndex {
+    /// Reads the kernel package's `modules.dep`, `modules.softdep` and `modules.alias`.
+    pub fn of(kernel: &Kernel) -> Result<ModuleIndex, ImageError> {
+        let read = |file: &str| {
+            let p = kernel.modules_dir().join(file);
+            std::fs::read_to_string(&p).map_err(ImageError::io("reading", &p))
+        };
+        Ok(ModuleIndex::parse(
+            &read("modules.dep")?,
+            &read("modules.softdep")?,
+            &read("modules.alias")?,
+            EXTRA_SOFTDEPS,
+        ))
+    }
+
+    /// The index of these texts, with `extra` softdeps (module, what it needs first).
+    pub fn parse(
+        modules_dep: &str,
+        softdep_text: &str,
+        alias_text: &str,
+        extra: &[(&str, &str)],
+    ) -> ModuleIndex {
+        let mut deps = HashMap::new();
+        for line in modules_dep.lines() {
+            let Some((path, rest)) = line.split_once(':') else {
+                continue;
+            };
+            let list = rest.split_whitespace().map(str::to_owned).collect();
+            deps.insert(module_name(path), (path.to_string(), list));
+        }
+        let mut aliases: HashMap<&str, Vec<String>> = HashMap::new();
+        let mut with_devices = HashSet::new();
+        for line in alias_text.lines() {
+            if let ["alias", alias, module] = line.split_whitespace().collect::<Vec<_>>()[..] {
+                let module = module.replace('-', "_");
+                if is_device_alias(alias) {
+                    with_devices.insert(module.clone());
+                }
+                aliases.entry(alias).or_default().push(module);
+            }
+        }
+        let soft = softdeps(softdep_text, &aliases, &deps, extra);
+        ModuleIndex {
+            deps,
+            soft,
+            with_devices,
+        }
+    }
+
+    /// The modules for `wanted` in a load order: each after what it needs, its symbol
+    /// dependencies (listed in the reverse of the order `modules.dep` gives, as modprobe loads
+    /// them) and its softdeps, each naming those.
+    pub fn order(&self, wanted: &[&str]) -> Result<Vec<Module>, ImageError> {
+        let mut order: Vec<Module> = Vec::new();
+        let mut visiting: Vec<String> = Vec::new();
+        for name in wanted {
+            let Some((path, _)) = self.deps.get(&name.replace('-', "_")) else {
+                return Err(ImageError::Invalid(format!(
+                    "kernel module {name} is not in modules.dep (is it built in, or misspelled?)"
+                )));
+            };
+            self.visit(path, &mut order, &mut visiting);
+        }
+        Ok(order)
+    }
+
+    /// All of `initramfs` and `late` in load order, split into what the initramfs loads (the
+    /// first and what they need) and the rest.
+    pub fn split_late(
+        &self,
+        initramfs: &[&str],
+        late: &[&str],
+    ) -> Result<(Vec<Module>, Vec<Module>), ImageError> {
+        let first: HashSet<String> = self.order(initramfs)?.into_iter().map(|m| m.path).collect();
+        let all: Vec<&str> = initramfs.iter().chain(late).copied().collect();
+        Ok(self
+            .order(&all)?
+            .into_iter()
+            .partition(|m| first.contains(&m.path)))
+    }
+
+    /// Puts the module at `path` in `order` after what it needs (a softdep cycle is cut where
+    /// it closes: the module that closes it does not wait for the other).
+    fn visit(&self, path: &str, order: &mut Vec<Module>, visiting: &mut Vec<String>) {
+        if order.iter().any(|m| m.path == path) || visiting.iter().any(|v| v == path) {
+            return;
+        }
+        let name = module_name(path);
+        let needs = self
+            .deps
+            .get(&name)
+            .map(|(_, n)| n.clone())
+            .unwrap_or_default();
+        let pre: Vec<String> = self
+            .soft
+            .get(&name)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| self.deps.get(p).map(|(path, _)| path.clone()))
+            .filter(|p| p != path)
+            .collect();
+        visiting.push(path.to_string());
+        for dep in pre.iter().chain(needs.iter().rev()) {
+            self.visit(dep, order, visiting);
+        }
+        visiting.pop();
+        let mut after = needs;
+        for p in pre {
+            if !after.contains(&p) {
+                after.push(p);
+            }
+        }
+        // What a cycle cut is not in the order yet: waiting for it would wait for ever.
+        after.retain(|a| order.iter().any(|m| &m.path == a));
+        let params = self.params(&name);
+        order.push(Module {
+            path: path.to_string(),
+            params,
+            after,
+        });
+    }
+
+    /// The parameters module `name` loads with: its [`MODULE_OPTIONS`], and `async_probe=1`
+    /// if it drives no device.
+    ///
+    /// With `async_probe` the kernel skips the wait that ends every other module's load, for
+    /// all asynchronous work in the system to finish. The NVMe driver probes its controller
+    /// asynchronously, so under TCG every module that finished while it did (the file
+    /// systems, the watchdog core) held its loader thread until the probe was done, up to
+    /// half a second: all the loader's threads at once, ext4 not even started. A device
+    /// driver keeps the wait: once its load returns, its devices are there.
+    fn params(&self, name: &str) -> Vec<String> {
+        let mut params: Vec<String> = MODULE_OPTIONS
+            .iter()
+            .filter(|(m, _)| *m == name)
+            .map(|(_, p)| p.to_string())
+            .collect();
+        if !self.with_devices.contains(name) {
+            params.push("async_probe=1".into());
+        }
+        params
+    }
+}
+
+/// Whether a `modules.alias` pattern matches a device (`pci:…`, `virtio:…`, `acpi*:…`,
+/// `input:…`: a bus and its ids), which the kernel loads the module for when one appears. Not
+/// a device: a file system, algorithm or protocol (`fs-ext4`, `crypto-sha256`, `net-pf-10`,
+/// no bus), a device node the module makes itself (`devname:`), or a CPU feature (`cpu:`:
+/// the AES and CRC instructions).
+fn is_device_alias(alias: &str) -> bool {
+    alias
+        .split_once(':')
+        .is_some_and(|(bus, _)| !matches!(bus, "devname" | "cpu"))
+}
+
 /// What must be in before each module beyond its symbol dependencies (`pre:` in
-/// `modules.softdep`, and [`EXTRA_SOFTDEPS`]), resolved to module names much as modprobe
-/// resolves them: a module's own name, else the modules `modules.alias` gives for it. Of several
+/// `modules.softdep`, and `extra`), resolved to module names much as modprobe resolves them:
+/// a module's own name, else the modules `modules.alias` gives for it (`aliases`). Of several
 /// (the CPU's implementation of an algorithm and the generic one) modprobe loads all; this takes
 /// the generic one, which loads on any CPU, and only it.
 /// One that resolves to no module is built into the kernel, and needs no loading.
-pub fn softdeps(
+fn softdeps(
     softdep_text: &str,
-    alias_text: &str,
-    modules_dep: &str,
+    aliases: &HashMap<&str, Vec<String>>,
+    deps: &HashMap<String, (String, Vec<String>)>,
     extra: &[(&str, &str)],
 ) -> HashMap<String, Vec<String>> {
-    let modules: std::collections::HashSet<String> = modules_dep
-        .lines()
-        .filter_map(|l| l.split_once(':').map(|(p, _)| module_name(p)))
-        .collect();
-    let mut aliases: HashMap<&str, Vec<String>> = HashMap::new();
-    for line in alias_text.lines() {
-        if let ["alias", alias, module] = line.split_whitespace().collect::<Vec<_>>()[..] {
-            aliases
-                .entry(alias)
-                .or_default()
-                .push(module.replace('-', "_"));
-        }
-    }
     let resolve = |name: &str| -> Option<String> {
         let own = name.replace('-', "_");
-        if modules.contains(&own) {
+        if deps.contains_key(&own) {
             return Some(own);
         }
         let found = aliases.get(name)?;
@@ -234,108 +403,10 @@ pub fn softdeps(
     out
 }
 
-/// The modules for `wanted` from a `modules.dep` text, in a load order: each after what it
-/// needs, its symbol dependencies (listed in the reverse of the order `modules.dep` gives, as
-/// modprobe loads them) and its softdeps (`soft`, from [`softdeps`]), each naming those.
-pub fn order_from_dep(
-    modules_dep: &str,
-    soft: &HashMap<String, Vec<String>>,
-    wanted: &[&str],
-) -> Result<Vec<Module>, ImageError> {
-    let mut deps: HashMap<String, (String, Vec<String>)> = HashMap::new();
-    for line in modules_dep.lines() {
-        let Some((path, rest)) = line.split_once(':') else {
-            continue;
-        };
-        let list = rest.split_whitespace().map(str::to_owned).collect();
-        deps.insert(module_name(path), (path.to_string(), list));
-    }
-    let mut order: Vec<Module> = Vec::new();
-    let mut visiting: Vec<String> = Vec::new();
-    for name in wanted {
-        let Some((path, _)) = deps.get(&name.replace('-', "_")) else {
-            return Err(ImageError::Invalid(format!(
-                "kernel module {name} is not in modules.dep (is it built in, or misspelled?)"
-            )));
-        };
-        visit(path, &deps, soft, &mut order, &mut visiting);
-    }
-    Ok(order)
-}
-
-/// Puts the module at `path` in `order` after what it needs (a softdep cycle is cut where it
-/// closes: the module that closes it does not wait for the other).
-fn visit(
-    path: &str,
-    deps: &HashMap<String, (String, Vec<String>)>,
-    soft: &HashMap<String, Vec<String>>,
-    order: &mut Vec<Module>,
-    visiting: &mut Vec<String>,
-) {
-    if order.iter().any(|m| m.path == path) || visiting.iter().any(|v| v == path) {
-        return;
-    }
-    let name = module_name(path);
-    let needs = deps.get(&name).map(|(_, n)| n.clone()).unwrap_or_default();
-    let pre: Vec<String> = soft
-        .get(&name)
-        .into_iter()
-        .flatten()
-        .filter_map(|p| deps.get(p).map(|(path, _)| path.clone()))
-        .filter(|p| p != path)
-        .collect();
-    visiting.push(path.to_string());
-    for dep in pre.iter().chain(needs.iter().rev()) {
-        visit(dep, deps, soft, order, visiting);
-    }
-    visiting.pop();
-    let mut after = needs;
-    for p in pre {
-        if !after.contains(&p) {
-            after.push(p);
-        }
-    }
-    // What a cycle cut is not in the order yet: waiting for it would wait for ever.
-    after.retain(|a| order.iter().any(|m| &m.path == a));
-    order.push(Module {
-        path: path.to_string(),
-        after,
-    });
-}
-
 /// The node's modules for this kernel: those the initramfs loads, and those that load in the
 /// background after it.
 pub fn module_order(kernel: &Kernel) -> Result<(Vec<Module>, Vec<Module>), ImageError> {
-    let read = |file: &str| {
-        let p = kernel.modules_dir().join(file);
-        std::fs::read_to_string(&p).map_err(ImageError::io("reading", &p))
-    };
-    let dep = read("modules.dep")?;
-    let soft = softdeps(
-        &read("modules.softdep")?,
-        &read("modules.alias")?,
-        &dep,
-        EXTRA_SOFTDEPS,
-    );
-    split_late(&dep, &soft, INITRAMFS_MODULES, LATE_MODULES)
-}
-
-/// All of `initramfs` and `late` in load order, split into what the initramfs loads (the
-/// first and what they need) and the rest.
-pub fn split_late(
-    modules_dep: &str,
-    soft: &HashMap<String, Vec<String>>,
-    initramfs: &[&str],
-    late: &[&str],
-) -> Result<(Vec<Module>, Vec<Module>), ImageError> {
-    let first: Vec<String> = order_from_dep(modules_dep, soft, initramfs)?
-        .into_iter()
-        .map(|m| m.path)
-        .collect();
-    let all: Vec<&str> = initramfs.iter().chain(late).copied().collect();
-    Ok(order_from_dep(modules_dep, soft, &all)?
-        .into_iter()
-        .partition(|m| first.contains(&m.path)))
+    ModuleIndex::of(kernel)?.split_late(INITRAMFS_MODULES, LATE_MODULES)
 }
 
 #[cfg(test)]
@@ -350,14 +421,19 @@ kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/
 kernel/lib/crc64-rocksoft.ko: kernel/lib/crc64.ko
 ";
 
+    fn index(softdep: &str) -> ModuleIndex {
+        ModuleIndex::parse(DEP, softdep, "", &[])
+    }
+
     fn paths(order: &[Module]) -> Vec<&str> {
         order.iter().map(|m| m.path.as_str()).collect()
     }
 
     #[test]
     fn dependencies_load_first_in_reverse_listed_order_and_once() {
-        let order =
-            order_from_dep(DEP, &HashMap::new(), &["virtio_pci", "virtio_net"]).expect("order");
+        let order = index("")
+            .order(&["virtio_pci", "virtio_net"])
+            .expect("order");
         assert_eq!(
             paths(&order),
             [
@@ -389,7 +465,7 @@ alias crypto-crc64-rocksoft crc64-rocksoft
     #[test]
     fn softdeps_resolve_through_aliases_to_the_generic_module_and_skip_what_is_built_in() {
         let dep = format!("{DEP}kernel/crypto/crc64_rocksoft_fast.ko:\n");
-        let soft = softdeps(SOFTDEP, ALIAS, &dep, &[("virtio-net", "virtio-ring")]);
+        let soft = ModuleIndex::parse(&dep, SOFTDEP, ALIAS, &[("virtio-net", "virtio-ring")]).soft;
         // Of two modules for one alias, neither generic, the first; no `post:`; a name that
         // is neither a module nor an alias is built in.
         assert_eq!(soft["virtio_pci"], ["crc64_rocksoft_fast"]);
@@ -397,14 +473,15 @@ alias crypto-crc64-rocksoft crc64-rocksoft
         assert_eq!(soft["virtio_net"], ["virtio_ring"]);
         let generic = ALIAS.replace("crc64_rocksoft_fast", "crc64_rocksoft_generic");
         let dep = format!("{DEP}kernel/crypto/crc64_rocksoft_generic.ko:\n");
-        let soft = softdeps(SOFTDEP, &generic, &dep, &[]);
+        let soft = ModuleIndex::parse(&dep, SOFTDEP, &generic, &[]).soft;
         assert_eq!(soft["virtio_pci"], ["crc64_rocksoft_generic"]);
     }
 
     #[test]
     fn a_softdep_loads_before_its_module_and_nothing_else_waits_for_it() {
-        let soft = HashMap::from([("virtio_pci".to_string(), vec!["crc64_rocksoft".to_string()])]);
-        let order = order_from_dep(DEP, &soft, &["virtio_net", "virtio_pci"]).expect("order");
+        let order = index("softdep virtio_pci pre: crc64-rocksoft")
+            .order(&["virtio_net", "virtio_pci"])
+            .expect("order");
         let at = |p: &str| order.iter().position(|m| m.path == p).expect(p);
         assert!(at("kernel/lib/crc64-rocksoft.ko") < at("kernel/drivers/virtio/virtio_pci.ko"));
         assert!(at("kernel/lib/crc64.ko") < at("kernel/lib/crc64-rocksoft.ko"));
@@ -415,19 +492,13 @@ alias crypto-crc64-rocksoft crc64-rocksoft
         // virtio_net (and virtio, which both need) does not wait for what virtio_pci follows.
         let net = &order[at("kernel/drivers/net/virtio_net.ko")];
         assert!(!net.after.iter().any(|a| a.contains("crc64")), "{net:?}");
-        assert_eq!(
-            order_text(&order[..1]),
-            "kernel/drivers/virtio/virtio_ring.ko\n"
-        );
     }
 
     #[test]
     fn a_softdep_cycle_is_cut() {
-        let soft = HashMap::from([
-            ("virtio".to_string(), vec!["crc64_rocksoft".to_string()]),
-            ("crc64_rocksoft".to_string(), vec!["virtio".to_string()]),
-        ]);
-        let order = order_from_dep(DEP, &soft, &["virtio"]).expect("order");
+        let order = index("softdep virtio pre: crc64_rocksoft\nsoftdep crc64_rocksoft pre: virtio")
+            .order(&["virtio"])
+            .expect("order");
         assert_eq!(order.len(), 4, "{order:?}");
         // No two modules wait for each other, and each waits only for what is before it.
         for (i, m) in order.iter().enumerate() {
@@ -443,8 +514,9 @@ alias crypto-crc64-rocksoft crc64-rocksoft
 
     #[test]
     fn late_modules_are_those_the_initramfs_does_not_need() {
-        let (first, late) =
-            split_late(DEP, &HashMap::new(), &["virtio_pci"], &["virtio_net"]).expect("split");
+        let (first, late) = index("")
+            .split_late(&["virtio_pci"], &["virtio_net"])
+            .expect("split");
         assert_eq!(
             paths(&first),
             [
@@ -468,7 +540,7 @@ alias crypto-crc64-rocksoft crc64-rocksoft
 
     #[test]
     fn module_names_match_with_dashes_or_underscores() {
-        let order = order_from_dep(DEP, &HashMap::new(), &["crc64-rocksoft"]).expect("order");
+        let order = index("").order(&["crc64-rocksoft"]).expect("order");
         assert_eq!(
             order.last().map(|m| m.path.as_str()),
             Some("kernel/lib/crc64-rocksoft.ko")
@@ -477,7 +549,75 @@ alias crypto-crc64-rocksoft crc64-rocksoft
 
     #[test]
     fn an_unknown_module_is_named_in_the_error() {
-        let err = order_from_dep(DEP, &HashMap::new(), &["nvme"]).expect_err("unknown");
+        let err = index("").order(&["nvme"]).expect_err("unknown");
         assert!(err.to_string().contains("nvme"), "{err}");
+    }
+
+    /// Aliases as Debian's 6.1 kernel has them for these modules.
+    const DEVICE_ALIASES: &str = "\
+alias fs-ext4 ext4
+alias crypto-sha256 sha256_ssse3
+alias cpu:type:x86,ven*fam*mod*:feature:*0099* aesni_intel
+alias devname:mapper/control dm_mod
+alias char-major-10-236 dm_mod
+alias pci:v00008086d000025ABsv*sd*bc*sc*i* i6300esb
+alias virtio:d00000004v* virtio_rng
+alias acpi*:PNP0C0C:* button
+alias input:b*v*p*e*-e*k*r*a*m*l*s*f*w* evdev
+";
+
+    #[test]
+    fn only_modules_that_drive_no_device_skip_the_wait_for_device_probes() {
+        let dep = "kernel/fs/ext4/ext4.ko:\nkernel/arch/x86/crypto/sha256-ssse3.ko:\n\
+            kernel/arch/x86/crypto/aesni-intel.ko:\nkernel/drivers/md/dm-mod.ko:\n\
+            kernel/drivers/watchdog/watchdog.ko:\n\
+            kernel/drivers/watchdog/i6300esb.ko: kernel/drivers/watchdog/watchdog.ko\n\
+            kernel/drivers/char/hw_random/virtio-rng.ko:\nkernel/drivers/acpi/button.ko:\n\
+            kernel/drivers/input/evdev.ko:\n";
+        let index = ModuleIndex::parse(dep, "", DEVICE_ALIASES, &[]);
+        let order = index
+            .order(&[
+                "ext4",
+                "sha256_ssse3",
+                "aesni_intel",
+                "dm_mod",
+                "i6300esb",
+                "virtio_rng",
+                "button",
+                "evdev",
+            ])
+            .expect("order");
+        let params = |name: &str| {
+            order
+                .iter()
+                .find(|m| module_name(&m.path) == name)
+                .map(|m| m.params.join(" "))
+                .expect(name)
+        };
+        for deviceless in ["ext4", "sha256_ssse3", "aesni_intel", "dm_mod"] {
+            assert_eq!(params(deviceless), "async_probe=1", "{deviceless}");
+        }
+        for driver in ["i6300esb", "virtio_rng", "button", "evdev"] {
+            assert_eq!(params(driver), "", "{driver}");
+        }
+        // The watchdog core keeps running through a reboot, and has no device of its own.
+        assert_eq!(params("watchdog"), "stop_on_reboot=0 async_probe=1");
+        assert_eq!(
+            order_text(&order[..1]),
+            "kernel/fs/ext4/ext4.ko async_probe=1\n"
+        );
+        let esb = order
+            .iter()
+            .find(|m| m.path.contains("i6300esb"))
+            .expect("esb");
+        assert_eq!(
+            order_text(std::slice::from_ref(esb)),
+            "kernel/drivers/watchdog/i6300esb.ko: kernel/drivers/watchdog/watchdog.ko\n"
+        );
+    }
+
+    #[test]
+    fn module_options_hold_no_list_separator() {
+        assert!(MODULE_OPTIONS.iter().all(|(_, o)| !o.contains(':')));
     }
 }

@@ -37,8 +37,11 @@ pub const STORE: &str = "EFI/plinth/extensions";
 pub const STAGING: &str = "/run/plinth/extensions";
 /// Where extensions appear.
 pub const TARGET: &str = "/usr/local";
-/// What the kernel needs for them: loop devices and overlayfs.
-pub const MODULES: &[&str] = &["loop", "overlay"];
+/// What the kernel needs for them: loop devices and overlayfs, and the CPU's SHA-256, which
+/// each extension's dm-verity table takes if it is in when the table loads (the generic C code
+/// built into the kernel otherwise: several times slower on a CPU with SHA or AVX2
+/// instructions, for every block an extension's programs read).
+pub const MODULES: &[&str] = &["loop", "overlay", "sha256_ssse3"];
 
 /// One extension found in the store, and what became of it.
 #[derive(Debug, Clone, PartialEq, Eq)]

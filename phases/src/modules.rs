@@ -27,6 +27,9 @@ use crate::platform::{ModuleLoad, Platform};
 pub struct Pending {
     /// Relative path of the `.ko`.
     pub path: String,
+    /// The parameters it loads with (the image builder's: `async_probe` for a module that
+    /// drives no device, and the options modprobe.d would give).
+    pub params: String,
     /// The file, opened while it was still there.
     pub file: File,
     /// Modules that must be in first (paths; ones no list names are taken to be in).
@@ -290,7 +293,7 @@ fn worker(platform: &Arc<dyn Platform>, queues: &(Mutex<Queues>, Condvar), late:
         };
         let t = Instant::now();
         let outcome = platform
-            .load_module_file(&m.file, &PathBuf::from(&m.path), &params(&m.path))
+            .load_module_file(&m.file, &PathBuf::from(&m.path), &m.params)
             .map_err(|e| e.to_string());
         let loaded = Loaded {
             path: m.path.clone(),
@@ -381,54 +384,8 @@ pub const FOR_EFIVARS: &[&str] = &["efivarfs"];
 /// The hardware watchdog's driver.
 pub const FOR_WATCHDOG: &[&str] = &["i6300esb"];
 
-/// Parameters a module loads with (what modprobe would take from the kernel command line;
-/// this loader has no modprobe). The watchdog core stops the watchdog when the kernel reboots
-/// (`stop_on_reboot`), and a kernel that then hangs in its reboot path (seen under TCG: soft
-/// lockups inside reboot(2)) would stay hung for good; kept running, the watchdog resets it.
-const PARAMS: &[(&str, &str)] = &[("watchdog", "stop_on_reboot=0")];
-
-/// Where in the module tree the modules that drive no device are (file systems, crypto,
-/// libraries, device-mapper, protocols), under `kernel/`.
-const DEVICELESS_DIRS: &[&str] = &[
-    "arch/x86/crypto/",
-    "crypto/",
-    "lib/",
-    "fs/",
-    "block/",
-    "net/",
-    "drivers/md/",
-];
-/// Modules elsewhere that drive no device either.
-const DEVICELESS: &[&str] = &["watchdog"];
-
-/// Whether the module at `path` drives no device.
-fn drives_no_device(path: &str) -> bool {
-    let rel = path.split_once("kernel/").map_or(path, |(_, r)| r);
-    DEVICELESS_DIRS.iter().any(|d| rel.starts_with(d)) || DEVICELESS.contains(&&*name_of(path))
-}
-
-/// The parameters for the module at `path` (`.../watchdog.ko`, maybe compressed).
-///
-/// A module that drives no device also gets `async_probe`: the kernel then skips the wait
-/// that ends every other module's load, for all asynchronous work in the system to finish. The
-/// NVMe driver probes its controller asynchronously, so under TCG every module that finished
-/// while it did (the file systems, the watchdog core) held its loader thread until the probe
-/// was done, up to half a second: all the loader's threads at once, ext4 not even started. A
-/// device driver keeps the wait: once its load returns, its devices are there.
-fn params(path: &str) -> String {
-    let name = name_of(path);
-    let mut params: Vec<&str> = PARAMS
-        .iter()
-        .filter(|(m, _)| *m == name)
-        .map(|(_, p)| *p)
-        .collect();
-    if drives_no_device(path) {
-        params.push("async_probe=1");
-    }
-    params.join(" ")
-}
 /// What mapping and mounting the root needs.
-pub const FOR_ROOT: &[&str] = &["dm_verity", "sha256_ssse3", "squashfs"];
+pub const FOR_ROOT: &[&str] = &["dm_verity", "squashfs"];
 /// The entropy device's driver.
 pub const FOR_ENTROPY: &[&str] = &["virtio_rng"];
 /// Modules every volume needs.
@@ -444,47 +401,6 @@ pub const FOR_POWER_BUTTON: &[&str] = &["button", "evdev"];
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn the_watchdog_core_loads_to_keep_running_through_a_reboot() {
-        let dir = "/lib/modules/6.1.0-57-amd64/kernel/drivers/watchdog";
-        assert_eq!(
-            params(&format!("{dir}/watchdog.ko")),
-            "stop_on_reboot=0 async_probe=1"
-        );
-        assert_eq!(
-            params(&format!("{dir}/watchdog.ko.xz")),
-            "stop_on_reboot=0 async_probe=1"
-        );
-        assert_eq!(params(&format!("{dir}/i6300esb.ko")), "");
-    }
-
-    #[test]
-    fn only_modules_without_devices_skip_the_wait_for_device_probes() {
-        for lib in [
-            "kernel/fs/ext4/ext4.ko",
-            "kernel/fs/jbd2/jbd2.ko",
-            "kernel/drivers/md/dm-verity.ko",
-            "kernel/lib/crc16.ko",
-            "kernel/crypto/xts.ko",
-            "kernel/arch/x86/crypto/sha256-ssse3.ko",
-            "kernel/block/t10-pi.ko",
-            "kernel/net/core/failover.ko",
-        ] {
-            assert_eq!(params(lib), "async_probe=1", "{lib}");
-        }
-        for driver in [
-            "kernel/drivers/nvme/host/nvme.ko",
-            "kernel/drivers/nvme/host/nvme-core.ko",
-            "kernel/drivers/virtio/virtio_pci.ko",
-            "kernel/drivers/block/virtio_blk.ko",
-            "kernel/drivers/char/hw_random/virtio-rng.ko",
-            "kernel/drivers/net/virtio_net.ko",
-            "kernel/drivers/watchdog/i6300esb.ko",
-        ] {
-            assert_eq!(params(driver), "", "{driver}");
-        }
-    }
-
     use super::*;
 
     #[test]
@@ -496,6 +412,7 @@ mod tests {
     fn pending(path: &str, after: &[&str]) -> Pending {
         Pending {
             path: path.into(),
+            params: String::new(),
             file: tempfile::tempfile().expect("file"),
             after: after.iter().map(|s| s.to_string()).collect(),
         }

@@ -38,7 +38,8 @@ nix::ioctl_read!(
 );
 /// `WDIOS_DISABLECARD`: stop the watchdog.
 const WDIOS_DISABLECARD: libc::c_int = 1;
-/// The watchdog core's `stop_on_reboot` parameter (see `modules::PARAMS`).
+/// The watchdog core's `stop_on_reboot` parameter (the image loads it with 0:
+/// `imager::kernel::MODULE_OPTIONS`).
 const STOP_ON_REBOOT: &str = "/sys/module/watchdog/parameters/stop_on_reboot";
 
 static WATCHDOG: OnceLock<Mutex<File>> = OnceLock::new();

@@ -94,18 +94,8 @@ impl VmSpec {
         self.tpm.as_ref().map(|_| self.sockets().join("swtpm.sock"))
     }
 
-    /// Where the VM's Unix sockets live. A socket's path may not exceed 107 bytes (`sun_path`)
-    /// and the VM's directory can be deep (a user's home, CI's checkout: swtpm refused a
-    /// 111-byte one with nothing but exit status 1), so they live in a short private
-    /// directory named by a hash of the VM's: `$XDG_RUNTIME_DIR/plinth/<hash>`, or
-    /// `<tmp>/plinth-<uid>/<hash>` when there is no runtime directory.
     fn sockets(&self) -> PathBuf {
-        let base = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
-            Some(run) if run.is_absolute() => run.join("plinth"),
-            _ => std::env::temp_dir().join(format!("plinth-{}", nix::unistd::getuid())),
-        };
-        let hash = blake3::hash(self.dir.as_os_str().as_encoded_bytes()).to_hex();
-        base.join(&hash.as_str()[..16])
+        socket_dir(&self.dir)
     }
 
     fn firmware_args(&self) -> Vec<String> {
@@ -282,6 +272,21 @@ pub fn check_host() -> Result<(), HarnessError> {
 }
 
 /// A Unix socket's longest path (`sun_path` less its terminating NUL).
+/// Where the Unix sockets of the VM whose directory is `vm_dir` live. A socket's path may not
+/// exceed 107 bytes (`sun_path`) and the VM's directory can be deep (a user's home, CI's
+/// checkout: swtpm refused a 111-byte one with nothing but exit status 1), so they live in a
+/// short private directory named by a hash of the VM's: `$XDG_RUNTIME_DIR/plinth/<hash>`, or
+/// `<tmp>/plinth-<uid>/<hash>` when there is no runtime directory. Whoever stops a detached
+/// VM (`plinth cluster destroy`) removes it.
+pub fn socket_dir(vm_dir: &Path) -> PathBuf {
+    let base = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(run) if run.is_absolute() => run.join("plinth"),
+        _ => std::env::temp_dir().join(format!("plinth-{}", nix::unistd::getuid())),
+    };
+    let hash = blake3::hash(vm_dir.as_os_str().as_encoded_bytes()).to_hex();
+    base.join(&hash.as_str()[..16])
+}
+
 const SUN_PATH_MAX: usize = 107;
 
 /// Makes the VM's socket directory: private to this user (it sits in a shared temporary

@@ -206,6 +206,28 @@ fn boot_floor(floor_image: &imager::Artifacts) -> (Duration, Duration, Split) {
     (Duration::from_micros(floor_kernel_us), reached.at, split)
 }
 
+/// The answered call made again on a booted node, each on a new connection as the first was:
+/// at once (the boot's last steps may still run) and after 3 s of quiet. Set against
+/// `API ready → Version answered`, it says how much of that was the call's own work and how
+/// much the first run of its code (under TCG the emulator translates guest code, the kernel's
+/// network path and machined's TLS and HTTP/2 alike, the first time it runs).
+async fn warm_calls(node: &common::TestNode) -> (Duration, Duration) {
+    let (endpoint, ctx) = (node.endpoint(), node.context().expect("context").clone());
+    let call = || async {
+        let start = std::time::Instant::now();
+        let mut c = api::client::connect_context(&endpoint, &ctx)
+            .await
+            .expect("connect");
+        c.version(api::proto::VersionRequest {})
+            .await
+            .expect("Version");
+        start.elapsed()
+    };
+    let now = call().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    (now, call().await)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let runs: usize = std::env::args()
@@ -224,6 +246,7 @@ async fn main() {
     let mut floor = Vec::new();
     let mut floor_from_kernel = Vec::new();
     let mut last_timeline = None;
+    let mut warm_quiet = Vec::new();
     for run in 1..=runs {
         let floor_first = run % 2 == 0;
         let cpu_before = host_cpu_ticks();
@@ -241,6 +264,8 @@ async fn main() {
         vm.wait_exit(Duration::from_secs(120))
             .expect("the node powers off");
         let (mut vm, boot, ready, node_split, t) = boot_node(&node).await;
+        let warm = warm_calls(&node).await;
+        warm_quiet.push(warm.1);
         vm.kill();
         last_timeline = Some(t);
 
@@ -266,6 +291,11 @@ async fn main() {
             ms(ready),
             ms(reached)
         );
+        println!(
+            "  the same call again, the node booted: at once {}, after 3 s {} (each a new connection: TLS handshake and Version)",
+            ms(warm.0),
+            ms(warm.1)
+        );
         println!("  node:  {}", node_split.render());
         println!("  floor: {}", floor_split.render());
         node_ready.push(ready);
@@ -286,6 +316,10 @@ async fn main() {
         ms(median(node_boots.iter().map(|b| b.init).collect())),
         ms(floor_k),
         ms(median(node_boots.iter().map(NodeBoot::own).collect()))
+    );
+    println!(
+        "the same call on the booted node after 3 s of quiet, median of {runs}: {} (a new connection, as the first call's)",
+        ms(median(warm_quiet))
     );
     let first_k = median(first_boots);
     println!(

@@ -151,7 +151,7 @@ fn peer(image_dir: &Path, kernel_release: &str, root: &Path, work: &Path) -> (Du
 B=/bin/busybox
 $B mkdir -p /proc /sys /dev
 $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
-for m in $($B cat /lib/modules/plinth.order); do $B insmod /lib/modules/{kernel_release}/$m 2>/dev/null; done
+for m in $($B sed 's/[ :].*//' /lib/modules/plinth.order); do $B insmod /lib/modules/{kernel_release}/$m 2>/dev/null; done
 while [ ! -b /dev/nvme0n1 ]; do $B sleep 0.1; done
 echo "peer: dd start"
 $B dd if=/root.img of=/dev/nvme0n1 bs=1M oflag=direct conv=fsync 2>/dev/null

@@ -291,6 +291,11 @@ async fn a_cluster_made_with_the_cli_forms_etcd_survives_a_rolling_upgrade_and_r
     // Every VM stops with the cluster.
     let pids: Vec<u32> = recorded().iter().map(|n| n.pid).collect();
     assert!(pids.iter().all(|&p| p > 0), "{pids:?}");
+    let sockets: Vec<PathBuf> = recorded()
+        .iter()
+        .map(|n| provision::qemu::socket_dir(&cluster_dir().join(&n.name).join("vm")))
+        .collect();
+    assert!(sockets.iter().all(|s| s.is_dir()), "{sockets:?}");
     let (ok, out) = plinth(&["cluster", "destroy", "--name", NAME]).await;
     assert!(ok && out.contains("3 node(s)"), "{out}");
     for pid in pids {
@@ -298,6 +303,11 @@ async fn a_cluster_made_with_the_cli_forms_etcd_survives_a_rolling_upgrade_and_r
             !provision::qemu::process_runs(pid),
             "QEMU {pid} outlived cluster destroy"
         );
+    }
+    // Nothing of the cluster is left, its VMs' socket directories included.
+    assert!(!cluster_dir().exists());
+    for s in sockets {
+        assert!(!s.exists(), "{} outlived cluster destroy", s.display());
     }
     eprintln!("whole test: {:?}", started.elapsed());
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use upgrade::verity::VerityRoot;
 use upgrade::Slot;
 
+use crate::modules::name_of;
 use crate::platform::{ModuleLoad, MountSpec, Platform};
 use crate::runtime::{paths, BootInfo, MappedRoot};
 
@@ -193,17 +194,28 @@ pub async fn mount_run(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
         .mount(&MountSpec::new("tmpfs", "/run", "tmpfs").data("mode=0755"))?)
 }
 
-/// One line of the module list: `path[: after...]`.
-fn parse_module_line(line: &str) -> Option<(String, Vec<String>)> {
+/// A module as the list names it.
+#[derive(Debug, PartialEq, Eq)]
+struct ModuleLine {
+    path: String,
+    params: String,
+    after: Vec<String>,
+}
+
+/// One line of the module list, as the image builder writes it
+/// (`imager::kernel::order_text`): `path [param...][: after...]`.
+fn parse_module_line(line: &str) -> Option<ModuleLine> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return None;
     }
-    let (path, after) = line.split_once(':').unwrap_or((line, ""));
-    Some((
-        path.trim().to_string(),
-        after.split_whitespace().map(str::to_owned).collect(),
-    ))
+    let (module, after) = line.split_once(':').unwrap_or((line, ""));
+    let mut words = module.split_whitespace();
+    Some(ModuleLine {
+        path: words.next()?.to_string(),
+        params: words.collect::<Vec<_>>().join(" "),
+        after: after.split_whitespace().map(str::to_owned).collect(),
+    })
 }
 
 /// Starts loading the kernel modules the image carries, mounts efivarfs once its module is in,
@@ -236,9 +248,14 @@ pub async fn load_modules(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
         String::from_utf8_lossy(&text)
             .lines()
             .filter_map(parse_module_line)
-            .map(|(path, after)| {
-                let file = ctx.platform.open_file(&base.join(&path))?;
-                Ok(crate::modules::Pending { path, file, after })
+            .map(|m| {
+                let file = ctx.platform.open_file(&base.join(&m.path))?;
+                Ok(crate::modules::Pending {
+                    path: m.path,
+                    params: m.params,
+                    file,
+                    after: m.after,
+                })
             })
             .collect()
     };
@@ -277,18 +294,18 @@ pub async fn load_modules(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
         slowest
             .iter()
             .take(5)
-            .map(|l| format!("{} {} ms", module_stem(&l.path), l.took.as_millis()))
+            .map(|l| format!("{} {} ms", name_of(&l.path), l.took.as_millis()))
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let absent: Vec<&str> = done
+    let absent: Vec<String> = done
         .iter()
         .filter(|l| {
             l.outcome
                 .as_ref()
                 .is_ok_and(|o| *o == ModuleLoad::NoSuchHardware)
         })
-        .map(|l| module_stem(&l.path))
+        .map(|l| name_of(&l.path))
         .collect();
     if !absent.is_empty() {
         tracing::info!(
@@ -308,11 +325,6 @@ fn module_jobs(cmdline: &str) -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) + 1)
         .max(1)
-}
-
-fn module_stem(path: &str) -> &str {
-    let file = path.rsplit('/').next().unwrap_or(path);
-    file.split(".ko").next().unwrap_or(file)
 }
 
 /// Arms the hardware watchdog (if the machine has one): from here on, a boot that stops making
@@ -500,18 +512,30 @@ mod tests {
     fn module_lines_name_what_goes_in_first() {
         assert_eq!(
             parse_module_line("kernel/a.ko: kernel/b.ko kernel/c.ko"),
-            Some((
-                "kernel/a.ko".into(),
-                vec!["kernel/b.ko".into(), "kernel/c.ko".into()]
-            ))
+            Some(ModuleLine {
+                path: "kernel/a.ko".into(),
+                params: String::new(),
+                after: vec!["kernel/b.ko".into(), "kernel/c.ko".into()]
+            })
         );
         assert_eq!(
-            parse_module_line("kernel/a.ko"),
-            Some(("kernel/a.ko".into(), vec![]))
+            parse_module_line("kernel/a.ko stop_on_reboot=0 async_probe=1"),
+            Some(ModuleLine {
+                path: "kernel/a.ko".into(),
+                params: "stop_on_reboot=0 async_probe=1".into(),
+                after: vec![]
+            })
+        );
+        assert_eq!(
+            parse_module_line("kernel/a.ko async_probe=1: kernel/b.ko"),
+            Some(ModuleLine {
+                path: "kernel/a.ko".into(),
+                params: "async_probe=1".into(),
+                after: vec!["kernel/b.ko".into()]
+            })
         );
         assert_eq!(parse_module_line("  "), None);
         assert_eq!(parse_module_line("# comment"), None);
-        assert_eq!(module_stem("kernel/drivers/md/dm-verity.ko"), "dm-verity");
         assert_eq!(module_jobs("quiet plinth.modules.jobs=1"), 1);
         assert_eq!(module_jobs("plinth.modules.jobs=0"), 1);
         assert!(module_jobs("quiet") >= 2);
