@@ -28,7 +28,8 @@ pub const EXTRA_SOFTDEPS: &[(&str, &str)] = &[("crc64_rocksoft", "crypto-crc64-r
 /// The root's dm-verity hashes with the SHA-256 built into the kernel: the CPU's
 /// (`sha256_ssse3`) costs its self-tests when it loads (80 ms under TCG, where it hashes no
 /// faster than the C code: BENCHMARKS.md), and the root is a few MiB, read little once
-/// machined runs from the initramfs. It loads later, for the extensions' larger reads.
+/// machined runs from the initramfs. It loads later, for the extensions' larger reads (held
+/// back until they ask or the boot has settled).
 pub const INITRAMFS_MODULES: &[&str] = &[
     // First what finding the boot disk waits for, then the root's, the volumes', the
     // watchdog, entropy.
@@ -62,7 +63,7 @@ pub const LATE_MODULES: &[&str] = &[
     "evdev",
     // System extensions (loop devices over their files, checked by dm-verity with the CPU's
     // SHA-256, overlaid on /usr/local) and, for containers, their networks: held back until
-    // an extension or a container asks.
+    // an extension or a container asks, or the boot has settled.
     "loop",
     "overlay",
     "sha256_ssse3",
@@ -244,6 +245,20 @@ impl ModuleIndex {
         }
     }
 
+    /// Fails naming the first of `drivers` that `modules.alias` does not show driving a device.
+    pub fn check_drivers(&self, drivers: &[&str]) -> Result<(), ImageError> {
+        match drivers
+            .iter()
+            .find(|d| !self.with_devices.contains(&d.replace('-', "_")))
+        {
+            Some(d) => Err(ImageError::Invalid(format!(
+                "kernel module {d} has no device alias in modules.alias: it would load without \
+                 waiting for its devices (is modules.alias complete, and from this kernel?)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The modules for `wanted` in a load order: each after what it needs, its symbol
     /// dependencies (listed in the reverse of the order `modules.dep` gives, as modprobe loads
     /// them) and its softdeps, each naming those.
@@ -403,10 +418,25 @@ fn softdeps(
     out
 }
 
+/// Device drivers whose load the boot relies on returning with their devices there (the disk,
+/// the watchdog, the entropy source, the network): a kernel package whose `modules.alias` does
+/// not show them as drivers (a file cut short, another kernel's) would have them load with
+/// `async_probe` and the boot race their devices, so the image is not built.
+pub const DEVICE_DRIVERS: &[&str] = &[
+    "nvme",
+    "virtio_pci",
+    "virtio_blk",
+    "i6300esb",
+    "virtio_rng",
+    "virtio_net",
+];
+
 /// The node's modules for this kernel: those the initramfs loads, and those that load in the
 /// background after it.
 pub fn module_order(kernel: &Kernel) -> Result<(Vec<Module>, Vec<Module>), ImageError> {
-    ModuleIndex::of(kernel)?.split_late(INITRAMFS_MODULES, LATE_MODULES)
+    let index = ModuleIndex::of(kernel)?;
+    index.check_drivers(DEVICE_DRIVERS)?;
+    index.split_late(INITRAMFS_MODULES, LATE_MODULES)
 }
 
 #[cfg(test)]
@@ -617,7 +647,26 @@ alias input:b*v*p*e*-e*k*r*a*m*l*s*f*w* evdev
     }
 
     #[test]
-    fn module_options_hold_no_list_separator() {
-        assert!(MODULE_OPTIONS.iter().all(|(_, o)| !o.contains(':')));
+    fn module_options_fit_the_list_and_name_modules_as_the_kernel_does() {
+        for (module, option) in MODULE_OPTIONS {
+            assert!(!option.contains(':') && !option.contains(char::is_whitespace));
+            assert_eq!(*module, module_name(module), "{module}");
+        }
+    }
+
+    #[test]
+    fn a_driver_the_boot_waits_on_must_show_as_one() {
+        let dep = "kernel/drivers/watchdog/i6300esb.ko:\nkernel/fs/ext4/ext4.ko:\n";
+        let index = ModuleIndex::parse(dep, "", DEVICE_ALIASES, &[]);
+        index.check_drivers(&["i6300esb"]).expect("a driver");
+        let err = index
+            .check_drivers(&["i6300esb", "ext4"])
+            .expect_err("no device");
+        assert!(err.to_string().contains("ext4"), "{err}");
+        // An empty alias file shows no driver at all.
+        let err = ModuleIndex::parse(dep, "", "", &[])
+            .check_drivers(&["i6300esb"])
+            .expect_err("no aliases");
+        assert!(err.to_string().contains("i6300esb"), "{err}");
     }
 }

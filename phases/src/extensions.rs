@@ -37,11 +37,13 @@ pub const STORE: &str = "EFI/plinth/extensions";
 pub const STAGING: &str = "/run/plinth/extensions";
 /// Where extensions appear.
 pub const TARGET: &str = "/usr/local";
-/// What the kernel needs for them: loop devices and overlayfs, and the CPU's SHA-256, which
-/// each extension's dm-verity table takes if it is in when the table loads (the generic C code
-/// built into the kernel otherwise: several times slower on a CPU with SHA or AVX2
-/// instructions, for every block an extension's programs read).
-pub const MODULES: &[&str] = &["loop", "overlay", "sha256_ssse3"];
+/// What the kernel needs for them: loop devices and overlayfs.
+pub const MODULES: &[&str] = &["loop", "overlay"];
+/// The CPU's SHA-256, which each extension's dm-verity table takes if it is in when the table
+/// loads: the C code built into the kernel otherwise, several times slower on a CPU with SHA or
+/// AVX2 instructions, for every block an extension's programs read. Only faster: without it
+/// the extensions still mount.
+pub const HASH_MODULES: &[&str] = &["sha256_ssse3"];
 
 /// One extension found in the store, and what became of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,6 +389,9 @@ pub async fn activate(rt: &Arc<Runtime>) -> Result<(), sequencer::TaskError> {
         .iter()
         .filter_map(|k| upgrade::bundle::public_from_hex(k).ok())
         .collect();
+    if let Err(e) = crate::modules::wait_for(HASH_MODULES).await {
+        tracing::warn!("extensions hashed with the kernel's generic SHA-256: {e}");
+    }
     if let Err(e) = crate::modules::wait_for(MODULES).await {
         tracing::error!("no extensions this boot: {e}");
         let statuses = files

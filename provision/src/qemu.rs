@@ -271,7 +271,6 @@ pub fn check_host() -> Result<(), HarnessError> {
     Ok(())
 }
 
-/// A Unix socket's longest path (`sun_path` less its terminating NUL).
 /// Where the Unix sockets of the VM whose directory is `vm_dir` live. A socket's path may not
 /// exceed 107 bytes (`sun_path`) and the VM's directory can be deep (a user's home, CI's
 /// checkout: swtpm refused a 111-byte one with nothing but exit status 1), so they live in a
@@ -283,10 +282,29 @@ pub fn socket_dir(vm_dir: &Path) -> PathBuf {
         Some(run) if run.is_absolute() => run.join("plinth"),
         _ => std::env::temp_dir().join(format!("plinth-{}", nix::unistd::getuid())),
     };
-    let hash = blake3::hash(vm_dir.as_os_str().as_encoded_bytes()).to_hex();
-    base.join(&hash.as_str()[..16])
+    base.join(socket_dir_name(vm_dir))
 }
 
+/// Where [`socket_dir`] may have put a VM's sockets: under the runtime directory, if there is
+/// one now, and under the temporary directory (a VM started from another session, with or
+/// without a runtime directory, is found either way).
+pub fn socket_dirs(vm_dir: &Path) -> Vec<PathBuf> {
+    let tmp = std::env::temp_dir()
+        .join(format!("plinth-{}", nix::unistd::getuid()))
+        .join(socket_dir_name(vm_dir));
+    let mut dirs = vec![socket_dir(vm_dir)];
+    if !dirs.contains(&tmp) {
+        dirs.push(tmp);
+    }
+    dirs
+}
+
+fn socket_dir_name(vm_dir: &Path) -> String {
+    let hash = blake3::hash(vm_dir.as_os_str().as_encoded_bytes()).to_hex();
+    hash.as_str()[..16].to_string()
+}
+
+/// A Unix socket's longest path (`sun_path` less its terminating NUL).
 const SUN_PATH_MAX: usize = 107;
 
 /// Makes the VM's socket directory: private to this user (it sits in a shared temporary

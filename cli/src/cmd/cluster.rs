@@ -537,10 +537,32 @@ fn running_from(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// Removes the socket directories of the VMs under the cluster's `dir` (they are elsewhere:
+/// `sun_path` is short): a node's VM is in `<cluster>/<node>/vm`, a single node's made before
+/// clusters in `<cluster>/vm`.
+fn remove_sockets(dir: &Path) {
+    let vms = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("vm"))
+        .chain([dir.join("vm")]);
+    for vm in vms.filter(|v| v.is_dir()) {
+        for sockets in provision::qemu::socket_dirs(&vm) {
+            if let Err(e) = std::fs::remove_dir_all(&sockets) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("warning: removing {}: {e}", sockets.display());
+                }
+            }
+        }
+    }
+}
+
 async fn destroy(name: &str) -> anyhow::Result<()> {
     let dir = clusters_dir().join(name);
     let Some(state) = read_state(&dir) else {
         if dir.exists() {
+            remove_sockets(&dir);
             std::fs::remove_dir_all(&dir)?;
             eprintln!("removed {}", dir.display());
             return Ok(());
@@ -569,22 +591,7 @@ async fn destroy(name: &str) -> anyhow::Result<()> {
     for pid in running_from(&dir) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
-    // Each VM's sockets are in a short directory elsewhere (`sun_path` is short): a node's VM
-    // is in `<cluster>/<node>/vm`, a single node's made before clusters in `<cluster>/vm`.
-    let vms = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("vm"))
-        .chain([dir.join("vm")]);
-    for vm in vms.filter(|v| v.is_dir()) {
-        let sockets = provision::qemu::socket_dir(&vm);
-        if let Err(e) = std::fs::remove_dir_all(&sockets) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("warning: removing {}: {e}", sockets.display());
-            }
-        }
-    }
+    remove_sockets(&dir);
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     eprintln!("destroyed cluster {name} ({} node(s))", state.pids().len());
     Ok(())

@@ -223,8 +223,8 @@ fn parse_module_line(line: &str) -> Option<ModuleLine> {
 /// time as are ready, and each later task waits for its own (the watchdog's, dm-verity's,
 /// SquashFS's), so they load while the boot disk is found; the modules the node needs later
 /// (`plinth.late`) load in the background at the lowest priority ([`crate::modules`]). A
-/// module goes in once the modules listed before it on its line are in (the image builder
-/// lists its dependencies and softdeps there).
+/// module goes in once the modules its line lists after the `:` are in (the image builder
+/// lists its dependencies and softdeps there, and its parameters before the `:`).
 pub async fn load_modules(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
