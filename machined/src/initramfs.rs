@@ -44,10 +44,8 @@ fn try_run() -> anyhow::Result<std::convert::Infallible> {
         &bus,
         None,
     ))?;
-    // Now on the new root, /run carried over: leave our events for machined to replay.
-    let events = serde_json::to_vec(&bus.snapshot()).context("encoding the initramfs events")?;
-    std::fs::write(paths::INITRAMFS_EVENTS, events)
-        .with_context(|| format!("writing {}", paths::INITRAMFS_EVENTS))?;
+    // Now on the new root: the node role, in this process, replays these events first.
+    let events = bus.snapshot();
     drop(rt);
     if !Path::new(paths::MACHINED).exists() {
         return Err(anyhow!(
@@ -55,5 +53,5 @@ fn try_run() -> anyhow::Result<std::convert::Infallible> {
             paths::MACHINED
         ));
     }
-    Err(crate::node::run())
+    Err(crate::node::run(events))
 }

@@ -111,7 +111,7 @@ fn main() {
     let _ = nix::sys::prctl::set_name(c"machined");
     let outcome = match role {
         Role::Initramfs => initramfs::run(),
-        Role::Node => node::run(),
+        Role::Node => node::run(Vec::new()),
     };
     // Only failures come back.
     fatal(&sequencer::runner::chain(outcome.as_ref()));

@@ -4,15 +4,15 @@ use std::sync::Arc;
 
 use phases::platform::linux::Linux;
 use phases::reaper::{Reaper, Scope};
-use phases::runtime::paths;
 use phases::Runtime;
 use sequencer::{Event, EventBus, SequenceKind};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::api::ApiStarter;
 
-/// Runs the node; returns only on failure.
-pub fn run() -> anyhow::Error {
+/// Runs the node, its event history starting with `initramfs_events` (the boot so far, when
+/// this process ran the initramfs); returns only on failure.
+pub fn run(initramfs_events: Vec<Event>) -> anyhow::Error {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -21,21 +21,15 @@ pub fn run() -> anyhow::Error {
         Ok(rt) => rt,
         Err(e) => return anyhow::Error::new(e).context("starting the async runtime"),
     };
-    rt.block_on(serve())
+    rt.block_on(serve(initramfs_events))
 }
 
-async fn serve() -> anyhow::Error {
+async fn serve(initramfs_events: Vec<Event>) -> anyhow::Error {
     let nofile = crate::limits::raise_open_files();
     tracing::info!("open-file limit {nofile}");
     let bus = EventBus::new(4096);
     // The initramfs's events come first so that Events replays the whole boot.
-    match std::fs::read(paths::INITRAMFS_EVENTS) {
-        Ok(data) => match serde_json::from_slice::<Vec<Event>>(&data) {
-            Ok(events) => bus.import(events),
-            Err(e) => tracing::warn!("{}: {e}", paths::INITRAMFS_EVENTS),
-        },
-        Err(e) => tracing::warn!("{}: {e}", paths::INITRAMFS_EVENTS),
-    }
+    bus.import(initramfs_events);
     bus.add_sink(Box::new(crate::console::trace_sink));
     if let Some(fd) = std::fs::read_to_string(phases::watchdog::HANDOFF)
         .ok()

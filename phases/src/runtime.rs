@@ -18,8 +18,6 @@ use crate::services::Supervisor;
 pub mod paths {
     /// The initramfs hands its findings to machined here (on `/run`, which survives switch_root).
     pub const BOOT_INFO: &str = "/run/plinth/boot.json";
-    /// The initramfs's events, replayed by machined so `Events` shows the whole boot.
-    pub const INITRAMFS_EVENTS: &str = "/run/plinth/initramfs-events.json";
     /// Where the slot's root image is mounted before switch_root.
     pub const NEW_ROOT: &str = "/sysroot";
     /// The STATE partition's mount point.
@@ -68,6 +66,10 @@ pub struct BootInfo {
     /// The dm-verity root the UKI pins, and the mapped device the root is mounted from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verity: Option<MappedRoot>,
+    /// The system disk's partitions as the initramfs read them (GPT name, device node): the
+    /// boot's mounts find theirs here instead of reading the table again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<(String, PathBuf)>,
 }
 
 /// The slot's root as the initramfs mapped it through dm-verity.
@@ -129,6 +131,10 @@ pub struct Runtime {
     /// Set once the boot's network configuration has ended (well or not): the API is
     /// announced as ready only then, since before it no peer can reach the listener.
     pub network_settled: tokio::sync::watch::Sender<bool>,
+    /// Set once STATE is open, made or failed. Volumes are made one at a time, STATE first, so
+    /// that a first boot's writes come in one order whatever the threads do (the power-cut
+    /// tests number them); opening them is side by side.
+    pub state_settled: tokio::sync::watch::Sender<bool>,
     pending_try: Mutex<Option<tokio_util::sync::CancellationToken>>,
     found: Mutex<Found>,
     config_write: Mutex<()>,
@@ -137,6 +143,16 @@ pub struct Runtime {
     meta: Mutex<()>,
     volumes: Mutex<Vec<crate::volume::Volume>>,
     extensions: Mutex<Vec<crate::extensions::ExtensionStatus>>,
+}
+
+/// Sets a flag when dropped: however the task holding it ends (done, failed, or its phase
+/// cancelled), whoever waits for the flag does not wait for ever.
+pub struct SetOnDrop<'a>(pub &'a tokio::sync::watch::Sender<bool>);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl Runtime {
@@ -161,6 +177,7 @@ impl Runtime {
             config_applied: tokio::sync::Notify::new(),
             etcd: tokio::sync::Mutex::new(crate::etcd::EtcdState::Off),
             network_settled: tokio::sync::watch::Sender::new(false),
+            state_settled: tokio::sync::watch::Sender::new(false),
             pending_try: Mutex::new(None),
             platform,
             controller: Controller::new(bus.clone()),

@@ -45,6 +45,22 @@ pub enum SlotError {
     Entries(#[from] bootloader::BootVarError),
 }
 
+/// The device node of the system disk's partition `label`: as the initramfs found it when the
+/// system disk is the one booted (nothing repartitions a booted disk: a wipe of all of it ends
+/// the boot), read from the disk otherwise (an install's target).
+pub fn boot_partition(rt: &Runtime, label: &str) -> Result<PathBuf, TaskError> {
+    let found = rt
+        .boot()
+        .filter(|b| Some(&b.disk) == rt.system_disk().as_ref());
+    if let Some((_, node)) = found
+        .as_ref()
+        .and_then(|b| b.partitions.iter().find(|(l, _)| l == label))
+    {
+        return Ok(node.clone());
+    }
+    partition(rt, label).map(|(_, node)| node)
+}
+
 /// A partition of the boot disk by label, with its device node.
 pub fn partition(rt: &Runtime, label: &str) -> Result<(DiskPartition, PathBuf), TaskError> {
     let disk = rt.system_disk().ok_or(SlotError::NoBootInfo)?;
@@ -82,7 +98,7 @@ fn meta_err(device: &Path) -> impl FnOnce(meta::MetaError) -> SlotError + '_ {
 
 /// Reads META as it is on disk (`None` when neither copy is valid: a new disk).
 pub fn read_meta(rt: &Runtime) -> Result<Option<Loaded>, TaskError> {
-    let (_, dev) = partition(rt, LABEL_META)?;
+    let dev = boot_partition(rt, LABEL_META)?;
     let (mut f, base) = rt.platform.open_partition(&dev, false)?;
     match meta::read(&mut f, base) {
         Ok(l) => Ok(Some(l)),
@@ -104,7 +120,7 @@ pub fn running_version(rt: &Runtime) -> String {
 /// committed) on a disk that has none. Returns the record written.
 pub fn update_meta(rt: &Runtime, f: impl FnOnce(&mut Meta)) -> Result<Meta, TaskError> {
     let _guard = rt.meta_lock();
-    let (_, dev) = partition(rt, LABEL_META)?;
+    let dev = boot_partition(rt, LABEL_META)?;
     let previous = read_meta(rt)?;
     let mut m = match &previous {
         Some(l) => l.meta.clone(),

@@ -98,6 +98,43 @@ impl Timeline {
         spans
     }
 
+    /// The tasks of one phase run: name, start, duration (`None` if it never stopped).
+    fn tasks_of(&self, p: &PhaseSpan) -> Vec<(String, Duration, Option<Duration>)> {
+        let end = p.duration.map(|d| p.start + d);
+        let mut tasks: Vec<(String, Duration, Option<Duration>)> = Vec::new();
+        for (at, e) in &self.events {
+            if *at < p.start || end.is_some_and(|end| *at > end) {
+                continue;
+            }
+            match &e.kind {
+                EventKind::TaskStart {
+                    sequence,
+                    phase,
+                    task,
+                } if *sequence == p.sequence && *phase == p.phase => {
+                    tasks.push((task.clone(), *at, None));
+                }
+                EventKind::TaskStop {
+                    sequence,
+                    phase,
+                    task,
+                    duration_us,
+                    ..
+                } if *sequence == p.sequence && *phase == p.phase => {
+                    if let Some(t) = tasks
+                        .iter_mut()
+                        .rev()
+                        .find(|t| t.0 == *task && t.2.is_none())
+                    {
+                        t.2 = Some(us(*duration_us));
+                    }
+                }
+                _ => {}
+            }
+        }
+        tasks
+    }
+
     /// `sequence/phase` names in start order.
     pub fn phase_order(&self) -> Vec<String> {
         self.phases()
@@ -167,9 +204,17 @@ impl Timeline {
                 .unwrap_or_else(|| "did not finish".into());
             let err = p
                 .error
+                .as_ref()
                 .map(|e| format!("  FAILED: {e}"))
                 .unwrap_or_default();
             let _ = writeln!(out, "    {:<32} {:>7}   {dur}{err}", p.phase, ms(p.start));
+            // A phase's tasks run side by side: which one held the phase is the question.
+            for (task, start, took) in self.tasks_of(&p) {
+                let took = took
+                    .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
+                    .unwrap_or_else(|| "did not finish".into());
+                let _ = writeln!(out, "      {task:<30} {:>7}   {took}", ms(start));
+            }
         }
         if let Some(at) = self.first(|k| matches!(k, EventKind::ApiReady { .. })) {
             let _ = writeln!(out, "  {:<34} {:>7}", "API ready", ms(at));
@@ -252,6 +297,68 @@ mod tests {
         let text = t.render();
         assert!(
             text.contains("firmware (OVMF)") && text.contains("mountPseudoFilesystems"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_phases_tasks_are_listed_under_it_with_their_own_times() {
+        let task = |t: &str| EventKind::TaskStart {
+            sequence: "initialize".into(),
+            phase: "mountPartitions".into(),
+            task: t.into(),
+        };
+        let done = |t: &str, ms: u64| EventKind::TaskStop {
+            sequence: "initialize".into(),
+            phase: "mountPartitions".into(),
+            task: t.into(),
+            duration_us: ms * 1000,
+            error: None,
+        };
+        let lines = vec![
+            line(
+                1000,
+                ev(
+                    1,
+                    1000,
+                    EventKind::PhaseStart {
+                        sequence: "initialize".into(),
+                        phase: "mountPartitions".into(),
+                        index: 1,
+                        total: 1,
+                    },
+                ),
+            ),
+            line(1001, ev(2, 1001, task("mountState"))),
+            line(1002, ev(3, 1002, task("mountEsp"))),
+            line(1020, ev(4, 1020, done("mountEsp", 18))),
+            line(1060, ev(5, 1060, done("mountState", 59))),
+            line(
+                1061,
+                ev(
+                    6,
+                    1061,
+                    EventKind::PhaseStop {
+                        sequence: "initialize".into(),
+                        phase: "mountPartitions".into(),
+                        duration_us: 61_000,
+                        error: None,
+                    },
+                ),
+            ),
+            // The same task name in a later phase is not this phase's.
+            line(1100, ev(7, 1100, task("mountState"))),
+        ];
+        let t = Timeline::from_lines(&lines, None);
+        let text = t.render();
+        let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("      ")).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert!(
+            rows[0].contains("mountState") && rows[0].ends_with("59.0 ms"),
+            "{text}"
+        );
+        assert!(
+            rows[1].contains("mountEsp") && rows[1].ends_with("18.0 ms"),
             "{text}"
         );
     }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::event::{EventBus, EventKind};
@@ -167,8 +168,9 @@ fn micros(since: Instant) -> u64 {
 /// Runs `sequence` with `ctx`, publishing events on `bus` tagged with `actor`.
 ///
 /// Phases run in table order; a conditional phase whose condition is false is skipped (and says
-/// so). All tasks of a phase run concurrently and the phase waits for every one of them, so no
-/// task is abandoned half-way; if any failed, the sequence stops there.
+/// so). All tasks of a phase run concurrently, each a tokio task of its own, and the phase waits
+/// for every one of them, so no task is abandoned half-way; if any failed, the sequence stops
+/// there.
 pub async fn run<C: Clone + Send + 'static>(
     sequence: &Sequence<C>,
     ctx: C,
@@ -253,6 +255,8 @@ async fn run_phases<C: Clone + Send + 'static>(
             let ctx = ctx.clone();
             let run = task.run.clone();
             let task_name = task.name;
+            let task_span = tracing::info_span!(parent: &span, "task", name = task_name);
+            let work_span = task_span.clone();
             async move {
                 let task_started = Instant::now();
                 bus.publish(
@@ -263,7 +267,15 @@ async fn run_phases<C: Clone + Send + 'static>(
                     },
                     actor,
                 );
-                let result = run(ctx).await;
+                // Each task is a tokio task of its own: one that computes between its awaits
+                // does not hold up the others (a multi-threaded runtime polls them on other
+                // threads), and the phase dropped (a hard cancel) aborts them all.
+                let work = run(ctx).instrument(work_span);
+                let result = match AbortOnDropHandle::new(tokio::spawn(work)).await {
+                    Ok(r) => r,
+                    Err(e) if e.is_panic() => Err(format!("task {task_name} panicked").into()),
+                    Err(e) => Err(e.into()),
+                };
                 bus.publish(
                     EventKind::TaskStop {
                         sequence: seq_name.into(),
@@ -279,7 +291,7 @@ async fn run_phases<C: Clone + Send + 'static>(
                 }
                 (task_name, result)
             }
-            .instrument(tracing::info_span!(parent: &span, "task", name = task_name))
+            .instrument(task_span)
         });
         cancel.set_interruptible(phase.interruptible);
         let results = tokio::select! {
@@ -551,6 +563,60 @@ mod tests {
         .expect("interrupted at once")
         .expect_err("cancelled");
         assert!(err.is_cancelled());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_that_holds_its_thread_does_not_hold_up_the_others_of_its_phase() {
+        // `holds` blocks its thread until `answers` has run: polled in one future with it,
+        // it would wait out the timeout and fail.
+        let bus = EventBus::new(64);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Arc::new(Mutex::new(rx));
+        let holds = Task::new("holds", move |_: ()| {
+            let rx = rx.clone();
+            async move {
+                let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                rx.recv_timeout(Duration::from_secs(10)).map_err(|_| Fire)
+            }
+        });
+        let answers = Task::new("answers", move |_: ()| {
+            let tx = tx.clone();
+            async move { tx.send(()).map_err(|_| Fire) }
+        });
+        let seq = Sequence::new("s").phase("p", [holds, answers]);
+        run(&seq, (), &bus, None).await.expect("both ran");
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_phase_stops_its_tasks() {
+        let bus = EventBus::new(64);
+        let cancel = Cancel::new();
+        let c = cancel.clone();
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let t = ticks.clone();
+        let ticking = Task::new("ticking", move |_: ()| {
+            let (c, t) = (c.clone(), t.clone());
+            async move {
+                c.abort("reset");
+                for _ in 0..10_000 {
+                    t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok::<(), Fire>(())
+            }
+        });
+        let seq = Sequence::new("s").phase("p", [ticking]);
+        let err = run_with(&seq, (), &bus, None, &cancel)
+            .await
+            .expect_err("aborted");
+        assert!(err.is_cancelled());
+        let at_abort = ticks.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            ticks.load(std::sync::atomic::Ordering::SeqCst),
+            at_abort,
+            "the task went on after its phase was dropped"
+        );
     }
 
     #[tokio::test]

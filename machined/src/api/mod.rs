@@ -120,7 +120,7 @@ impl ApiLauncher for ApiStarter {
         let a = config.machine.api.clone();
         // Parsing the certificates and checking the key pair is tens of milliseconds of CPU
         // under TCG: off the async threads, so the tasks beside this one (the network's
-        // configuration, polled by the same phase) go on meanwhile.
+        // configuration) and the runtime's timers go on meanwhile.
         let tls =
             tokio::task::spawn_blocking(move || api::tls::server_config(&a.ca, &a.cert, &a.key))
                 .await

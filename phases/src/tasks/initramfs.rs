@@ -355,8 +355,7 @@ pub async fn find_boot_disk(ctx: Initramfs) -> Result<(), sequencer::TaskError> 
     // Blocking work only (EFI variables through the firmware, partition tables, META): on a
     // thread of its own, so that the phase's other task (the watchdog) runs beside it instead
     // of after it on the initramfs's one async thread.
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(|| look_for_boot_disk(&ctx))).await?
+    super::blocking(move || look_for_boot_disk(&ctx)).await?
 }
 
 fn look_for_boot_disk(ctx: &Initramfs) -> Result<(), sequencer::TaskError> {
@@ -399,6 +398,11 @@ fn look_for_boot_disk(ctx: &Initramfs) -> Result<(), sequencer::TaskError> {
                 root_device: root.clone(),
                 installer: disk.by_label(upgrade::layout::LABEL_INSTALL).is_some(),
                 verity: None,
+                partitions: disk
+                    .partitions
+                    .iter()
+                    .map(|(p, node)| (p.label.clone(), node.clone()))
+                    .collect(),
             };
             tracing::info!(
                 "booted slot {slot} from {}; root is {}",

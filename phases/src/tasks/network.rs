@@ -17,19 +17,10 @@ pub async fn set_hostname(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     Ok(ctx.platform.set_hostname(&cfg.machine.name)?)
 }
 
-/// Sets [`Runtime::network_settled`] when dropped: however the configuration ends (done,
-/// failed, or the phase cancelled), the API's announcement does not wait on it for ever.
-struct Settled<'a>(&'a Runtime);
-
-impl Drop for Settled<'_> {
-    fn drop(&mut self) {
-        self.0.network_settled.send_replace(true);
-    }
-}
-
 /// Brings up loopback and the configured interfaces.
 pub async fn configure_network(ctx: Arc<Runtime>) -> Result<(), TaskError> {
-    let _settled = Settled(&ctx);
+    // However the configuration ends, the API's announcement does not wait on it for ever.
+    let _settled = crate::runtime::SetOnDrop(&ctx.network_settled);
     let cfg = config(&ctx)?;
     crate::modules::wait_for(crate::modules::FOR_NETWORK).await?;
     Ok(ctx

@@ -8,26 +8,13 @@ use config::NodeConfig;
 use sequencer::TaskError;
 use upgrade::layout::{LABEL_EPHEMERAL, LABEL_STATE};
 
+use super::blocking;
 use crate::platform::{Mkfs, MountSpec};
 use crate::runtime::{paths, Runtime};
 
-/// A partition of the boot disk could not be found or the config could not be read.
+/// The config could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// The boot sequence has not read the boot info yet.
-    #[error("the boot disk is not known yet")]
-    NoBootInfo,
-    /// The boot disk is gone or has no GPT.
-    #[error("boot disk {0} is not among the disks with a partition table")]
-    DiskGone(String),
-    /// The partition is missing.
-    #[error("boot disk {disk} has no {label} partition")]
-    NoPartition {
-        /// The disk.
-        disk: String,
-        /// Label looked for.
-        label: &'static str,
-    },
     /// The config is invalid.
     #[error("node config {path}: {source}")]
     BadConfig {
@@ -37,23 +24,6 @@ pub enum StateError {
         #[source]
         source: config::ConfigError,
     },
-}
-
-/// The device node of the boot disk's partition named `label`.
-fn partition(ctx: &Runtime, label: &'static str) -> Result<String, TaskError> {
-    let system = ctx.system_disk().ok_or(StateError::NoBootInfo)?;
-    let disks = ctx.platform.disks()?;
-    let disk = disks
-        .iter()
-        .find(|d| d.device == system)
-        .ok_or_else(|| StateError::DiskGone(system.display().to_string()))?;
-    let (_, node) = disk
-        .by_label(label)
-        .ok_or_else(|| StateError::NoPartition {
-            disk: system.display().to_string(),
-            label,
-        })?;
-    Ok(node.display().to_string())
 }
 
 /// Makes a file system on a partition (through the reaper when a program does it).
@@ -92,20 +62,29 @@ pub async fn format(
 
 /// Opens a volume (unsealing and mapping an encrypted one) and mounts it, first making it if
 /// it is blank: encrypted when the machine can seal its key, with a new file system (a wiped
-/// STATE or EPHEMERAL comes back empty; the install on the other partitions stays).
+/// STATE or EPHEMERAL comes back empty; the install on the other partitions stays). The
+/// blocking work runs on threads of its own, so STATE and EPHEMERAL open side by side (each a
+/// TPM unseal and a mapping when encrypted).
 async fn open_and_mount(
-    ctx: &Runtime,
+    ctx: &Arc<Runtime>,
     label: &'static str,
-    target: &str,
+    target: &'static str,
     restricted: bool,
 ) -> Result<(), TaskError> {
-    let dev = std::path::PathBuf::from(partition(ctx, label)?);
+    let rt = ctx.clone();
+    let dev = blocking(move || crate::slots::boot_partition(&rt, label)).await??;
+    // The kernel drops a block device's cached blocks at its last close: held open until the
+    // mount, the partition's first blocks, read by each check below and by the mount, come
+    // from the disk once.
+    let (platform, d) = (ctx.platform.clone(), dev.clone());
+    let _held = blocking(move || platform.open_partition(&d, false)).await??;
     crate::modules::wait_for(crate::modules::FOR_VOLUMES).await?;
-    let platform = ctx.platform.clone();
-    if crate::volume::may_encrypt(platform.as_ref(), label, &dev)? {
+    let (platform, d) = (ctx.platform.clone(), dev.clone());
+    if blocking(move || crate::volume::may_encrypt(platform.as_ref(), label, &d)).await?? {
         crate::modules::wait_for(crate::modules::FOR_CRYPT).await?;
     }
-    let opened = match crate::volume::open(platform.as_ref(), label, &dev) {
+    let (platform, d) = (ctx.platform.clone(), dev.clone());
+    let opened = match blocking(move || crate::volume::open(platform.as_ref(), label, &d)).await? {
         Err(e) if e.is_locked() => {
             // Not a broken boot: this machine cannot open this volume. The node comes up
             // without it (in maintenance mode, refusing configs) and says why.
@@ -122,16 +101,25 @@ async fn open_and_mount(
         }
         other => other?,
     };
-    let volume = match opened {
-        Some(v) => v,
+    // A plain volume was opened because it has a file system; a mapped one may not.
+    let (volume, has_filesystem) = match opened {
+        Some(v) => {
+            let plain = matches!(v.protection, crate::volume::Protection::Plain(_));
+            (v, plain)
+        }
         None => {
-            let v = crate::volume::create(platform.as_ref(), label, &dev)?;
+            my_turn_to_make(ctx, label).await;
+            let platform = ctx.platform.clone();
+            let v =
+                blocking(move || crate::volume::create(platform.as_ref(), label, &dev)).await??;
             format(ctx, &v.device, "ext4", label).await?;
-            v
+            (v, true)
         }
     };
-    if !ctx.platform.has_filesystem(&volume.device, "ext4")? {
+    let (platform, d) = (ctx.platform.clone(), volume.device.clone());
+    if !has_filesystem && !blocking(move || platform.has_filesystem(&d, "ext4")).await?? {
         // Sealed and mapped, but the file system was never made (a power cut in between).
+        my_turn_to_make(ctx, label).await;
         format(ctx, &volume.device, "ext4", label).await?;
     }
     tracing::info!("{label}: {}", volume.protection);
@@ -139,13 +127,23 @@ async fn open_and_mount(
     if restricted {
         spec = spec.restricted();
     }
-    ctx.platform.mount(&spec)?;
+    let platform = ctx.platform.clone();
+    blocking(move || platform.mount(&spec)).await??;
     ctx.set_volume(volume);
     Ok(())
 }
 
+/// Volumes are made one at a time, STATE first ([`Runtime::state_settled`]).
+async fn my_turn_to_make(ctx: &Runtime, label: &str) {
+    if label != LABEL_STATE {
+        // The sender lives in `ctx`, and STATE's task sets it however it ends.
+        let _ = ctx.state_settled.subscribe().wait_for(|done| *done).await;
+    }
+}
+
 /// Mounts STATE (ext4: config, PKI) on `/system/state`.
 pub async fn mount_state(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    let _settled = crate::runtime::SetOnDrop(&ctx.state_settled);
     open_and_mount(&ctx, LABEL_STATE, paths::STATE, true).await
 }
 
@@ -181,7 +179,11 @@ pub async fn mount_scratch(ctx: Arc<Runtime>) -> Result<(), TaskError> {
 
 /// Reads and validates the node config from STATE.
 pub async fn load_config(ctx: Arc<Runtime>) -> Result<(), TaskError> {
-    if crate::apply::revert_unconfirmed(&ctx)? {
+    blocking(move || read_config(&ctx)).await?
+}
+
+fn read_config(ctx: &Arc<Runtime>) -> Result<(), TaskError> {
+    if crate::apply::revert_unconfirmed(ctx)? {
         tracing::warn!(
             "a config was being tried when the node went down: the previous one is back"
         );

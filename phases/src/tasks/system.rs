@@ -10,7 +10,10 @@ use crate::runtime::{paths, BootInfo, Runtime};
 
 /// Reads what the initramfs found (slot, disk) from `/run`.
 pub async fn read_boot_info(ctx: Arc<Runtime>) -> Result<(), TaskError> {
-    let info = BootInfo::load(ctx.platform.as_ref(), Path::new(paths::BOOT_INFO))?;
+    let platform = ctx.platform.clone();
+    let info =
+        super::blocking(move || BootInfo::load(platform.as_ref(), Path::new(paths::BOOT_INFO)))
+            .await??;
     ctx.set_boot(info);
     Ok(())
 }
@@ -29,6 +32,10 @@ pub async fn mount_tmp(ctx: Arc<Runtime>) -> Result<(), TaskError> {
 /// memory, pids, io and cpuset there). `nsdelegate` makes a cgroup namespace a delegation
 /// boundary; `memory_recursiveprot` lets memory protection set on a parent cover its children.
 pub async fn mount_cgroups(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    super::blocking(move || cgroups(&ctx)).await?
+}
+
+fn cgroups(ctx: &Runtime) -> Result<(), TaskError> {
     let p = &ctx.platform;
     p.mount(
         &MountSpec::new("cgroup2", paths::CGROUP, "cgroup2")

@@ -14,24 +14,28 @@ use crate::slots::{self, slot_event};
 
 /// Mounts the ESP (UKIs are written there by upgrades and commits).
 pub async fn mount_esp(ctx: Arc<Runtime>) -> Result<(), TaskError> {
-    let (_, dev) = slots::partition(&ctx, upgrade::layout::LABEL_ESP)?;
+    let dev = slots::boot_partition(&ctx, upgrade::layout::LABEL_ESP)?;
     crate::modules::wait_for(crate::modules::FOR_ESP).await?;
     let spec = MountSpec::new(&dev.display().to_string(), paths::ESP, "vfat").restricted();
-    Ok(ctx.platform.mount(&spec)?)
+    Ok(super::blocking(move || ctx.platform.mount(&spec)).await??)
 }
 
 /// Reads META and works out what this boot is: a trial of the booted slot, or a normal boot
 /// (which may reveal that the other slot's trial failed), and records it there. The boot
 /// entries are made to agree later ([`reconcile_entries`]).
 pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
+    super::blocking(move || record_boot(&ctx)).await?
+}
+
+fn record_boot(ctx: &Arc<Runtime>) -> Result<(), TaskError> {
     // Installer media have no slots of their own to check.
     if ctx.installer() {
         return Ok(());
     }
     let booted = ctx.boot().ok_or(slots::SlotError::NoBootInfo)?.slot;
-    let version = slots::running_version(&ctx);
+    let version = slots::running_version(ctx);
     let mut kind = BootKind::Normal(None);
-    slots::update_meta(&ctx, |m| {
+    slots::update_meta(ctx, |m| {
         kind = m.on_boot(booted, &version, sequencer::clock::unix_ms());
     })?;
     let trial = kind == BootKind::Trial;
@@ -43,8 +47,8 @@ pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
         .as_mut()
         .filter(|f| f.reason == upgrade::meta::NEVER_STARTED)
     {
-        if let Some(why) = refused_by_firmware(&ctx, f.slot) {
-            slots::update_meta(&ctx, |m| m.explain_failure(f.slot, &why))?;
+        if let Some(why) = refused_by_firmware(ctx, f.slot) {
+            slots::update_meta(ctx, |m| m.explain_failure(f.slot, &why))?;
             f.reason = why;
         }
     }
@@ -56,7 +60,7 @@ pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
             f.reason
         );
         slot_event(
-            &ctx,
+            ctx,
             f.slot,
             SlotState::Failed,
             format!("trial of {} failed: {}", f.version, f.reason),
@@ -65,12 +69,12 @@ pub async fn check_slots(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     if trial {
         ctx.set_trial(true);
         slot_event(
-            &ctx,
+            ctx,
             booted,
             SlotState::Trial,
             format!("trial boot of {version}"),
         );
-        install_breadcrumbs(&ctx);
+        install_breadcrumbs(ctx);
     }
     Ok(())
 }
@@ -83,10 +87,13 @@ pub async fn reconcile_entries(ctx: Arc<Runtime>) -> Result<(), TaskError> {
     if ctx.installer() {
         return Ok(());
     }
-    // META as checkSlots left it (no write: nothing changes).
-    let m = slots::update_meta(&ctx, |_| {})?;
-    slots::reconcile_entries(&ctx, &m)?;
-    Ok(())
+    super::blocking(move || -> Result<(), TaskError> {
+        // META as checkSlots left it (no write: nothing changes).
+        let m = slots::update_meta(&ctx, |_| {})?;
+        slots::reconcile_entries(&ctx, &m)?;
+        Ok(())
+    })
+    .await?
 }
 
 /// Why the firmware would not start `slot`'s UKI, if a look at it tells: with Secure Boot on,
