@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::Instrument;
 
 use crate::event::{EventBus, EventKind};
@@ -161,6 +161,39 @@ fn aborted(
     }
 }
 
+/// What a panicking task said.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Blocking work begun by tasks ([`blocking`]), so that an interrupted phase can wait for it.
+fn blocking_work() -> &'static TaskTracker {
+    static TRACKER: std::sync::OnceLock<TaskTracker> = std::sync::OnceLock::new();
+    TRACKER.get_or_init(TaskTracker::new)
+}
+
+/// Runs a task's blocking work (mounts, reads and writes, the TPM, firmware variables) on a
+/// thread of its own. A thread cannot be stopped: a phase interrupted while such work runs
+/// waits for it to end before the sequence that interrupted it starts (one sequence runs at a
+/// time, so what is waited for is the interrupted one's).
+pub async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, tokio::task::JoinError> {
+    blocking_work().spawn_blocking(f).await
+}
+
+async fn settle_blocking() {
+    let tracker = blocking_work();
+    tracker.close();
+    tracker.wait().await;
+    tracker.reopen();
+}
+
 fn micros(since: Instant) -> u64 {
     since.elapsed().as_micros().min(u64::MAX as u128) as u64
 }
@@ -251,7 +284,9 @@ async fn run_phases<C: Clone + Send + 'static>(
             actor,
         );
         tracing::info!(parent: &span, "phase {}/{} {}", i + 1, total, phase_name);
+        let tracker = TaskTracker::new();
         let runs = phase.tasks.iter().map(|task| {
+            let tracker = tracker.clone();
             let ctx = ctx.clone();
             let run = task.run.clone();
             let task_name = task.name;
@@ -270,10 +305,12 @@ async fn run_phases<C: Clone + Send + 'static>(
                 // Each task is a tokio task of its own: one that computes between its awaits
                 // does not hold up the others (a multi-threaded runtime polls them on other
                 // threads), and the phase dropped (a hard cancel) aborts them all.
-                let work = run(ctx).instrument(work_span);
+                let work = tracker.track_future(run(ctx).instrument(work_span));
                 let result = match AbortOnDropHandle::new(tokio::spawn(work)).await {
                     Ok(r) => r,
-                    Err(e) if e.is_panic() => Err(format!("task {task_name} panicked").into()),
+                    Err(e) if e.is_panic() => {
+                        Err(format!("task {task_name} panicked: {}", panic_message(e)).into())
+                    }
                     Err(e) => Err(e.into()),
                 };
                 bus.publish(
@@ -294,14 +331,26 @@ async fn run_phases<C: Clone + Send + 'static>(
             .instrument(task_span)
         });
         cancel.set_interruptible(phase.interruptible);
-        let results = tokio::select! {
-            results = join_all(runs).instrument(span.clone()) => results,
-            _ = cancel.hard.cancelled() => {
-                return Err(aborted(bus, seq_name, phase_name, phase_started, actor, cancel));
-            }
-            _ = cancel.soft.cancelled(), if phase.interruptible => {
-                return Err(aborted(bus, seq_name, phase_name, phase_started, actor, cancel));
-            }
+        let finished = tokio::select! {
+            results = join_all(runs).instrument(span.clone()) => Some(results),
+            _ = cancel.hard.cancelled() => None,
+            _ = cancel.soft.cancelled(), if phase.interruptible => None,
+        };
+        let Some(results) = finished else {
+            // The phase was dropped, and each task's handle with it (which aborts the task):
+            // nothing of it may still run when the sequence that interrupted it starts, so
+            // wait for every task to have stopped and for the blocking work they began.
+            tracker.close();
+            tracker.wait().await;
+            settle_blocking().await;
+            return Err(aborted(
+                bus,
+                seq_name,
+                phase_name,
+                phase_started,
+                actor,
+                cancel,
+            ));
         };
         cancel.set_interruptible(false);
         let failed = results
@@ -617,6 +666,56 @@ mod tests {
             at_abort,
             "the task went on after its phase was dropped"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_phase_waits_for_the_blocking_work_its_tasks_began() {
+        let bus = EventBus::new(64);
+        let cancel = Cancel::new();
+        let c = cancel.clone();
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let e = ended.clone();
+        let writes = Task::new("writes", move |_: ()| {
+            let (c, e) = (c.clone(), e.clone());
+            async move {
+                let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+                let work = blocking(move || {
+                    let _ = started_tx.send(());
+                    std::thread::sleep(Duration::from_millis(300));
+                    e.store(true, std::sync::atomic::Ordering::SeqCst);
+                });
+                tokio::pin!(work);
+                // Polled once, the work is on its thread.
+                let _ = futures::poll!(&mut work);
+                let _ = started_rx.await;
+                c.abort("forced shutdown");
+                work.await.map_err(|_| Fire)
+            }
+        });
+        let seq = Sequence::new("s").phase("p", [writes]);
+        let err = run_with(&seq, (), &bus, None, &cancel)
+            .await
+            .expect_err("aborted");
+        assert!(err.is_cancelled());
+        assert!(
+            ended.load(std::sync::atomic::Ordering::SeqCst),
+            "the sequence ended while its blocking work still ran"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_fails_saying_what_it_said() {
+        let bus = EventBus::new(64);
+        let panics = Task::new("panics", |_: ()| async {
+            if std::hint::black_box(true) {
+                panic!("the disk is on fire");
+            }
+            Ok::<(), Fire>(())
+        });
+        let seq = Sequence::new("s").phase("p", [panics]);
+        let err = run(&seq, (), &bus, None).await.expect_err("failed");
+        let text = chain(&err);
+        assert!(text.contains("the disk is on fire"), "{text}");
     }
 
     #[tokio::test]
