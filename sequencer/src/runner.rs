@@ -180,11 +180,14 @@ fn blocking_work() -> &'static TaskTracker {
 /// Runs a task's blocking work (mounts, reads and writes, the TPM, firmware variables) on a
 /// thread of its own. A thread cannot be stopped: a phase interrupted while such work runs
 /// waits for it to end before the sequence that interrupted it starts (one sequence runs at a
-/// time, so what is waited for is the interrupted one's).
+/// time, so what is waited for is the interrupted one's). It logs in the caller's span.
 pub async fn blocking<R: Send + 'static>(
     f: impl FnOnce() -> R + Send + 'static,
 ) -> Result<R, tokio::task::JoinError> {
-    blocking_work().spawn_blocking(f).await
+    let span = tracing::Span::current();
+    blocking_work()
+        .spawn_blocking(move || span.in_scope(f))
+        .await
 }
 
 async fn settle_blocking() {
