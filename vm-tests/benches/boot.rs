@@ -18,7 +18,7 @@ mod common;
 use std::time::Duration;
 
 use sequencer::EventKind;
-use vm_tests::node::{prepare, wait_for_version_with, NodeSpec, Polling};
+use vm_tests::node::{prepare, wait_for_version_with, Polling};
 use vm_tests::qemu::Vm;
 use vm_tests::timeline::Timeline;
 
@@ -163,21 +163,7 @@ async fn boot_node(node: &common::TestNode) -> (Vm, NodeBoot, Duration, Split, T
 
 /// Boots the floor once: kernel start → `/init` (its own clock), QEMU start → `/init`, the split.
 fn boot_floor(floor_image: &imager::Artifacts) -> (Duration, Duration, Split) {
-    let dir = common::workspace().join("target/vm-tests/bench-floor");
-    let _ = std::fs::remove_dir_all(&dir);
-    let spec = NodeSpec {
-        name: "bench-floor".into(),
-        dir,
-        image_dir: Default::default(),
-        memory_mb: 1024,
-        services: Vec::new(),
-        trusted_keys: Vec::new(),
-        extensions: Vec::new(),
-        containers: Vec::new(),
-        forwards: Vec::new(),
-        preset: None,
-        lan: None,
-    };
+    let spec = common::plain_spec("bench-floor");
     let f = prepare(&spec, floor_image).expect("floor disk");
     let mut vm = Vm::launch(f.vm_spec()).expect("launch floor");
     let (_, reached) = vm

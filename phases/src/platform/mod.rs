@@ -187,7 +187,7 @@ pub enum PlatformError {
         /// The error.
         errno: nix::Error,
     },
-    /// finit_module(2) failed.
+    /// init_module(2) failed.
     #[error("loading kernel module {path}: {errno}")]
     Module {
         /// Module file.

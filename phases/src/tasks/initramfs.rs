@@ -196,15 +196,18 @@ pub async fn mount_run(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
 
 /// A module as the list names it.
 #[derive(Debug, PartialEq, Eq)]
-struct ModuleLine {
-    path: String,
-    params: String,
-    after: Vec<String>,
+pub struct ModuleLine {
+    /// Its path under `/lib/modules/<release>/`.
+    pub path: String,
+    /// The parameters it loads with.
+    pub params: String,
+    /// What must be in before it (paths).
+    pub after: Vec<String>,
 }
 
 /// One line of the module list, as the image builder writes it
 /// (`imager::kernel::order_text`): `path [param...][: after...]`.
-fn parse_module_line(line: &str) -> Option<ModuleLine> {
+pub fn parse_module_line(line: &str) -> Option<ModuleLine> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return None;

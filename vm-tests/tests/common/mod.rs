@@ -108,22 +108,31 @@ pub fn node_booting(name: &str, image: &imager::Artifacts) -> TestNode {
 }
 
 fn node_of(name: &str, services: Vec<config::Service>, image: &imager::Artifacts) -> TestNode {
+    let spec = NodeSpec {
+        services,
+        ..plain_spec(name)
+    };
+    test_node(prepare(&spec, image).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
+}
+
+/// A node with nothing configured beyond what every node has, in a directory of its own under
+/// the target dir, made afresh.
+pub fn plain_spec(name: &str) -> NodeSpec {
     let dir = workspace().join("target/vm-tests").join(name);
     let _ = std::fs::remove_dir_all(&dir);
-    let spec = NodeSpec {
+    NodeSpec {
         name: name.into(),
         dir,
         image_dir: PathBuf::new(),
         memory_mb: 1024,
-        services,
+        services: Vec::new(),
         trusted_keys: Vec::new(),
         extensions: Vec::new(),
         containers: Vec::new(),
         forwards: Vec::new(),
         preset: None,
         lan: None,
-    };
-    test_node(prepare(&spec, image).unwrap_or_else(|e| panic!("preparing node {name}: {e}")))
+    }
 }
 
 /// How long a boot through OVMF under TCG may take before a test gives up.
