@@ -26,9 +26,9 @@ pub const EXTRA_SOFTDEPS: &[(&str, &str)] = &[("crc64_rocksoft", "crypto-crc64-r
 /// `modules.dep` and `modules.softdep`; they load in parallel, each once what it follows is in.
 ///
 /// The root's dm-verity hashes with the SHA-256 built into the kernel: the CPU's
-/// (`sha256_ssse3`) costs its self-tests when it loads (80 ms under TCG, where it hashes no
-/// faster than the C code: BENCHMARKS.md), and the root is a few MiB, read little once
-/// machined runs from the initramfs. It loads later, for the extensions' larger reads (held
+/// (`sha256_ssse3`) costs its load (12–33 ms under TCG, where it hashes no faster than the C
+/// code: BENCHMARKS.md), and the root is a few MiB, read little once machined runs from the
+/// initramfs. It loads later, for the extensions' larger reads (held
 /// back until they ask or the boot has settled).
 pub const INITRAMFS_MODULES: &[&str] = &[
     // First what finding the boot disk waits for, then the root's, the volumes', the

@@ -224,11 +224,9 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
             "console=ttyS0".to_string(),
             "panic=1".into(),
             "quiet".into(),
-            // No crypto self-tests: Debian's kernel tests every algorithm as it registers, at
-            // boot and in each crypto module's load (under TCG about 0.5 s of the kernel's
-            // start and most of AES-NI's load: BENCHMARKS.md). Upstream's Kconfig calls them a
-            // developer's tool, not for production kernels unless for FIPS (`fips=1` still
-            // runs them); upstream's default config and Talos's kernel leave them out.
+            // No crypto self-tests (upstream's default; Debian's kernel turns them on): they
+            // test every algorithm as it registers, at boot and in each crypto module's load,
+            // which costs boot time under TCG (BENCHMARKS.md). `fips=1` still runs them.
             "cryptomgr.notests".into(),
             format!("plinth.slot={slot}"),
         ];

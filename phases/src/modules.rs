@@ -4,10 +4,11 @@
 //! priority, so they fill the time the boot leaves idle instead of delaying it; each task that
 //! needs a late module waits for it.
 //! What nothing on the way to the API needs (dm-crypt and AES for encrypted volumes, the power
-//! button) is held back until a task asks for it or the boot has settled ([`release_after`]).
+//! button) is held back until a task asks for it (then it alone loads, with what it follows)
+//! or the boot has settled ([`release_after`]).
 //! Under TCG a module costs tens to hundreds of milliseconds (its signature hashed, its
-//! relocations applied, its self-tests run), and on a two-CPU machine the emulator's own
-//! threads (network, disk, console) share the host's cores with the vCPUs.
+//! relocations applied: `cargo bench -p vm-tests --bench modules`), and on a two-CPU machine
+//! the emulator's own threads (network, disk, console) share the host's cores with the vCPUs.
 //!
 //! The loader is one process-wide set of threads: it starts in the initramfs (which goes on as
 //! the node in the same process) from descriptors opened before `switch_root` removes the
@@ -111,6 +112,16 @@ impl Queues {
         Some(self.held.remove(i))
     }
 
+    /// Lets the held-back modules `names` load, with what they follow; the others stay held.
+    fn release_named(&mut self, names: &[String]) {
+        let needed = with_what_they_follow(&self.held, |name| names.iter().any(|n| n == name));
+        let (now, held): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|m| needed.contains(&m.path));
+        self.held = held;
+        self.late.extend(now);
+    }
+
     fn empty(&self, late: bool) -> bool {
         if late {
             self.late.is_empty() && self.held.is_empty()
@@ -127,16 +138,22 @@ const BEFORE_THE_API: &[&[&str]] = &[FOR_VOLUMES, FOR_ESP, FOR_NETWORK];
 /// Splits `late` into what loads in the background now (what [`BEFORE_THE_API`] names, and
 /// its dependencies) and what is held back.
 fn hold_back(late: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
-    let mut needed: HashSet<&str> = late
+    let needed = with_what_they_follow(&late, |name| {
+        BEFORE_THE_API.iter().any(|l| l.contains(&name))
+    });
+    late.into_iter().partition(|m| needed.contains(&m.path))
+}
+
+/// The paths of the modules in `list` whose name `wanted` accepts, and of those in `list` they
+/// follow, directly or not.
+fn with_what_they_follow(list: &[Pending], wanted: impl Fn(&str) -> bool) -> HashSet<String> {
+    let mut needed: HashSet<&str> = list
         .iter()
-        .filter(|m| {
-            let name = name_of(&m.path);
-            BEFORE_THE_API.iter().any(|l| l.contains(&name.as_str()))
-        })
+        .filter(|m| wanted(&name_of(&m.path)))
         .map(|m| m.path.as_str())
         .collect();
     loop {
-        let more: Vec<&str> = late
+        let more: Vec<&str> = list
             .iter()
             .filter(|m| needed.contains(m.path.as_str()))
             .flat_map(|m| m.after.iter().map(String::as_str))
@@ -147,14 +164,27 @@ fn hold_back(late: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
         }
         needed.extend(more);
     }
-    let needed: HashSet<String> = needed.into_iter().map(String::from).collect();
-    late.into_iter().partition(|m| needed.contains(&m.path))
+    needed.into_iter().map(String::from).collect()
 }
 
 /// The loader's queues, for [`release`].
 static QUEUES: OnceLock<Arc<(Mutex<Queues>, Condvar)>> = OnceLock::new();
 
-/// Lets the held-back modules load (a task needs one, or the boot has settled).
+/// Lets the held-back modules `names` load (a task waits for them), with what they follow:
+/// the others stay held, so that they do not load beside the rest of the boot (an encrypted
+/// node's `mountState` waits for dm-crypt; the bridge, overlay and loop modules would
+/// otherwise load at once, on the way to the API).
+fn release_named(names: &[String]) {
+    if let Some(queues) = QUEUES.get() {
+        let (lock, cv) = &**queues;
+        lock.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release_named(names);
+        cv.notify_all();
+    }
+}
+
+/// Lets the held-back modules load (the boot has settled).
 pub fn release() {
     if let Some(queues) = QUEUES.get() {
         let (lock, cv) = &**queues;
@@ -320,7 +350,7 @@ pub fn loaded() -> Vec<Loaded> {
 }
 
 /// Waits until the modules `names` are in (one this machine has no hardware for counts once
-/// tried), releasing the held-back ones if it names one. Returns at once when no loader runs
+/// tried), releasing those of them held back, with what they follow. Returns at once when no loader runs
 /// (the simulated machine).
 pub async fn wait_for(names: &[&str]) -> Result<(), String> {
     wait(names, true).await
@@ -344,7 +374,7 @@ async fn wait(names: &[&str], ask: bool) -> Result<(), String> {
         )
     });
     if ask && held {
-        release();
+        release_named(&wanted);
     }
     let mut rx = tx.subscribe();
     // A module, once tried, stays tried, and the boost lasts: one look is enough.
@@ -461,29 +491,59 @@ mod tests {
         assert_eq!(names(&now), ["crc16", "ext4", "virtio_net"]);
         assert_eq!(names(&held), ["cryptd", "aesni_intel", "evdev"]);
 
-        let known = now.iter().chain(&held).map(|m| m.path.clone()).collect();
-        let mut q = Queues {
+        let mut q = late_queues(now, held);
+        let mut taken = take_all_late(&mut q);
+        assert_eq!(taken, ["crc16", "ext4", "virtio_net"]);
+        assert!(!q.empty(true), "the held ones are still to load");
+        q.released = true;
+        taken.extend(take_all_late(&mut q));
+        assert_eq!(taken[3..], ["cryptd", "aesni_intel", "evdev"]);
+        assert!(q.empty(true));
+    }
+
+    #[test]
+    fn a_task_waiting_for_a_held_module_releases_it_and_what_it_follows_only() {
+        let held = vec![
+            pending("kernel/crypto/cryptd.ko", &[]),
+            pending(
+                "kernel/arch/x86/crypto/aesni-intel.ko",
+                &["kernel/crypto/cryptd.ko"],
+            ),
+            pending("kernel/drivers/md/dm-crypt.ko", &[]),
+            pending("kernel/net/bridge/bridge.ko", &[]),
+            pending("kernel/drivers/input/evdev.ko", &[]),
+        ];
+        let mut q = late_queues(Vec::new(), held);
+        q.release_named(&["dm_crypt".to_string(), "aesni_intel".to_string()]);
+        let mut taken = take_all_late(&mut q);
+        assert_eq!(taken, ["cryptd", "aesni_intel", "dm_crypt"]);
+        assert!(!q.empty(true), "bridge and evdev are still held");
+        q.released = true;
+        taken.extend(take_all_late(&mut q));
+        assert_eq!(taken[3..], ["bridge", "evdev"]);
+    }
+
+    /// Queues with only late modules: `late` to load, `held` held back.
+    fn late_queues(late: Vec<Pending>, held: Vec<Pending>) -> Queues {
+        let known = late.iter().chain(&held).map(|m| m.path.clone()).collect();
+        Queues {
             early: Vec::new(),
-            late: now,
+            late,
             held,
             released: false,
             done: HashSet::new(),
             known,
             late_names: HashSet::new(),
-        };
+        }
+    }
+
+    /// Takes the late modules ready to load, each done at once; their names in order.
+    fn take_all_late(q: &mut Queues) -> Vec<String> {
         let mut taken = Vec::new();
         while let Some(m) = q.take(true) {
             q.done.insert(m.path.clone());
             taken.push(name_of(&m.path));
         }
-        assert_eq!(taken, ["crc16", "ext4", "virtio_net"]);
-        assert!(!q.empty(true), "the held ones are still to load");
-        q.released = true;
-        while let Some(m) = q.take(true) {
-            q.done.insert(m.path.clone());
-            taken.push(name_of(&m.path));
-        }
-        assert_eq!(taken[3..], ["cryptd", "aesni_intel", "evdev"]);
-        assert!(q.empty(true));
+        taken
     }
 }

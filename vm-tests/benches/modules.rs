@@ -1,10 +1,10 @@
 //! What each of the node's kernel modules costs to load under TCG, on the node's own VM
 //! (OVMF's Secure Boot build with the keys enrolled, a software TPM, two vCPUs): an image with
-//! `plinth-modcost` as `/init` loads the image's modules one at a time in the loader's order,
-//! from memory (`init_module`, machined's way, the read included) and from a file
+//! `plinth-modcost` as `/init` loads the image's modules one at a time (the initramfs's list,
+//! then the late one), from memory (`init_module`, machined's way, the read included) and from a file
 //! (`finit_module`), unloading them between rounds, and reports each one's median both ways.
-//! With Secure Boot on, the kernel's IMA arch policy measures a module loaded from a file (a
-//! SHA-256 of it and a TPM PCR 10 extend); one loaded from memory it does not.
+//! With Secure Boot on, Debian's kernel (IMA's arch policy) measures a module loaded from a
+//! file (a SHA-256 of it and a TPM PCR 10 extend); the output says how many loads IMA measured.
 //!
 //! `PLINTH_IMAGE_DIR=$PWD/out cargo bench -p vm-tests --bench modules` (the image in `out/` and
 //! the static binaries must be built: `./x test` or `./x run` does both).
@@ -121,7 +121,7 @@ fn main() {
         costs.iter().map(|c| c.memory).sum(),
     );
     println!(
-        "all {} modules one after another: from a file (finit_module, measured by IMA) {}, from memory (init_module, machined's way) {}",
+        "all {} modules, the sum of each one's median: from a file (finit_module) {}, from memory (init_module, machined's way) {}",
         costs.len(),
         ms(file),
         ms(memory)

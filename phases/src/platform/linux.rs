@@ -163,19 +163,12 @@ impl Platform for Linux {
             what: format!("the parameters for {} hold a NUL byte", path.display()),
             errno: nix::Error::EINVAL,
         })?;
-        // From memory (init_module), not from the file (finit_module): with Secure Boot on,
-        // the kernel's IMA arch policy measures every module read from a file, a SHA-256 of
-        // it and a TPM PCR 10 extend, one at a time (under TCG 200 ms of the initramfs's
-        // modules loaded one by one: BENCHMARKS.md). It adds nothing to the chain: these
-        // modules are in the initramfs, inside the signed UKI that PCR 11 measures, and IMA
-        // does not measure a module loaded from memory, so PCR 10 never recorded what a
-        // kernel loads (whoever can load one picks the call). The kernel checks the module's
-        // signature on both paths alike.
-        let image = read_whole(file).map_err(|source| PlatformError::Io {
-            what: "reading kernel module",
-            path: path.display().to_string(),
-            source,
-        })?;
+        // From memory, not from the file: with Secure Boot on, Debian's kernel (IMA's arch
+        // policy) hashes each module loaded from a file and extends PCR 10 with it, which
+        // costs time and proves nothing Plinth relies on (ARCHITECTURE, "What checks and
+        // measures what"). The signature check is the same either way.
+        let image = read_whole(file)
+            .map_err(|source| PlatformError::io("reading kernel module", path, source))?;
         match nix::kmod::init_module(&image, &params) {
             Ok(()) => Ok(ModuleLoad::Loaded),
             Err(nix::Error::EEXIST) => Ok(ModuleLoad::AlreadyLoaded),
@@ -670,14 +663,6 @@ pub(crate) fn write_zeroes(f: &mut std::fs::File, offset: u64, len: u64) -> std:
     Ok(())
 }
 
-/// How much one `BLKZEROOUT` call zeroes. On a device without write-zeroes offload the kernel
-/// writes zero pages itself, and one call over a terabyte partition would be one uninterruptible
-/// wait of hours; bounded steps keep each call short and the device queue shallow.
-const ZERO_STEP: u64 = 32 << 20;
-
-/// Zeroes `[0, len)` of `f` in steps of `step` bytes: `BLKZEROOUT` (offloaded where the device
-/// can), or writes for a file that is not a block device (it answers `ENOTTY`) and once the
-/// device refuses a step.
 /// A file's whole content from its start, whatever its offset (the loader's files were opened
 /// before `switch_root`, and are read once).
 fn read_whole(file: &std::fs::File) -> std::io::Result<Vec<u8>> {
@@ -688,6 +673,14 @@ fn read_whole(file: &std::fs::File) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// How much one `BLKZEROOUT` call zeroes. On a device without write-zeroes offload the kernel
+/// writes zero pages itself, and one call over a terabyte partition would be one uninterruptible
+/// wait of hours; bounded steps keep each call short and the device queue shallow.
+const ZERO_STEP: u64 = 32 << 20;
+
+/// Zeroes `[0, len)` of `f` in steps of `step` bytes: `BLKZEROOUT` (offloaded where the device
+/// can), or writes for a file that is not a block device (it answers `ENOTTY`) and once the
+/// device refuses a step.
 fn zero_out(f: &mut std::fs::File, len: u64, step: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let mut offload = true;
