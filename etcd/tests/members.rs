@@ -11,12 +11,7 @@ use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
 use config::MachineType;
 use etcd::{Credentials, Etcd, Member, PkiFiles, Start};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+mod common;
 
 struct Running(Child);
 
@@ -62,13 +57,15 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_join_as_learners_are_promoted_and_quorum_is_checked() {
-    let nodes = (1..=3)
-        .map(|i| ClusterNode {
+    let nodes = common::free_ports(9)
+        .chunks(3)
+        .zip(1..)
+        .map(|(ports, i)| ClusterNode {
             name: format!("cp-{i}"),
             machine_type: MachineType::Controlplane,
             address: "127.0.0.1/8".into(),
-            endpoint: format!("127.0.0.1:{}", free_port()),
-            etcd_ports: (free_port(), free_port()),
+            endpoint: format!("127.0.0.1:{}", ports[0]),
+            etcd_ports: (ports[1], ports[2]),
         })
         .collect();
     let g = generate_cluster(&ClusterOptions {

@@ -11,12 +11,7 @@ use api::gen::{generate_cluster, ClusterNode, ClusterOptions};
 use config::MachineType;
 use etcd::{Member, PkiFiles, Start};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+mod common;
 
 fn tool(name: &str, package: &str) -> String {
     let found = std::env::var_os("PATH")
@@ -70,12 +65,13 @@ fn etcdctl(endpoint: &str, ca: &str, cert: &str, key: &str, args: &[&str]) -> (b
 
 #[test]
 fn etcd_serves_its_members_and_machined_with_the_generated_certificates_and_no_other() {
-    let node = |name: &str, kind, i: u8| ClusterNode {
+    let mut ports = common::free_ports(4).into_iter();
+    let mut node = |name: &str, kind, i: u8| ClusterNode {
         name: name.into(),
         machine_type: kind,
         address: format!("127.0.0.{i}/8"),
         endpoint: format!("127.0.0.{i}"),
-        etcd_ports: (free_port(), free_port()),
+        etcd_ports: (ports.next().expect("a port"), ports.next().expect("a port")),
     };
     let g = generate_cluster(&ClusterOptions {
         cluster: "pki".into(),

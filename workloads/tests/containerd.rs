@@ -360,13 +360,14 @@ fn busybox_archive(dir: &Path) -> PathBuf {
     path
 }
 
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+/// Ports that nothing listens on now, all different (each is held until all are found).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
 }
 
 /// GET / from 127.0.0.1:port, retried while the server starts.
@@ -437,7 +438,8 @@ async fn containers_run_on_the_host_network_or_a_private_one_with_a_published_po
         .expect("removes");
 
     // On the host network it listens on the node's loopback itself.
-    let port = free_port();
+    let ports = free_ports(2);
+    let port = ports[0];
     let web = spec(
         "web-host",
         vec![
@@ -494,7 +496,7 @@ async fn containers_run_on_the_host_network_or_a_private_one_with_a_published_po
         .expect("starts");
     let netns = workloads::network::Netns::of_pid(pid).expect("netns");
     netns.loopback_up().expect("lo up");
-    let published = free_port();
+    let published = ports[1];
     let stop = tokio_util::sync::CancellationToken::new();
     workloads::network::publish(
         netns,
