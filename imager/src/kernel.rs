@@ -21,9 +21,10 @@ pub const EXTRA_SOFTDEPS: &[(&str, &str)] = &[("crc64_rocksoft", "crypto-crc64-r
 /// for installer media), map and mount the root, read the EFI variables and arm the watchdog,
 /// and the entropy source TLS needs; and ext4, which the node needs first of all once the
 /// initramfs is done (STATE holds its config), and which is the largest module: loaded beside
-/// the initramfs's own work it is in by then (in the background after it, the node waited
-/// about 0.2 s more for it under TCG: BENCHMARKS.md). Their dependencies are added from
-/// `modules.dep` and `modules.softdep`; they load in parallel, each once what it follows is in.
+/// the initramfs's own work (in the late loader's background, the node waited about 0.2 s
+/// more for it under TCG: BENCHMARKS.md), but after the rest, which the initramfs's tasks wait
+/// for one after another. Their dependencies are added from `modules.dep` and
+/// `modules.softdep`; they load in parallel in this order, each once what it follows is in.
 ///
 /// The root's dm-verity hashes with the SHA-256 built into the kernel: the CPU's
 /// (`sha256_ssse3`) costs its load (12–33 ms under TCG, where it hashes no faster than the C
@@ -31,18 +32,20 @@ pub const EXTRA_SOFTDEPS: &[(&str, &str)] = &[("crc64_rocksoft", "crypto-crc64-r
 /// initramfs. It loads later, for the extensions' larger reads (held
 /// back until they ask or the boot has settled).
 pub const INITRAMFS_MODULES: &[&str] = &[
-    // First what finding the boot disk waits for, then the root's, the volumes', the
-    // watchdog, entropy.
+    // In the order the initramfs's tasks wait for them: what finding the boot disk waits
+    // for, the root's, the watchdog (armed beside the disk's search), entropy; ext4 last, as
+    // nothing waits for it before the hand-over (loaded before these, it held a CPU through
+    // the boot disk's chain of modules and NVMe probe).
     "efivarfs",
     "nvme",
     "virtio_pci",
     "virtio_blk",
     "dm_verity",
     "squashfs",
-    "ext4",
     "i6300esb",
     // Entropy: without it getrandom, and so TLS, waits for the CRNG.
     "virtio-rng",
+    "ext4",
 ];
 
 /// Modules the node needs only after the initramfs: they load in the background while the boot

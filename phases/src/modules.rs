@@ -175,26 +175,26 @@ static QUEUES: OnceLock<Arc<(Mutex<Queues>, Condvar)>> = OnceLock::new();
 /// node's `mountState` waits for dm-crypt; the bridge, overlay and loop modules would
 /// otherwise load at once, on the way to the API).
 fn release_named(names: &[String]) {
+    with_queues(|q| q.release_named(names));
+}
+
+/// Changes the loader's queues (if it runs) and wakes it to look at them again.
+fn with_queues(change: impl FnOnce(&mut Queues)) {
     if let Some(queues) = QUEUES.get() {
         let (lock, cv) = &**queues;
-        lock.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .release_named(names);
+        change(&mut lock.lock().unwrap_or_else(|p| p.into_inner()));
         cv.notify_all();
     }
 }
 
 /// Lets the held-back modules load (the boot has settled).
 pub fn release() {
-    if let Some(queues) = QUEUES.get() {
-        let (lock, cv) = &**queues;
-        let mut q = lock.lock().unwrap_or_else(|p| p.into_inner());
+    with_queues(|q| {
         if !q.released && !q.held.is_empty() {
             tracing::debug!("kernel modules: loading the {} held back", q.held.len());
         }
         q.released = true;
-        cv.notify_all();
-    }
+    });
 }
 
 /// [`release`]s the held-back modules after `delay` (the power button's, and dm-crypt's on a

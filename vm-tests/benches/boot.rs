@@ -73,6 +73,80 @@ impl Split {
     }
 }
 
+/// The kernel's own milestones in one boot's log, in its printk clock (which restarts when the
+/// TSC is found unstable, so set them against each other, not against `boot_us`): the initramfs
+/// unpacked (it runs beside the initcalls), `/init` run, and how the TSC was calibrated.
+struct KernelMarks {
+    unpack: Option<(u64, u64)>,
+    init: Option<u64>,
+    tsc: &'static str,
+}
+
+impl KernelMarks {
+    fn from_log(log: &[(u64, String)]) -> KernelMarks {
+        let at = |needle: &str| {
+            log.iter()
+                .find(|(_, t)| t.contains(needle))
+                .map(|(us, _)| *us)
+        };
+        let unpack = at("Trying to unpack rootfs image").zip(at("Freeing initrd memory"));
+        let tsc = if at("tsc: Unable to calibrate against PIT").is_some() {
+            "TSC from the HPET"
+        } else if at("tsc: Fast TSC calibration").is_some() {
+            "TSC fast against the PIT"
+        } else {
+            "TSC otherwise"
+        };
+        KernelMarks {
+            unpack,
+            init: at("Run /init as init process"),
+            tsc,
+        }
+    }
+
+    fn render(&self) -> String {
+        let us = |v: u64| ms(Duration::from_micros(v));
+        format!(
+            "initramfs unpacked {} ({}), /init run at {}, {}",
+            self.unpack
+                .map(|(a, b)| format!("{}–{}", us(a), us(b)))
+                .unwrap_or_else(|| "?".into()),
+            self.unpack
+                .map(|(a, b)| us(b.saturating_sub(a)))
+                .unwrap_or_else(|| "?".into()),
+            self.init.map(us).unwrap_or_else(|| "?".into()),
+            self.tsc
+        )
+    }
+}
+
+/// The node's kernel log, through the API, kept in `file` for reading later.
+async fn node_kernel_log(node: &common::TestNode, file: &std::path::Path) -> Vec<(u64, String)> {
+    let (endpoint, ctx) = (node.endpoint(), node.context().expect("context").clone());
+    let mut c = api::client::connect_context(&endpoint, &ctx)
+        .await
+        .expect("connect");
+    let mut s = c
+        .dmesg(api::proto::DmesgRequest { follow: false })
+        .await
+        .expect("dmesg")
+        .into_inner();
+    let mut log = Vec::new();
+    while let Some(l) = s.message().await.expect("dmesg stream") {
+        log.push((l.boot_us, l.text));
+    }
+    keep_log(&log, file);
+    log
+}
+
+fn keep_log(log: &[(u64, String)], file: &std::path::Path) {
+    let text: String = log
+        .iter()
+        .map(|(us, t)| format!("[{:>5}.{:06}] {t}\n", us / 1_000_000, us % 1_000_000))
+        .collect();
+    let _ = std::fs::write(file, text);
+}
+
 /// One node boot, timed from its kernel's start (guest clock zero, so firmware noise drops
 /// out): the segments in boot order and the total to `Version` answered.
 struct NodeBoot {
@@ -162,15 +236,27 @@ async fn boot_node(node: &common::TestNode) -> (Vm, NodeBoot, Duration, Split, T
 }
 
 /// Boots the floor once: kernel start → `/init` (its own clock), QEMU start → `/init`, the split.
-fn boot_floor(floor_image: &imager::Artifacts) -> (Duration, Duration, Split) {
+fn boot_floor(floor_image: &imager::Artifacts) -> (Duration, Duration, Split, KernelMarks) {
     let spec = common::plain_spec("bench-floor");
     let f = prepare(&spec, floor_image).expect("floor disk");
     let mut vm = Vm::launch(f.vm_spec()).expect("launch floor");
     let (_, reached) = vm
         .wait_for_line("plinth-floor: init reached", 0, common::BOOT_TIMEOUT)
         .expect("floor init");
-    let lines = vm.serial.lines();
     let _ = vm.wait_exit(Duration::from_secs(60));
+    let lines = vm.serial.lines();
+    let log: Vec<(u64, String)> = lines
+        .iter()
+        .filter_map(|l| {
+            let (us, text) = l
+                .text
+                .split_once("plinth-floor: kmsg ")?
+                .1
+                .split_once(' ')?;
+            Some((us.parse().ok()?, text.to_string()))
+        })
+        .collect();
+    keep_log(&log, &spec.dir.join("kernel.log"));
     let floor_kernel_us: u64 = reached
         .text
         .split("boot_us=")
@@ -189,7 +275,12 @@ fn boot_floor(floor_image: &imager::Artifacts) -> (Duration, Duration, Split) {
         ),
         init: Some(reached.at),
     };
-    (Duration::from_micros(floor_kernel_us), reached.at, split)
+    (
+        Duration::from_micros(floor_kernel_us),
+        reached.at,
+        split,
+        KernelMarks::from_log(&log),
+    )
 }
 
 /// The answered call made again on a booted node, each on a new connection as the first was:
@@ -251,6 +342,9 @@ async fn main() {
             .expect("the node powers off");
         let (mut vm, boot, ready, node_split, t) = boot_node(&node).await;
         let warm = warm_calls(&node).await;
+        let node_marks = KernelMarks::from_log(
+            &node_kernel_log(&node, &node.spec.dir.join(format!("kernel-run{run}.log"))).await,
+        );
         warm_quiet.push(warm.1);
         vm.kill();
         last_timeline = Some(t);
@@ -258,7 +352,7 @@ async fn main() {
         if floor_run.is_none() {
             floor_run = Some(boot_floor(&floor_image));
         }
-        let Some((floor_k, reached, floor_split)) = floor_run else {
+        let Some((floor_k, reached, floor_split, floor_marks)) = floor_run else {
             unreachable!("the floor booted before or after the node")
         };
         floor.push(reached);
@@ -284,6 +378,14 @@ async fn main() {
         );
         println!("  node:  {}", node_split.render());
         println!("  floor: {}", floor_split.render());
+        println!(
+            "  node's kernel (its printk clock):  {}",
+            node_marks.render()
+        );
+        println!(
+            "  floor's kernel (its printk clock): {}",
+            floor_marks.render()
+        );
         node_ready.push(ready);
         first_boots.push(first.answered);
         node_boots.push(boot);

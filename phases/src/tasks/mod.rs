@@ -12,14 +12,9 @@ pub mod teardown;
 pub mod trial;
 pub mod upgrade;
 
-/// Runs a task's blocking work (mounts, reads and writes, the TPM, firmware variables) on a
-/// thread of its own, in the task's log span; a failure to run it becomes the task's error.
-/// A task that blocked where it is polled would hold one of the runtime's threads (the
-/// initramfs has one, the node two) and every task waiting to be polled there, its phase's
-/// others among them. The sequencer keeps count of it ([`sequencer::runner::blocking`]): an
-/// interrupted phase waits for it to end.
-pub(crate) async fn blocking<R: Send + 'static>(
-    f: impl FnOnce() -> R + Send + 'static,
-) -> Result<R, sequencer::TaskError> {
-    Ok(sequencer::runner::blocking(f).await?)
-}
+/// A task's blocking work (mounts, reads and writes, the TPM, firmware variables) runs on a
+/// thread of its own, in the task's log span: a task that blocked where it is polled would hold
+/// one of the runtime's threads (the initramfs has one, the node two) and every task waiting to
+/// be polled there, its phase's others among them. A failure to run it converts into the task's
+/// error (`TaskError: From<JoinError>`).
+pub(crate) use sequencer::runner::blocking;
