@@ -244,12 +244,25 @@ pub fn process_runs(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; QEMU binds it right after).
+/// A free TCP port on 127.0.0.1 (free when asked; QEMU binds it right after), never one this
+/// process has handed out before: the kernel may hand a port it just gave out (and that was
+/// closed again) out once more, and two VMs started by one test process, or by one `plinth
+/// cluster create`, would then ask QEMU for the same forward.
 pub fn free_port() -> Result<u16, HarnessError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(HarnessError::io("finding a free port"))?;
-    Ok(l.local_addr()
-        .map_err(HarnessError::io("finding a free port"))?
-        .port())
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let l =
+            TcpListener::bind("127.0.0.1:0").map_err(HarnessError::io("finding a free port"))?;
+        let port = l
+            .local_addr()
+            .map_err(HarnessError::io("finding a free port"))?
+            .port();
+        if !handed.contains(&port) {
+            handed.push(port);
+            return Ok(port);
+        }
+    }
 }
 
 /// Fails naming what to install if QEMU or OVMF is missing.
@@ -637,5 +650,21 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_port_never_hands_the_same_port_out_twice() {
+        // Drawn at random from the ephemeral range, 300 ports repeat one another more often
+        // than not (the birthday bound over ~28,000 ports); each handed out once here.
+        let ports: Vec<u16> = (0..300).map(|_| free_port().expect("a port")).collect();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
     }
 }

@@ -139,6 +139,14 @@ async fn node_kernel_log(node: &common::TestNode, file: &std::path::Path) -> Vec
     log
 }
 
+/// Where each run's kernel logs are kept (each node's and floor's own directory is made afresh
+/// per run): `target/vm-tests/bench-boot-kernel/{node,floor}-<run>.log`.
+fn kept_log(who: &str, run: usize) -> std::path::PathBuf {
+    let dir = common::workspace().join("target/vm-tests/bench-boot-kernel");
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(format!("{who}-{run}.log"))
+}
+
 fn keep_log(log: &[(u64, String)], file: &std::path::Path) {
     let text: String = log
         .iter()
@@ -236,7 +244,10 @@ async fn boot_node(node: &common::TestNode) -> (Vm, NodeBoot, Duration, Split, T
 }
 
 /// Boots the floor once: kernel start → `/init` (its own clock), QEMU start → `/init`, the split.
-fn boot_floor(floor_image: &imager::Artifacts) -> (Duration, Duration, Split, KernelMarks) {
+fn boot_floor(
+    floor_image: &imager::Artifacts,
+    run: usize,
+) -> (Duration, Duration, Split, KernelMarks) {
     let spec = common::plain_spec("bench-floor");
     let f = prepare(&spec, floor_image).expect("floor disk");
     let mut vm = Vm::launch(f.vm_spec()).expect("launch floor");
@@ -256,7 +267,7 @@ fn boot_floor(floor_image: &imager::Artifacts) -> (Duration, Duration, Split, Ke
             Some((us.parse().ok()?, text.to_string()))
         })
         .collect();
-    keep_log(&log, &spec.dir.join("kernel.log"));
+    keep_log(&log, &kept_log("floor", run));
     let floor_kernel_us: u64 = reached
         .text
         .split("boot_us=")
@@ -327,7 +338,7 @@ async fn main() {
     for run in 1..=runs {
         let floor_first = run % 2 == 0;
         let cpu_before = host_cpu_ticks();
-        let mut floor_run = floor_first.then(|| boot_floor(&floor_image));
+        let mut floor_run = floor_first.then(|| boot_floor(&floor_image, run));
 
         let node = common::node("bench-boot");
         let (mut vm, first, _, _, _) = boot_node(&node).await;
@@ -342,15 +353,14 @@ async fn main() {
             .expect("the node powers off");
         let (mut vm, boot, ready, node_split, t) = boot_node(&node).await;
         let warm = warm_calls(&node).await;
-        let node_marks = KernelMarks::from_log(
-            &node_kernel_log(&node, &node.spec.dir.join(format!("kernel-run{run}.log"))).await,
-        );
+        let node_marks =
+            KernelMarks::from_log(&node_kernel_log(&node, &kept_log("node", run)).await);
         warm_quiet.push(warm.1);
         vm.kill();
         last_timeline = Some(t);
 
         if floor_run.is_none() {
-            floor_run = Some(boot_floor(&floor_image));
+            floor_run = Some(boot_floor(&floor_image, run));
         }
         let Some((floor_k, reached, floor_split, floor_marks)) = floor_run else {
             unreachable!("the floor booted before or after the node")
