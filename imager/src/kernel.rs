@@ -32,20 +32,20 @@ pub const EXTRA_SOFTDEPS: &[(&str, &str)] = &[("crc64_rocksoft", "crypto-crc64-r
 /// initramfs. It loads later, for the extensions' larger reads (held
 /// back until they ask or the boot has settled).
 pub const INITRAMFS_MODULES: &[&str] = &[
-    // In the order the initramfs's tasks wait for them: what finding the boot disk waits
-    // for, the root's, the watchdog (armed beside the disk's search), entropy; ext4 last, as
-    // nothing waits for it before the hand-over (loaded before these, it held a CPU through
-    // the boot disk's chain of modules and NVMe probe).
+    // In the order the boot's tasks wait for them: what finding the boot disk waits for, the
+    // watchdog (armed beside the disk's search, which ends its phase), the root's, ext4
+    // (the hand-over's first need; listed before the watchdog, its 2 MiB held a CPU through
+    // the boot disk's chain of modules and NVMe probe), entropy (the API's).
     "efivarfs",
     "nvme",
     "virtio_pci",
     "virtio_blk",
+    "i6300esb",
     "dm_verity",
     "squashfs",
-    "i6300esb",
+    "ext4",
     // Entropy: without it getrandom, and so TLS, waits for the CRNG.
     "virtio-rng",
-    "ext4",
 ];
 
 /// Modules the node needs only after the initramfs: they load in the background while the boot
@@ -197,10 +197,13 @@ pub struct ModuleIndex {
     soft: HashMap<String, Vec<String>>,
     /// Names of the modules with a device alias.
     with_devices: HashSet<String>,
+    /// Names of the modules built into the kernel (`modules.builtin`): nothing to load.
+    builtin: HashSet<String>,
 }
 
 impl ModuleIndex {
-    /// Reads the kernel package's `modules.dep`, `modules.softdep` and `modules.alias`.
+    /// Reads the kernel package's `modules.dep`, `modules.softdep`, `modules.alias` and
+    /// `modules.builtin`.
     pub fn of(kernel: &Kernel) -> Result<ModuleIndex, ImageError> {
         let read = |file: &str| {
             let p = kernel.modules_dir().join(file);
@@ -211,7 +214,45 @@ impl ModuleIndex {
             &read("modules.softdep")?,
             &read("modules.alias")?,
             EXTRA_SOFTDEPS,
-        ))
+        )
+        .with_builtin(&read("modules.builtin")?))
+    }
+
+    /// This index, knowing the modules `modules_builtin` lists (one path per line) as built
+    /// into the kernel: a kernel flavour that builds in what the boot needs (Debian's cloud
+    /// kernel has ext4 and NVMe built in) has them there before `/init`, with nothing to load.
+    pub fn with_builtin(mut self, modules_builtin: &str) -> ModuleIndex {
+        self.builtin = modules_builtin
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(module_name)
+            .collect();
+        self
+    }
+
+    /// Whether module `name` is built into the kernel.
+    fn is_builtin(&self, name: &str) -> bool {
+        self.builtin.contains(&name.replace('-', "_"))
+    }
+
+    /// Whether module `name` is neither a module of this kernel nor built in, and is one the
+    /// node can do without ([`OPTIONAL_MODULES`]).
+    fn is_absent_optional(&self, name: &str) -> bool {
+        let n = name.replace('-', "_");
+        !self.deps.contains_key(&n)
+            && !self.builtin.contains(&n)
+            && OPTIONAL_MODULES.iter().any(|o| o.replace('-', "_") == n)
+    }
+
+    /// The [`OPTIONAL_MODULES`] this kernel does not have at all: the image is built without
+    /// them, and says so.
+    pub fn absent_optional(&self) -> Vec<&'static str> {
+        OPTIONAL_MODULES
+            .iter()
+            .copied()
+            .filter(|o| self.is_absent_optional(o))
+            .collect()
     }
 
     /// The index of these texts, with `extra` softdeps (module, what it needs first).
@@ -245,15 +286,18 @@ impl ModuleIndex {
             deps,
             soft,
             with_devices,
+            builtin: HashSet::new(),
         }
     }
 
     /// Fails naming the first of `drivers` that `modules.alias` does not show driving a device.
     pub fn check_drivers(&self, drivers: &[&str]) -> Result<(), ImageError> {
-        match drivers
-            .iter()
-            .find(|d| !self.with_devices.contains(&d.replace('-', "_")))
-        {
+        // A built-in driver probes before `/init`; an absent optional one is not loaded.
+        match drivers.iter().find(|d| {
+            !self.with_devices.contains(&d.replace('-', "_"))
+                && !self.is_builtin(d)
+                && !self.is_absent_optional(d)
+        }) {
             Some(d) => Err(ImageError::Invalid(format!(
                 "kernel module {d} has no device alias in modules.alias: it would load without \
                  waiting for its devices (is modules.alias complete, and from this kernel?)"
@@ -269,9 +313,13 @@ impl ModuleIndex {
         let mut order: Vec<Module> = Vec::new();
         let mut visiting: Vec<String> = Vec::new();
         for name in wanted {
+            if self.is_builtin(name) || self.is_absent_optional(name) {
+                continue;
+            }
             let Some((path, _)) = self.deps.get(&name.replace('-', "_")) else {
                 return Err(ImageError::Invalid(format!(
-                    "kernel module {name} is not in modules.dep (is it built in, or misspelled?)"
+                    "kernel module {name} is neither in modules.dep nor in modules.builtin \
+                     (misspelled, or not in this kernel?)"
                 )));
             };
             self.visit(path, &mut order, &mut visiting);
@@ -434,12 +482,31 @@ pub const DEVICE_DRIVERS: &[&str] = &[
     "virtio_net",
 ];
 
-/// The node's modules for this kernel: those the initramfs loads, and those that load in the
-/// background after it.
-pub fn module_order(kernel: &Kernel) -> Result<(Vec<Module>, Vec<Module>), ImageError> {
+/// Modules the node can do without when the kernel has none (neither a module nor built in):
+/// the VM's watchdog driver (Debian's cloud kernel has no i6300esb; the node then boots with no
+/// hardware watchdog, says so at boot, and a hung boot does not reset by itself).
+pub const OPTIONAL_MODULES: &[&str] = &["i6300esb"];
+
+/// The node's modules for one kernel.
+pub struct ModuleOrder {
+    /// What the initramfs loads, in order.
+    pub initramfs: Vec<Module>,
+    /// What loads in the background after it.
+    pub late: Vec<Module>,
+    /// The [`OPTIONAL_MODULES`] this kernel does not have.
+    pub absent: Vec<&'static str>,
+}
+
+/// The node's modules for this kernel.
+pub fn module_order(kernel: &Kernel) -> Result<ModuleOrder, ImageError> {
     let index = ModuleIndex::of(kernel)?;
     index.check_drivers(DEVICE_DRIVERS)?;
-    index.split_late(INITRAMFS_MODULES, LATE_MODULES)
+    let (initramfs, late) = index.split_late(INITRAMFS_MODULES, LATE_MODULES)?;
+    Ok(ModuleOrder {
+        initramfs,
+        late,
+        absent: index.absent_optional(),
+    })
 }
 
 #[cfg(test)]
@@ -543,6 +610,21 @@ alias crypto-crc64-rocksoft crc64-rocksoft
                 );
             }
         }
+    }
+
+    #[test]
+    fn built_in_modules_are_not_loaded_and_an_absent_optional_one_is_left_out() {
+        let idx =
+            index("").with_builtin("kernel/fs/ext4/ext4.ko\nkernel/drivers/nvme/host/nvme.ko\n");
+        let order = idx
+            .order(&["ext4", "nvme", "i6300esb", "virtio_ring"])
+            .expect("an order");
+        assert_eq!(paths(&order), ["kernel/drivers/virtio/virtio_ring.ko"]);
+        assert_eq!(idx.absent_optional(), ["i6300esb"]);
+        // Built in, a driver's devices are there before /init: no alias needed.
+        idx.check_drivers(&["nvme", "i6300esb"]).expect("drivers");
+        let err = idx.order(&["ext5"]).expect_err("a misspelled module");
+        assert!(err.to_string().contains("ext5"), "{err}");
     }
 
     #[test]

@@ -187,13 +187,24 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
     }
     std::fs::create_dir_all(&opts.out_dir).map_err(ImageError::io("creating", &opts.out_dir))?;
     let kernel = kernel::fetch(&opts.cache_dir, opts.kernel_package.as_deref())?;
-    let (modules, late) = kernel::module_order(&kernel)?;
+    let kernel::ModuleOrder {
+        initramfs: modules,
+        late,
+        absent,
+    } = kernel::module_order(&kernel)?;
     tracing::info!(
         "kernel {}: {} modules for the initramfs, {} in the background after it",
         kernel.release,
         modules.len(),
         late.len()
     );
+    if !absent.is_empty() {
+        tracing::warn!(
+            "kernel {} has no {} (neither a module nor built in): the image is built without",
+            kernel.release,
+            absent.join(", ")
+        );
+    }
 
     let initrd = opts.out_dir.join("initramfs.cpio");
     initramfs::write(

@@ -86,22 +86,40 @@ pub fn kernel_log(
     Ok(rx)
 }
 
-/// Reads `/dev/kmsg` records until there are none (or, with `follow`, until the client goes).
-async fn follow_kmsg(fd: AsyncFd<std::fs::File>, follow: bool, tx: mpsc::Sender<LogLine>) {
-    let mut buf = vec![0u8; 8192];
+/// The next record of an open `/dev/kmsg` (one read is one record), `Ok(None)` at the end;
+/// records overwritten before they were read, and any that do not parse, are skipped.
+/// `WouldBlock` when none is there yet on a non-blocking descriptor.
+pub fn read_kmsg_record(
+    mut kmsg: &std::fs::File,
+    buf: &mut [u8],
+) -> std::io::Result<Option<LogLine>> {
     loop {
-        match (&mut fd.get_ref()).read(&mut buf) {
-            Ok(0) => return,
+        match kmsg.read(buf) {
+            Ok(0) => return Ok(None),
             Ok(n) => {
                 if let Some(line) = parse_kmsg(&String::from_utf8_lossy(&buf[..n])) {
-                    if tx.send(line).await.is_err() {
-                        return;
-                    }
+                    return Ok(Some(line));
                 }
             }
-            // A record overwritten before it was read: skip it.
             Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads `/dev/kmsg` records until there are none (or, with `follow`, until the client goes).
+async fn follow_kmsg(fd: AsyncFd<std::fs::File>, follow: bool, tx: mpsc::Sender<LogLine>) {
+    // A record is at most 8 KiB less its header (the kernel's CONSOLE_EXT_LOG_MAX).
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match read_kmsg_record(fd.get_ref(), &mut buf) {
+            Ok(None) => return,
+            Ok(Some(line)) => {
+                if tx.send(line).await.is_err() {
+                    return;
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && follow => {
                 let ready = tokio::select! {
                     r = fd.readable() => r,

@@ -122,6 +122,11 @@ impl Queues {
         self.late.extend(now);
     }
 
+    /// Whether either list names module `name` (with underscores).
+    fn knows(&self, name: &str) -> bool {
+        self.known.iter().any(|k| name_of(k) == name)
+    }
+
     fn empty(&self, late: bool) -> bool {
         if late {
             self.late.is_empty() && self.held.is_empty()
@@ -351,9 +356,19 @@ pub fn loaded() -> Vec<Loaded> {
 
 /// Waits until the modules `names` are in (one this machine has no hardware for counts once
 /// tried), releasing those of them held back, with what they follow. Returns at once when no loader runs
-/// (the simulated machine).
+/// (the simulated machine); a name neither list holds (built into the kernel, or absent from
+/// it) is not waited for.
 pub async fn wait_for(names: &[&str]) -> Result<(), String> {
     wait(names, true).await
+}
+
+/// Whether the loader loads (or has loaded) any of the modules `names`: none of them is built
+/// into the kernel or absent from it.
+pub fn loads_any(names: &[&str]) -> bool {
+    QUEUES.get().is_some_and(|queues| {
+        let q = queues.0.lock().unwrap_or_else(|p| p.into_inner());
+        names.iter().any(|n| q.knows(&n.replace('-', "_")))
+    })
 }
 
 /// [`wait_for`] without releasing anything: for what may load whenever the loader gets to it.
@@ -365,9 +380,12 @@ async fn wait(names: &[&str], ask: bool) -> Result<(), String> {
     let Some(tx) = LOADER.get() else {
         return Ok(());
     };
-    let wanted: Vec<String> = names.iter().map(|n| n.replace('-', "_")).collect();
+    let mut wanted: Vec<String> = names.iter().map(|n| n.replace('-', "_")).collect();
     let (held, late) = QUEUES.get().map_or((false, false), |queues| {
         let q = queues.0.lock().unwrap_or_else(|p| p.into_inner());
+        // What neither list names is not the loader's to load: built into the kernel (a
+        // flavour with the boot's drivers built in), or a driver the kernel does not have.
+        wanted.retain(|w| q.knows(w));
         (
             q.held.iter().any(|m| wanted.contains(&name_of(&m.path))),
             wanted.iter().any(|w| q.late_names.contains(w)),
@@ -521,6 +539,16 @@ mod tests {
         q.released = true;
         taken.extend(take_all_late(&mut q));
         assert_eq!(taken[3..], ["bridge", "evdev"]);
+    }
+
+    #[test]
+    fn a_module_neither_list_names_is_not_the_loaders() {
+        // Debian's cloud kernel builds ext4 and NVMe in: the lists do not name them, and a
+        // task waiting for them must not wait for the loader to finish everything.
+        let q = late_queues(vec![pending("kernel/fs/fat/vfat.ko", &[])], Vec::new());
+        assert!(q.knows("vfat"));
+        assert!(!q.knows("ext4"));
+        assert!(!q.knows("nvme"));
     }
 
     /// Queues with only late modules: `late` to load, `held` held back.

@@ -90,10 +90,15 @@ impl KernelMarks {
                 .map(|(us, _)| *us)
         };
         let unpack = at("Trying to unpack rootfs image").zip(at("Freeing initrd memory"));
-        let tsc = if at("tsc: Unable to calibrate against PIT").is_some() {
-            "TSC from the HPET"
-        } else if at("tsc: Fast TSC calibration").is_some() {
+        // The kernel's own lines (arch/x86/kernel/tsc.c), in the order it tries the ways.
+        let tsc = if at("tsc: Fast TSC calibration using PIT").is_some() {
             "TSC fast against the PIT"
+        } else if at("tsc: using HPET reference calibration").is_some() {
+            "TSC from the HPET"
+        } else if at("tsc: using PMTIMER reference calibration").is_some() {
+            "TSC from the PM timer"
+        } else if at("tsc: PIT calibration matches").is_some() {
+            "TSC slowly against the PIT"
         } else {
             "TSC otherwise"
         };
@@ -120,29 +125,38 @@ impl KernelMarks {
     }
 }
 
-/// The node's kernel log, through the API, kept in `file` for reading later.
+/// The node's kernel log, through the API, kept in `file` for reading later; what came, with
+/// a line on the console if the call failed (the boot is measured already).
 async fn node_kernel_log(node: &common::TestNode, file: &std::path::Path) -> Vec<(u64, String)> {
-    let (endpoint, ctx) = (node.endpoint(), node.context().expect("context").clone());
-    let mut c = api::client::connect_context(&endpoint, &ctx)
-        .await
-        .expect("connect");
-    let mut s = c
-        .dmesg(api::proto::DmesgRequest { follow: false })
-        .await
-        .expect("dmesg")
-        .into_inner();
     let mut log = Vec::new();
-    while let Some(l) = s.message().await.expect("dmesg stream") {
-        log.push((l.boot_us, l.text));
+    let read = async {
+        let ctx = node.context().map_err(|e| e.to_string())?.clone();
+        let mut c = api::client::connect_context(&node.endpoint(), &ctx)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut s = c
+            .dmesg(api::proto::DmesgRequest { follow: false })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        while let Some(l) = s.message().await.map_err(|e| e.to_string())? {
+            log.push((l.boot_us, l.text));
+        }
+        Ok::<(), String>(())
+    };
+    if let Err(e) = read.await {
+        println!("  (the node's kernel log: {e})");
     }
     keep_log(&log, file);
     log
 }
 
+const KEPT_LOGS: &str = "target/vm-tests/bench-boot-kernel";
+
 /// Where each run's kernel logs are kept (each node's and floor's own directory is made afresh
 /// per run): `target/vm-tests/bench-boot-kernel/{node,floor}-<run>.log`.
 fn kept_log(who: &str, run: usize) -> std::path::PathBuf {
-    let dir = common::workspace().join("target/vm-tests/bench-boot-kernel");
+    let dir = common::workspace().join(KEPT_LOGS);
     let _ = std::fs::create_dir_all(&dir);
     dir.join(format!("{who}-{run}.log"))
 }
@@ -254,7 +268,9 @@ fn boot_floor(
     let (_, reached) = vm
         .wait_for_line("plinth-floor: init reached", 0, common::BOOT_TIMEOUT)
         .expect("floor init");
-    let _ = vm.wait_exit(Duration::from_secs(60));
+    if let Err(e) = vm.wait_exit(Duration::from_secs(60)) {
+        println!("  (the floor did not power off: {e}; its kernel log may be cut short)");
+    }
     let lines = vm.serial.lines();
     let log: Vec<(u64, String)> = lines
         .iter()
@@ -323,6 +339,8 @@ async fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(5);
     let floor_image = common::image_with("floor", "0.1.0-floor", &[], 0, "plinth-floor");
+    // Only this invocation's kernel logs are kept.
+    let _ = std::fs::remove_dir_all(common::workspace().join(KEPT_LOGS));
 
     // Per run, the node boots twice on one disk and one firmware: its first boot writes the
     // firmware's boot entries (an install does that on a real machine), the second is the

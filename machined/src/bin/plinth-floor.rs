@@ -4,18 +4,23 @@
 //! node's) and powers off. It is its own binary, put in the floor image in machined's place, so
 //! PID 1 carries no benchmark hook.
 
-use std::io::Read;
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
+/// One line on the console; a failed write is not PID 1's to die of (`eprintln!` panics).
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "plinth-floor: {line}");
+}
+
 fn main() {
-    eprintln!(
-        "plinth-floor: init reached boot_us={}",
+    say(&format!(
+        "init reached boot_us={}",
         sequencer::clock::boot_us()
-    );
+    ));
     print_kernel_log();
     nix::unistd::sync();
     let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
-    eprintln!("plinth-floor: power off failed: {e}");
+    say(&format!("power off failed: {e}"));
     loop {
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
@@ -31,29 +36,20 @@ fn print_kernel_log() {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     );
-    let mut f = match std::fs::OpenOptions::new()
+    let f = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open("/dev/kmsg")
     {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("plinth-floor: opening /dev/kmsg: {e}");
+            say(&format!("opening /dev/kmsg: {e}"));
             return;
         }
     };
     let mut buf = vec![0u8; 8192];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if let Some(l) = phases::logs::parse_kmsg(&String::from_utf8_lossy(&buf[..n])) {
-                    eprintln!("plinth-floor: kmsg {} {}", l.boot_us, l.text);
-                }
-            }
-            // A record overwritten before it was read.
-            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
-            Err(_) => return,
-        }
+    // Until there are none (WouldBlock) or a read fails.
+    while let Ok(Some(l)) = phases::logs::read_kmsg_record(&f, &mut buf) {
+        say(&format!("kmsg {} {}", l.boot_us, l.text));
     }
 }

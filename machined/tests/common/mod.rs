@@ -28,22 +28,10 @@ pub struct SimNode {
     child: Option<Child>,
 }
 
-/// A port on 127.0.0.1 that nothing listens on now, never the same twice in one test process.
+/// A port on 127.0.0.1 that nothing listens on now, never the same twice in one test process
+/// (a cluster of twenty nodes asks for sixty).
 pub fn free_port() -> u16 {
-    // The kernel may hand the same port out again once its listener is gone: a cluster of
-    // twenty nodes asks for sixty, so each is handed out once per test process.
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
+    provision::qemu::free_port().expect("a free port")
 }
 
 /// The key test bundles are signed with (the nodes trust it).

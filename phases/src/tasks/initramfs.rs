@@ -337,7 +337,15 @@ pub async fn arm_watchdog(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
         return Ok(());
     }
     crate::modules::wait_for(crate::modules::FOR_WATCHDOG).await?;
-    match tokio::task::spawn_blocking(|| crate::watchdog::arm(Duration::from_secs(2))).await? {
+    // A driver's device is there once its load returns (or before `/init`, built in); the
+    // grace is for a slow device node, and only where a driver was loaded: a kernel without
+    // one (Debian's cloud kernel has none for the VM's watchdog) waited it out, 2 s of boot.
+    let grace = if crate::modules::loads_any(crate::modules::FOR_WATCHDOG) {
+        Duration::from_secs(2)
+    } else {
+        Duration::ZERO
+    };
+    match super::blocking(move || crate::watchdog::arm(grace)).await? {
         Ok(true) => Ok(()),
         Ok(false) => {
             tracing::warn!("no watchdog device: a hung boot will not reset by itself");

@@ -16,5 +16,6 @@ pub mod upgrade;
 /// thread of its own, in the task's log span: a task that blocked where it is polled would hold
 /// one of the runtime's threads (the initramfs has one, the node two) and every task waiting to
 /// be polled there, its phase's others among them. A failure to run it converts into the task's
-/// error (`TaskError: From<JoinError>`).
+/// error (`TaskError: From<JoinError>`). The sequencer keeps count of it: an interrupted phase
+/// waits for it to end.
 pub(crate) use sequencer::runner::blocking;
