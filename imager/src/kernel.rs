@@ -130,27 +130,46 @@ impl Kernel {
     }
 }
 
-/// The kernel package `linux-image-amd64` points at.
-fn default_package() -> Result<String, ImageError> {
-    let out = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?;
-    out.lines()
+/// The kernel the image is built with unless told otherwise: Debian's cloud flavour, for
+/// virtual machines. It builds in what a VM's boot needs (ext4, NVMe and their CRC chain), so
+/// the initramfs loads 13 modules instead of 29 and the boot costs less (BENCHMARKS.md); it
+/// has no drivers for most physical hardware nor for the VM's hardware watchdog
+/// ([`STAND_INS`]). Bare metal takes the generic flavour, `linux-image-amd64`.
+pub const DEFAULT_PACKAGE: &str = "linux-image-cloud-amd64";
+
+/// The versioned kernel package a metapackage (`linux-image-amd64`,
+/// `linux-image-cloud-amd64`: no release in its name) depends on; a versioned one as it is.
+fn versioned_package(package: &str) -> Result<String, ImageError> {
+    let release = package
+        .strip_prefix("linux-image-")
+        .ok_or_else(|| ImageError::Invalid(format!("{package:?} is not a linux-image package")))?;
+    if release.starts_with(|c: char| c.is_ascii_digit()) {
+        return Ok(package.to_string());
+    }
+    let out = run(Command::new("apt-cache").args(["depends", package]))?;
+    depends_on_kernel(&out).ok_or_else(|| {
+        ImageError::Invalid(format!(
+            "cannot tell which kernel {package} depends on (misspelled, or run apt-get update)"
+        ))
+    })
+}
+
+/// The versioned kernel package in `apt-cache depends` output.
+fn depends_on_kernel(apt_cache_depends: &str) -> Option<String> {
+    apt_cache_depends
+        .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(str::trim)
-        .find(|p| p.starts_with("linux-image-") && !p.contains('<'))
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            ImageError::Invalid(
-                "cannot tell which kernel linux-image-amd64 depends on (run apt-get update)".into(),
-            )
+        .find(|p| {
+            p.strip_prefix("linux-image-")
+                .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
         })
+        .map(str::to_owned)
 }
 
 /// Downloads (once) and unpacks the kernel package.
 pub fn fetch(cache: &Path, package: Option<&str>) -> Result<Kernel, ImageError> {
-    let package = match package {
-        Some(p) => p.to_string(),
-        None => default_package()?,
-    };
+    let package = versioned_package(package.unwrap_or(DEFAULT_PACKAGE))?;
     let release = package
         .strip_prefix("linux-image-")
         .map(|r| r.trim_end_matches("-unsigned").to_string())
@@ -236,22 +255,30 @@ impl ModuleIndex {
         self.builtin.contains(&name.replace('-', "_"))
     }
 
-    /// Whether module `name` is neither a module of this kernel nor built in, and is one the
-    /// node can do without ([`OPTIONAL_MODULES`]).
-    fn is_absent_optional(&self, name: &str) -> bool {
+    /// Whether module `name` is neither a module of this kernel nor built in.
+    fn is_absent(&self, name: &str) -> bool {
         let n = name.replace('-', "_");
-        !self.deps.contains_key(&n)
-            && !self.builtin.contains(&n)
-            && OPTIONAL_MODULES.iter().any(|o| o.replace('-', "_") == n)
+        !self.deps.contains_key(&n) && !self.builtin.contains(&n)
     }
 
-    /// The [`OPTIONAL_MODULES`] this kernel does not have at all: the image is built without
-    /// them, and says so.
-    pub fn absent_optional(&self) -> Vec<&'static str> {
-        OPTIONAL_MODULES
+    /// What stands in for module `name` in this kernel ([`STAND_INS`]): `None` when the kernel
+    /// has it, or when nothing may stand in for it.
+    fn stand_in(&self, name: &str) -> Option<&'static str> {
+        let n = name.replace('-', "_");
+        STAND_INS
+            .iter()
+            .find(|(m, _)| m.replace('-', "_") == n)
+            .filter(|_| self.is_absent(&n))
+            .map(|(_, s)| *s)
+    }
+
+    /// The [`STAND_INS`] this kernel needs (module, what stands in for it): the image is built
+    /// with those, and says so.
+    pub fn stood_in(&self) -> Vec<(&'static str, &'static str)> {
+        STAND_INS
             .iter()
             .copied()
-            .filter(|o| self.is_absent_optional(o))
+            .filter(|(m, _)| self.is_absent(m))
             .collect()
     }
 
@@ -292,11 +319,11 @@ impl ModuleIndex {
 
     /// Fails naming the first of `drivers` that `modules.alias` does not show driving a device.
     pub fn check_drivers(&self, drivers: &[&str]) -> Result<(), ImageError> {
-        // A built-in driver probes before `/init`; an absent optional one is not loaded.
+        // A built-in driver probes before `/init`; an absent one with a stand-in is not loaded.
         match drivers.iter().find(|d| {
             !self.with_devices.contains(&d.replace('-', "_"))
                 && !self.is_builtin(d)
-                && !self.is_absent_optional(d)
+                && self.stand_in(d).is_none()
         }) {
             Some(d) => Err(ImageError::Invalid(format!(
                 "kernel module {d} has no device alias in modules.alias: it would load without \
@@ -312,13 +339,19 @@ impl ModuleIndex {
     pub fn order(&self, wanted: &[&str]) -> Result<Vec<Module>, ImageError> {
         let mut order: Vec<Module> = Vec::new();
         let mut visiting: Vec<String> = Vec::new();
-        for name in wanted {
-            if self.is_builtin(name) || self.is_absent_optional(name) {
+        for &wanted in wanted {
+            let name = self.stand_in(wanted).unwrap_or(wanted);
+            if self.is_builtin(name) {
                 continue;
             }
             let Some((path, _)) = self.deps.get(&name.replace('-', "_")) else {
+                let what = if name == wanted {
+                    name.to_string()
+                } else {
+                    format!("{wanted} (nor its stand-in {name})")
+                };
                 return Err(ImageError::Invalid(format!(
-                    "kernel module {name} is neither in modules.dep nor in modules.builtin \
+                    "kernel module {what} is neither in modules.dep nor in modules.builtin \
                      (misspelled, or not in this kernel?)"
                 )));
             };
@@ -482,10 +515,13 @@ pub const DEVICE_DRIVERS: &[&str] = &[
     "virtio_net",
 ];
 
-/// Modules the node can do without when the kernel has none (neither a module nor built in):
-/// the VM's watchdog driver (Debian's cloud kernel has no i6300esb; the node then boots with no
-/// hardware watchdog, says so at boot, and a hung boot does not reset by itself).
-pub const OPTIONAL_MODULES: &[&str] = &["i6300esb"];
+/// Modules another may stand in for when the kernel has neither the module nor it built in:
+/// (module, its stand-in). Debian's cloud kernel, the image's default, has no driver for the
+/// VM's i6300esb watchdog; the kernel's own software watchdog (`softdog`, a kernel timer)
+/// resets a machined that stops feeding it, and a kernel stuck with its interrupts on (soft
+/// lockups), but not one stuck with them off: the hardware watchdog resets that too (built
+/// with the generic kernel, `--kernel-package linux-image-amd64`).
+pub const STAND_INS: &[(&str, &str)] = &[("i6300esb", "softdog")];
 
 /// The node's modules for one kernel.
 pub struct ModuleOrder {
@@ -493,8 +529,8 @@ pub struct ModuleOrder {
     pub initramfs: Vec<Module>,
     /// What loads in the background after it.
     pub late: Vec<Module>,
-    /// The [`OPTIONAL_MODULES`] this kernel does not have.
-    pub absent: Vec<&'static str>,
+    /// The [`STAND_INS`] this kernel needs: (module, what stands in for it).
+    pub stood_in: Vec<(&'static str, &'static str)>,
 }
 
 /// The node's modules for this kernel.
@@ -505,7 +541,7 @@ pub fn module_order(kernel: &Kernel) -> Result<ModuleOrder, ImageError> {
     Ok(ModuleOrder {
         initramfs,
         late,
-        absent: index.absent_optional(),
+        stood_in: index.stood_in(),
     })
 }
 
@@ -613,18 +649,66 @@ alias crypto-crc64-rocksoft crc64-rocksoft
     }
 
     #[test]
-    fn built_in_modules_are_not_loaded_and_an_absent_optional_one_is_left_out() {
-        let idx =
-            index("").with_builtin("kernel/fs/ext4/ext4.ko\nkernel/drivers/nvme/host/nvme.ko\n");
+    fn built_in_modules_are_not_loaded_and_an_absent_watchdog_driver_has_a_stand_in() {
+        let dep = format!(
+            "{DEP}kernel/drivers/watchdog/softdog.ko: kernel/drivers/watchdog/watchdog.ko\n\
+             kernel/drivers/watchdog/watchdog.ko:\n"
+        );
+        let idx = ModuleIndex::parse(&dep, "", "", &[])
+            .with_builtin("kernel/fs/ext4/ext4.ko\nkernel/drivers/nvme/host/nvme.ko\n");
         let order = idx
             .order(&["ext4", "nvme", "i6300esb", "virtio_ring"])
             .expect("an order");
-        assert_eq!(paths(&order), ["kernel/drivers/virtio/virtio_ring.ko"]);
-        assert_eq!(idx.absent_optional(), ["i6300esb"]);
-        // Built in, a driver's devices are there before /init: no alias needed.
+        assert_eq!(
+            paths(&order),
+            [
+                "kernel/drivers/watchdog/watchdog.ko",
+                "kernel/drivers/watchdog/softdog.ko",
+                "kernel/drivers/virtio/virtio_ring.ko"
+            ]
+        );
+        assert_eq!(idx.stood_in(), [("i6300esb", "softdog")]);
+        // Built in, a driver's devices are there before /init: no alias needed; a stood-in
+        // driver is not loaded.
         idx.check_drivers(&["nvme", "i6300esb"]).expect("drivers");
         let err = idx.order(&["ext5"]).expect_err("a misspelled module");
         assert!(err.to_string().contains("ext5"), "{err}");
+        // Without the stand-in either, the build stops naming it.
+        let err = index("")
+            .order(&["i6300esb"])
+            .expect_err("no watchdog at all");
+        assert!(err.to_string().contains("softdog"), "{err}");
+    }
+
+    #[test]
+    fn a_metapackage_names_the_versioned_kernel_it_depends_on() {
+        let out = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-57-cloud-amd64\n";
+        assert_eq!(
+            depends_on_kernel(out).as_deref(),
+            Some("linux-image-6.1.0-57-cloud-amd64")
+        );
+        // A virtual package (`<…>`) or another kind of dependency is not a kernel.
+        assert_eq!(
+            depends_on_kernel("x\n  Depends: <linux-image-6.1.0-1-amd64>\n  Depends: linux-base\n"),
+            None
+        );
+        assert_eq!(
+            versioned_package("linux-image-6.1.0-57-amd64").expect("as it is"),
+            "linux-image-6.1.0-57-amd64"
+        );
+        let err = versioned_package("vmlinuz").expect_err("not a kernel package");
+        assert!(err.to_string().contains("vmlinuz"), "{err}");
+    }
+
+    #[test]
+    fn a_kernel_with_the_watchdog_driver_loads_it_and_not_its_stand_in() {
+        let dep = format!(
+            "{DEP}kernel/drivers/watchdog/i6300esb.ko:\nkernel/drivers/watchdog/softdog.ko:\n"
+        );
+        let idx = ModuleIndex::parse(&dep, "", "", &[]);
+        let order = idx.order(&["i6300esb"]).expect("an order");
+        assert_eq!(paths(&order), ["kernel/drivers/watchdog/i6300esb.ko"]);
+        assert!(idx.stood_in().is_empty());
     }
 
     #[test]

@@ -84,7 +84,8 @@ pub struct BuildOptions {
     pub machined: PathBuf,
     /// The image's version string.
     pub version: String,
-    /// The Debian kernel package; by default the one `linux-image-amd64` depends on.
+    /// The Debian kernel package, or the metapackage naming it; by default the one
+    /// `linux-image-cloud-amd64` depends on (`kernel::DEFAULT_PACKAGE`).
     pub kernel_package: Option<String>,
     /// Extra kernel command-line arguments (tests use this to make broken images).
     pub extra_cmdline: Vec<String>,
@@ -190,7 +191,7 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
     let kernel::ModuleOrder {
         initramfs: modules,
         late,
-        absent,
+        stood_in,
     } = kernel::module_order(&kernel)?;
     tracing::info!(
         "kernel {}: {} modules for the initramfs, {} in the background after it",
@@ -198,11 +199,11 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
         modules.len(),
         late.len()
     );
-    if !absent.is_empty() {
+    for (module, stand_in) in stood_in {
         tracing::warn!(
-            "kernel {} has no {} (neither a module nor built in): the image is built without",
+            "kernel {} has no {module} (neither a module nor built in): {stand_in} stands in \
+             for it (imager::kernel::STAND_INS says what it does not cover)",
             kernel.release,
-            absent.join(", ")
         );
     }
 

@@ -429,8 +429,10 @@ async fn wait(names: &[&str], ask: bool) -> Result<(), String> {
 pub const FOR_BOOT_DISK: &[&str] = &["nvme", "virtio_blk"];
 /// efivarfs, where the firmware stub leaves which ESP it booted from.
 pub const FOR_EFIVARS: &[&str] = &["efivarfs"];
-/// The hardware watchdog's driver.
-pub const FOR_WATCHDOG: &[&str] = &["i6300esb"];
+/// The watchdog's driver: the VM's hardware one, or the kernel's software watchdog standing in
+/// for it where the kernel has no driver for it (`imager::kernel::STAND_INS`); the image holds
+/// one of them.
+pub const FOR_WATCHDOG: &[&str] = &["i6300esb", "softdog"];
 
 /// What mapping and mounting the root needs.
 pub const FOR_ROOT: &[&str] = &["dm_verity", "squashfs"];

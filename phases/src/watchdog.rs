@@ -1,7 +1,9 @@
-//! The hardware watchdog: armed early in the initramfs, fed only while the boot makes progress
-//! (every event feeds it), and from machined's main loop once the node runs. A boot that hangs
-//! stops feeding it, and the machine resets; on a trial boot, the firmware then falls back to
-//! the committed slot.
+//! The watchdog: armed early in the initramfs, fed only while the boot makes progress (every
+//! event feeds it), and from machined's main loop once the node runs. A boot that hangs stops
+//! feeding it, and the machine resets; on a trial boot, the firmware then falls back to the
+//! committed slot. It is the machine's hardware watchdog where the kernel has its driver, else
+//! the kernel's own timer (`softdog`: Debian's cloud kernel has no driver for the VM's
+//! i6300esb), which resets a hung machined but not a kernel stuck with interrupts off.
 //!
 //! There is one watchdog per machine, so the open device is a process-wide value. The
 //! initramfs hands its descriptor to machined across `exec` (it is opened without
@@ -42,6 +44,11 @@ const WDIOS_DISABLECARD: libc::c_int = 1;
 /// `imager::kernel::MODULE_OPTIONS`).
 const STOP_ON_REBOOT: &str = "/sys/module/watchdog/parameters/stop_on_reboot";
 
+/// What the driver calls its watchdog (the one `/dev/watchdog` opens, the first).
+const IDENTITY: &str = "/sys/class/watchdog/watchdog0/identity";
+/// There when the kernel's software watchdog is loaded.
+const SOFTDOG: &str = "/sys/module/softdog";
+
 static WATCHDOG: OnceLock<Mutex<File>> = OnceLock::new();
 
 /// Opens and arms the watchdog (waiting up to `wait` for its driver to create the device).
@@ -72,12 +79,22 @@ pub fn arm(wait: Duration) -> Result<bool, String> {
     feed();
     // Read back from the kernel: whether a kernel that hangs while rebooting gets reset too.
     let through_reboot = std::fs::read_to_string(STOP_ON_REBOOT).is_ok_and(|v| v.trim() == "0");
+    let identity = std::fs::read_to_string(IDENTITY).unwrap_or_default();
+    let identity = identity.trim();
     if through_reboot {
-        tracing::info!("watchdog armed: {TIMEOUT_S}s (fd {fd}), kept running through reboots");
+        tracing::info!(
+            "watchdog armed: {identity} {TIMEOUT_S}s (fd {fd}), kept running through reboots"
+        );
     } else {
         tracing::warn!(
-            "watchdog armed: {TIMEOUT_S}s (fd {fd}), but the kernel stops it on reboot: \
-             a reboot that hangs will not reset"
+            "watchdog armed: {identity} {TIMEOUT_S}s (fd {fd}), but the kernel stops it on \
+             reboot: a reboot that hangs will not reset"
+        );
+    }
+    if Path::new(SOFTDOG).exists() {
+        tracing::warn!(
+            "the watchdog is the kernel's own (softdog; no driver for a hardware one): it resets \
+             a node whose machined hangs, not one whose kernel hangs with interrupts off"
         );
     }
     Ok(true)

@@ -25,7 +25,8 @@ pub enum Image {
         /// The image's version string.
         #[arg(long = "version", default_value = env!("CARGO_PKG_VERSION"))]
         image_version: String,
-        /// Debian kernel package (default: what linux-image-amd64 depends on).
+        /// Debian kernel package, or the metapackage naming it (default: linux-image-cloud-amd64,
+        /// for VMs; linux-image-amd64 for bare metal).
         #[arg(long)]
         kernel_package: Option<String>,
         /// Extra kernel command-line argument (repeatable).

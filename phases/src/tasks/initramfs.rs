@@ -330,16 +330,16 @@ fn module_jobs(cmdline: &str) -> usize {
         .max(1)
 }
 
-/// Arms the hardware watchdog (if the machine has one): from here on, a boot that stops making
-/// progress resets the machine.
+/// Arms the watchdog (if the machine has one): from here on, a boot that stops making progress
+/// resets the machine.
 pub async fn arm_watchdog(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
     if ctx.platform.name() != "linux" {
         return Ok(());
     }
     crate::modules::wait_for(crate::modules::FOR_WATCHDOG).await?;
     // A driver's device is there once its load returns (or before `/init`, built in); the
-    // grace is for a slow device node, and only where a driver was loaded: a kernel without
-    // one (Debian's cloud kernel has none for the VM's watchdog) waited it out, 2 s of boot.
+    // grace is for a slow device node, and only where a driver was loaded: an image without
+    // one waited it out, 2 s of boot.
     let grace = if crate::modules::loads_any(crate::modules::FOR_WATCHDOG) {
         Duration::from_secs(2)
     } else {

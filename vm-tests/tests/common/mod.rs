@@ -330,7 +330,27 @@ pub fn image_filled(
 
 /// [`image`] of an OS providing extension `level`.
 pub fn image_at_level(name: &str, version: &str, level: u32) -> imager::Artifacts {
-    image_built(name, version, &[], 0, "machined", level)
+    image_built(name, version, &[], 0, "machined", level, None)
+}
+
+/// [`image`] on another Debian kernel package (or the metapackage naming it): the generic
+/// `linux-image-amd64`, say, which has the VM's hardware watchdog driver the default image's
+/// cloud kernel lacks.
+pub fn image_on_kernel(
+    name: &str,
+    version: &str,
+    extra_cmdline: &[&str],
+    kernel_package: &str,
+) -> imager::Artifacts {
+    image_built(
+        name,
+        version,
+        extra_cmdline,
+        0,
+        "machined",
+        upgrade::extension::LEVEL,
+        Some(kernel_package),
+    )
 }
 
 /// [`image_filled`] with another static binary of this workspace as `/init` (the boot
@@ -349,9 +369,11 @@ pub fn image_with(
         filler_bytes,
         init,
         upgrade::extension::LEVEL,
+        None,
     )
 }
 
+/// An image built with the base image's kernel unless `kernel_package` names another.
 fn image_built(
     name: &str,
     version: &str,
@@ -359,6 +381,7 @@ fn image_built(
     filler_bytes: u64,
     init: &str,
     extension_level: u32,
+    kernel_package: Option<&str>,
 ) -> imager::Artifacts {
     let base = artifacts();
     let out_dir = workspace().join("target/vm-tests/images").join(name);
@@ -373,7 +396,10 @@ fn image_built(
             .join("target/x86_64-unknown-linux-gnu/release")
             .join(init),
         version: version.into(),
-        kernel_package: Some(format!("linux-image-{}", base.kernel_release)),
+        kernel_package: Some(kernel_package.map_or_else(
+            || format!("linux-image-{}", base.kernel_release),
+            str::to_owned,
+        )),
         extra_cmdline: extra_cmdline.iter().map(|s| s.to_string()).collect(),
         filler_bytes,
         secureboot: base.secureboot.clone(),
