@@ -40,7 +40,10 @@ pub const INITRAMFS_MODULES: &[&str] = &[
     "nvme",
     "virtio_pci",
     "virtio_blk",
+    // The VM's hardware watchdog's driver, and the kernel's own watchdog, which the node arms
+    // where the machine has no hardware watchdog the kernel drives (`phases::watchdog`).
     "i6300esb",
+    "softdog",
     "dm_verity",
     "squashfs",
     "ext4",
@@ -132,48 +135,62 @@ impl Kernel {
 
 /// The kernel the image is built with unless told otherwise: Debian's cloud flavour, for
 /// virtual machines. It builds in what a VM's boot needs (ext4, NVMe and their CRC chain), so
-/// the initramfs loads 13 modules instead of 29 and the boot costs less (BENCHMARKS.md); it
+/// the initramfs loads 15 modules instead of 31 and the boot costs less (BENCHMARKS.md); it
 /// has no drivers for most physical hardware nor for the VM's hardware watchdog
-/// ([`STAND_INS`]). Bare metal takes the generic flavour, `linux-image-amd64`.
+/// ([`OPTIONAL_MODULES`]). Bare metal takes the generic flavour, `linux-image-amd64`.
 pub const DEFAULT_PACKAGE: &str = "linux-image-cloud-amd64";
 
-/// The versioned kernel package a metapackage (`linux-image-amd64`,
-/// `linux-image-cloud-amd64`: no release in its name) depends on; a versioned one as it is.
-fn versioned_package(package: &str) -> Result<String, ImageError> {
-    let release = package
+/// The release a versioned kernel package carries (`linux-image-6.1.0-57-cloud-amd64`:
+/// `6.1.0-57-cloud-amd64`); `None` for a metapackage (`linux-image-amd64`) or anything else.
+fn release_in(package: &str) -> Option<&str> {
+    package
         .strip_prefix("linux-image-")
-        .ok_or_else(|| ImageError::Invalid(format!("{package:?} is not a linux-image package")))?;
-    if release.starts_with(|c: char| c.is_ascii_digit()) {
-        return Ok(package.to_string());
-    }
-    let out = run(Command::new("apt-cache").args(["depends", package]))?;
-    depends_on_kernel(&out).ok_or_else(|| {
-        ImageError::Invalid(format!(
-            "cannot tell which kernel {package} depends on (misspelled, or run apt-get update)"
-        ))
-    })
+        .filter(|r| r.starts_with(|c: char| c.is_ascii_digit()))
 }
 
-/// The versioned kernel package in `apt-cache depends` output.
+/// The versioned kernel package a metapackage (`linux-image-amd64`,
+/// `linux-image-cloud-amd64`) depends on, or a versioned one as it is; and its release.
+fn versioned_package(package: &str) -> Result<(String, String), ImageError> {
+    let versioned = match release_in(package) {
+        Some(_) => package.to_string(),
+        None if package.starts_with("linux-image-") => {
+            let out = run(Command::new("apt-cache").args(["depends", package])).map_err(|e| {
+                ImageError::Invalid(format!(
+                    "asking apt which kernel {package} depends on (misspelled, or run apt-get \
+                     update?): {e}"
+                ))
+            })?;
+            depends_on_kernel(&out).ok_or_else(|| {
+                ImageError::Invalid(format!("{package} depends on no versioned kernel package"))
+            })?
+        }
+        None => {
+            return Err(ImageError::Invalid(format!(
+                "{package:?} is not a linux-image package"
+            )))
+        }
+    };
+    let release = release_in(&versioned)
+        .unwrap_or_default()
+        .trim_end_matches("-unsigned")
+        .to_string();
+    Ok((versioned, release))
+}
+
+/// The versioned kernel package in `apt-cache depends` output (`Depends:`, or `|Depends:` for
+/// one of alternatives).
 fn depends_on_kernel(apt_cache_depends: &str) -> Option<String> {
     apt_cache_depends
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends:"))
+        .filter_map(|l| l.trim().trim_start_matches('|').strip_prefix("Depends:"))
         .map(str::trim)
-        .find(|p| {
-            p.strip_prefix("linux-image-")
-                .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
-        })
+        .find(|p| release_in(p).is_some())
         .map(str::to_owned)
 }
 
 /// Downloads (once) and unpacks the kernel package.
 pub fn fetch(cache: &Path, package: Option<&str>) -> Result<Kernel, ImageError> {
-    let package = versioned_package(package.unwrap_or(DEFAULT_PACKAGE))?;
-    let release = package
-        .strip_prefix("linux-image-")
-        .map(|r| r.trim_end_matches("-unsigned").to_string())
-        .ok_or_else(|| ImageError::Invalid(format!("{package:?} is not a linux-image package")))?;
+    let (package, release) = versioned_package(package.unwrap_or(DEFAULT_PACKAGE))?;
     let dir = cache.join("kernel");
     let deb = crate::tools::debian_package(&dir, &package)?;
     let root = dir.join(&package);
@@ -261,24 +278,20 @@ impl ModuleIndex {
         !self.deps.contains_key(&n) && !self.builtin.contains(&n)
     }
 
-    /// What stands in for module `name` in this kernel ([`STAND_INS`]): `None` when the kernel
-    /// has it, or when nothing may stand in for it.
-    fn stand_in(&self, name: &str) -> Option<&'static str> {
+    /// Whether module `name` is one the node can do without ([`OPTIONAL_MODULES`]) and this
+    /// kernel does not have.
+    fn is_absent_optional(&self, name: &str) -> bool {
         let n = name.replace('-', "_");
-        STAND_INS
-            .iter()
-            .find(|(m, _)| m.replace('-', "_") == n)
-            .filter(|_| self.is_absent(&n))
-            .map(|(_, s)| *s)
+        self.is_absent(&n) && OPTIONAL_MODULES.iter().any(|o| o.replace('-', "_") == n)
     }
 
-    /// The [`STAND_INS`] this kernel needs (module, what stands in for it): the image is built
-    /// with those, and says so.
-    pub fn stood_in(&self) -> Vec<(&'static str, &'static str)> {
-        STAND_INS
+    /// The [`OPTIONAL_MODULES`] this kernel does not have: the image is built without them,
+    /// and says so.
+    pub fn absent_optional(&self) -> Vec<&'static str> {
+        OPTIONAL_MODULES
             .iter()
             .copied()
-            .filter(|(m, _)| self.is_absent(m))
+            .filter(|o| self.is_absent(o))
             .collect()
     }
 
@@ -319,11 +332,12 @@ impl ModuleIndex {
 
     /// Fails naming the first of `drivers` that `modules.alias` does not show driving a device.
     pub fn check_drivers(&self, drivers: &[&str]) -> Result<(), ImageError> {
-        // A built-in driver probes before `/init`; an absent one with a stand-in is not loaded.
+        // A built-in driver probes before `/init`; an absent one is not loaded (`order` says
+        // so unless it is optional).
         match drivers.iter().find(|d| {
             !self.with_devices.contains(&d.replace('-', "_"))
                 && !self.is_builtin(d)
-                && self.stand_in(d).is_none()
+                && !self.is_absent(d)
         }) {
             Some(d) => Err(ImageError::Invalid(format!(
                 "kernel module {d} has no device alias in modules.alias: it would load without \
@@ -339,19 +353,13 @@ impl ModuleIndex {
     pub fn order(&self, wanted: &[&str]) -> Result<Vec<Module>, ImageError> {
         let mut order: Vec<Module> = Vec::new();
         let mut visiting: Vec<String> = Vec::new();
-        for &wanted in wanted {
-            let name = self.stand_in(wanted).unwrap_or(wanted);
-            if self.is_builtin(name) {
+        for name in wanted {
+            if self.is_builtin(name) || self.is_absent_optional(name) {
                 continue;
             }
             let Some((path, _)) = self.deps.get(&name.replace('-', "_")) else {
-                let what = if name == wanted {
-                    name.to_string()
-                } else {
-                    format!("{wanted} (nor its stand-in {name})")
-                };
                 return Err(ImageError::Invalid(format!(
-                    "kernel module {what} is neither in modules.dep nor in modules.builtin \
+                    "kernel module {name} is neither in modules.dep nor in modules.builtin \
                      (misspelled, or not in this kernel?)"
                 )));
             };
@@ -515,13 +523,13 @@ pub const DEVICE_DRIVERS: &[&str] = &[
     "virtio_net",
 ];
 
-/// Modules another may stand in for when the kernel has neither the module nor it built in:
-/// (module, its stand-in). Debian's cloud kernel, the image's default, has no driver for the
-/// VM's i6300esb watchdog; the kernel's own software watchdog (`softdog`, a kernel timer)
-/// resets a machined that stops feeding it, and a kernel stuck with its interrupts on (soft
-/// lockups), but not one stuck with them off: the hardware watchdog resets that too (built
-/// with the generic kernel, `--kernel-package linux-image-amd64`).
-pub const STAND_INS: &[(&str, &str)] = &[("i6300esb", "softdog")];
+/// Modules the image is built without when the kernel has none (neither a module nor built
+/// in): the VM's hardware watchdog driver. Debian's cloud kernel, the image's default, has no
+/// driver for QEMU's i6300esb; the node then arms the kernel's own watchdog, softdog, which
+/// the image always carries (`phases::watchdog`: it resets a hung machined, not a kernel
+/// that stops taking interrupts; the generic kernel, `--kernel-package linux-image-amd64`,
+/// drives the VM's).
+pub const OPTIONAL_MODULES: &[&str] = &["i6300esb"];
 
 /// The node's modules for one kernel.
 pub struct ModuleOrder {
@@ -529,8 +537,8 @@ pub struct ModuleOrder {
     pub initramfs: Vec<Module>,
     /// What loads in the background after it.
     pub late: Vec<Module>,
-    /// The [`STAND_INS`] this kernel needs: (module, what stands in for it).
-    pub stood_in: Vec<(&'static str, &'static str)>,
+    /// The [`OPTIONAL_MODULES`] this kernel does not have.
+    pub absent: Vec<&'static str>,
 }
 
 /// The node's modules for this kernel.
@@ -541,7 +549,7 @@ pub fn module_order(kernel: &Kernel) -> Result<ModuleOrder, ImageError> {
     Ok(ModuleOrder {
         initramfs,
         late,
-        stood_in: index.stood_in(),
+        absent: index.absent_optional(),
     })
 }
 
@@ -649,35 +657,22 @@ alias crypto-crc64-rocksoft crc64-rocksoft
     }
 
     #[test]
-    fn built_in_modules_are_not_loaded_and_an_absent_watchdog_driver_has_a_stand_in() {
-        let dep = format!(
-            "{DEP}kernel/drivers/watchdog/softdog.ko: kernel/drivers/watchdog/watchdog.ko\n\
-             kernel/drivers/watchdog/watchdog.ko:\n"
-        );
-        let idx = ModuleIndex::parse(&dep, "", "", &[])
-            .with_builtin("kernel/fs/ext4/ext4.ko\nkernel/drivers/nvme/host/nvme.ko\n");
+    fn built_in_modules_are_not_loaded_and_an_absent_optional_one_is_left_out() {
+        let idx =
+            index("").with_builtin("kernel/fs/ext4/ext4.ko\nkernel/drivers/nvme/host/nvme.ko\n");
         let order = idx
             .order(&["ext4", "nvme", "i6300esb", "virtio_ring"])
             .expect("an order");
-        assert_eq!(
-            paths(&order),
-            [
-                "kernel/drivers/watchdog/watchdog.ko",
-                "kernel/drivers/watchdog/softdog.ko",
-                "kernel/drivers/virtio/virtio_ring.ko"
-            ]
-        );
-        assert_eq!(idx.stood_in(), [("i6300esb", "softdog")]);
-        // Built in, a driver's devices are there before /init: no alias needed; a stood-in
-        // driver is not loaded.
+        assert_eq!(paths(&order), ["kernel/drivers/virtio/virtio_ring.ko"]);
+        assert_eq!(idx.absent_optional(), ["i6300esb"]);
+        // Built in, a driver's devices are there before /init: no alias needed.
         idx.check_drivers(&["nvme", "i6300esb"]).expect("drivers");
         let err = idx.order(&["ext5"]).expect_err("a misspelled module");
         assert!(err.to_string().contains("ext5"), "{err}");
-        // Without the stand-in either, the build stops naming it.
-        let err = index("")
-            .order(&["i6300esb"])
-            .expect_err("no watchdog at all");
-        assert!(err.to_string().contains("softdog"), "{err}");
+        // An absent driver the node needs is named as absent, not as one without an alias.
+        idx.check_drivers(&["virtio_blk"]).expect("left to order");
+        let err = idx.order(&["virtio_blk"]).expect_err("absent");
+        assert!(err.to_string().contains("neither in modules.dep"), "{err}");
     }
 
     #[test]
@@ -694,21 +689,10 @@ alias crypto-crc64-rocksoft crc64-rocksoft
         );
         assert_eq!(
             versioned_package("linux-image-6.1.0-57-amd64").expect("as it is"),
-            "linux-image-6.1.0-57-amd64"
+            ("linux-image-6.1.0-57-amd64".into(), "6.1.0-57-amd64".into())
         );
         let err = versioned_package("vmlinuz").expect_err("not a kernel package");
         assert!(err.to_string().contains("vmlinuz"), "{err}");
-    }
-
-    #[test]
-    fn a_kernel_with_the_watchdog_driver_loads_it_and_not_its_stand_in() {
-        let dep = format!(
-            "{DEP}kernel/drivers/watchdog/i6300esb.ko:\nkernel/drivers/watchdog/softdog.ko:\n"
-        );
-        let idx = ModuleIndex::parse(&dep, "", "", &[]);
-        let order = idx.order(&["i6300esb"]).expect("an order");
-        assert_eq!(paths(&order), ["kernel/drivers/watchdog/i6300esb.ko"]);
-        assert!(idx.stood_in().is_empty());
     }
 
     #[test]

@@ -191,7 +191,7 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
     let kernel::ModuleOrder {
         initramfs: modules,
         late,
-        stood_in,
+        absent,
     } = kernel::module_order(&kernel)?;
     tracing::info!(
         "kernel {}: {} modules for the initramfs, {} in the background after it",
@@ -199,11 +199,12 @@ pub fn build(opts: &BuildOptions) -> Result<Artifacts, ImageError> {
         modules.len(),
         late.len()
     );
-    for (module, stand_in) in stood_in {
+    if !absent.is_empty() {
         tracing::warn!(
-            "kernel {} has no {module} (neither a module nor built in): {stand_in} stands in \
-             for it (imager::kernel::STAND_INS says what it does not cover)",
+            "kernel {} has no {} (neither a module nor built in): the image is built without \
+             (imager::kernel::OPTIONAL_MODULES says what the node does instead)",
             kernel.release,
+            absent.join(", ")
         );
     }
 

@@ -362,15 +362,6 @@ pub async fn wait_for(names: &[&str]) -> Result<(), String> {
     wait(names, true).await
 }
 
-/// Whether the loader loads (or has loaded) any of the modules `names`: none of them is built
-/// into the kernel or absent from it.
-pub fn loads_any(names: &[&str]) -> bool {
-    QUEUES.get().is_some_and(|queues| {
-        let q = queues.0.lock().unwrap_or_else(|p| p.into_inner());
-        names.iter().any(|n| q.knows(&n.replace('-', "_")))
-    })
-}
-
 /// [`wait_for`] without releasing anything: for what may load whenever the loader gets to it.
 pub async fn wait_for_quietly(names: &[&str]) -> Result<(), String> {
     wait(names, false).await
@@ -429,9 +420,8 @@ async fn wait(names: &[&str], ask: bool) -> Result<(), String> {
 pub const FOR_BOOT_DISK: &[&str] = &["nvme", "virtio_blk"];
 /// efivarfs, where the firmware stub leaves which ESP it booted from.
 pub const FOR_EFIVARS: &[&str] = &["efivarfs"];
-/// The watchdog's driver: the VM's hardware one, or the kernel's software watchdog standing in
-/// for it where the kernel has no driver for it (`imager::kernel::STAND_INS`); the image holds
-/// one of them.
+/// The watchdogs' modules: the VM's hardware watchdog's driver (where the kernel has it) and
+/// the kernel's own watchdog; `crate::watchdog` arms one of them.
 pub const FOR_WATCHDOG: &[&str] = &["i6300esb", "softdog"];
 
 /// What mapping and mounting the root needs.

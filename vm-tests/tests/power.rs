@@ -132,6 +132,13 @@ async fn a_reboot_the_kernel_never_finishes_is_reset_by_the_watchdog() {
         "the hardware watchdog is not armed and kept through reboots:\n{}",
         vm.serial.tail(40)
     );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.text.contains("no hardware watchdog")),
+        "the hardware watchdog was taken for the kernel's own:\n{}",
+        vm.serial.tail(40)
+    );
 
     reboot_and_wait(&node, &mut vm, &before).await;
 

@@ -337,15 +337,7 @@ pub async fn arm_watchdog(ctx: Initramfs) -> Result<(), sequencer::TaskError> {
         return Ok(());
     }
     crate::modules::wait_for(crate::modules::FOR_WATCHDOG).await?;
-    // A driver's device is there once its load returns (or before `/init`, built in); the
-    // grace is for a slow device node, and only where a driver was loaded: an image without
-    // one waited it out, 2 s of boot.
-    let grace = if crate::modules::loads_any(crate::modules::FOR_WATCHDOG) {
-        Duration::from_secs(2)
-    } else {
-        Duration::ZERO
-    };
-    match super::blocking(move || crate::watchdog::arm(grace)).await? {
+    match super::blocking(crate::watchdog::arm).await? {
         Ok(true) => Ok(()),
         Ok(false) => {
             tracing::warn!("no watchdog device: a hung boot will not reset by itself");
