@@ -135,7 +135,7 @@ impl Kernel {
 
 /// The kernel the image is built with unless told otherwise: Debian's cloud flavour, for
 /// virtual machines. It builds in what a VM's boot needs (ext4, NVMe and their CRC chain), so
-/// the initramfs loads 15 modules instead of 31 and the boot costs less (BENCHMARKS.md); it
+/// the initramfs loads 15 modules instead of 30 and the boot costs less (BENCHMARKS.md); it
 /// has no drivers for most physical hardware nor for the VM's hardware watchdog
 /// ([`OPTIONAL_MODULES`]). Bare metal takes the generic flavour, `linux-image-amd64`.
 pub const DEFAULT_PACKAGE: &str = "linux-image-cloud-amd64";
