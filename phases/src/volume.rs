@@ -322,7 +322,13 @@ pub fn open(
             return Ok(Some(Volume {
                 label: label.into(),
                 device: dev.to_path_buf(),
-                protection: Protection::Plain("it was made without a TPM".into()),
+                // Formatted plain where it was made: the node cannot tell whether that was on
+                // the host or on a machine that had no TPM then.
+                protection: Protection::Plain(
+                    "it was made plain (on the host by `plinth cluster create`, or on a machine \
+                     without a TPM)"
+                        .into(),
+                ),
             }));
         }
         return Ok(None);
