@@ -20,7 +20,7 @@
 mod common;
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -255,9 +255,7 @@ async fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(128);
-    let image_dir = std::env::var_os("PLINTH_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| common::workspace().join("out"));
+    let image_dir = common::image_dir();
     let base = common::artifacts();
 
     // A good upgrade, with a root of realistic size.

@@ -385,10 +385,7 @@ fn image_built(
 ) -> imager::Artifacts {
     let base = artifacts();
     let out_dir = workspace().join("target/vm-tests/images").join(name);
-    let cache = std::env::var_os("PLINTH_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("out"))
-        .join("cache");
+    let cache = image_dir().join("cache");
     imager::build(&imager::BuildOptions {
         out_dir,
         cache_dir: cache,
